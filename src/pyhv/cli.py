@@ -1,0 +1,66 @@
+"""The `pyhv` command: a table of subcommands, in the manner of virsh and qemu-img.
+
+Each subcommand lives in its own module, which provides `add_arguments(parser)` and
+`main(args) -> int`; this file only dispatches. Modules are imported when their
+subcommand runs, so `pyhv img` works on a host without /dev/kvm or unicorn.
+
+Exit statuses: 0 success; 2 bad input or host problem (one `pyhv: ...` line on stderr);
+the guest-run statuses are documented in `pyhv.runner` (odd values come from the guest's
+debug-exit port, pyhv's own are even).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from pyhv import __version__
+from pyhv.errors import PyhvError
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("pyhv.cmd_run", "boot a guest and attach its serial console"),
+    "info": ("pyhv.cmd_info", "report what this host offers and which engine pyhv picks"),
+    "img": ("pyhv.disk.imgcli", "create, inspect and convert disk images (qemu-img verbs)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyhv", description="A hypervisor written in Python.")
+    parser.add_argument("--version", action="version", version=f"pyhv {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue  # a subcommand whose module is not built yet stays listed, unusable
+        module.add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return 2
+    try:
+        module = importlib.import_module(args._module)
+        status: int = module.main(args)
+        return status
+    except PyhvError as e:
+        print(f"pyhv: {e}", file=sys.stderr)
+        return e.exit_status
+    except KeyboardInterrupt:
+        print("pyhv: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Disk images: raw and qcow2, behind one block-device API. Stand-alone: imports no engine."""

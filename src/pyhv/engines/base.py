@@ -1,0 +1,173 @@
+"""The engine boundary: how any way of running guest code meets the machine.
+
+Design: an `Engine` is one VM's execution back end (KVM, the software CPU, trap-and-
+emulate, binary translation...). It is given the guest's `GuestMemory` and creates
+vCPUs. A vCPU's `run()` executes guest code until something the machine must handle
+happens and returns a typed `Exit`:
+
+    IoIn / IoOut        port I/O (data to fill / data written)
+    MmioRead / MmioWrite  an access outside RAM
+    Halt                HLT with nothing to deliver (the run loop decides to wait or stop)
+    Shutdown            triple fault or reset request from the CPU
+    Interrupted         `kick()` was called (timer due, pause requested)
+    InternalError       the engine cannot go on (reason, rip, instruction bytes)
+
+The machine never touches an engine's private state: interrupts reach a vCPU through an
+`InterruptSource` (the 8259 PIC, or anything with `pending()`/`acknowledge()`) that the
+engine polls its own way; architectural state goes in and out as one `CpuState`; dirty
+pages come from `dirty_pages()`. So devices, loaders, snapshots and migration are written
+once for every engine.
+
+Invariants: `run()` is only called by the thread that owns the vCPU; `kick()` may be
+called from any thread and makes the current or next `run()` return `Interrupted` soon.
+For IoIn/MmioRead the run loop fills `data` before the next `run()`; the engine feeds it
+to the guest when it resumes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+from pyhv.arch.x86.cpustate import CpuState
+from pyhv.memory import GuestMemory
+
+# ---------------------------------------------------------------------- exits
+
+
+class Exit:
+    """Base of every typed exit."""
+
+    __slots__ = ()
+
+
+@dataclass(slots=True)
+class IoIn(Exit):
+    port: int
+    size: int
+    data: memoryview          # size * count bytes, filled by the run loop
+    count: int = 1
+
+
+@dataclass(slots=True)
+class IoOut(Exit):
+    port: int
+    size: int
+    data: bytes               # size * count bytes written by the guest
+    count: int = 1
+
+
+@dataclass(slots=True)
+class MmioRead(Exit):
+    addr: int
+    data: memoryview          # len(data) bytes, filled by the run loop
+
+
+@dataclass(slots=True)
+class MmioWrite(Exit):
+    addr: int
+    data: bytes
+
+
+@dataclass(slots=True)
+class Halt(Exit):
+    interrupts_enabled: bool  # RFLAGS.IF at the HLT: False means nothing can wake it
+
+
+@dataclass(slots=True)
+class Shutdown(Exit):
+    reason: str = "triple fault"
+    rip: int | None = None
+
+
+@dataclass(slots=True)
+class Interrupted(Exit):
+    pass
+
+
+@dataclass(slots=True)
+class InternalError(Exit):
+    reason: str
+    rip: int | None = None
+    insn: bytes = b""
+    detail: dict[str, int] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        where = f" at rip={self.rip:#x}" if self.rip is not None else ""
+        code = f" (instruction bytes: {self.insn.hex(' ')})" if self.insn else ""
+        return f"{self.reason}{where}{code}"
+
+
+# ---------------------------------------------------------------------- interfaces
+
+
+class InterruptSource(Protocol):
+    """What an engine asks about external interrupts (the 8259's INTR/INTA pair)."""
+
+    def pending(self) -> bool:
+        """True while an unmasked interrupt request waits (the INTR pin)."""
+        ...
+
+    def acknowledge(self) -> int | None:
+        """The INTA cycle: the vector to deliver, or None if the request went away."""
+        ...
+
+
+class EngineVcpu(ABC):
+    """One virtual CPU of an engine."""
+
+    index: int
+
+    @abstractmethod
+    def run(self) -> Exit:
+        """Run guest code until the next exit."""
+
+    @abstractmethod
+    def get_state(self) -> CpuState: ...
+
+    @abstractmethod
+    def set_state(self, state: CpuState) -> None: ...
+
+    @abstractmethod
+    def kick(self) -> None:
+        """Ask a running (or about to run) `run()` to return `Interrupted` soon."""
+
+    def set_interrupt_source(self, source: InterruptSource | None) -> None:
+        """Where external interrupts come from (None: no interrupt controller)."""
+        self.interrupt_source = source
+
+    def stats(self) -> dict[str, int | float]:
+        """Engine-specific counters for `--stats` (exits, instructions, deliveries...)."""
+        return {}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release host resources."""
+
+
+class Engine(ABC):
+    """One VM's execution back end."""
+
+    name: ClassVar[str]
+
+    def __init__(self, memory: GuestMemory) -> None:
+        self.memory = memory
+
+    @classmethod
+    @abstractmethod
+    def probe(cls) -> str | None:
+        """None when this engine can run on this host, else the reason it cannot."""
+
+    @abstractmethod
+    def create_vcpu(self, index: int) -> EngineVcpu: ...
+
+    def enable_dirty_tracking(self, enable: bool = True) -> None:
+        """Start (or stop) tracking guest writes to RAM."""
+        raise NotImplementedError(f"engine {self.name} does not track dirty pages")
+
+    def dirty_pages(self) -> set[int]:
+        """Guest page frames written since the last call (guest and device writes)."""
+        raise NotImplementedError(f"engine {self.name} does not track dirty pages")
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release host resources (after every vCPU is closed)."""

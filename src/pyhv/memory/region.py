@@ -1,0 +1,42 @@
+"""One contiguous block of guest RAM backed by an anonymous host mapping.
+
+Design: a region owns one `mmap` and knows the guest-physical address it is mapped at.
+Its host virtual address (`host_addr`) is what /dev/kvm or a software CPU maps; the
+Python side reads and writes it through a memoryview. A region never resizes, so views
+and host addresses handed out stay valid until `close()`.
+
+Invariant: every offset accepted is within [0, size); callers outside this package go
+through `GuestMemory`, which does the bounds checks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+
+class MemoryRegion:
+    """Guest RAM at [gpa, gpa + size), backed by a private anonymous mapping."""
+
+    def __init__(self, gpa: int, size: int) -> None:
+        if size <= 0 or size % mmap.PAGESIZE:
+            raise ValueError(f"region size {size:#x} is not a positive multiple of the page size")
+        if gpa % mmap.PAGESIZE:
+            raise ValueError(f"region address {gpa:#x} is not page aligned")
+        self.gpa = gpa
+        self.size = size
+        self.end = gpa + size
+        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.view = memoryview(self._map)
+        self._anchor = ctypes.c_char.from_buffer(self._map)
+        self.host_addr: int = ctypes.addressof(self._anchor)
+
+    def __repr__(self) -> str:
+        return f"MemoryRegion(gpa={self.gpa:#x}, size={self.size:#x})"
+
+    def close(self) -> None:
+        """Unmap the region; views obtained earlier must no longer be used."""
+        del self._anchor
+        self.view.release()
+        self._map.close()

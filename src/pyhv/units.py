@@ -1,0 +1,40 @@
+"""Parsing of human sizes such as `128M`, `1G`, `512k`, `4096` (bytes).
+
+Suffixes are binary (K = 1024), case-insensitive, optionally followed by `B` or `iB`,
+as qemu-img and QEMU's `-m` accept them. A plain number is bytes unless the caller
+passes `default_unit` (QEMU's `-m 128` means MiB).
+"""
+
+from __future__ import annotations
+
+import re
+
+from pyhv.errors import ConfigError
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
+          "e": 1 << 60}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpeb]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str, *, default_unit: str = "") -> int:
+    """Return the size in bytes; raise ConfigError on malformed input."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ConfigError(f"malformed size {text!r} (expected e.g. 4096, 512K, 128M, 2G)")
+    number, unit = m.group(1), m.group(2).lower()
+    if unit == "" and default_unit:
+        unit = default_unit.lower()
+    value = float(number) * _UNITS[unit] if "." in number else int(number) * _UNITS[unit]
+    if value != int(value):
+        raise ConfigError(f"size {text!r} is not a whole number of bytes")
+    return int(value)
+
+
+def format_size(n: int) -> str:
+    """Render bytes the way qemu-img does: `64 MiB`, `1.5 GiB`, `512 B`."""
+    for unit, shift in (("EiB", 60), ("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20),
+                        ("KiB", 10)):
+        if n >= 1 << shift:
+            v = n / (1 << shift)
+            return f"{v:.3g} {unit}" if v != int(v) else f"{int(v)} {unit}"
+    return f"{n} B"
