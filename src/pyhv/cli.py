@@ -24,6 +24,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("pyhv.cmd_run", "boot a guest and attach its serial console"),
     "info": ("pyhv.cmd_info", "report what this host offers and which engine pyhv picks"),
     "img": ("pyhv.disk.imgcli", "create, inspect and convert disk images (qemu-img verbs)"),
+    "image": ("pyhv.cmd_image", "fetch and build guest images (Debian's Linux + busybox)"),
+    "popek-goldberg": ("pyhv.cmd_popek", "probe which sensitive x86 instructions trap here"),
 }
 
 

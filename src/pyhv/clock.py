@@ -1,0 +1,109 @@
+"""Guest time: a clock the devices read and a queue of timers the run loop fires.
+
+Design: timer devices (8254 PIT, CMOS RTC, later the local APIC timer) never read the
+host clock themselves. They read `clock.now_ns()` and arm callbacks on a `TimerQueue`.
+The run loop asks the queue for the next deadline, makes the engine return by then
+(KVM: a host timer kicks the vCPU; the software CPU: it stops itself), and calls
+`fire_due()` after each exit.
+
+Two clocks:
+- `HostClock`: guest time is host monotonic time (what a hardware engine gives).
+- `VirtualClock`: guest time advances only when the engine says the guest made progress
+  (`advance(ns)`, e.g. from executed instructions) or when the guest halts and the run
+  loop skips to the next deadline (`skip_to`). A slow software CPU then still sees a
+  sensible timer rate instead of a storm of overdue ticks starving everything else.
+
+Invariants: `now_ns()` never goes backwards; callbacks run on the run-loop thread, in
+deadline order, each at most once per arming.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def now_ns(self) -> int: ...
+
+
+class HostClock:
+    """Guest time = host monotonic time since the clock was created."""
+
+    def __init__(self) -> None:
+        self._t0 = time.monotonic_ns()
+
+    def now_ns(self) -> int:
+        return time.monotonic_ns() - self._t0
+
+
+class VirtualClock:
+    """Guest time that advances with guest progress, not with the host's wall clock."""
+
+    def __init__(self) -> None:
+        self._now = 0
+        self._lock = threading.Lock()
+
+    def now_ns(self) -> int:
+        return self._now
+
+    def advance(self, ns: int) -> None:
+        if ns > 0:
+            with self._lock:
+                self._now += ns
+
+    def skip_to(self, t_ns: int) -> None:
+        """Jump forward to t_ns (HLT with a timer armed); never backwards."""
+        with self._lock:
+            if t_ns > self._now:
+                self._now = t_ns
+
+
+class TimerQueue:
+    """Deadline-ordered one-shot callbacks on a Clock."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self._heap: list[tuple[int, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._cancelled: set[int] = set()
+        self._lock = threading.Lock()
+        self.fired = 0
+
+    def schedule(self, deadline_ns: int, callback: Callable[[], None]) -> int:
+        """Arm callback at deadline_ns (guest time); returns a handle for cancel()."""
+        handle = next(self._seq)
+        with self._lock:
+            heapq.heappush(self._heap, (deadline_ns, handle, callback))
+        return handle
+
+    def cancel(self, handle: int) -> None:
+        with self._lock:
+            self._cancelled.add(handle)
+
+    def next_deadline(self) -> int | None:
+        with self._lock:
+            while self._heap and self._heap[0][1] in self._cancelled:
+                self._cancelled.discard(heapq.heappop(self._heap)[1])
+            return self._heap[0][0] if self._heap else None
+
+    def fire_due(self) -> int:
+        """Run every callback whose deadline has passed; returns how many ran."""
+        now = self.clock.now_ns()
+        ran = 0
+        while True:
+            with self._lock:
+                if not self._heap or self._heap[0][0] > now:
+                    break
+                _, handle, cb = heapq.heappop(self._heap)
+                if handle in self._cancelled:
+                    self._cancelled.discard(handle)
+                    continue
+            cb()
+            ran += 1
+        self.fired += ran
+        return ran
