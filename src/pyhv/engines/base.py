@@ -27,77 +27,24 @@ to the guest when it resumes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
 from pyhv.arch.x86.cpustate import CpuState
+from pyhv.exits import (
+    Exit,
+    Halt,
+    InternalError,
+    Interrupted,
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    Shutdown,
+)
 from pyhv.memory import GuestMemory
 
-# ---------------------------------------------------------------------- exits
-
-
-class Exit:
-    """Base of every typed exit."""
-
-    __slots__ = ()
-
-
-@dataclass(slots=True)
-class IoIn(Exit):
-    port: int
-    size: int
-    data: memoryview          # size * count bytes, filled by the run loop
-    count: int = 1
-
-
-@dataclass(slots=True)
-class IoOut(Exit):
-    port: int
-    size: int
-    data: bytes               # size * count bytes written by the guest
-    count: int = 1
-
-
-@dataclass(slots=True)
-class MmioRead(Exit):
-    addr: int
-    data: memoryview          # len(data) bytes, filled by the run loop
-
-
-@dataclass(slots=True)
-class MmioWrite(Exit):
-    addr: int
-    data: bytes
-
-
-@dataclass(slots=True)
-class Halt(Exit):
-    interrupts_enabled: bool  # RFLAGS.IF at the HLT: False means nothing can wake it
-
-
-@dataclass(slots=True)
-class Shutdown(Exit):
-    reason: str = "triple fault"
-    rip: int | None = None
-
-
-@dataclass(slots=True)
-class Interrupted(Exit):
-    pass
-
-
-@dataclass(slots=True)
-class InternalError(Exit):
-    reason: str
-    rip: int | None = None
-    insn: bytes = b""
-    detail: dict[str, int] = field(default_factory=dict)
-
-    def describe(self) -> str:
-        where = f" at rip={self.rip:#x}" if self.rip is not None else ""
-        code = f" (instruction bytes: {self.insn.hex(' ')})" if self.insn else ""
-        return f"{self.reason}{where}{code}"
-
+__all__ = ["Engine", "EngineVcpu", "InterruptSource", "Exit", "Halt", "InternalError",
+           "Interrupted", "IoIn", "IoOut", "MmioRead", "MmioWrite", "Shutdown"]
 
 # ---------------------------------------------------------------------- interfaces
 
