@@ -1,0 +1,199 @@
+"""The hardware-assisted engine: guest code runs under /dev/kvm.
+
+Design: `KvmEngine` maps every `GuestMemory` region into one KVM VM (one memory slot per
+region) and creates `KvmVcpu`s. The interrupt controller stays in user space (the Python
+8259 shared with every other engine): before each KVM_RUN the vCPU asks its
+`InterruptSource`; when the guest can take an interrupt (KVM's
+ready_for_interrupt_injection with IF=1) it acknowledges it and injects the vector with
+KVM_INTERRUPT, otherwise it asks KVM for an exit as soon as an interrupt window opens.
+HLT therefore exits to pyhv, which waits for the next interrupt.
+
+State conversion: `CpuState` <-> kvm_regs/kvm_sregs/kvm_fpu/MSRs/vcpu events. Segment
+attributes map field for field; FXSAVE bytes are rebuilt from kvm_fpu.
+
+On KVM-PVM hosts (no VT-x/SVM, see HOST.md) this engine still works, but only 64-bit
+CPL 3 code runs natively; CPL 0 and 32-bit code go through KVM's instruction emulator.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from pyhv.arch.x86.cpustate import GPRS, SEGMENTS, CpuState, DescriptorTable, Segment
+from pyhv.engines.base import Engine, EngineVcpu, InterruptSource
+from pyhv.errors import HostError
+from pyhv.exits import Exit, IrqWindowOpen
+from pyhv.kvm import Kvm, Vm
+from pyhv.kvm import structs as ks
+from pyhv.kvm.vcpu import Vcpu
+from pyhv.memory import PAGE_SHIFT, GuestMemory
+
+# MSRs carried in CpuState.msrs (SDM Vol. 4): SYSENTER_CS/ESP/EIP, STAR, LSTAR, CSTAR,
+# SFMASK, KERNEL_GS_BASE, TSC_AUX, PAT, TSC.
+STATE_MSRS = [0x174, 0x175, 0x176, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084,
+              0xC0000102, 0xC0000103, 0x277, 0x10]
+REGS = (*GPRS, "rip", "rflags")
+TSS_ADDR = 0xFFFBD000
+IDENTITY_MAP_ADDR = 0xFFFBC000
+
+
+class KvmVcpu(EngineVcpu):
+    def __init__(self, vcpu: Vcpu, index: int) -> None:
+        self.v = vcpu
+        self.index = index
+        self.interrupt_source: InterruptSource | None = None
+        self.injected = 0
+
+    def run(self) -> Exit:
+        v = self.v
+        while True:
+            src = self.interrupt_source
+            if src is not None and src.pending():
+                if v.ready_for_interrupt:
+                    vector = src.acknowledge()
+                    if vector is not None:
+                        v.interrupt(vector)
+                        self.injected += 1
+                    v.request_interrupt_window(False)
+                else:
+                    v.request_interrupt_window(True)
+            else:
+                v.request_interrupt_window(False)
+            ex = v.run()
+            if not isinstance(ex, IrqWindowOpen):
+                return ex
+
+    def kick(self) -> None:
+        self.v.kick()
+
+    def stats(self) -> dict[str, int | float]:
+        out: dict[str, int | float] = {f"exit {k.lower()}": n for k, n in
+                                       sorted(self.v.exit_counts.items())}
+        out["interrupts injected"] = self.injected
+        return out
+
+    # ------------------------------------------------------------------ state
+
+    def get_state(self) -> CpuState:
+        v = self.v
+        r, sr, fpu = v.get_regs(), v.get_sregs(), v.get_fpu()
+        st = CpuState()
+        for name in REGS:
+            setattr(st, name, getattr(r, name))
+        for name in SEGMENTS:
+            k = getattr(sr, name)
+            setattr(st, name, Segment(selector=k.selector, base=k.base, limit=k.limit,
+                                      type=k.type, s=k.s, dpl=k.dpl, present=k.present,
+                                      avl=k.avl, l=k.l, db=k.db, g=k.g, unusable=k.unusable))
+        st.gdt = DescriptorTable(sr.gdt.base, sr.gdt.limit)
+        st.idt = DescriptorTable(sr.idt.base, sr.idt.limit)
+        st.cr0, st.cr2, st.cr3, st.cr4, st.cr8 = sr.cr0, sr.cr2, sr.cr3, sr.cr4, sr.cr8
+        st.efer, st.apic_base = sr.efer, sr.apic_base
+        st.msrs = v.get_msrs(STATE_MSRS)
+        st.fxsave = _fpu_to_fxsave(fpu)
+        ev = v.get_events()
+        st.pending_interrupt = ev.int_nr if ev.int_injected else None
+        st.interrupt_shadow = ev.int_shadow
+        return st
+
+    def set_state(self, st: CpuState) -> None:
+        v = self.v
+        r = ks.KvmRegs()
+        for name in REGS:
+            setattr(r, name, getattr(st, name))
+        sr = v.get_sregs()
+        for name in SEGMENTS:
+            seg: Segment = getattr(st, name)
+            k = getattr(sr, name)
+            for f in ("selector", "base", "limit", "type", "s", "dpl", "present", "avl", "l",
+                      "db", "g", "unusable"):
+                setattr(k, f, getattr(seg, f))
+        sr.gdt.base, sr.gdt.limit = st.gdt.base, st.gdt.limit
+        sr.idt.base, sr.idt.limit = st.idt.base, st.idt.limit
+        sr.cr0, sr.cr2, sr.cr3, sr.cr4, sr.cr8 = st.cr0, st.cr2, st.cr3, st.cr4, st.cr8
+        sr.efer, sr.apic_base = st.efer, st.apic_base
+        v.set_sregs(sr)
+        v.set_regs(r)
+        if st.msrs:
+            v.set_msrs(st.msrs)
+        if st.fxsave is not None:
+            v.set_fpu(_fxsave_to_fpu(st.fxsave))
+        ev = v.get_events()
+        ev.int_injected = 1 if st.pending_interrupt is not None else 0
+        ev.int_nr = st.pending_interrupt or 0
+        ev.int_shadow = st.interrupt_shadow
+        ev.flags = 0
+        v.set_events(ev)
+
+    def close(self) -> None:
+        self.v.close()
+
+
+def _fpu_to_fxsave(f: ks.KvmFpu) -> bytes:
+    img = bytearray(512)
+    struct.pack_into("<HHBxHQQII", img, 0, f.fcw, f.fsw, f.ftwx, f.last_opcode, f.last_ip,
+                     f.last_dp, f.mxcsr, 0xFFFF)
+    img[32:160] = bytes(f.fpr)
+    img[160:416] = bytes(f.xmm)
+    return bytes(img)
+
+
+def _fxsave_to_fpu(img: bytes) -> ks.KvmFpu:
+    if len(img) != 512:
+        raise ValueError("FXSAVE image must be 512 bytes")
+    f = ks.KvmFpu()
+    (f.fcw, f.fsw, f.ftwx, f.last_opcode, f.last_ip, f.last_dp, f.mxcsr,
+     _mask) = struct.unpack_from("<HHBxHQQII", img, 0)
+    f.fpr[:] = list(img[32:160])
+    f.xmm[:] = list(img[160:416])
+    return f
+
+
+class KvmEngine(Engine):
+    """Guest code runs under /dev/kvm."""
+
+    name = "kvm"
+
+    @classmethod
+    def probe(cls) -> str | None:
+        try:
+            Kvm().close()
+        except HostError as e:
+            return str(e)
+        return None
+
+    def __init__(self, memory: GuestMemory) -> None:
+        super().__init__(memory)
+        self.kvm = Kvm()
+        self.vm = Vm(self.kvm)
+        self._cpuid = self.kvm.supported_cpuid()
+        for slot, region in enumerate(memory.regions):
+            self.vm.set_memory(slot, region.gpa, region.size, region.host_addr)
+        self.vm.set_tss_addr(TSS_ADDR)
+        self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        self.vcpus: list[KvmVcpu] = []
+
+    def create_vcpu(self, index: int) -> KvmVcpu:
+        v = self.vm.create_vcpu(index)
+        v.set_cpuid(self._cpuid)
+        kv = KvmVcpu(v, index)
+        self.vcpus.append(kv)
+        return kv
+
+    def enable_dirty_tracking(self, enable: bool = True) -> None:
+        self.vm.set_dirty_logging(enable)
+        self.memory.track_dirty(enable)
+
+    def dirty_pages(self) -> set[int]:
+        pages = self.memory.take_dirty()
+        for slot, region in enumerate(self.memory.regions):
+            base = region.gpa >> PAGE_SHIFT
+            pages.update(base + p for p in self.vm.get_dirty_log(slot))
+        return pages
+
+    def close(self) -> None:
+        for v in self.vcpus:
+            v.close()
+        self.vcpus = []
+        self.vm.close()
+        self.kvm.close()
