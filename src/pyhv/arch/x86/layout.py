@@ -56,6 +56,9 @@ HIGH_RAM_START = 0x1_0000_0000
 
 MIN_RAM = 2 * MIB
 
+# I/O ports pyhv's own paravirtual devices claim (free on a PC; QEMU puts nothing there).
+BOOT_TIMER_PORT = 0x440   # guest /init writes 123 here: pyhv timestamps boot (boottimer.py)
+
 
 def ram_layout(size: int) -> list[tuple[int, int]]:
     """(gpa, size) of each RAM region for a guest with `size` bytes of RAM."""
