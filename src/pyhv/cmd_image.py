@@ -1,0 +1,79 @@
+"""`pyhv image`: fetch and list guest images (Debian's cloud kernel + busybox initramfs).
+
+    pyhv image fetch linux [--force]    download, unpack and build (idempotent); prints
+                                        where the kernel and initramfs are
+    pyhv image list [--json]            what the cache holds
+    pyhv image path linux               kernel and initrd paths of the newest image, one a
+                                        line (for scripts and `qemu -kernel ... -initrd`)
+
+The work lives in `pyhv.images`; this module only parses arguments and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pyhv import images
+from pyhv.errors import ConfigError
+
+KINDS = ("linux",)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="image_command", metavar="VERB")
+    fetch = sub.add_parser("fetch", help="fetch Debian's cloud kernel and build an initramfs")
+    fetch.add_argument("kind", choices=KINDS, help="the image to fetch")
+    fetch.add_argument("--force", action="store_true",
+                       help="rebuild even when the current packages are already cached")
+    fetch.add_argument("--quiet", "-q", action="store_true", help="print only the paths")
+    lst = sub.add_parser("list", help="list cached images")
+    lst.add_argument("--json", action="store_true", help="machine-readable output")
+    path = sub.add_parser("path", help="print the kernel and initrd paths of a cached image")
+    path.add_argument("kind", choices=KINDS)
+
+
+def _describe(img: images.LinuxImage) -> list[str]:
+    return [f"Linux {img.version} ({img.package} {img.package_version}, "
+            f"busybox {img.busybox_version})",
+            f"  kernel:  {img.kernel_path}",
+            f"  initrd:  {img.initrd_path}",
+            f"  cmdline: {img.cmdline_default}",
+            f"  modules: {', '.join(img.modules) or '(none)'}"]
+
+
+def main(args: argparse.Namespace) -> int:
+    verb = getattr(args, "image_command", None)
+    if verb == "fetch":
+        img = images.fetch_linux(force=args.force, quiet=args.quiet)
+        if args.quiet:
+            print(img.kernel_path)
+            print(img.initrd_path)
+        else:
+            print("\n".join(_describe(img)))
+        return 0
+    if verb == "list":
+        found = images.cached_images()
+        if args.json:
+            print(json.dumps([{"version": i.version, "kernel": str(i.kernel_path),
+                               "initrd": str(i.initrd_path), "package": i.package,
+                               "package_version": i.package_version,
+                               "busybox_version": i.busybox_version,
+                               "cmdline_default": i.cmdline_default,
+                               "modules": list(i.modules)} for i in found], indent=2))
+            return 0
+        if not found:
+            print(f"no images in {images.cache_dir()} (run: pyhv image fetch linux)")
+            return 0
+        print(f"images in {images.cache_dir()}:")
+        for img in found:
+            print("\n".join(_describe(img)))
+        return 0
+    if verb == "path":
+        found = images.cached_images()
+        if not found:
+            raise ConfigError("no Linux image is cached (run: pyhv image fetch linux)")
+        print(found[0].kernel_path)
+        print(found[0].initrd_path)
+        return 0
+    raise ConfigError("pyhv image: choose a verb: fetch, list or path")

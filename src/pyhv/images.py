@@ -1,0 +1,606 @@
+"""Guest images built from Debian's packages: the cloud kernel and a busybox initramfs.
+
+`pyhv image fetch linux` (and `ensure_linux_image()`, which `pyhv run` calls when no
+--kernel is given) resolves the kernel that Debian's `linux-image-cloud-amd64`
+metapackage currently depends on, downloads it and `busybox-static` with
+`apt-get download` (nothing else is downloaded, and nothing is installed), unpacks them
+with `dpkg-deb -x`, and builds an initramfs. The cache:
+
+    $PYHV_CACHE (default ~/.cache/pyhv/images)/
+      debs/                         the .deb files as apt-get downloaded them
+      linux-6.1.0-56-cloud-amd64/   one directory per kernel release
+        vmlinuz                     Debian's bzImage, unmodified
+        config, System.map          from the same package, for reference
+        initramfs.cpio.gz           busybox + /init + the virtio modules
+        image.json                  what was built from which package versions
+
+Invariants: an image directory is complete exactly when its image.json exists (it is
+written last, atomically), so an interrupted fetch is rebuilt rather than used; fetch is
+idempotent (a complete image of the current package versions is reused, not rebuilt);
+`ensure_linux_image()` uses a cached image without asking apt anything, so booting works
+offline once fetched.
+
+The initramfs:
+
+    /init                 the busybox sh script from `init_script()` (protocol below)
+    /bin/busybox          Debian's static busybox, every applet a symlink to it
+    /bin/pyhv-boottimer   51-byte static ELF: ioperm(0x440); outb(123, 0x440); exit
+    /dev/console (c 5 1), /dev/null (c 1 3), /dev/ttyS0 (c 4 64)
+    /etc/inittab          busybox init: a shell on the console, respawned
+    /lib/modules/<release>/kernel/...   virtio, virtio_ring, virtio_pci(+_modern_dev,
+                          _legacy_dev), virtio_blk, virtio_net, net_failover, failover
+                          and their dependencies, uncompressed, with modules.dep
+
+The /init protocol (also in docs/linux.md):
+- first, /bin/pyhv-boottimer writes 123 to port 0x440 (devices/boottimer.py timestamps
+  it: the guest boot time `--stats` prints);
+- it mounts devtmpfs, proc, sysfs, devpts and tmpfs (/tmp, /run), and loads the virtio
+  modules when the PCI bus shows a virtio device (vendor 0x1af4; `pyhv.modules=all` or
+  `none` on the kernel command line overrides);
+- with `pyhv.cmd=<base64 of a shell command>` on the command line it runs that command
+  with `sh -c` (so pipes and $((...)) work), then prints `@@PYHV-EXIT <status>@@` on its
+  own line and powers off with `poweroff -f`. The console parses that marker
+  (`parse_exit`) to get the command's exit status; a marker rather than a port because a
+  command's status then survives any console, even QEMU's;
+- otherwise it execs busybox init, which keeps a shell on the console (`cttyhack sh`)
+  and handles `poweroff`/`reboot` from that shell.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import unquote
+
+from pyhv.arch.x86 import layout
+from pyhv.errors import HostError, ImageError
+from pyhv.loader.initramfs import Initramfs
+
+CACHE_ENV = "PYHV_CACHE"
+METAPACKAGE = "linux-image-cloud-amd64"
+BUSYBOX_PACKAGE = "busybox-static"
+DEFAULT_CMDLINE = "console=ttyS0"
+CMD_PARAM = "pyhv.cmd"
+MODULES_PARAM = "pyhv.modules"
+EXIT_MARKER = "@@PYHV-EXIT"
+EXIT_RE = re.compile(rb"@@PYHV-EXIT (\d+)@@")
+BOOT_TIMER_VALUE = 123
+VIRTIO_VENDOR = "0x1af4"
+# The virtio modules the guest needs for disks and network (HOST.md: all =m in Debian).
+VIRTIO_MODULES = ("virtio", "virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
+                  "virtio_pci", "virtio_blk", "virtio_net", "net_failover", "failover")
+IMAGE_FORMAT = 1
+APT_TIMEOUT = 600
+
+
+@dataclass(frozen=True)
+class LinuxImage:
+    """A cached, complete guest image: what `pyhv run` needs to boot Linux."""
+
+    kernel_path: Path
+    initrd_path: Path
+    version: str                # the kernel release, e.g. "6.1.0-56-cloud-amd64"
+    cmdline_default: str
+    package: str = ""           # e.g. "linux-image-6.1.0-56-cloud-amd64"
+    package_version: str = ""   # e.g. "6.1.192-2"
+    busybox_version: str = ""
+    modules: tuple[str, ...] = ()
+
+    @property
+    def directory(self) -> Path:
+        return self.kernel_path.parent
+
+
+# ---------------------------------------------------------------- the guest side
+
+def command_param(command: str) -> str:
+    """The kernel command-line word that makes /init run `command` and power off."""
+    return f"{CMD_PARAM}={base64.b64encode(command.encode()).decode()}"
+
+
+def parse_exit(data: bytes) -> int | None:
+    """The exit status in an `@@PYHV-EXIT n@@` marker inside data, or None."""
+    m = EXIT_RE.search(data)
+    return int(m.group(1)) if m else None
+
+
+def init_script(release: str = "") -> str:
+    """The guest's /init (busybox sh). `release` names the modules directory."""
+    moddir = f"/lib/modules/{release}" if release else "/lib/modules/$(uname -r)"
+    return f"""#!/bin/sh
+# /init of pyhv's Linux guest, generated by pyhv.images: see docs/linux.md.
+/bin/pyhv-boottimer 2>/dev/null  # port {layout.BOOT_TIMER_PORT:#x} <- {BOOT_TIMER_VALUE}
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root
+mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev 2>/dev/null
+mount -t proc -o nosuid,nodev,noexec proc /proc
+mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
+mkdir -p /dev/pts /dev/shm /tmp /run
+mount -t devpts -o gid=5,mode=620 devpts /dev/pts 2>/dev/null
+mount -t tmpfs -o nosuid,nodev tmpfs /tmp
+mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run
+hostname pyhv
+ip link set lo up 2>/dev/null
+
+set -f   # the command line is split into words below, never globbed
+cmd= modules=auto
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        {CMD_PARAM}=*) cmd=${{arg#{CMD_PARAM}=}} ;;
+        {MODULES_PARAM}=*) modules=${{arg#{MODULES_PARAM}=}} ;;
+    esac
+done
+set +f
+
+if [ "$modules" = auto ]; then
+    modules=none
+    for v in /sys/bus/pci/devices/*/vendor; do
+        [ "$(cat "$v" 2>/dev/null)" = {VIRTIO_VENDOR} ] && modules=all && break
+    done
+fi
+if [ "$modules" = all ] && [ -r {moddir}/pyhv-load-order ]; then
+    while read -r m; do
+        insmod {moddir}/"$m" 2>/dev/null
+    done < {moddir}/pyhv-load-order
+fi
+
+if [ -n "$cmd" ]; then
+    cd /root
+    if script=$(echo "$cmd" | base64 -d 2>/dev/null) && [ -n "$script" ]; then
+        sh -c "$script"
+        status=$?
+    else
+        echo "pyhv: {CMD_PARAM}= is not a base64-encoded command" >&2
+        status=127
+    fi
+    printf '{EXIT_MARKER} %d@@\\n' "$status"
+    sync
+    poweroff -f
+    while :; do sleep 3600; done   # init must never exit
+fi
+
+exec /sbin/init
+"""
+
+
+INITTAB = """\
+# busybox init: a shell on the console (cttyhack gives it job control), respawned.
+::respawn:/bin/cttyhack /bin/sh -l
+::ctrlaltdel:/sbin/reboot
+::shutdown:/bin/sync
+"""
+
+PROFILE = """\
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root
+PS1='pyhv:\\w# '
+"""
+
+
+def boottimer_elf(port: int = layout.BOOT_TIMER_PORT, value: int = BOOT_TIMER_VALUE) -> bytes:
+    """A static x86-64 ELF executable that writes `value` to I/O port `port` and exits.
+
+    The code (51 bytes; `as` + `objdump` checked):
+
+        mov $173, %eax ; mov $port, %edi ; mov $1, %esi ; mov $1, %edx ; syscall  # ioperm
+        test %eax, %eax ; jnz 1f
+        mov $port, %dx ; mov $value, %al ; out %al, (%dx) ; xor %edi, %edi ; jmp 2f
+    1:  mov $1, %edi
+    2:  mov $60, %eax ; syscall                                                # exit
+    """
+    code = (b"\xb8\xad\x00\x00\x00" + b"\xbf" + struct.pack("<I", port)
+            + b"\xbe\x01\x00\x00\x00" + b"\xba\x01\x00\x00\x00" + b"\x0f\x05"
+            + b"\x85\xc0" + b"\x75\x0b"
+            + b"\x66\xba" + struct.pack("<H", port) + b"\xb0" + bytes([value & 0xFF]) + b"\xee"
+            + b"\x31\xff" + b"\xeb\x05"
+            + b"\xbf\x01\x00\x00\x00"
+            + b"\xb8\x3c\x00\x00\x00" + b"\x0f\x05")
+    base, ehsize, phsize = 0x400000, 64, 56
+    entry = base + ehsize + phsize
+    ehdr = (b"\x7fELF\x02\x01\x01" + bytes(9)
+            + struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, entry, ehsize, 0, 0, ehsize, phsize,
+                          1, 0, 0, 0))
+    size = ehsize + phsize + len(code)
+    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, size, size, 0x1000)  # PT_LOAD, R+X
+    return ehdr + phdr + code
+
+
+# ---------------------------------------------------------------- kernel modules
+
+def _modinfo(ko: bytes) -> dict[str, str]:
+    """The key=value strings of a module's .modinfo section (ELF64 section headers)."""
+    if ko[:4] != b"\x7fELF" or ko[4] != 2 or len(ko) < 64:
+        raise ImageError("kernel module is not an ELF64 object")
+    shoff, = struct.unpack_from("<Q", ko, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", ko, 0x3A)
+    if shoff + shnum * shentsize > len(ko) or shstrndx >= shnum:
+        raise ImageError("kernel module has a truncated section table")
+
+    def section(i: int) -> tuple[int, int, int]:
+        name, _type, _flags, _addr, off, size = struct.unpack_from("<IIQQQQ", ko,
+                                                                    shoff + i * shentsize)
+        return name, off, size
+
+    _, str_off, str_size = section(shstrndx)
+    for i in range(shnum):
+        name_off, off, size = section(i)
+        end = ko.find(b"\0", str_off + name_off)
+        if ko[str_off + name_off:end] == b".modinfo":
+            info: dict[str, str] = {}
+            for item in ko[off:off + size].split(b"\0"):
+                key, sep, val = item.decode("utf-8", "replace").partition("=")
+                if sep and key not in info:
+                    info[key] = val
+            return info
+    _ = str_size
+    return {}
+
+
+def _decompress_module(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.suffix == ".xz":
+        import lzma
+        return lzma.decompress(data)
+    if path.suffix == ".gz":
+        import gzip
+        return gzip.decompress(data)
+    if path.suffix == ".zst":
+        zstd = shutil.which("zstd")
+        if zstd is None:
+            raise HostError(f"{path.name} is zstd-compressed and the zstd tool is missing "
+                            "(apt-get install zstd)")
+        return subprocess.run([zstd, "-dc", str(path)], check=True, capture_output=True).stdout
+    return data
+
+
+def _module_name(path: Path) -> str:
+    name = path.name
+    for suffix in (".xz", ".zst", ".gz"):
+        name = name.removesuffix(suffix)
+    return name.removesuffix(".ko").replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Module:
+    name: str
+    relpath: str        # under lib/modules/<release>/, always ending in ".ko"
+    data: bytes         # uncompressed
+    depends: tuple[str, ...]
+
+
+def collect_modules(moddir: Path, wanted: tuple[str, ...] = VIRTIO_MODULES) -> list[Module]:
+    """The wanted modules that exist under moddir (lib/modules/<release>) and everything
+    they depend on (per .modinfo "depends="), dependencies first."""
+    index = {_module_name(p): p for p in sorted(moddir.rglob("*.ko*"))
+             if p.is_file() and re.search(r"\.ko(\.xz|\.zst|\.gz)?$", p.name)}
+    loaded: dict[str, Module] = {}
+    order: list[Module] = []
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if name in loaded or name not in index:
+            return
+        if name in chain:
+            raise ImageError(f"kernel modules depend on each other in a cycle: {chain}")
+        path = index[name]
+        data = _decompress_module(path)
+        deps = tuple(d.replace("-", "_") for d in _modinfo(data).get("depends", "").split(",")
+                     if d)
+        for dep in deps:
+            visit(dep, (*chain, name))
+        rel = str(path.relative_to(moddir))
+        rel = re.sub(r"\.ko\.(xz|zst|gz)$", ".ko", rel)
+        mod = Module(name, rel, data, deps)
+        loaded[name] = mod
+        order.append(mod)
+
+    for name in wanted:
+        visit(name, ())
+    return order
+
+
+# ---------------------------------------------------------------- the initramfs
+
+def build_initramfs(busybox: Path, *, release: str = "", modules: list[Module] | None = None,
+                    applets: list[str] | None = None) -> bytes:
+    """The gzip-compressed initramfs: busybox and its applets, /init, devices, modules."""
+    fs = Initramfs()
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp",
+              "run", "mnt", "var", "lib/modules"):
+        fs.add_dir(d)
+    fs.add_dir("root", 0o700)
+    fs.add_device("dev/console", "c", 5, 1, 0o600)
+    fs.add_device("dev/null", "c", 1, 3, 0o666)
+    fs.add_device("dev/ttyS0", "c", 4, 64, 0o660)
+    fs.add_file("bin/busybox", busybox.read_bytes(), 0o755)
+    for applet in applets if applets is not None else busybox_applets(busybox):
+        path = applet.strip("/")
+        if path in ("linuxrc", "bin/busybox", "init") or path in fs:
+            continue
+        fs.add_symlink(path, "/bin/busybox")
+    fs.add_file("bin/pyhv-boottimer", boottimer_elf(), 0o755)
+    fs.add_file("init", init_script(release).encode(), 0o755)
+    fs.add_file("etc/inittab", INITTAB.encode())
+    fs.add_file("etc/profile", PROFILE.encode())
+    fs.add_file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
+    fs.add_file("etc/group", b"root:x:0:\ntty:x:5:\n")
+    fs.add_file("etc/hostname", b"pyhv\n")
+    if modules and release:
+        base = f"lib/modules/{release}"
+        fs.add_dir(base)
+        dep_lines = []
+        by_name = {m.name: m for m in modules}
+        for m in modules:
+            fs.add_file(f"{base}/{m.relpath}", m.data)
+            closure = _closure(m.name, by_name)
+            dep_lines.append(f"{m.relpath}: " + " ".join(by_name[d].relpath for d in closure))
+        fs.add_file(f"{base}/modules.dep", ("\n".join(dep_lines) + "\n").encode())
+        fs.add_file(f"{base}/pyhv-load-order",
+                    ("\n".join(m.relpath for m in modules) + "\n").encode())
+    return fs.to_bytes("gzip")
+
+
+def _closure(name: str, by_name: dict[str, Module]) -> list[str]:
+    """All of name's dependencies in modules.dep order: every module before the ones it
+    depends on, so that loading the list from right to left loads dependencies first."""
+    seen: set[str] = set()
+    todo = list(by_name[name].depends)
+    while todo:
+        d = todo.pop()
+        if d in by_name and d not in seen:
+            seen.add(d)
+            todo.extend(by_name[d].depends)
+    topo = list(by_name)            # by_name preserves collect_modules' deps-first order
+    return sorted(seen, key=topo.index, reverse=True)
+
+
+# Used when the busybox binary cannot run on this host to list its applets.
+_FALLBACK_APPLETS = [f"bin/{a}" for a in (
+    "sh", "ash", "cat", "cp", "dd", "dmesg", "echo", "grep", "ls", "mkdir", "mknod", "mount",
+    "mv", "ps", "rm", "sed", "sleep", "sync", "umount", "uname", "vi", "base64", "printf",
+    "cttyhack", "setsid", "hostname", "ip", "insmod", "lsmod", "modprobe", "head", "tail",
+    "wc", "awk", "expr", "test", "[", "true", "false", "env", "free", "top", "seq")] + [
+    f"sbin/{a}" for a in ("init", "poweroff", "reboot", "halt")]
+
+
+def busybox_applets(busybox: Path) -> list[str]:
+    """The applet paths (e.g. "bin/ls", "usr/bin/awk") busybox was built with."""
+    try:
+        out = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return _FALLBACK_APPLETS
+    return out or _FALLBACK_APPLETS
+
+
+# ---------------------------------------------------------------- the cache
+
+def cache_dir() -> Path:
+    """Where images live: $PYHV_CACHE, else ~/.cache/pyhv/images."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "pyhv" / "images"
+
+
+def _read_image(directory: Path) -> LinuxImage | None:
+    meta = directory / "image.json"
+    try:
+        d = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(d, dict) or d.get("format") != IMAGE_FORMAT:
+        return None
+    img = LinuxImage(kernel_path=directory / "vmlinuz", initrd_path=directory /
+                     "initramfs.cpio.gz", version=str(d.get("version", "")),
+                     cmdline_default=str(d.get("cmdline_default", DEFAULT_CMDLINE)),
+                     package=str(d.get("package", "")),
+                     package_version=str(d.get("package_version", "")),
+                     busybox_version=str(d.get("busybox_version", "")),
+                     modules=tuple(d.get("modules", ())))
+    if not (img.kernel_path.is_file() and img.initrd_path.is_file()):
+        return None
+    return img
+
+
+def cached_images(root: Path | None = None) -> list[LinuxImage]:
+    """Complete images in the cache, newest first."""
+    root = root or cache_dir()
+    if not root.is_dir():
+        return []
+    found = [img for d in root.glob("linux-*") if d.is_dir()
+             if (img := _read_image(d)) is not None]
+    found.sort(key=lambda i: (i.directory / "image.json").stat().st_mtime, reverse=True)
+    return found
+
+
+class _Steps:
+    """Progress for the long steps: a rich spinner on a terminal, plain lines otherwise."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    @contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        if self.quiet:
+            yield
+            return
+        t0 = time.monotonic()
+        if sys.stderr.isatty():
+            from rich.console import Console
+            console = Console(stderr=True)
+            with console.status(what + " ..."):
+                yield
+            console.print(f"{what}: done ({time.monotonic() - t0:.1f} s)")
+        else:
+            print(f"pyhv: {what} ...", file=sys.stderr, flush=True)
+            yield
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            print(f"pyhv: {text}", file=sys.stderr, flush=True)
+
+
+def _run(argv: list[str], *, cwd: Path | None = None, what: str) -> str:
+    """Run a host tool; a failure becomes a one-line HostError with its last stderr line."""
+    if shutil.which(argv[0]) is None:
+        raise HostError(f"{what} needs {argv[0]!r}, which is not installed (pyhv fetches "
+                        "guest images with Debian's apt tools)")
+    try:
+        proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True,
+                              timeout=APT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise HostError(f"{what}: {' '.join(argv)} took more than {APT_TIMEOUT} s") from None
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()
+                 and not ln.startswith("W: Download is performed unsandboxed")]
+        last = lines[-1] if lines else f"exit status {proc.returncode}"
+        raise HostError(f"{what} failed: {' '.join(argv[:3])}: {last}")
+    return proc.stdout
+
+
+def _apt_depends(package: str) -> list[str] | None:
+    """The packages `package`'s candidate version depends on, or None if apt has no
+    candidate for it (empty or stale package lists)."""
+    try:
+        out = subprocess.run(["apt-cache", "depends", "--no-recommends", "--no-suggests",
+                              package], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return [line.split(":", 1)[1].strip() for line in out.stdout.splitlines()
+            if line.strip().startswith("Depends:")]
+
+
+def _apt_version(package: str) -> str:
+    out = _run(["apt-cache", "show", "--no-all-versions", package], what="apt-cache show")
+    for line in out.splitlines():
+        if line.startswith("Version:"):
+            return line.split(":", 1)[1].strip()
+    raise HostError(f"apt-cache show {package}: no Version field")
+
+
+def resolve_kernel_package(steps: _Steps | None = None) -> str:
+    """The versioned kernel package the cloud metapackage depends on now; runs
+    `apt-get update` once if apt does not know the metapackage (empty package lists)."""
+    deps = _apt_depends(METAPACKAGE)
+    if not deps:
+        (steps or _Steps(True)).say("apt knows no candidate for "
+                                    f"{METAPACKAGE}: running apt-get update")
+        _run(["apt-get", "update"], what="apt-get update")
+        deps = _apt_depends(METAPACKAGE)
+    if not deps:
+        raise HostError(f"apt has no candidate for {METAPACKAGE}: is a Debian amd64 "
+                        "archive in the apt sources?")
+    for dep in deps:
+        name = dep.split()[0]
+        if re.fullmatch(r"linux-image-[0-9].*-cloud-amd64(-unsigned)?", name):
+            return name
+    raise HostError(f"{METAPACKAGE} depends on no versioned kernel ({', '.join(deps)})")
+
+
+def _find_deb(debs: Path, package: str, version: str) -> Path | None:
+    for p in debs.glob(f"{package}_*.deb"):
+        parts = p.name[:-4].split("_")
+        if len(parts) == 3 and parts[0] == package and unquote(parts[1]) == version:
+            return p
+    return None
+
+
+def _download(debs: Path, packages: list[tuple[str, str]], steps: _Steps) -> list[Path]:
+    """apt-get download each (package, version) not already in debs/; return the files."""
+    debs.mkdir(parents=True, exist_ok=True)
+    missing = [(p, v) for p, v in packages if _find_deb(debs, p, v) is None]
+    if missing:
+        with steps.step("downloading " + ", ".join(f"{p} {v}" for p, v in missing)):
+            argv = ["apt-get", "download"]
+            if os.geteuid() == 0:      # apt's _apt sandbox user cannot write into ~/.cache
+                argv += ["-o", "APT::Sandbox::User=root"]
+            _run(argv + [f"{p}={v}" for p, v in missing], cwd=debs, what="apt-get download")
+    found = []
+    for p, v in packages:
+        deb = _find_deb(debs, p, v)
+        if deb is None:
+            raise HostError(f"apt-get download {p}={v} left no .deb in {debs}")
+        found.append(deb)
+    return found
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def fetch_linux(*, force: bool = False, quiet: bool = False,
+                root: Path | None = None) -> LinuxImage:
+    """Make sure the current Debian cloud kernel + busybox initramfs is cached; return it."""
+    steps = _Steps(quiet)
+    root = root or cache_dir()
+    with steps.step(f"resolving {METAPACKAGE}"):
+        kpkg = resolve_kernel_package(steps)
+        kver = _apt_version(kpkg)
+        bver = _apt_version(BUSYBOX_PACKAGE)
+    release = kpkg.removeprefix("linux-image-").removesuffix("-unsigned")
+    outdir = root / f"linux-{release}"
+    existing = _read_image(outdir)
+    if (existing is not None and not force and existing.package_version == kver
+            and existing.busybox_version == bver):
+        steps.say(f"Linux {release} is up to date in {outdir}")
+        return existing
+    kdeb, bdeb = _download(root / "debs", [(kpkg, kver), (BUSYBOX_PACKAGE, bver)], steps)
+    outdir.mkdir(parents=True, exist_ok=True)
+    (outdir / "image.json").unlink(missing_ok=True)     # incomplete until rewritten
+    with tempfile.TemporaryDirectory(prefix="extract-", dir=root) as tmp:
+        tree = Path(tmp)
+        with steps.step(f"extracting {kdeb.name} and {bdeb.name}"):
+            _run(["dpkg-deb", "-x", str(kdeb), str(tree)], what="dpkg-deb -x")
+            _run(["dpkg-deb", "-x", str(bdeb), str(tree)], what="dpkg-deb -x")
+        vmlinuz = tree / "boot" / f"vmlinuz-{release}"
+        busybox = tree / "bin" / "busybox"
+        if not vmlinuz.is_file():
+            raise ImageError(f"{kdeb.name} holds no boot/vmlinuz-{release}")
+        if not busybox.is_file():
+            raise ImageError(f"{bdeb.name} holds no bin/busybox")
+        with steps.step("building the initramfs (busybox, /init, virtio modules)"):
+            moddir = tree / "lib" / "modules" / release
+            modules = collect_modules(moddir) if moddir.is_dir() else []
+            initrd = build_initramfs(busybox, release=release, modules=modules)
+        shutil.copyfile(vmlinuz, outdir / "vmlinuz.tmp")
+        (outdir / "vmlinuz.tmp").replace(outdir / "vmlinuz")
+        for name in ("config", "System.map"):
+            src = tree / "boot" / f"{name}-{release}"
+            if src.is_file():
+                shutil.copyfile(src, outdir / name)
+        _write_atomic(outdir / "initramfs.cpio.gz", initrd)
+    img = LinuxImage(kernel_path=outdir / "vmlinuz", initrd_path=outdir / "initramfs.cpio.gz",
+                     version=release, cmdline_default=DEFAULT_CMDLINE, package=kpkg,
+                     package_version=kver, busybox_version=bver,
+                     modules=tuple(m.name for m in modules))
+    meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(img).items()}
+    meta["format"] = IMAGE_FORMAT
+    meta["built"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    _write_atomic(outdir / "image.json", (json.dumps(meta, indent=2) + "\n").encode())
+    steps.say(f"Linux {release} ({kpkg} {kver}) and its initramfs are in {outdir}")
+    return img
+
+
+def ensure_linux_image(*, quiet: bool = False) -> LinuxImage:
+    """A cached Linux image, fetching one only if the cache has none (so it works offline
+    once fetched). What `pyhv run` with no --kernel boots."""
+    images = cached_images()
+    if images:
+        return images[0]
+    return fetch_linux(quiet=quiet)
+
+
+__all__ = ["LinuxImage", "build_initramfs", "cache_dir", "cached_images", "command_param",
+           "ensure_linux_image", "fetch_linux", "init_script", "parse_exit"]
