@@ -24,7 +24,7 @@ The initramfs:
 
     /init                 the busybox sh script from `init_script()` (protocol below)
     /bin/busybox          Debian's static busybox, every applet a symlink to it
-    /bin/pyhv-boottimer   51-byte static ELF: ioperm(0x440); outb(123, 0x440); exit
+    /bin/pyhv-boottimer   49-byte static ELF: ioperm(0x440); outb(123, 0x440); exit
     /dev/console (c 5 1), /dev/null (c 1 3), /dev/ttyS0 (c 4 64)
     /etc/inittab          busybox init: a shell on the console, respawned
     /lib/modules/<release>/kernel/...   virtio, virtio_ring, virtio_pci(+_modern_dev,
@@ -190,7 +190,7 @@ PS1='pyhv:\\w# '
 def boottimer_elf(port: int = layout.BOOT_TIMER_PORT, value: int = BOOT_TIMER_VALUE) -> bytes:
     """A static x86-64 ELF executable that writes `value` to I/O port `port` and exits.
 
-    The code (51 bytes; `as` + `objdump` checked):
+    The code (49 bytes; `as` + `objdump` checked):
 
         mov $173, %eax ; mov $port, %edi ; mov $1, %esi ; mov $1, %edx ; syscall  # ioperm
         test %eax, %eax ; jnz 1f
