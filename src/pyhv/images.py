@@ -38,10 +38,11 @@ The /init protocol (also in docs/linux.md):
   modules when the PCI bus shows a virtio device (vendor 0x1af4; `pyhv.modules=all` or
   `none` on the kernel command line overrides);
 - with `pyhv.cmd=<base64 of a shell command>` on the command line it runs that command
-  with `sh -c` (so pipes and $((...)) work), then prints `@@PYHV-EXIT <status>@@` on its
-  own line and powers off with `poweroff -f`. The console parses that marker
-  (`parse_exit`) to get the command's exit status; a marker rather than a port because a
-  command's status then survives any console, even QEMU's;
+  with `sh -c` (so pipes and $((...)) work), then prints `@@PYHV-EXIT <status>@@\n` right
+  after the command's output (on the output's last line if that lacks a newline) and
+  powers off with `poweroff -f`. The console parses that marker (`parse_exit`) to get the
+  command's exit status; a marker rather than a port because the status then survives
+  any console, QEMU's included, and needs no second helper;
 - otherwise it execs busybox init, which keeps a shell on the console (`cttyhack sh`)
   and handles `poweroff`/`reboot` from that shell.
 """
