@@ -1,0 +1,519 @@
+"""A qcow2 image as a block device: open and validate, read, write, discard, resize.
+
+Address translation (qcow2.txt "Cluster mapping"):
+
+    guest offset --> l1_index = offset / (cluster_size * l2_entries)
+                     l2_index = (offset / cluster_size) % l2_entries
+    L1[l1_index] --> L2 table (one cluster) --> L2[l2_index] --> host cluster
+
+Write ordering (crash safety; a kill at any point leaves at most leaked clusters):
+  1. raise refcounts of the new clusters (refcount.py: blocks before table entries),
+  2. write guest data into the new clusters,
+  3. write the L2 entries (then, for a new L2 table, the L1 entry),
+  4. lower refcounts of the clusters that are no longer referenced.
+A write to a cluster whose L2 entry has COPIED (refcount 1) goes in place. Anything
+else (unallocated, zero, compressed, shared with a snapshot) is copied on write into a
+fresh cluster; shared L2 tables are copied the same way before their entries change.
+A guest cluster thus always reads as entirely before or entirely after a write.
+
+Metadata is write-through (no dirty caches), so `flush` is just fdatasync. The dirty bit
+and lazy refcounts: pyhv keeps refcounts exact at all times; an image opened read-write
+with the dirty bit set (left by QEMU with lazy_refcounts) has its refcounts rebuilt
+first, then the bit is cleared. Autoclear bits pyhv does not implement (bitmaps) are
+cleared on a read-write open, as the specification requires.
+
+Thread safety: one RLock per image serializes every public method.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections import OrderedDict
+
+from pyhv.disk.blockdev import BlockDevice, check_range
+from pyhv.disk.qcow2 import cluster as C
+from pyhv.disk.qcow2.compress import compress_cluster, decompress_cluster
+from pyhv.disk.qcow2.fileio import ImageFile
+from pyhv.disk.qcow2.header import (
+    AUTOCLEAR_BITMAPS,
+    AUTOCLEAR_DATA_FILE_RAW,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY,
+    MAX_CLUSTER_BITS,
+    Header,
+    l1_entries_needed,
+    parse_header,
+)
+from pyhv.disk.qcow2.refcount import Refcounts
+from pyhv.disk.qcow2.snapshot import Snapshot, parse_snapshots
+from pyhv.errors import ImageError
+
+L2_CACHE_BYTES = 32 << 20
+
+
+class Qcow2Image:
+    """An open qcow2 file; `backing` is the already-opened backing device, if any."""
+
+    format_name = "qcow2"
+
+    def __init__(self, path: str, *, read_only: bool = False,
+                 backing: BlockDevice | None = None) -> None:
+        self.path = path
+        self.f = ImageFile(path, read_only)
+        self.backing = backing
+        self._lock = threading.RLock()
+        self._l2_cache: OrderedDict[int, list[int]] = OrderedDict()
+        self._zc: tuple[int, bytes] | None = None  # last decompressed cluster
+        self._cpos = 0  # free byte in the last compressed-data cluster (0: none)
+        try:
+            self._load()
+            if not read_only:
+                self._prepare_for_writes()
+        except BaseException:
+            self.f.close()
+            raise
+
+    # -- opening ---------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        fsize = self.f.size
+        head = os.pread(self.f.fd, 1 << MAX_CLUSTER_BITS, 0)
+        h = parse_header(head, fsize)
+        self.h = h
+        self.cb = h.cluster_bits
+        self.cs = h.cluster_size
+        self.l2e = h.l2_entries
+        self.l1 = self.read_l1(h.l1_table_offset, h.l1_size)
+        self.refs = Refcounts(self.f, h)
+        self.snapshots: list[Snapshot] = []
+        self.snap_table_bytes = 0
+        if h.nb_snapshots:
+            self.snapshots, self.snap_table_bytes = parse_snapshots(
+                self.f.pread, h.snapshots_offset, h.nb_snapshots, self.cs, fsize)
+        self._compute_metadata()
+        self._l2_cache.clear()
+        self._zc = None
+        self._cpos = 0
+
+    def _compute_metadata(self) -> None:
+        """Clusters holding metadata; no L2 table or data cluster may point into them."""
+        cs, h = self.cs, self.h
+        meta: set[int] = {0}
+
+        def span(off: int, nbytes: int) -> range:
+            return range(off // cs, (off + max(nbytes, 1) - 1) // cs + 1)
+
+        meta.update(span(h.l1_table_offset, h.l1_size * 8))
+        meta.update(span(h.refcount_table_offset, h.refcount_table_clusters * cs))
+        meta.update(e // cs for e in self.refs.table if e)
+        if h.nb_snapshots:
+            meta.update(span(h.snapshots_offset, self.snap_table_bytes))
+        for sn in self.snapshots:
+            if sn.l1_size:
+                meta.update(span(sn.l1_table_offset, sn.l1_size * 8))
+        for i, e in enumerate(self.l1):
+            off = e & C.OFFSET_MASK
+            if off and off // cs in meta:
+                raise ImageError(f"L1 entry {i}: L2 table at {off:#x} overlaps metadata")
+        self.l2_tables = {(e & C.OFFSET_MASK) // cs for e in self.l1 if e & C.OFFSET_MASK}
+        self.meta = meta
+
+    def read_l1(self, offset: int, n: int) -> list[int]:
+        raw = self.f.pread(offset, n * 8, "L1 table")
+        l1 = list(struct.unpack(f">{n}Q", raw))
+        for i, e in enumerate(l1):
+            if e:
+                C.check_l1_entry(i, e, self.cs, self.f.size)
+        return l1
+
+    def _prepare_for_writes(self) -> None:
+        h = self.h
+        if h.incompatible_features & INCOMPAT_CORRUPT:
+            raise ImageError(f"{self.path} is marked corrupt; repair it with `pyhv img "
+                             "check -r all` (or open it read-only)")
+        if h.incompatible_features & INCOMPAT_DIRTY:
+            from pyhv.disk.qcow2.rewrite import rewrite
+
+            rewrite(self, active_l1=list(self.l1), snapshots=list(self.snapshots),
+                    size=self.size)
+            h.incompatible_features &= ~INCOMPAT_DIRTY
+            self.write_header()
+        if h.autoclear_features & (AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW):
+            h.autoclear_features = 0
+            self.write_header()
+
+    def write_header(self) -> None:
+        """Rewrite cluster 0's header and extensions (not used for atomic commits)."""
+        self.f.pwrite(0, self.h.pack())
+
+    # -- block-device API ------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.h.size
+
+    @property
+    def read_only(self) -> bool:
+        return self.f.read_only
+
+    def _l2(self, off: int) -> list[int]:
+        tbl = self._l2_cache.get(off)
+        if tbl is not None:
+            self._l2_cache.move_to_end(off)
+            return tbl
+        raw = self.f.pread(off, self.cs, "L2 table")
+        tbl = list(struct.unpack(f">{self.l2e}Q", raw))
+        fsize, ver, cb, meta = self.f.size, self.h.version, self.cb, self.meta
+        l2t = self.l2_tables
+        for i, e in enumerate(tbl):
+            if e:
+                C.check_l2_entry(f"L2 table {off:#x} entry {i}", e, ver, cb, fsize)
+                if not e & C.COMPRESSED:
+                    d = (e & C.OFFSET_MASK) >> cb
+                    if d and (d in meta or d in l2t):
+                        raise ImageError(f"L2 table {off:#x} entry {i}: data cluster "
+                                         f"{d << cb:#x} overlaps metadata")
+        self._l2_cache[off] = tbl
+        while len(self._l2_cache) * self.cs > L2_CACHE_BYTES and len(self._l2_cache) > 1:
+            self._l2_cache.popitem(last=False)
+        return tbl
+
+    def entry(self, gci: int) -> int:
+        """The L2 entry of guest cluster `gci` (0 when its L2 table is unallocated)."""
+        l1i, l2i = divmod(gci, self.l2e)
+        if l1i >= len(self.l1):
+            return 0
+        off = self.l1[l1i] & C.OFFSET_MASK
+        return self._l2(off)[l2i] if off else 0
+
+    def _read_compressed(self, e: int) -> bytes:
+        if self._zc is not None and self._zc[0] == e:
+            return self._zc[1]
+        off, length = C.decode_compressed(e, self.cb)
+        length = min(length, self.f.size - off)
+        data = decompress_cluster(self.f.pread(off, length, "compressed cluster"), self.cs)
+        self._zc = (e, data)
+        return data
+
+    def _read_backing(self, out: bytearray, at: int, pos: int, n: int) -> None:
+        b = self.backing
+        if b is None:
+            return
+        m = min(n, b.size - pos)
+        if m > 0:
+            out[at:at + m] = b.read(pos, m)
+
+    def read(self, offset: int, length: int) -> bytes:
+        with self._lock:
+            check_range(self.size, offset, length)
+            out = bytearray(length)
+            self._read_into(out, offset, length)
+            return bytes(out)
+
+    def _read_into(self, out: bytearray, offset: int, length: int) -> None:
+        cs, cb, mask = self.cs, self.cb, C.OFFSET_MASK
+        pos, end = offset, offset + length
+        while pos < end:
+            gci = pos >> cb
+            e = self.entry(gci)
+            within = pos & (cs - 1)
+            n = min(cs - within, end - pos)
+            kind = C.kind_of(e)
+            if kind == C.KIND_NORMAL:
+                host = (e & mask) + within
+                # merge physically contiguous clusters into one pread
+                while pos + n < end:
+                    e2 = self.entry(gci + 1)
+                    if C.kind_of(e2) != C.KIND_NORMAL or (e2 & mask) != host - within + cs:
+                        break
+                    gci += 1
+                    within -= cs
+                    n += min(cs, end - pos - n)
+                m = max(0, min(n, self.f.size - host))  # past EOF reads as zeros
+                if m:
+                    out[pos - offset:pos - offset + m] = os.pread(self.f.fd, m, host)
+            elif kind == C.KIND_UNALLOCATED:
+                while pos + n < end and self.entry(gci + 1) == 0:
+                    gci += 1
+                    n += min(cs, end - pos - n)
+                self._read_backing(out, pos - offset, pos, n)
+            elif kind == C.KIND_COMPRESSED:
+                data = self._read_compressed(e)
+                out[pos - offset:pos - offset + n] = data[within:within + n]
+            pos += n
+
+    def _cluster_content(self, gci: int) -> bytearray:
+        """The guest's current view of cluster `gci` (zero-padded past the disk's end)."""
+        buf = bytearray(self.cs)
+        start = gci << self.cb
+        n = min(self.cs, self.size - start)
+        if n > 0:
+            self._read_into(buf, start, n)
+        return buf
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        with self._lock:
+            if self.read_only:
+                raise ImageError(f"{self.path} is open read-only")
+            mv = memoryview(data).cast("B")
+            check_range(self.size, offset, len(mv))
+            span = self.cs * self.l2e
+            pos, end = offset, offset + len(mv)
+            while pos < end:
+                l1i = pos // span
+                stop = min(end, (l1i + 1) * span)
+                self._write_in_table(l1i, pos, mv[pos - offset:stop - offset])
+                pos = stop
+
+    def _l2_for_write(self, l1i: int) -> tuple[list[int], int]:
+        e = self.l1[l1i]
+        off = e & C.OFFSET_MASK
+        if off and e & C.COPIED:
+            return self._l2(off), off
+        content = list(self._l2(off)) if off else [0] * self.l2e
+        new = self.refs.alloc(1)
+        self.f.pwrite(new, struct.pack(f">{self.l2e}Q", *content))
+        self._set_l1(l1i, new | C.COPIED)
+        self.l2_tables.add(new >> self.cb)
+        if off:
+            self.refs.update(off >> self.cb, 1, -1)
+            self._l2_cache.pop(off, None)
+            self.l2_tables.discard(off >> self.cb)
+        self._l2_cache[new] = content
+        return content, new
+
+    def _set_l1(self, l1i: int, e: int) -> None:
+        self.f.pwrite(self.h.l1_table_offset + 8 * l1i, struct.pack(">Q", e))
+        self.l1[l1i] = e
+
+    def _release(self, e: int) -> None:
+        """Drop the reference an old L2 entry held (after it was overwritten)."""
+        kind = C.kind_of(e)
+        if kind == C.KIND_COMPRESSED:
+            for c in C.compressed_clusters(e, self.cb):
+                self.refs.update(c, 1, -1)
+        elif e & C.OFFSET_MASK:
+            self.refs.update((e & C.OFFSET_MASK) >> self.cb, 1, -1)
+
+    def _write_in_table(self, l1i: int, pos: int, data: memoryview) -> None:
+        tbl, l2off = self._l2_for_write(l1i)
+        cs, cb, mask = self.cs, self.cb, C.OFFSET_MASK
+        end = pos + len(data)
+        base = pos
+        while pos < end:
+            gci = pos >> cb
+            l2i = gci % self.l2e
+            e = tbl[l2i]
+            within = pos & (cs - 1)
+            if C.kind_of(e) == C.KIND_NORMAL and e & C.COPIED:
+                host = (e & mask) + within
+                n = min(cs - within, end - pos)
+                j = l2i + 1
+                while pos + n < end:
+                    e2 = tbl[j]
+                    if not (C.kind_of(e2) == C.KIND_NORMAL and e2 & C.COPIED
+                            and (e2 & mask) == host - within + (j - l2i) * cs):
+                        break
+                    n += min(cs, end - pos - n)
+                    j += 1
+                self.f.pwrite(host, data[pos - base:pos - base + n])
+                pos += n
+                continue
+            # copy-on-write / allocation of a run of clusters
+            k = 1
+            while (pos - within + k * cs) < end and l2i + k < self.l2e:
+                e2 = tbl[l2i + k]
+                if C.kind_of(e2) == C.KIND_NORMAL and e2 & C.COPIED:
+                    break
+                k += 1
+            run_end = min(end, pos - within + k * cs)
+            buf = bytearray(k * cs)
+            if within:
+                buf[:cs] = self._cluster_content(gci)
+            last_gci = gci + k - 1
+            tail = run_end & (cs - 1)
+            if tail and (last_gci != gci or not within):
+                buf[(k - 1) * cs:] = self._cluster_content(last_gci)
+            elif tail and last_gci == gci and within:
+                pass  # already holds the old content of the single cluster
+            buf[within:within + run_end - pos] = data[pos - base:run_end - base]
+            host = self.refs.alloc(k)  # 1. refcounts
+            self.f.pwrite(host, buf)  # 2. data
+            old = tbl[l2i:l2i + k]
+            new = [(host + i * cs) | C.COPIED for i in range(k)]
+            self.f.pwrite(l2off + 8 * l2i, struct.pack(f">{k}Q", *new))  # 3. L2 entries
+            tbl[l2i:l2i + k] = new
+            for oe in old:  # 4. release what the old entries held
+                self._release(oe)
+            pos = run_end
+
+    def flush(self) -> None:
+        with self._lock:
+            self.f.sync()
+
+    def discard(self, offset: int, length: int) -> None:
+        """Deallocate the whole clusters inside the range (partial clusters are kept)."""
+        with self._lock:
+            if self.read_only:
+                raise ImageError(f"{self.path} is open read-only")
+            check_range(self.size, offset, length)
+            cs = self.cs
+            first = -(-offset // cs)
+            last = (offset + length) // cs
+            if offset + length == self.size:
+                last = -(-self.size // cs)
+            if self.backing is not None and self.h.version < 3:
+                return  # v2 cannot express "zeros over a backing file"
+            new_e = C.ZERO if self.backing is not None else 0
+            for gci in range(first, last):
+                l1i, l2i = divmod(gci, self.l2e)
+                if not self.l1[l1i] & C.OFFSET_MASK and not new_e:
+                    continue
+                tbl, l2off = self._l2_for_write(l1i)
+                old = tbl[l2i]
+                if old == new_e:
+                    continue
+                self.f.pwrite(l2off + 8 * l2i, struct.pack(">Q", new_e))  # entry first,
+                tbl[l2i] = new_e
+                self._release(old)  # then the refcount
+
+    def write_compressed(self, gci: int, data: bytes) -> bool:
+        """Store one whole guest cluster compressed (for convert -c) into an unallocated
+        cluster; returns False (nothing written) if it does not compress."""
+        with self._lock:
+            if self.entry(gci) != 0:
+                raise ImageError("compressed writes need an unallocated cluster")
+            stream = compress_cluster(bytes(data).ljust(self.cs, b"\0"))
+            if stream is None:
+                return False
+            l1i, l2i = divmod(gci, self.l2e)
+            tbl, l2off = self._l2_for_write(l1i)
+            cs = self.cs
+            if self._cpos and (self._cpos % cs) + len(stream) <= cs and self._cpos % cs:
+                off = self._cpos
+                self.refs.update(off >> self.cb, 1, +1)
+            else:
+                off = self.refs.alloc(1)
+            self.f.pwrite(off, stream)
+            self._cpos = off + len(stream)
+            e = C.encode_compressed(off, len(stream), self.cb)
+            self.f.pwrite(l2off + 8 * l2i, struct.pack(">Q", e))
+            tbl[l2i] = e
+            return True
+
+    # -- allocation status (map, convert, commit) ------------------------------------------
+
+    def block_status(self, offset: int, length: int) -> tuple[str, int, int | None]:
+        """(kind, length, host offset) of the run starting at `offset`.
+
+        kind is "data", "zero", "compressed" or "unallocated"; the run stays in one kind
+        and, for data, in physically contiguous clusters."""
+        with self._lock:
+            cs = self.cs
+            gci = offset >> self.cb
+            e = self.entry(gci)
+            kind = C.kind_of(e)
+            names = {C.KIND_NORMAL: "data", C.KIND_ZERO: "zero",
+                     C.KIND_COMPRESSED: "compressed", C.KIND_UNALLOCATED: "unallocated"}
+            n = min(cs - (offset & (cs - 1)), length)
+            host = (e & C.OFFSET_MASK) + (offset & (cs - 1)) if kind == C.KIND_NORMAL else None
+            while n < length:
+                e2 = self.entry(gci + 1)
+                if C.kind_of(e2) != kind:
+                    break
+                if kind == C.KIND_NORMAL and host is not None and \
+                        (e2 & C.OFFSET_MASK) != host + n:
+                    break
+                gci += 1
+                n = min(n + cs, length)
+            return names[kind], n, host
+
+    # -- resize ----------------------------------------------------------------------------
+
+    def resize(self, new_size: int, *, shrink: bool = False) -> None:
+        with self._lock:
+            if self.read_only:
+                raise ImageError(f"{self.path} is open read-only")
+            if new_size < self.size:
+                if not shrink:
+                    raise ImageError("shrinking needs --shrink (data past the new end is lost)")
+                if self.snapshots:
+                    raise ImageError("cannot shrink an image that has internal snapshots")
+                start = -(-new_size // self.cs) * self.cs
+                if start < self.size:
+                    saved = self.backing
+                    self.backing = None  # plain deallocation: the tail is cut off anyway
+                    try:
+                        self.discard(start, self.size - start)
+                    finally:
+                        self.backing = saved
+                if new_size % self.cs:  # zero the cut-off part of the last cluster
+                    tail = self.cs - new_size % self.cs
+                    if self.entry(new_size >> self.cb):
+                        self.write(new_size, bytes(min(tail, self.size - new_size)))
+            need = l1_entries_needed(new_size, self.cb)
+            old_l1_off, old_l1_n = self.h.l1_table_offset, self.h.l1_size
+            if need > self.h.l1_size:
+                nbytes = need * 8
+                ncl = -(-nbytes // self.cs)
+                new_off = self.refs.alloc(ncl)
+                tbl = self.l1 + [0] * (need - len(self.l1))
+                self.f.pwrite(new_off, struct.pack(f">{need}Q", *tbl).ljust(ncl * self.cs,
+                                                                            b"\0"))
+                self.h.l1_table_offset, self.h.l1_size = new_off, need
+                self.h.size = new_size
+                self.f.pwrite(24, struct.pack(">QI", new_size, 0) + self.h.pack_pointers())
+                self.l1 = tbl
+                self.refs.update(old_l1_off >> self.cb, -(-old_l1_n * 8 // self.cs), -1)
+                self._compute_metadata()
+            else:
+                self.h.size = new_size
+                self.f.pwrite(24, struct.pack(">Q", new_size))
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    def snapshot_create(self, name: str) -> Snapshot:
+        from pyhv.disk.qcow2 import snapshot
+
+        with self._lock:
+            self._need_rw()
+            return snapshot.create(self, name)
+
+    def snapshot_apply(self, key: str) -> None:
+        from pyhv.disk.qcow2 import snapshot
+
+        with self._lock:
+            self._need_rw()
+            snapshot.apply(self, key)
+
+    def snapshot_delete(self, key: str) -> None:
+        from pyhv.disk.qcow2 import snapshot
+
+        with self._lock:
+            self._need_rw()
+            snapshot.delete(self, key)
+
+    def _need_rw(self) -> None:
+        if self.read_only:
+            raise ImageError(f"{self.path} is open read-only")
+
+    def reload(self) -> None:
+        """Re-read all metadata from the file (after a whole-metadata rewrite)."""
+        with self._lock:
+            self.f.size = os.fstat(self.f.fd).st_size
+            self._load()
+
+    def close(self) -> None:
+        with self._lock:
+            if self.backing is not None:
+                self.backing.close()
+                self.backing = None
+            self.f.close()
+
+    def __enter__(self) -> Qcow2Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
