@@ -1,0 +1,79 @@
+"""The software CPU engine (`--engine emu`): guest code runs on unicorn (QEMU's TCG).
+
+Use it where hardware virtualization is missing or too slow (on KVM-PVM hosts every CPL 0
+instruction is emulated by KVM, ~2,500x slower: HOST.md); it runs the same machines,
+devices and loaders as the KVM engine, behind the same `Engine` interface.
+
+Package map (each module states its design and invariants):
+
+    layout.py   unicorn 2.1.4's CPUX86State offsets, verified at start-up (self_check)
+    cpu.py      CpuState <-> unicorn, exactly (hidden segment parts, CPL, flags, FXSAVE)
+    mmu.py      linear -> physical page walks for pyhv's own accesses
+    deliver.py  exception / interrupt delivery: real, protected, long mode, #DF, triple
+    syscall.py  SYSCALL / SYSENTER semantics (unicorn only calls a hook)
+    vcpu.py     EmuVcpu: the run loop, hooks, virtual time, interrupt injection
+    native/     the ~30-line C block hook, built with gcc on first use and cached
+
+Requirements: the Python package `unicorn`, exactly version 2.1.4 (pinned in pyproject:
+the CPU state layout is checked against it); gcc for the fast block hook (optional).
+Importing this package never fails: `EmuEngine.probe()` says why the engine cannot run.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pyhv.engines.base import Engine, EngineVcpu
+from pyhv.engines.emu._uc import IMPORT_ERROR, unicorn
+from pyhv.errors import HostError
+from pyhv.memory import GuestMemory
+
+if TYPE_CHECKING:
+    from pyhv.arch.x86.cpuid import CpuModel
+
+__all__ = ["EmuEngine"]
+
+
+class EmuEngine(Engine):
+    """Software CPU engine: one unicorn instance per vCPU, RAM shared zero-copy."""
+
+    name = "emu"
+
+    def __init__(self, memory: GuestMemory, *, ns_per_block: int = 10,
+                 model: CpuModel | None = None) -> None:
+        why = self.probe()
+        if why is not None:
+            raise HostError(why)
+        super().__init__(memory)
+        self.ns_per_block = ns_per_block
+        self.model = model
+        self.vcpus: list[EngineVcpu] = []
+
+    @classmethod
+    def probe(cls) -> str | None:
+        if IMPORT_ERROR is not None:
+            return ("the emu engine needs the Python package 'unicorn' (pip install "
+                    f"unicorn==2.1.4): {IMPORT_ERROR}")
+        from pyhv.engines.emu import layout
+        version = getattr(unicorn, "__version__", "?")
+        if version != layout.UNICORN_VERSION:
+            return (f"the emu engine needs unicorn=={layout.UNICORN_VERSION} (its CPU state "
+                    f"layout is pinned); found {version}")
+        try:
+            layout.self_check()
+        except HostError as e:
+            return str(e)
+        return None
+
+    def create_vcpu(self, index: int) -> EngineVcpu:
+        from pyhv.arch.x86.cpuid import DEFAULT_MODEL
+        from pyhv.engines.emu.vcpu import EmuVcpu
+        v = EmuVcpu(self, index, model=self.model or DEFAULT_MODEL,
+                    ns_per_block=self.ns_per_block)
+        self.vcpus.append(v)
+        return v
+
+    def close(self) -> None:
+        for v in self.vcpus:
+            v.close()
+        self.vcpus = []

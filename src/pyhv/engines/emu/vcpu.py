@@ -1,0 +1,534 @@
+"""The emu vCPU: unicorn runs guest code, pyhv supplies the rest of the processor.
+
+    run() ---------------------------------------------------------------------------.
+      | queued exit? return it      halted? wake on an interrupt or return Halt      |
+      | interrupt pending and IF=1 (no STI/MOV SS shadow)? deliver it through the IDT |
+      | budget = blocks until the next timer deadline (virtual clock)                 |
+      | emu_start  ... guest code runs; hooks fire inside it:                         |
+      |    block hook (C)     counts blocks; stops on budget, kick, interrupt window  |
+      |    interrupt hook     exception / INT n: delivered through the IDT in place   |
+      |    invalid insn hook  #UD delivered in place                                  |
+      |    SYSCALL/SYSENTER   done in place (syscall.py)                              |
+      |    CPUID              answered from the CPU model (arch/x86/cpuid.py)         |
+      |    IN/OUT, MMIO       the run loop's io/mmio callables, synchronously         |
+      | advance the virtual clock by the blocks run; map the stop to an exit  -------'
+
+Port I/O and MMIO: an IN or an MMIO load needs its value while the instruction executes
+(stopping emulation from a hook only takes effect at the next block, HOST.md), so the
+run loop hands the vCPU two callables with `attach_io(pio, mmio)`:
+`pio(port, size, value | None) -> int` and `mmio(addr, size, value | None) -> int`
+(value None = read). Without them, writes become IoOut / MmioWrite exits and reads
+return all ones (counted as `unrouted reads`); the engine never knows a device.
+
+Time: with `attach_clock(clock, timers)` the vCPU advances the `VirtualClock` by
+`ns_per_block` per executed translation block (synchronised before every I/O callback,
+so a guest polling the PIT sees time pass) and returns `Interrupted` when the next timer
+deadline is reached; HLT returns `Halt` and the run loop skips the clock ahead.
+Interrupts: the `InterruptSource` (8259) is asked before each slice and after every
+I/O callback; when one is pending with IF=0 the block hook watches for IF to turn on.
+`kick()` (any thread) stops the vCPU at the next block.
+
+A hostile guest gets architectural results: faults during delivery become #DF, a
+fault during #DF becomes `Shutdown` with the chain of vectors; an instruction fetch
+outside RAM or a failure inside unicorn becomes `InternalError` with RIP and bytes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from pyhv.arch.x86.cpuid import DEFAULT_MODEL, CpuModel
+from pyhv.arch.x86.cpustate import CpuState
+from pyhv.engines.base import EngineVcpu, InterruptSource
+from pyhv.engines.emu import cpu as C
+from pyhv.engines.emu import layout as L
+from pyhv.engines.emu import native
+from pyhv.engines.emu._uc import unicorn, x86
+from pyhv.engines.emu.deliver import ERROR_CODE_VECTORS, Event, Kind, TripleFault, deliver
+from pyhv.engines.emu.mmu import BadPhysical, Mmu, PageFault
+from pyhv.engines.emu.syscall import Undefined, syscall, sysenter
+from pyhv.exits import Exit, Halt, InternalError, Interrupted, IoOut, MmioWrite, Shutdown
+
+if TYPE_CHECKING:
+    from pyhv.clock import TimerQueue, VirtualClock
+    from pyhv.engines.emu import EmuEngine
+
+PioHandler = Callable[[int, int, "int | None"], int]
+MmioHandler = Callable[[int, int, "int | None"], int]
+
+UNTIL = 0xFFFF_FFFF_FFFF_FFFF        # emu_start's end address: never reached
+NO_DEADLINE_BUDGET = 1 << 62
+FALLBACK_SLICE = 200_000             # instructions per emu_start without the native hook
+FALLBACK_INSNS_PER_BLOCK = 5         # progress accounting without the native hook
+MMIO_TOP = 1 << 40                   # physical address space mapped (RAM + MMIO holes)
+IF_FLAG = 1 << 9
+
+
+class EmuVcpu(EngineVcpu):
+    """One software vCPU (one unicorn instance sharing the guest's RAM)."""
+
+    def __init__(self, engine: EmuEngine, index: int, *, model: CpuModel = DEFAULT_MODEL,
+                 ns_per_block: int = 10) -> None:
+        self.index = index
+        self.engine = engine
+        self.mem = engine.memory
+        self.model = model
+        self.ns_per_block = ns_per_block
+        self.interrupt_source: InterruptSource | None = None
+        self._pio: PioHandler | None = None
+        self._mmio: MmioHandler | None = None
+        self._clock: VirtualClock | None = None
+        self._timers: TimerQueue | None = None
+        self._exits: deque[Exit] = deque()
+        self._final: Exit | None = None
+        self._halted = False
+        self._pending_vector: int | None = None
+        self._clock_blocks = 0
+        self.counters: dict[str, int] = {k: 0 for k in (
+            "exceptions", "interrupts", "software interrupts", "syscalls", "cpuid",
+            "port reads", "port writes", "mmio reads", "mmio writes", "unrouted reads",
+            "halts", "emu_start calls", "double faults")}
+        self.vectors: dict[int, int] = {}
+        self.t_emu = 0.0
+        self.t_run = 0.0
+
+        uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+        self.uc = uc
+        self._map_memory()
+        self.blob = L.Blob(uc)
+        self.view = C.CpuView(uc, self.blob)
+        self.ctl = native.Ctl()
+        self._hooks: list[Any] = []
+        addr, self.native_info = native.load()
+        self.native = addr is not None
+        if addr is not None:
+            self._add_native_hook(addr)
+        self._add_hooks()
+        C.set_state(uc, self.blob, CpuState())
+
+    # ------------------------------------------------------------------ setup
+
+    def _map_memory(self) -> None:
+        uc = self.uc
+        edge = 0
+        for r in self.mem.regions:
+            if r.gpa > edge:
+                self._map_mmio(edge, r.gpa - edge)
+            uc.mem_map_ptr(r.gpa, r.size, unicorn.UC_PROT_ALL, r.host_addr)
+            edge = r.end
+        if edge < MMIO_TOP:
+            self._map_mmio(edge, MMIO_TOP - edge)
+
+    def _map_mmio(self, base: int, size: int) -> None:
+        def read(_uc: Any, offset: int, sz: int, _ud: Any) -> int:
+            return self._mmio_read(base + offset, sz)
+
+        def write(_uc: Any, offset: int, sz: int, value: int, _ud: Any) -> None:
+            self._mmio_write(base + offset, sz, value)
+
+        self.uc.mmio_map(base, size, read, None, write, None)
+
+    def _add_native_hook(self, addr: int) -> None:
+        uclib = unicorn.unicorn_py3.unicorn.uclib
+        ctl = self.ctl
+        ctl.emu_stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
+        ctl.reg_read = ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value
+        handle = ctypes.c_size_t()
+        err = uclib.uc_hook_add(self.uc._uch, ctypes.byref(handle), unicorn.UC_HOOK_BLOCK,
+                                ctypes.c_void_p(addr), ctypes.cast(ctypes.pointer(ctl),
+                                                                   ctypes.c_void_p),
+                                ctypes.c_uint64(1), ctypes.c_uint64(0))
+        if err != 0:
+            self.native = False
+            self.native_info = f"uc_hook_add failed ({err}); using instruction slices"
+
+    def _add_hooks(self) -> None:
+        uc, U, X = self.uc, unicorn, x86
+        self._hooks.append(uc.hook_add(U.UC_HOOK_INTR, self._on_intr))
+        self._hooks.append(uc.hook_add(U.UC_HOOK_INSN_INVALID, self._on_invalid))
+        self._hooks.append(uc.hook_add(U.UC_HOOK_INSN, self._on_in, None, 1, 0,
+                                       X.UC_X86_INS_IN))
+        self._hooks.append(uc.hook_add(U.UC_HOOK_INSN, self._on_out, None, 1, 0,
+                                       X.UC_X86_INS_OUT))
+        self._hooks.append(uc.hook_add(U.UC_HOOK_INSN, self._on_syscall, None, 1, 0,
+                                       X.UC_X86_INS_SYSCALL))
+        self._hooks.append(uc.hook_add(U.UC_HOOK_INSN, self._on_sysenter, None, 1, 0,
+                                       X.UC_X86_INS_SYSENTER))
+        self._hooks.append(uc.hook_add(U.UC_HOOK_INSN, self._on_cpuid, None, 1, 0,
+                                       X.UC_X86_INS_CPUID))
+
+    # ------------------------------------------------------------------ wiring
+
+    def attach_io(self, pio: PioHandler | None, mmio: MmioHandler | None) -> None:
+        """Synchronous port-I/O and MMIO handlers: f(addr, size, value|None) -> int."""
+        self._pio = pio
+        self._mmio = mmio
+
+    def attach_clock(self, clock: VirtualClock, timers: TimerQueue) -> None:
+        """Advance `clock` with guest progress; return Interrupted at timers' deadlines."""
+        self._clock = clock
+        self._timers = timers
+        self._clock_blocks = self.ctl.blocks
+
+    def kick(self) -> None:
+        self.ctl.kick = 1
+
+    # ------------------------------------------------------------------ state
+
+    def get_state(self) -> CpuState:
+        st = C.get_state(self.uc, self.blob)
+        st.pending_interrupt = self._pending_vector
+        st.halted = self._halted
+        return st
+
+    def set_state(self, state: CpuState) -> None:
+        C.set_state(self.uc, self.blob, state)
+        self._pending_vector = state.pending_interrupt
+        self._halted = state.halted
+        self._final = None
+        self._exits.clear()
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> Exit:
+        t0 = time.perf_counter()
+        try:
+            return self._run()
+        finally:
+            self.t_run += time.perf_counter() - t0
+
+    def _run(self) -> Exit:
+        ctl = self.ctl
+        while True:
+            if self._final is not None:
+                return self._final
+            if self._exits:
+                return self._exits.popleft()
+            if ctl.kick:
+                ctl.kick = 0
+                return Interrupted()
+            self._inject()
+            if self._final is not None or self._exits:
+                continue
+            if self._halted:
+                return Halt(interrupts_enabled=bool(self._rflags() & IF_FLAG))
+            ctl.budget = self._budget()
+            ctl.reason = native.STOP_NONE
+            err = self._emu_start()
+            self._sync_clock()
+            if err is not None:
+                if self._final is None:
+                    self._final = self._internal_error(err)
+                continue
+            reason = ctl.reason
+            ctl.reason = native.STOP_NONE
+            if reason == native.STOP_BUDGET:
+                if self._exits:
+                    continue
+                return Interrupted()
+            if reason in (native.STOP_KICK, native.STOP_IRQ_WINDOW, native.STOP_PYTHON):
+                continue
+            # emu_start ended by itself: HLT (unicorn ends emu_start after executing it)
+            if self._fallback_hlt_check():
+                self._halted = True
+                self.counters["halts"] += 1
+
+    def _emu_start(self) -> str | None:
+        begin = self.blob_rip()
+        self.counters["emu_start calls"] += 1
+        t0 = time.perf_counter()
+        try:
+            if self.native:
+                self.uc.emu_start(begin, UNTIL)
+            else:
+                count = max(1, min(FALLBACK_SLICE, self.ctl.budget * FALLBACK_INSNS_PER_BLOCK))
+                before = self.blob_rip()
+                self.uc.emu_start(begin, UNTIL, 0, count)
+                self._fallback_account(count, before)
+        except unicorn.UcError as e:
+            return str(e)
+        except Exception as e:  # noqa: BLE001 - a bug in a hook: report, don't crash
+            return f"{type(e).__name__} in an emu hook: {e}"
+        finally:
+            self.t_emu += time.perf_counter() - t0
+        return None
+
+    def blob_rip(self) -> int:
+        return int(self.uc.reg_read(x86.UC_X86_REG_RIP))
+
+    def _rflags(self) -> int:
+        return int(self.uc.reg_read(x86.UC_X86_REG_EFLAGS))
+
+    # -- fallback (no native hook): instruction-count slices
+    def _fallback_account(self, count: int, before: int) -> None:
+        self._fallback_halted = False
+        ctl = self.ctl
+        if ctl.reason != native.STOP_NONE:
+            ctl.blocks += 1
+            return
+        if self._ends_with_hlt():
+            self._fallback_halted = True
+            ctl.blocks += 1
+            return
+        ctl.blocks += max(1, count // FALLBACK_INSNS_PER_BLOCK)
+        ctl.budget -= max(1, count // FALLBACK_INSNS_PER_BLOCK)
+        if ctl.kick:
+            ctl.reason = native.STOP_KICK
+        elif ctl.budget <= 0:
+            ctl.reason = native.STOP_BUDGET
+        else:
+            ctl.reason = native.STOP_PYTHON   # slice over: loop (interrupt window check)
+
+    def _fallback_hlt_check(self) -> bool:
+        return True if self.native else getattr(self, "_fallback_halted", True)
+
+    def _ends_with_hlt(self) -> bool:
+        try:
+            v = self.view.load()
+            mmu = Mmu(self.mem, v.cr0, v.cr3, v.cr4, v.efer)
+            return mmu.read(v.seg("cs")[1] + v.rip - 1, 1) == b"\xf4"
+        except (PageFault, BadPhysical):
+            return False
+
+    # -- time
+    def _budget(self) -> int:
+        if self._clock is None or self._timers is None:
+            return NO_DEADLINE_BUDGET
+        deadline = self._timers.next_deadline()
+        if deadline is None:
+            return NO_DEADLINE_BUDGET
+        left = deadline - self._clock.now_ns()
+        return max(1, -(-left // self.ns_per_block))
+
+    def _sync_clock(self) -> None:
+        blocks = self.ctl.blocks
+        if self._clock is not None:
+            self._clock.advance((blocks - self._clock_blocks) * self.ns_per_block)
+        self._clock_blocks = blocks
+
+    # -- interrupts
+    def _inject(self) -> None:
+        src = self.interrupt_source
+        ctl = self.ctl
+        if self._pending_vector is None and (src is None or not src.pending()):
+            ctl.irq_window = 0
+            return
+        v = self.view.load()
+        if not v.rflags & IF_FLAG:
+            ctl.irq_window = 1
+            return
+        if v.shadow and not self._halted:
+            # STI / MOV SS shadow: one more instruction first
+            ctl.budget = NO_DEADLINE_BUDGET
+            try:
+                self.uc.emu_start(v.rip, UNTIL, 0, 1)
+            except unicorn.UcError as e:
+                self._final = self._internal_error(str(e))
+                return
+            if self._final is not None or self._exits:
+                return
+            v = self.view.load()
+            if not v.rflags & IF_FLAG:
+                ctl.irq_window = 1
+                return
+        vector = self._pending_vector
+        if vector is None:
+            assert src is not None
+            vector = src.acknowledge()
+            if vector is None:
+                return
+        self._pending_vector = None
+        ctl.irq_window = 0
+        self._halted = False
+        self.counters["interrupts"] += 1
+        self._deliver(Event(vector, Kind.EXTERNAL, None, v.rip))
+
+    def _deliver(self, ev: Event) -> None:
+        """Deliver ev on the loaded view; a triple fault ends the run."""
+        try:
+            chain = deliver(self.view, self.mem, ev)
+        except TripleFault as t:
+            self._stop_with(Shutdown(reason=f"triple fault ({t})", rip=self.view.rip))
+            return
+        if len(chain) > 1 and "#DF" in chain:
+            self.counters["double faults"] += 1
+        for name in chain:
+            _ = name
+        self.vectors[ev.vector] = self.vectors.get(ev.vector, 0) + 1
+
+    def _stop_with(self, ex: Exit) -> None:
+        self._final = ex
+        self.ctl.reason = native.STOP_PYTHON
+        self.uc.emu_stop()
+
+    def _queue(self, ex: Exit) -> None:
+        self._exits.append(ex)
+        self.ctl.reason = native.STOP_PYTHON
+        self.uc.emu_stop()
+
+    # ------------------------------------------------------------------ hooks
+
+    def _guard(self, what: str, e: Exception) -> None:
+        self._stop_with(InternalError(f"{what}: {type(e).__name__}: {e}",
+                                      rip=self.blob_rip()))
+
+    def _on_intr(self, _uc: Any, intno: int, _ud: Any) -> None:
+        try:
+            v = self.view.load()
+            b = self.blob
+            if b.i32(L.EXCEPTION_IS_INT):
+                ev = Event(intno, Kind.SOFTWARE, None, b.u64(L.EXCEPTION_NEXT_EIP))
+                self.counters["software interrupts"] += 1
+            else:
+                code = b.i32(L.ERROR_CODE) & 0xFFFFFFFF if intno in ERROR_CODE_VECTORS else None
+                ev = Event(intno, Kind.EXCEPTION, code, v.rip)
+                self.counters["exceptions"] += 1
+            self._deliver(ev)
+        except Exception as e:  # noqa: BLE001
+            self._guard("exception delivery", e)
+
+    def _on_invalid(self, _uc: Any, _ud: Any) -> bool:
+        try:
+            v = self.view.load()
+            self.counters["exceptions"] += 1
+            self._deliver(Event(6, Kind.EXCEPTION, None, v.rip))
+            return self._final is None
+        except Exception as e:  # noqa: BLE001
+            self._guard("#UD delivery", e)
+            return False
+
+    def _on_syscall(self, _uc: Any, _ud: Any) -> None:
+        self._fast_system_call(syscall)
+
+    def _on_sysenter(self, _uc: Any, _ud: Any) -> None:
+        self._fast_system_call(sysenter)
+
+    def _fast_system_call(self, fn: Callable[[C.CpuView], None]) -> None:
+        try:
+            v = self.view.load()
+            rip = v.rip
+            try:
+                fn(v)
+                v.commit()
+                self.counters["syscalls"] += 1
+            except Undefined as u:
+                self.counters["exceptions"] += 1
+                self._deliver(Event(u.vector, Kind.EXCEPTION,
+                                    0 if u.vector == 13 else None, rip))
+                if self._final is None:       # unicorn adds the length after the hook
+                    self.view.load()
+                    self.view.rip -= 2
+                    self.view.commit()
+        except Exception as e:  # noqa: BLE001
+            self._guard("SYSCALL/SYSENTER", e)
+
+    def _on_cpuid(self, uc: Any, _ud: Any) -> int:
+        X = x86
+        eax = uc.reg_read(X.UC_X86_REG_EAX) & 0xFFFFFFFF
+        ecx = uc.reg_read(X.UC_X86_REG_ECX) & 0xFFFFFFFF
+        a, b, c, d = self.model.leaf(eax, ecx, apic_id=self.index)
+        uc.reg_write(X.UC_X86_REG_RAX, a)
+        uc.reg_write(X.UC_X86_REG_RBX, b)
+        uc.reg_write(X.UC_X86_REG_RCX, c)
+        uc.reg_write(X.UC_X86_REG_RDX, d)
+        self.counters["cpuid"] += 1
+        return 1
+
+    def _after_io(self) -> None:
+        src = self.interrupt_source
+        if src is not None and src.pending():
+            self.ctl.irq_window = 1
+
+    def _on_in(self, _uc: Any, port: int, size: int, _ud: Any) -> int:
+        self.counters["port reads"] += 1
+        if self._pio is None:
+            self.counters["unrouted reads"] += 1
+            return (1 << (8 * size)) - 1
+        self._sync_clock()
+        try:
+            value = self._pio(port, size, None)
+        except Exception as e:  # noqa: BLE001
+            self._guard(f"port read {port:#x}", e)
+            return 0
+        self._after_io()
+        return value & ((1 << (8 * size)) - 1)
+
+    def _on_out(self, _uc: Any, port: int, size: int, value: int, _ud: Any) -> None:
+        self.counters["port writes"] += 1
+        value &= (1 << (8 * size)) - 1
+        if self._pio is None:
+            self._queue(IoOut(port, size, value.to_bytes(size, "little")))
+            return
+        self._sync_clock()
+        try:
+            self._pio(port, size, value)
+        except Exception as e:  # noqa: BLE001
+            self._guard(f"port write {port:#x}", e)
+            return
+        self._after_io()
+
+    def _mmio_read(self, addr: int, size: int) -> int:
+        self.counters["mmio reads"] += 1
+        if self._mmio is None:
+            self.counters["unrouted reads"] += 1
+            return (1 << (8 * size)) - 1
+        self._sync_clock()
+        try:
+            value = self._mmio(addr, size, None)
+        except Exception as e:  # noqa: BLE001
+            self._guard(f"mmio read {addr:#x}", e)
+            return 0
+        self._after_io()
+        return value & ((1 << (8 * size)) - 1)
+
+    def _mmio_write(self, addr: int, size: int, value: int) -> None:
+        self.counters["mmio writes"] += 1
+        value &= (1 << (8 * size)) - 1
+        if self._mmio is None:
+            self._queue(MmioWrite(addr, value.to_bytes(size, "little")))
+            return
+        self._sync_clock()
+        try:
+            self._mmio(addr, size, value)
+        except Exception as e:  # noqa: BLE001
+            self._guard(f"mmio write {addr:#x}", e)
+            return
+        self._after_io()
+
+    # ------------------------------------------------------------------ reports
+
+    def _internal_error(self, why: str) -> Exit:
+        rip = self.blob_rip()
+        insn = b""
+        try:
+            v = self.view.load()
+            mmu = Mmu(self.mem, v.cr0, v.cr3, v.cr4, v.efer)
+            la = v.seg("cs")[1] + v.rip
+            for n in (15, 8, 1):
+                try:
+                    insn = mmu.read(la, n)
+                    break
+                except (PageFault, BadPhysical):
+                    continue
+        except Exception:  # noqa: BLE001 - the report must not fail
+            pass
+        if "FETCH_UNMAPPED" in why or "fetch" in why.lower():
+            why = f"instruction fetch outside RAM ({why})"
+        return InternalError(f"emu: {why}", rip=rip, insn=insn)
+
+    def stats(self) -> dict[str, int | float]:
+        out: dict[str, int | float] = dict(self.counters)
+        out["blocks executed" if self.native else "blocks executed (estimated)"] = \
+            self.ctl.blocks
+        out["time in emu_start (s)"] = round(self.t_emu, 6)
+        out["time outside emu_start (s)"] = round(max(0.0, self.t_run - self.t_emu), 6)
+        for vec, n in sorted(self.vectors.items()):
+            out[f"vector {vec:#x}"] = n
+        return out
+
+    def close(self) -> None:
+        self.uc = None
