@@ -436,10 +436,11 @@ class _Steps:
         t0 = time.monotonic()
         if sys.stderr.isatty():
             from rich.console import Console
-            console = Console(stderr=True)
-            with console.status(what + " ..."):
+            from rich.text import Text
+            console = Console(stderr=True, highlight=False)
+            with console.status(Text(what + " ...")):
                 yield
-            console.print(f"{what}: done ({time.monotonic() - t0:.1f} s)")
+            console.print(Text(f"{what}: done ({time.monotonic() - t0:.1f} s)"))
         else:
             print(f"pyhv: {what} ...", file=sys.stderr, flush=True)
             yield
