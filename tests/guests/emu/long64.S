@@ -11,6 +11,8 @@
  *   3  jump to the MMIO hole (fetch outside RAM)
  *   4  #PF handler stack unmapped -> #DF on IST1
  *   5  MMIO read and write at 0xD0000000
+ *   6  CPUID: vendor (leaf 0 EBX) and extended features (0x80000001 EDX)
+ *   7  jump to an unmapped linear address: #PF with CR2 = target, handled, resumed
  *
  * Output (port 0xE9): one token per event, e.g. "V0/0/0" = vector 0, error code 0,
  * interrupted CPL 0; #PF adds "/<cr2>". Exit through port 0xF4.
@@ -78,6 +80,10 @@ start:
     je scen4
     cmp r13, 5
     je scen5
+    cmp r13, 6
+    je scen6
+    cmp r13, 7
+    je scen7
     jmp done
 
 /* ------------------------------------------------------------------ IDT */
@@ -288,6 +294,27 @@ scen5:
     call puthex
     mov rax, 0xd0000010
     mov dword ptr [rax], 0x12345678
+    jmp done
+
+scen6:
+    xor eax, eax
+    cpuid
+    mov eax, ebx
+    call puthex
+    OUTC(' ')
+    mov eax, 0x80000001
+    cpuid
+    mov eax, edx
+    call puthex
+    jmp done
+
+scen7:
+    mov qword ptr [0xc000], 0
+    invlpg [0x40000000]
+    lea r15, [rip + 1f]
+    mov rax, 0x40000000
+    jmp rax
+1:  OUTC('!')
     jmp done
 
 done:

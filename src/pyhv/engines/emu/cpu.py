@@ -284,8 +284,9 @@ def read_fxsave(uc: Any) -> bytes:
 def write_fxsave(uc: Any, img: bytes | None) -> None:
     """Load an FXSAVE image (None: the reset state, FCW=0x37F, MXCSR=0x1F80, all empty)."""
     if img is None:
-        img = bytearray(512)
-        _FX.pack_into(img, 0, 0x37F, 0, 0, 0, 0, 0, 0x1F80, 0xFFFF)
+        reset = bytearray(512)
+        _FX.pack_into(reset, 0, 0x37F, 0, 0, 0, 0, 0, 0x1F80, 0xFFFF)
+        img = bytes(reset)
     if len(img) != 512:
         raise ValueError("FXSAVE image must be 512 bytes")
     fcw, fsw, ftw, _fop, _fip, _fdp, mxcsr, _mask = _FX.unpack_from(img, 0)

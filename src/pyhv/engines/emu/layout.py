@@ -203,11 +203,10 @@ def self_check() -> None:
     global _checked
     if _checked == "ok":
         return
-    try:
-        import unicorn
-        from unicorn import x86_const as x
-    except ImportError as e:  # pragma: no cover - probe() reports this first
-        raise HostError(f"the emu engine needs the Python package unicorn: {e}") from None
+    from pyhv.engines.emu._uc import IMPORT_ERROR, unicorn
+    from pyhv.engines.emu._uc import x86 as x
+    if IMPORT_ERROR is not None:
+        raise HostError(f"the emu engine needs the Python package unicorn: {IMPORT_ERROR}")
     version = getattr(unicorn, "__version__", "?")
     problems: list[str] = []
     try:

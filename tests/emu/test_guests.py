@@ -1,0 +1,128 @@
+"""Guests on the emu engine: real, protected and long mode; delivery; CPL 3; timers.
+
+Each guest prints tokens on port 0xE9 (see its source under tests/guests/emu/): the
+assertions are on what the guest observed (vector, error code, CPL, CR2), so a broken
+delivery, stack switch, SYSCALL or clock changes the output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from harness import Machine
+
+from pyhv.exits import InternalError, Shutdown
+
+Guest = Callable[..., bytes]
+
+
+def run_long(guest: Guest, scenario: int, **kw: int) -> tuple[str, object, Machine]:
+    m = Machine(guest("long64"), mode="long", regs={"rdi": scenario}, **kw)  # type: ignore[arg-type]
+    r = m.run()
+    return r.out, r, m
+
+
+def test_real_mode_ivt_int_de_and_timer(guest: Guest) -> None:
+    m = Machine(guest("real16", 0), mode="real")
+    r = m.run()
+    assert r.exit_code == 0
+    assert r.out == "IDT2R"
+    assert r.stats["interrupts"] == 2 and r.stats["halts"] == 2
+
+
+def test_protected_mode_gates_cpl3_int80_and_timer(guest: Guest) -> None:
+    m = Machine(guest("prot32"), mode="prot32")
+    r = m.run()
+    assert r.exit_code == 0
+    # #DE, #GP(0x1230), INT 0x80 from CPL 3 on the TSS's ESP0 stack, two timer wakeups
+    assert r.out == "V0/0/0 Vd/1230/0 V80/0/3 K T2"
+
+
+def test_long_mode_exceptions_user_mode_syscall_and_timer(guest: Guest) -> None:
+    out, r, _m = run_long(guest, 0)
+    tokens = out.split()
+    assert tokens[:5] == ["V0/0/0",            # #DE
+                          "V6/0/0",            # #UD
+                          "Vd/1230/0",         # #GP(selector 0x1230)
+                          "Ve/0/0/40000000",   # #PF read, not present, CR2
+                          "Ve/3/0/40000000"]   # #PF write to a read-only page
+    assert tokens[5:9] == ["V80/0/3", "K",      # INT 0x80 from CPL 3, stack from RSP0
+                           "Vd/0/3",            # CLI at CPL 3 -> #GP(0)
+                           "U3S0R2bG6b6773"]    # CPL 3, SYSCALL at CPL 0, rax 43, SWAPGS
+    assert tokens[9] == "HB6"                   # HLT woke on ticks, busy loop saw 6 ticks
+    assert r.exit_code == 0  # type: ignore[attr-defined]
+    st = r.stats  # type: ignore[attr-defined]
+    assert st["syscalls"] == 1 and st["interrupts"] == 6 and st["exceptions"] == 6
+    assert st["software interrupts"] == 1
+
+
+def test_timer_interrupts_follow_virtual_time(guest: Guest) -> None:
+    _out, r, m = run_long(guest, 0)
+    # 6 ticks of 1 ms: the guest saw them at >= 6 ms of virtual time, and HLT skipped ahead
+    assert m.pic.acks == 6
+    assert 6_000_000 <= r.virtual_ns < 50_000_000  # type: ignore[attr-defined]
+
+
+def test_df_when_pf_gate_not_present(guest: Guest) -> None:
+    out, r, _m = run_long(guest, 1)
+    assert out == "V8/0/0 DF"
+    assert r.stats["double faults"] == 1  # type: ignore[attr-defined]
+
+
+def test_triple_fault_is_a_shutdown_with_report(guest: Guest) -> None:
+    out, r, _m = run_long(guest, 2)
+    last = r.last  # type: ignore[attr-defined]
+    assert out == ""
+    assert isinstance(last, Shutdown)
+    assert "triple fault" in last.reason and "#UD -> #GP -> #DF" in last.reason
+    assert last.rip is not None
+
+
+def test_fetch_outside_ram_is_an_internal_error(guest: Guest) -> None:
+    _out, r, _m = run_long(guest, 3)
+    last = r.last  # type: ignore[attr-defined]
+    assert isinstance(last, InternalError)
+    assert last.rip == 0xD0000000
+    assert "outside RAM" in last.describe()
+
+
+def test_fault_on_handler_stack_becomes_df_on_ist(guest: Guest) -> None:
+    out, _r, _m = run_long(guest, 4)
+    assert out == "V8/0/0 DF"
+
+
+def test_mmio_goes_to_the_handler(guest: Guest) -> None:
+    out, r, m = run_long(guest, 5)
+    assert out == "5a5a5a5a"
+    assert m.mmio_log == [(0xD0000000, 4, None), (0xD0000010, 4, 0x12345678)]
+    assert r.stats["mmio reads"] == 1 and r.stats["mmio writes"] == 1  # type: ignore[attr-defined]
+
+
+def test_cpuid_answers_from_the_model(guest: Guest) -> None:
+    out, _r, _m = run_long(guest, 6)
+    vendor_ebx, ext_edx = out.split()
+    assert vendor_ebx == "756e6547"                       # "Genu"
+    assert int(ext_edx, 16) == (1 << 11) | (1 << 20) | (1 << 29)   # SYSCALL, NX, LM
+
+
+def test_jump_to_unmapped_linear_address_is_a_page_fault(guest: Guest) -> None:
+    out, _r, _m = run_long(guest, 7)
+    assert out == "Ve/0/0/40000000 !"
+
+
+def test_fallback_without_native_hook(guest: Guest, monkeypatch: object) -> None:
+    import pytest
+
+    from pyhv.engines.emu import native
+    mp: pytest.MonkeyPatch = monkeypatch  # type: ignore[assignment]
+    mp.setenv("PYHV_EMU_NATIVE", "0")
+    mp.setattr(native, "_cache", None)
+    m = Machine(guest("long64"), mode="long", regs={"rdi": 0})
+    assert not m.vcpu.native  # type: ignore[attr-defined]
+    r = m.run()
+    assert r.out.split()[:9] == ["V0/0/0", "V6/0/0", "Vd/1230/0", "Ve/0/0/40000000",
+                                 "Ve/3/0/40000000", "V80/0/3", "K", "Vd/0/3",
+                                 "U3S0R2bG6b6773"]
+    assert r.out.split()[9] == "HB6"
+    m2 = Machine(guest("prot32"), mode="prot32")
+    assert m2.run().out == "V0/0/0 Vd/1230/0 V80/0/3 K T2"
