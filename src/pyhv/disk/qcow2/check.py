@@ -154,7 +154,7 @@ def check(img: Qcow2Image, repair: str | None = None) -> CheckResult:
             res.messages.append(f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} "
                                 f"l1_entry={e:x} refcount={img.refs.get(off >> cb)}")
         raw = img.f.pread(off, cs, "L2 table")
-        for j, e2 in enumerate(struct.unpack(f">{img.l2e}Q", raw)):
+        for e2 in struct.unpack(f">{img.l2e}Q", raw):
             if not e2 or e2 & C.COMPRESSED or not e2 & C.OFFSET_MASK:
                 continue
             rc = img.refs.get((e2 & C.OFFSET_MASK) >> cb)

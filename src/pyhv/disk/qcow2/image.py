@@ -42,7 +42,6 @@ from pyhv.disk.qcow2.header import (
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     MAX_CLUSTER_BITS,
-    Header,
     l1_entries_needed,
     parse_header,
 )
