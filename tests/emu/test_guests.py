@@ -126,3 +126,18 @@ def test_fallback_without_native_hook(guest: Guest, monkeypatch: object) -> None
     assert r.out.split()[9] == "HB6"
     m2 = Machine(guest("prot32"), mode="prot32")
     assert m2.run().out == "V0/0/0 Vd/1230/0 V80/0/3 K T2"
+
+
+def test_timer_interrupts_taken_in_user_mode(guest: Guest) -> None:
+    """IF=1 at CPL 3: each tick enters the kernel on TSS.RSP0 and IRETQs back to CPL 3."""
+    out, r, _m = run_long(guest, 8)
+    assert out == "T3/3"                  # 3 ticks seen at CPL 3, all on the RSP0 stack
+    assert r.stats["interrupts"] == 3 and r.stats["syscalls"] == 1  # type: ignore[attr-defined]
+
+
+def test_guest_switches_real_to_protected_to_long_mode(guest: Guest) -> None:
+    m = Machine(guest("modeswitch"), mode="real")
+    r = m.run()
+    assert r.out == "RPL1" and r.exit_code == 0
+    st = m.vcpu.get_state()
+    assert st.mode == "long" and st.cs.selector == 0x18 and st.efer & 0x400

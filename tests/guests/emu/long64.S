@@ -13,6 +13,8 @@
  *   5  MMIO read and write at 0xD0000000
  *   6  CPUID: vendor (leaf 0 EBX) and extended features (0x80000001 EDX)
  *   7  jump to an unmapped linear address: #PF with CR2 = target, handled, resumed
+ *   8  user mode (CPL 3, IF=1) spinning until timer interrupts taken at CPL 0 (on the
+ *      TSS.RSP0 stack) have counted 3 ticks; then SYSCALL back to the kernel
  *
  * Output (port 0xE9): one token per event, e.g. "V0/0/0" = vector 0, error code 0,
  * interrupted CPL 0; #PF adds "/<cr2>". Exit through port 0xF4.
@@ -84,6 +86,8 @@ start:
     je scen6
     cmp r13, 7
     je scen7
+    cmp r13, 8
+    je scen8
     jmp done
 
 /* ------------------------------------------------------------------ IDT */
@@ -317,6 +321,50 @@ scen7:
 1:  OUTC('!')
     jmp done
 
+scen8:
+    mov ecx, 0xc0000080           /* EFER.SCE, STAR, LSTAR = scen8_sys, SFMASK = IF */
+    rdmsr
+    or eax, 1
+    wrmsr
+    mov ecx, 0xc0000081
+    xor eax, eax
+    mov edx, 0x00180008
+    wrmsr
+    mov ecx, 0xc0000082
+    lea rax, [rip + scen8_sys]
+    mov rdx, rax
+    shr rdx, 32
+    wrmsr
+    mov ecx, 0xc0000084
+    mov eax, 0x200
+    xor edx, edx
+    wrmsr
+    mov [rip + kernel_rsp], rsp
+    mov dx, 0x40                  /* 1 ms timer */
+    mov ax, 1000
+    out dx, ax
+    push 0x23
+    lea rax, [rip + ustack_top]
+    push rax
+    push 0x202                    /* IF=1 at CPL 3 */
+    push 0x2b
+    lea rax, [rip + scen8_user]
+    push rax
+    iretq
+scen8_user:
+    cmp qword ptr [rip + ticks], 3
+    jb scen8_user
+    syscall
+scen8_sys:                        /* CPL 0, IF=0 (SFMASK) */
+    mov rsp, [rip + kernel_rsp]
+    OUTC('T')
+    mov rax, [rip + ticks_user]
+    call puthex
+    OUTC('/')
+    mov rax, [rip + ticks_rsp0]
+    call puthex
+    jmp done
+
 done:
     mov al, 0
     out 0xf4, al
@@ -391,6 +439,17 @@ common:
 timer:
     push rax
     inc qword ptr [rip + ticks]
+    mov rax, [rsp + 16]           /* interrupted CS */
+    and eax, 3
+    cmp eax, 3
+    jne 1f
+    inc qword ptr [rip + ticks_user]
+    lea rax, [rip + kstack0_top]
+    sub rax, rsp
+    cmp rax, 0x100
+    ja 1f
+    inc qword ptr [rip + ticks_rsp0]
+1:
     mov al, 0x20
     out 0x20, al
     pop rax
@@ -466,6 +525,8 @@ kernel_rsp: .quad 0
 sys_ret:    .quad 0
 kgs_seen:   .quad 0
 ticks:      .quad 0
+ticks_user: .quad 0
+ticks_rsp0: .quad 0
 user_cpl:   .byte 0
 sys_cpl:    .byte 0
 

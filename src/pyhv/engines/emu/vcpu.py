@@ -439,9 +439,14 @@ class EmuVcpu(EngineVcpu):
         return 1
 
     def _after_io(self) -> None:
+        """A device may have raised an interrupt or armed an earlier timer."""
         src = self.interrupt_source
         if src is not None and src.pending():
             self.ctl.irq_window = 1
+        if self._timers is not None:
+            budget = self._budget()
+            if budget < self.ctl.budget:
+                self.ctl.budget = budget
 
     def _on_in(self, _uc: Any, port: int, size: int, _ud: Any) -> int:
         self.counters["port reads"] += 1
