@@ -194,3 +194,40 @@ def test_kick_from_another_thread_interrupts_a_busy_guest() -> None:
     assert isinstance(ex, Interrupted)
     assert time.monotonic() - t0 < 5
     assert v.get_state().rip == 0
+
+
+def test_dirty_pages_see_guest_and_device_writes() -> None:
+    memory = GuestMemory.with_layout([(0, 4 << 20)])
+    engine = EmuEngine(memory)
+    v = engine.create_vcpu(0)
+    st = CpuState(cr0=CR0_ET)
+    st.cs = Segment.real_mode(0x1000, code=True)
+    st.rip = 0
+    # mov byte [0x3000], 1 (DS=0) ; hlt
+    memory.write(0x10000, bytes.fromhex("c606003001f4"))
+    v.set_state(st)
+    engine.enable_dirty_tracking()
+    assert engine.dirty_pages() == set()
+    assert v.run() == Halt(interrupts_enabled=False)
+    memory.write(0x20_0000, b"dma")
+    assert engine.dirty_pages() == {0x3, 0x200}
+    assert engine.dirty_pages() == set()
+
+
+def test_invalidate_drops_stale_translations() -> None:
+    memory = GuestMemory.with_layout([(0, 4 << 20)])
+    engine = EmuEngine(memory)
+    v = engine.create_vcpu(0)
+    st = CpuState(cr0=CR0_ET)
+    st.cs = Segment.real_mode(0x1000, code=True)
+    st.rip = 0
+    memory.write(0x10000, bytes.fromhex("b001f4"))      # mov al, 1 ; hlt
+    v.set_state(st)
+    v.run()
+    assert v.get_state().rax & 0xFF == 1
+    memory.write(0x10000, bytes.fromhex("b002f4"))      # "DMA" rewrites the code
+    engine.invalidate(0x10000, 3)
+    st.rax = 0
+    v.set_state(st)
+    v.run()
+    assert v.get_state().rax & 0xFF == 2

@@ -21,12 +21,13 @@ Importing this package never fails: `EmuEngine.probe()` says why the engine cann
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING
 
 from pyhv.engines.base import Engine, EngineVcpu
 from pyhv.engines.emu._uc import IMPORT_ERROR, unicorn
 from pyhv.errors import HostError
-from pyhv.memory import GuestMemory
+from pyhv.memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory
 
 if TYPE_CHECKING:
     from pyhv.arch.x86.cpuid import CpuModel
@@ -48,6 +49,7 @@ class EmuEngine(Engine):
         self.ns_per_block = ns_per_block
         self.model = model
         self.vcpus: list[EngineVcpu] = []
+        self._digests: dict[int, bytes] | None = None
 
     @classmethod
     def probe(cls) -> str | None:
@@ -72,6 +74,47 @@ class EmuEngine(Engine):
                     ns_per_block=self.ns_per_block)
         self.vcpus.append(v)
         return v
+
+    # ------------------------------------------------------------------ memory
+
+    def invalidate(self, gpa: int, size: int) -> None:
+        """RAM at [gpa, gpa+size) was written behind the CPU's back (device DMA, loader):
+        drop translated code so no stale translation runs. Call between `run()`s.
+
+        unicorn invalidates by virtual address only, so this flushes every vCPU's whole
+        translation cache: correct, and cheap enough for the rare DMA into code pages.
+        """
+        del gpa, size
+        for v in self.vcpus:
+            uc = getattr(v, "uc", None)
+            if uc is not None:
+                uc.ctl_flush_tb()
+
+    def enable_dirty_tracking(self, enable: bool = True) -> None:
+        """Software dirty log: remember a digest of every RAM page (guest + device writes).
+
+        unicorn has no dirty log and a per-store hook would slow every guest store, so
+        `dirty_pages()` compares page digests (BLAKE2b, 128 bits) with the last call.
+        """
+        self._digests = self._digest_all() if enable else None
+
+    def dirty_pages(self) -> set[int]:
+        if self._digests is None:
+            raise HostError("dirty tracking is not enabled on this emu engine")
+        new = self._digest_all()
+        old = self._digests
+        self._digests = new
+        return {pfn for pfn, d in new.items() if old.get(pfn) != d}
+
+    def _digest_all(self) -> dict[int, bytes]:
+        out: dict[int, bytes] = {}
+        for r in self.memory.regions:
+            view = r.view
+            base = r.gpa >> PAGE_SHIFT
+            for i in range(r.size >> PAGE_SHIFT):
+                page = view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+                out[base + i] = hashlib.blake2b(page, digest_size=16).digest()
+        return out
 
     def close(self) -> None:
         for v in self.vcpus:
