@@ -51,8 +51,9 @@ Design:
   interrupt-driven console output from user space expect.
 - The interrupt output is not gated by MCR.OUT2 (QEMU does not gate it either), so
   bare-metal guests that never set OUT2 still get interrupts.
-- The IRQ line is driven as a level: `set_level` is only called when the level changes,
-  and a new interrupt after the guest serviced one appears as a fresh low->high edge.
+- The IRQ line is driven as a level (the chip's INTRPT pin): `set_level` is only called
+  when the level changes, so after the guest has serviced an interrupt (read IIR, RBR,
+  LSR or MSR) the next one appears as a fresh low->high edge for an edge-triggered PIC.
 
 Invariants: at most RX_FIFO_SIZE bytes in the FIFO and PENDING_MAX bytes pending,
 whatever the guest or the host sends; IER & 0xf0 == 0; LSR THRE and TEMT always set.
@@ -272,9 +273,10 @@ class Serial16550:
                 self.rx_overruns += 1
         else:
             self.output(bytes((value,)))
-        # THR was written (clearing THRE) and is empty again at once.
+        # THR was written (clearing THRE) and is empty again at once. If the line was
+        # still high (the guest never read IIR), it stays high: no new edge, as on the
+        # chip; Linux reads IIR first, which drops it.
         self.thre_pending = True
-        self._set_irq(False)            # a fresh edge for the next THRE interrupt
         self._update_irq()
 
     def _write_fcr(self, value: int) -> None:

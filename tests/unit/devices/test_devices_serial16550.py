@@ -216,3 +216,28 @@ def test_feed_from_another_thread() -> None:
 def test_rbr_read_when_empty_returns_zero() -> None:
     bus, _, _, _ = make()
     assert rd(bus, s.RBR) == 0
+
+
+def test_interrupt_driven_output_like_linux_user_space() -> None:
+    """start_tx sets IER.THRI; each interrupt: read IIR, write a FIFO's worth, repeat."""
+    bus, _, irq, sink = make()
+    wr(bus, s.FCR, s.FCR_ENABLE | s.FCR_CLEAR_RX | s.FCR_CLEAR_TX)
+    text = b"the quick brown fox jumps over the lazy dog\n" * 3
+    pos = 0
+    wr(bus, s.IER, s.IER_RDA | s.IER_THRE)       # __start_tx
+    interrupts = 0
+    while irq.level:                              # the PIC saw an edge: run the handler
+        interrupts += 1
+        iir = rd(bus, s.IIR)
+        assert iir & 0x0F == s.IIR_THRE and not irq.level
+        if rd(bus, s.LSR) & s.LSR_THRE:
+            chunk, pos = text[pos:pos + 16], pos + 16
+            for c in chunk:
+                wr(bus, s.THR, c)
+            if pos >= len(text):
+                wr(bus, s.IER, s.IER_RDA)         # __stop_tx
+        assert interrupts < 100
+    assert bytes(sink.data) == text
+    assert interrupts == -(-len(text) // 16)
+    # The last chunk raises the line once more before __stop_tx drops it (as on the chip).
+    assert irq.raises == interrupts + 1
