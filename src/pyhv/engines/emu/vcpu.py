@@ -237,12 +237,14 @@ class EmuVcpu(EngineVcpu):
                 self._halted = True
                 self.counters["halts"] += 1
 
-    def _emu_start(self) -> str | None:
+    def _emu_start(self, count: int = 0) -> str | None:
         begin = self.blob_rip()
         self.counters["emu_start calls"] += 1
         t0 = time.perf_counter()
         try:
-            if self.native:
+            if count:
+                self.uc.emu_start(begin, UNTIL, 0, count)
+            elif self.native:
                 self.uc.emu_start(begin, UNTIL)
             else:
                 count = max(1, min(FALLBACK_SLICE, self.ctl.budget * FALLBACK_INSNS_PER_BLOCK))
@@ -322,12 +324,17 @@ class EmuVcpu(EngineVcpu):
             ctl.irq_window = 1
             return
         if v.shadow and not self._halted:
-            # STI / MOV SS shadow: one more instruction first
+            # STI / MOV SS shadow: one more instruction first (the block hook must not
+            # stop it, and its blocks count as guest progress)
             ctl.budget = NO_DEADLINE_BUDGET
-            try:
-                self.uc.emu_start(v.rip, UNTIL, 0, 1)
-            except unicorn.UcError as e:
-                self._final = self._internal_error(str(e))
+            ctl.irq_window = 0
+            ctl.reason = native.STOP_NONE
+            err = self._emu_start(count=1)
+            ctl.reason = native.STOP_NONE
+            self._sync_clock()
+            if err is not None:
+                if self._final is None:
+                    self._final = self._internal_error(err)
                 return
             if self._final is not None or self._exits:
                 return
