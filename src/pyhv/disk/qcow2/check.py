@@ -126,9 +126,11 @@ def check(img: Qcow2Image, repair: str | None = None) -> CheckResult:
     res = CheckResult()
     counts = expected_counts(img, res)
     cs, cb = img.cs, img.cb
-    n = max(len(counts), img.refs.covered_clusters())
+    per = img.refs.per_block
+    blocks = {bi for bi, e in enumerate(img.refs.table) if e}
+    blocks.update(ci // per for ci in range(len(counts)) if counts.a[ci])
     file_clusters = -(-img.f.size // cs)
-    for ci in range(n):
+    for ci in (c for bi in sorted(blocks) for c in range(bi * per, (bi + 1) * per)):
         exp = counts.get(ci)
         got = img.refs.get(ci)
         if got == exp:
