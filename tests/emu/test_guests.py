@@ -141,3 +141,9 @@ def test_guest_switches_real_to_protected_to_long_mode(guest: Guest) -> None:
     assert r.out == "RPL1" and r.exit_code == 0
     st = m.vcpu.get_state()
     assert st.mode == "long" and st.cs.selector == 0x18 and st.efer & 0x400
+
+
+def test_sti_shadow_lets_hlt_execute_before_the_interrupt(guest: Guest) -> None:
+    out, r, _m = run_long(guest, 9)
+    assert out == "S1"       # woken by the tick that was already pending, not the next one
+    assert r.stats["interrupts"] == 1  # type: ignore[attr-defined]

@@ -15,6 +15,8 @@
  *   7  jump to an unmapped linear address: #PF with CR2 = target, handled, resumed
  *   8  user mode (CPL 3, IF=1) spinning until timer interrupts taken at CPL 0 (on the
  *      TSS.RSP0 stack) have counted 3 ticks; then SYSCALL back to the kernel
+ *   9  STI shadow: a tick becomes pending while IF=0; "sti; hlt" must let HLT execute
+ *      before the interrupt, so HLT returns after that one tick -> "S1"
  *
  * Output (port 0xE9): one token per event, e.g. "V0/0/0" = vector 0, error code 0,
  * interrupted CPL 0; #PF adds "/<cr2>". Exit through port 0xF4.
@@ -88,6 +90,8 @@ start:
     je scen7
     cmp r13, 8
     je scen8
+    cmp r13, 9
+    je scen9
     jmp done
 
 /* ------------------------------------------------------------------ IDT */
@@ -362,6 +366,21 @@ scen8_sys:                        /* CPL 0, IF=0 (SFMASK) */
     call puthex
     OUTC('/')
     mov rax, [rip + ticks_rsp0]
+    call puthex
+    jmp done
+
+scen9:
+    mov dx, 0x40                  /* 1 ms timer, then spin with IF=0 past the first tick */
+    mov ax, 1000
+    out dx, ax
+    mov ecx, 400000
+1:  dec ecx
+    jnz 1b
+    sti
+    hlt
+    cli
+    OUTC('S')
+    mov rax, [rip + ticks]
     call puthex
     jmp done
 
