@@ -97,25 +97,40 @@ class Qcow2Image:
         self._cpos = 0
 
     def _compute_metadata(self) -> None:
-        """Clusters holding metadata; no L2 table or data cluster may point into them."""
+        """Clusters holding metadata; they must not overlap, and no L2 table or data
+        cluster may point into them (a write would otherwise overwrite a table)."""
         cs, h = self.cs, self.h
-        meta: set[int] = {0}
+        owner: dict[int, str] = {0: "the header"}
 
-        def span(off: int, nbytes: int) -> range:
-            return range(off // cs, (off + max(nbytes, 1) - 1) // cs + 1)
+        def claim(off: int, nbytes: int, what: str, exclusive: bool = True) -> None:
+            for ci in range(off // cs, (off + max(nbytes, 1) - 1) // cs + 1):
+                other = owner.get(ci)
+                if other is not None and exclusive:
+                    raise ImageError(f"{what} at {ci * cs:#x} overlaps {other}")
+                owner.setdefault(ci, what)
 
-        meta.update(span(h.l1_table_offset, h.l1_size * 8))
-        meta.update(span(h.refcount_table_offset, h.refcount_table_clusters * cs))
-        meta.update(e // cs for e in self.refs.table if e)
+        claim(h.l1_table_offset, h.l1_size * 8, "the L1 table")
+        claim(h.refcount_table_offset, h.refcount_table_clusters * cs, "the refcount table")
+        for i, e in enumerate(self.refs.table):
+            if e:
+                claim(e, cs, f"refcount block {i}")
         if h.nb_snapshots:
-            meta.update(span(h.snapshots_offset, self.snap_table_bytes))
+            claim(h.snapshots_offset, self.snap_table_bytes, "the snapshot table")
         for sn in self.snapshots:
             if sn.l1_size:
-                meta.update(span(sn.l1_table_offset, sn.l1_size * 8))
+                # a snapshot L1 may coincide with another snapshot's, never with the rest
+                for ci in range(sn.l1_table_offset // cs,
+                                (sn.l1_table_offset + sn.l1_size * 8 - 1) // cs + 1):
+                    other = owner.get(ci)
+                    if other is not None and not other.startswith("snapshot"):
+                        raise ImageError(f"snapshot {sn.id_str} L1 table overlaps {other}")
+                    owner.setdefault(ci, f"snapshot {sn.id_str} L1 table")
+        meta = set(owner)
         for i, e in enumerate(self.l1):
             off = e & C.OFFSET_MASK
             if off and off // cs in meta:
-                raise ImageError(f"L1 entry {i}: L2 table at {off:#x} overlaps metadata")
+                raise ImageError(f"L1 entry {i}: L2 table at {off:#x} overlaps metadata "
+                                 f"({owner[off // cs]})")
         self.l2_tables = {(e & C.OFFSET_MASK) // cs for e in self.l1 if e & C.OFFSET_MASK}
         self.meta = meta
 

@@ -39,6 +39,9 @@ from pyhv.errors import ImageError
 
 _TYPECODE = {1: "B", 2: "H", 4: "I" if array("I").itemsize == 4 else "L", 8: "Q"}
 OFFSET_MASK = 0xFFFFFFFFFFFFFE00  # refcount table entry: bits 9-63
+# Clusters counted past the end of the file are normal after a crash (counted, then the
+# write never happened), but only a few: more than this is a hostile or broken image.
+CLAIM_SLACK_BYTES = 16 << 20
 
 
 def decode_counts(data: bytes, order: int) -> list[int]:
@@ -191,6 +194,10 @@ class Refcounts:
                     last = bi * self.per_block + nz[-1]
                     break
             end = -(-self.f.size // self.cs)
+            slack = max(8, CLAIM_SLACK_BYTES // self.cs)
+            if last + 1 > end + slack:
+                raise ImageError(f"refcounts claim cluster {last} far past the end of the "
+                                 f"file ({end} clusters)")
             self._next_free = max(end, last + 1) * self.cs
         return self._next_free
 
