@@ -435,15 +435,25 @@ def _copy(src: BlockDevice, dst: BlockDevice, progress: Progress, *,
         n = min(step, size - pos)
         data = src.read(pos, n)
         if data != zero[:n]:
-            if compress and isinstance(dst, Qcow2Image):
+            if not cs:
+                dst.write(pos, data)
+            elif compress:
                 for off in range(0, n, cs):
                     piece = data[off:off + cs]
                     if piece == zero[:len(piece)]:
                         continue
+                    assert isinstance(dst, Qcow2Image)
                     if not dst.write_compressed((pos + off) // cs, piece):
                         dst.write(pos + off, piece)
-            else:
-                dst.write(pos, data)
+            else:  # write runs of non-zero clusters; zero clusters stay unallocated
+                start = None
+                for off in [*range(0, n, cs), n]:
+                    nz = off < n and data[off:off + cs] != zero[:min(cs, n - off)]
+                    if nz and start is None:
+                        start = off
+                    elif not nz and start is not None:
+                        dst.write(pos + start, data[start:off])
+                        start = None
         pos += n
         progress.update(pos)
     progress.done()

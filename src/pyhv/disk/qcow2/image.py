@@ -152,6 +152,7 @@ class Qcow2Image:
 
             rewrite(self, active_l1=list(self.l1), snapshots=list(self.snapshots),
                     size=self.size)
+            h = self.h  # reloaded
             h.incompatible_features &= ~INCOMPAT_DIRTY
             self.write_header()
         if h.autoclear_features & (AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW):
