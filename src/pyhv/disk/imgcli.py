@@ -23,7 +23,7 @@ from pyhv.disk.raw import RawImage
 from pyhv.errors import ConfigError, ImageError
 from pyhv.units import format_size, parse_size
 
-CHUNK = 2 << 20
+CHUNK = 4 << 20
 
 # ---------------------------------------------------------------------------- arguments
 
@@ -447,8 +447,9 @@ def _copy(src: BlockDevice, dst: BlockDevice, progress: Progress, *,
                         dst.write(pos + off, piece)
             else:  # write runs of non-zero clusters; zero clusters stay unallocated
                 start = None
+                view = memoryview(data)
                 for off in [*range(0, n, cs), n]:
-                    nz = off < n and data[off:off + cs] != zero[:min(cs, n - off)]
+                    nz = off < n and view[off:off + cs] != zero[:min(cs, n - off)]
                     if nz and start is None:
                         start = off
                     elif not nz and start is not None:

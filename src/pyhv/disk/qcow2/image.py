@@ -223,6 +223,11 @@ class Qcow2Image:
     def read(self, offset: int, length: int) -> bytes:
         with self._lock:
             check_range(self.size, offset, length)
+            if length:
+                kind, n, host = self.block_status(offset, length)
+                if kind == "data" and n == length and host is not None \
+                        and host + length <= self.f.size:
+                    return os.pread(self.f.fd, length, host)  # one contiguous run
             out = bytearray(length)
             self._read_into(out, offset, length)
             return bytes(out)
@@ -248,7 +253,10 @@ class Qcow2Image:
                     n += min(cs, end - pos - n)
                 m = max(0, min(n, self.f.size - host))  # past EOF reads as zeros
                 if m:
-                    out[pos - offset:pos - offset + m] = os.pread(self.f.fd, m, host)
+                    at = pos - offset
+                    got = os.preadv(self.f.fd, [memoryview(out)[at:at + m]], host)
+                    if got != m:
+                        raise ImageError(f"short read of data at {host:#x}")
             elif kind == C.KIND_UNALLOCATED:
                 while pos + n < end and self.entry(gci + 1) == 0:
                     gci += 1
@@ -344,6 +352,12 @@ class Qcow2Image:
                     break
                 k += 1
             run_end = min(end, pos - within + k * cs)
+            if not within and run_end - pos == k * cs:  # whole clusters: no merge needed
+                host = self.refs.alloc(k)  # 1. refcounts
+                self.f.pwrite(host, data[pos - base:run_end - base])  # 2. data
+                self._set_run(tbl, l2off, l2i, k, host)  # 3. L2, 4. release
+                pos = run_end
+                continue
             buf = bytearray(k * cs)
             if within:
                 buf[:cs] = self._cluster_content(gci)
@@ -356,13 +370,18 @@ class Qcow2Image:
             buf[within:within + run_end - pos] = data[pos - base:run_end - base]
             host = self.refs.alloc(k)  # 1. refcounts
             self.f.pwrite(host, buf)  # 2. data
-            old = tbl[l2i:l2i + k]
-            new = [(host + i * cs) | C.COPIED for i in range(k)]
-            self.f.pwrite(l2off + 8 * l2i, struct.pack(f">{k}Q", *new))  # 3. L2 entries
-            tbl[l2i:l2i + k] = new
-            for oe in old:  # 4. release what the old entries held
-                self._release(oe)
+            self._set_run(tbl, l2off, l2i, k, host)  # 3. L2, 4. release
             pos = run_end
+
+    def _set_run(self, tbl: list[int], l2off: int, l2i: int, k: int, host: int) -> None:
+        """Point entries l2i..l2i+k at new clusters from `host`, then release the old."""
+        old = tbl[l2i:l2i + k]
+        new = [(host + i * self.cs) | C.COPIED for i in range(k)]
+        self.f.pwrite(l2off + 8 * l2i, struct.pack(f">{k}Q", *new))  # 3. L2 entries
+        tbl[l2i:l2i + k] = new
+        for oe in old:  # 4. release what the old entries held
+            if oe:
+                self._release(oe)
 
     def flush(self) -> None:
         with self._lock:
