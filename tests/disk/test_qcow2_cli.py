@@ -243,3 +243,14 @@ def test_convert_odd_tail(qemu: Any, tmp_path: Path) -> None:
     assert img("convert", "-f", "raw", "-O", "qcow2", str(raw), q) == 0
     qemu.check(q)
     assert qemu.raw(q) == data
+
+
+def test_small_cluster_backing_header(qemu: Any, tmp_path: Path) -> None:
+    base = tmp_path / "b.qcow2"
+    qemu.img("create", "-f", "qcow2", str(base), "1M")
+    qemu.io(base, "write -P 0x42 0 1M")
+    top = str(tmp_path / ("t" * 60 + ".qcow2"))
+    assert img("create", "-f", "qcow2", "-o", "cluster_size=512", "-b", str(base), "-F",
+               "qcow2", top) == 0
+    qemu.check(top)
+    assert qemu.raw(top) == b"\x42" * (1 << 20)

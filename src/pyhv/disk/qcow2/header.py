@@ -118,7 +118,16 @@ class Header:
         return 1 << self.refcount_order
 
     def pack(self) -> bytes:
-        """Serialize header, extensions and backing name into (at most) one cluster."""
+        """Serialize header, extensions and backing name into (at most) one cluster.
+
+        The feature-name table is optional: it is left out when it would not fit (512-byte
+        clusters with a backing file)."""
+        try:
+            return self._pack(True)
+        except ImageError:
+            return self._pack(False)
+
+    def _pack(self, feature_table: bool) -> bytes:
         hlen = V2_HEADER_LEN if self.version == 2 else 112
         out = bytearray(_V2.pack(
             MAGIC, self.version, 0, 0, self.cluster_bits, self.size, self.crypt_method,
@@ -131,7 +140,7 @@ class Header:
         exts: list[tuple[int, bytes]] = []
         if self.backing_format:
             exts.append((EXT_BACKING_FORMAT, self.backing_format.encode()))
-        if self.version == 3:
+        if self.version == 3 and feature_table:
             table = b"".join(struct.pack(">BB46s", t, b, n.encode())
                              for t, b, n in FEATURE_NAMES)
             exts.append((EXT_FEATURE_TABLE, table))
