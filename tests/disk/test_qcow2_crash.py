@@ -45,10 +45,18 @@ def _ops() -> list[tuple[str, Op]]:
         ("snapshot create 2", lambda i: i.snapshot_create("s2")),
         ("resize", lambda i: i.resize(SIZE * 40)),
         ("write grown", lambda i: i.write(SIZE * 39, b"\x04" * 3 * CS)),
+        ("compressed", lambda i: i.write_compressed(SIZE * 30 // CS, b"\x06" * CS)),
+        ("fill: new refcount block", lambda i: _fill(i)),
         ("snapshot delete", lambda i: i.snapshot_delete("s1")),
         ("snapshot apply", lambda i: i.snapshot_apply("s2")),
         ("write after apply", lambda i: i.write(0, b"\x05" * 10000)),
     ]
+
+
+def _fill(img: Qcow2Image) -> None:
+    """9 MiB of data: the file outgrows its first refcount block (2048 4-KiB clusters)."""
+    for k in range(9):
+        img.write(SIZE + k * (1 << 20), bytes([k + 1]) * (1 << 20))
 
 
 def _states(base: Path, tmp: Path) -> tuple[int, list[bytes]]:

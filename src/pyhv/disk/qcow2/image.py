@@ -66,6 +66,7 @@ class Qcow2Image:
         self._l2_cache: OrderedDict[int, list[int]] = OrderedDict()
         self._zc: tuple[int, bytes] | None = None  # last decompressed cluster
         self._cpos = 0  # free byte in the last compressed-data cluster (0: none)
+        self._cfreed = 0
         try:
             self._load()
             if not read_only:
@@ -133,6 +134,17 @@ class Qcow2Image:
                                  f"({owner[off // cs]})")
         self.l2_tables = {(e & C.OFFSET_MASK) // cs for e in self.l1 if e & C.OFFSET_MASK}
         self.meta = meta
+        snap_l2: set[int] = set()
+        for sn in self.snapshots:
+            if sn.l1_size:
+                snap_l2.update((e & C.OFFSET_MASK) // cs
+                               for e in self.read_l1(sn.l1_table_offset, sn.l1_size)
+                               if e & C.OFFSET_MASK)
+        self.snap_l2 = snap_l2
+        self.refs.is_metadata = self._is_metadata
+
+    def _is_metadata(self, ci: int) -> bool:
+        return ci in self.meta or ci in self.l2_tables or ci in self.snap_l2
 
     def read_l1(self, offset: int, n: int) -> list[int]:
         raw = self.f.pread(offset, n * 8, "L1 table")
@@ -425,6 +437,8 @@ class Qcow2Image:
             l1i, l2i = divmod(gci, self.l2e)
             tbl, l2off = self._l2_for_write(l1i)
             cs = self.cs
+            if self.refs.freed != self._cfreed:  # the packing cluster may have been freed
+                self._cpos, self._cfreed = 0, self.refs.freed
             if self._cpos and (self._cpos % cs) + len(stream) <= cs and self._cpos % cs:
                 off = self._cpos
                 self.refs.update(off >> self.cb, 1, +1)

@@ -11,9 +11,11 @@ Layout (qcow2.txt "Cluster Refcounts"):
 Every host cluster in use (header, tables, data) has a count equal to the number of
 references to it; qemu-img check recomputes them by walking all L1 tables.
 
-Allocation always appends at `next_free` (the end of the file, or past the last counted
-cluster): space freed by discard or snapshot deletion is not reused in place; it becomes
-free (count 0) and is reclaimed by `pyhv img convert`.
+Allocation first reuses free clusters (count 0: released by copy-on-write, discard,
+snapshot deletion or a metadata rewrite), scanning from a hint that only moves back when
+a count drops to 0; otherwise it appends at `next_free` (the end of the file, or past the
+last counted cluster). A free cluster is referenced by nothing, so reusing it is as safe
+as appending.
 
 Crash-safety rules kept here:
 - a new refcount block is written (with its own count, if it covers itself) before the
@@ -31,7 +33,7 @@ import math
 import struct
 import sys
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pyhv.disk.qcow2.fileio import ImageFile
 from pyhv.disk.qcow2.header import MAX_REFTABLE_BYTES, Header
@@ -86,6 +88,10 @@ class Refcounts:
         self.per_block = self.cs * 8 >> self.order
         self._blocks: dict[int, list[int]] = {}
         self._next_free: int | None = None
+        self._free_hint = 0
+        # set by the image: clusters known to hold tables, never reused even if counted 0
+        self.is_metadata: Callable[[int], bool] = lambda ci: False
+        self.freed = 0  # clusters whose count dropped to 0 (compressed packing restarts)
         self.load_table()
 
     # -- loading ---------------------------------------------------------------------------
@@ -104,6 +110,7 @@ class Refcounts:
                                  "the end of the file")
         self.table = table
         self._blocks.clear()
+        self._free_hint = 0
 
     def block(self, bi: int) -> list[int] | None:
         """Counts of refcount block `bi` (None if the block is not allocated)."""
@@ -155,6 +162,9 @@ class Refcounts:
                     raise ImageError(f"refcount overflow on cluster {bi * self.per_block + j}"
                                      f" (refcount_bits={1 << self.order})")
                 blk[j] = v
+                if v == 0:
+                    self._free_hint = min(self._free_hint, bi * self.per_block + j)
+                    self.freed += 1
             self._write_range(bi, k, k + m)
             ci += m
             n -= m
@@ -201,8 +211,46 @@ class Refcounts:
             self._next_free = max(end, last + 1) * self.cs
         return self._next_free
 
+    def _find_free(self, n: int) -> int | None:
+        """First run of `n` free clusters (count 0) inside one refcount block, below
+        next_free and at or after the hint; None if there is none."""
+        end = self.next_free() // self.cs
+        ci = self._free_hint
+        while ci + n <= end:
+            bi, k = divmod(ci, self.per_block)
+            blk = self.block(bi)
+            limit = min(self.per_block, end - bi * self.per_block)
+            if blk is None:
+                return None  # not counted at all: stay clear of it
+            try:
+                j = blk.index(0, k, limit)
+            except ValueError:
+                ci = (bi + 1) * self.per_block
+                continue
+            base = bi * self.per_block
+            if self.is_metadata(base + j):  # a table whose count is wrong: never reuse
+                ci = base + j + 1
+                continue
+            m = 1
+            while m < n and j + m < limit and blk[j + m] == 0 \
+                    and not self.is_metadata(base + j + m):
+                m += 1
+            if m == n:
+                return base + j
+            ci = base + j + m
+        self._free_hint = max(self._free_hint, min(ci, end))
+        return None
+
     def alloc(self, n: int) -> int:
-        """Allocate `n` contiguous clusters with count 1; return the host offset."""
+        """Allocate `n` contiguous clusters with count 1; return the host offset.
+
+        Free clusters (count 0, e.g. released by copy-on-write or discard) are reused
+        first; otherwise the file grows at next_free."""
+        ci = self._find_free(n)
+        if ci is not None:
+            self._free_hint = ci + n
+            self.update(ci, n, +1)
+            return ci * self.cs
         off = self.next_free()
         self._next_free = off + n * self.cs
         last_bi = (off // self.cs + n - 1) // self.per_block
