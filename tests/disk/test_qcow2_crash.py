@@ -220,3 +220,66 @@ def test_sigkill_small(qemu: Any, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_sigkill_many(qemu: Any, tmp_path: Path) -> None:
     _kill_runs(qemu, tmp_path, 40)
+
+
+def test_fault_injection_refcount_table_growth(qemu: Any, tmp_path: Path,
+                                              no_faults: None) -> None:
+    """512-byte clusters with 64-bit refcounts: one table cluster covers only 2 MiB, so
+    writing 3 MiB moves the refcount table (grow) and adds blocks; fault at sampled
+    writes of that, plus a snapshot on top."""
+    base = tmp_path / "g.qcow2"
+    create(str(base), 4 << 20, cluster_size=512, refcount_bits=64)
+
+    def ops(img: Qcow2Image) -> None:
+        for k in range(12):
+            img.write(k * (256 << 10), bytes([k + 1]) * (256 << 10))
+        img.snapshot_create("s")
+        img.write(100, b"after")
+
+    n = 0
+
+    def count(off: int, length: int) -> None:
+        nonlocal n
+        n += 1
+
+    dry = tmp_path / "dry.qcow2"
+    shutil.copy(base, dry)
+    ImageFile.fault_hook = count
+    try:
+        with Qcow2Image(str(dry)) as img:
+            t0 = img.h.refcount_table_offset
+            ops(img)
+    finally:
+        ImageFile.fault_hook = None
+    with Qcow2Image(str(dry), read_only=True) as img:
+        assert img.h.refcount_table_offset != t0
+        final = img.read(0, img.size)
+    qemu.check(dry)
+    assert qemu.raw(dry) == final
+    for k in sorted(random.Random(5).sample(range(1, n + 1), min(n, 25))):
+        p = tmp_path / "f.qcow2"
+        shutil.copy(base, p)
+        left = k
+
+        def hook(off: int, length: int) -> None:
+            nonlocal left
+            left -= 1
+            if left == 0:
+                raise InjectedFault
+
+        img = Qcow2Image(str(p))
+        ImageFile.fault_hook = hook
+        try:
+            ops(img)
+        except InjectedFault:
+            pass
+        finally:
+            ImageFile.fault_hook = None
+            img.f.close()
+        qemu.check(p, leaks_ok=True)
+        with Qcow2Image(str(p), read_only=True) as img2:
+            got = img2.read(0, img2.size)
+        for c in range(512, len(got), 512):  # each cluster: old (zeros) or new
+            piece = got[c:c + 512]
+            k2 = c // (256 << 10)
+            assert piece in (bytes(512), bytes([k2 + 1]) * 512), f"fault {k}, cluster {c}"
