@@ -168,3 +168,37 @@ def test_info_and_snapshot_list_match_qemu(qemu: Any, tmp_path: Path,
     strip = ("vm-clock-nsec", "vm-clock-sec", "icount")
     assert [{k: v for k, v in s.items() if k not in strip} for s in ours["snapshots"]] == \
         [{k: v for k, v in s.items() if k not in strip} for s in theirs["snapshots"]]
+
+
+def test_qemu_operates_on_pyhv_images(qemu: Any, tmp_path: Path) -> None:
+    """QEMU writes, commits, resizes and snapshots images pyhv made and wrote."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    create(str(base), 2 << 20, cluster_size=4096)
+    with Qcow2Image(str(base)) as img:
+        img.write(0, b"\x01" * (2 << 20))
+        img.snapshot_create("pyhv-snap")
+    create(str(top), 2 << 20, backing_file="base.qcow2", backing_format="qcow2")
+    with open_image(str(top), read_only=False) as img:
+        img.write(5000, b"\x02" * 10000)
+    qemu.io(base, "write -P 0x03 1M 4k")  # QEMU copies pyhv's shared clusters on write
+    qemu.check(base)
+    want = bytearray(b"\x01" * (2 << 20))
+    want[1 << 20:(1 << 20) + 4096] = b"\x03" * 4096
+    want[5000:15000] = b"\x02" * 10000
+    assert qemu.raw(top) == want
+    qemu.img("commit", str(top))
+    qemu.check(base)
+    assert qemu.raw(base) == want
+    qemu.img("resize", str(base), "+1M")
+    qemu.img("snapshot", "-c", "qemu-snap", str(base))
+    qemu.io(base, "write -P 0x04 0 4k")
+    qemu.check(base)
+    with Qcow2Image(str(base)) as img:
+        assert [s.name for s in img.snapshots] == ["pyhv-snap", "qemu-snap"]
+        img.snapshot_apply("pyhv-snap")
+        assert img.size == 2 << 20
+        assert img.read(0, img.size) == b"\x01" * (2 << 20)
+        img.snapshot_apply("qemu-snap")
+        assert img.size == 3 << 20
+    qemu.check(base)
+    assert qemu.raw(base) == bytes(want) + bytes(1 << 20)
