@@ -204,3 +204,14 @@ def test_check_reports_leaks_and_corruption(tmp_path: Path, qemu: Any,
     assert main(["img", "check", "-r", "all", str(p)]) == 0
     qemu.check(p)
     assert qemu.raw(p)[:100] == b"x" * 100
+
+
+def test_impossible_sizes_refused(tmp_path: Path) -> None:
+    p = _image(tmp_path)
+    with Qcow2Image(str(p)) as img:
+        with pytest.raises(ImageError, match="too large"):
+            img.resize(1 << 62)
+        img.snapshot_create("s")
+        img.snapshots[0].disk_size = 1 << 62  # as a hostile snapshot table would say
+        with pytest.raises(ImageError, match="impossible disk size"):
+            img.snapshot_apply("s")

@@ -42,6 +42,8 @@ from pyhv.disk.qcow2.header import (
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     MAX_CLUSTER_BITS,
+    MAX_L1_BYTES,
+    MAX_VIRTUAL_SIZE,
     l1_entries_needed,
     parse_header,
 )
@@ -484,6 +486,9 @@ class Qcow2Image:
         with self._lock:
             if self.read_only:
                 raise ImageError(f"{self.path} is open read-only")
+            need = l1_entries_needed(new_size, self.cb)
+            if new_size > MAX_VIRTUAL_SIZE or need * 8 > MAX_L1_BYTES:
+                raise ImageError(f"size {new_size} too large for {self.cs}-byte clusters")
             if new_size < self.size:
                 if not shrink:
                     raise ImageError("shrinking needs --shrink (data past the new end is lost)")

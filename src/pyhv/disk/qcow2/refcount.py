@@ -127,9 +127,6 @@ class Refcounts:
         blk = self.block(ci // self.per_block)
         return 0 if blk is None else blk[ci % self.per_block]
 
-    def covered_clusters(self) -> int:
-        return len(self.table) * self.per_block
-
     # -- updates (write-through) -------------------------------------------------------------
 
     def _write_range(self, bi: int, a: int, b: int) -> None:

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pyhv.disk.qcow2.header import MAX_L1_BYTES
+from pyhv.disk.qcow2.header import MAX_L1_BYTES, MAX_VIRTUAL_SIZE, l1_entries_needed
 from pyhv.errors import ImageError
 
 if TYPE_CHECKING:
@@ -62,10 +63,9 @@ class Snapshot:
         return out + bytes(-len(out) % 8)
 
 
-def parse_snapshots(read: object, offset: int, count: int, cs: int,
+def parse_snapshots(read: Callable[[int, int, str], bytes], offset: int, count: int, cs: int,
                     file_size: int) -> tuple[list[Snapshot], int]:
     """Parse `count` entries at `offset`; return them and the table's byte length."""
-    assert callable(read)
     snaps: list[Snapshot] = []
     pos = offset
     for i in range(count):
@@ -135,8 +135,9 @@ def apply(img: Qcow2Image, key: str) -> None:
     sn = img.snapshots[find(img, key)]
     l1 = img.read_l1(sn.l1_table_offset, sn.l1_size)
     size = sn.disk_size if sn.disk_size is not None else img.size
-    from pyhv.disk.qcow2.header import l1_entries_needed
     need = l1_entries_needed(size, img.h.cluster_bits)
+    if size > MAX_VIRTUAL_SIZE or need * 8 > MAX_L1_BYTES:
+        raise ImageError(f"snapshot {sn.id_str} records an impossible disk size {size}")
     l1 = l1 + [0] * max(0, need - len(l1))
     rewrite(img, active_l1=l1, snapshots=list(img.snapshots), size=size)
 
