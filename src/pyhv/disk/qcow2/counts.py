@@ -10,6 +10,7 @@ table and blocks themselves.
 from __future__ import annotations
 
 from array import array
+from collections.abc import Iterable
 
 from pyhv.disk.qcow2 import cluster as C
 
@@ -38,7 +39,7 @@ class Counts:
         return len(self.a)
 
 
-def add_l2_refs(counts: Counts, entries: list[int], cb: int) -> None:
+def add_l2_refs(counts: Counts, entries: Iterable[int], cb: int) -> None:
     """Count the data clusters one L2 table references."""
     for e in entries:
         if not e:

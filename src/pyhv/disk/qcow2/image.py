@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import threading
+from array import array
 from collections import OrderedDict
 
 from pyhv.disk.blockdev import BlockDevice, check_range
@@ -51,7 +53,22 @@ from pyhv.disk.qcow2.refcount import Refcounts
 from pyhv.disk.qcow2.snapshot import Snapshot, parse_snapshots
 from pyhv.errors import ImageError
 
-L2_CACHE_BYTES = 32 << 20
+L2_CACHE_BYTES = 32 << 20  # L2 tables are kept as array('Q'): 8 bytes an entry
+
+
+def _be_u64(raw: bytes) -> array[int]:
+    a = array("Q", raw)
+    if sys.byteorder == "little":
+        a.byteswap()
+    return a
+
+
+def _u64_be(a: array[int]) -> bytes:
+    if sys.byteorder == "little":
+        b = array("Q", a)
+        b.byteswap()
+        return b.tobytes()
+    return a.tobytes()
 
 
 class Qcow2Image:
@@ -65,7 +82,7 @@ class Qcow2Image:
         self.f = ImageFile(path, read_only)
         self.backing = backing
         self._lock = threading.RLock()
-        self._l2_cache: OrderedDict[int, list[int]] = OrderedDict()
+        self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
         self._zc: tuple[int, bytes] | None = None  # last decompressed cluster
         self._cpos = 0  # free byte in the last compressed-data cluster (0: none)
         self._cfreed = 0
@@ -187,13 +204,12 @@ class Qcow2Image:
     def read_only(self) -> bool:
         return self.f.read_only
 
-    def _l2(self, off: int) -> list[int]:
+    def _l2(self, off: int) -> array[int]:
         tbl = self._l2_cache.get(off)
         if tbl is not None:
             self._l2_cache.move_to_end(off)
             return tbl
-        raw = self.f.pread(off, self.cs, "L2 table")
-        tbl = list(struct.unpack(f">{self.l2e}Q", raw))
+        tbl = _be_u64(self.f.pread(off, self.cs, "L2 table"))
         fsize, ver, cb, meta = self.f.size, self.h.version, self.cb, self.meta
         l2t = self.l2_tables
         for i, e in enumerate(tbl):
@@ -304,14 +320,14 @@ class Qcow2Image:
                 self._write_in_table(l1i, pos, mv[pos - offset:stop - offset])
                 pos = stop
 
-    def _l2_for_write(self, l1i: int) -> tuple[list[int], int]:
+    def _l2_for_write(self, l1i: int) -> tuple[array[int], int]:
         e = self.l1[l1i]
         off = e & C.OFFSET_MASK
         if off and e & C.COPIED:
             return self._l2(off), off
-        content = list(self._l2(off)) if off else [0] * self.l2e
+        content = array("Q", self._l2(off)) if off else array("Q", bytes(self.cs))
         new = self.refs.alloc(1)
-        self.f.pwrite(new, struct.pack(f">{self.l2e}Q", *content))
+        self.f.pwrite(new, _u64_be(content))
         self._set_l1(l1i, new | C.COPIED)
         self.l2_tables.add(new >> self.cb)
         if off:
@@ -387,12 +403,12 @@ class Qcow2Image:
             self._set_run(tbl, l2off, l2i, k, host)  # 3. L2, 4. release
             pos = run_end
 
-    def _set_run(self, tbl: list[int], l2off: int, l2i: int, k: int, host: int) -> None:
+    def _set_run(self, tbl: array[int], l2off: int, l2i: int, k: int, host: int) -> None:
         """Point entries l2i..l2i+k at new clusters from `host`, then release the old."""
         old = tbl[l2i:l2i + k]
         new = [(host + i * self.cs) | C.COPIED for i in range(k)]
         self.f.pwrite(l2off + 8 * l2i, struct.pack(f">{k}Q", *new))  # 3. L2 entries
-        tbl[l2i:l2i + k] = new
+        tbl[l2i:l2i + k] = array("Q", new)
         for oe in old:  # 4. release what the old entries held
             if oe:
                 self._release(oe)
