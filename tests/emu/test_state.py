@@ -231,3 +231,22 @@ def test_invalidate_drops_stale_translations() -> None:
     v.set_state(st)
     v.run()
     assert v.get_state().rax & 0xFF == 2
+
+
+def test_cr2_survives_run_boundaries() -> None:
+    """A #PF handler stopped before it reads CR2 must still find the faulting address."""
+    mem, v = fresh_vcpu(8 << 20)
+    from pyhv.arch.x86 import paging
+    cr3, tables = paging.identity_tables(span=1 << 30)
+    mem.write(0x9000, tables)
+    st = long_state(0)
+    st.cr3, st.rip, st.rsp, st.cr2 = cr3, 0x20_0000, 0x30_0000, 0x1234_5678
+    mem.write(0x20_0000, b"\x90\xf4\xf4")             # nop; hlt; hlt
+    v.set_state(st)
+    assert isinstance(v.run(), Halt)
+    st = v.get_state()
+    assert st.cr2 == 0x1234_5678
+    st.halted = False
+    v.set_state(st)
+    assert isinstance(v.run(), Halt)
+    assert v.get_state().cr2 == 0x1234_5678

@@ -40,13 +40,14 @@ class EmuEngine(Engine):
 
     name = "emu"
 
-    def __init__(self, memory: GuestMemory, *, ns_per_block: int = 10,
+    def __init__(self, memory: GuestMemory, *, ns_per_block: int = 10, ns_per_io: int = 1000,
                  model: CpuModel | None = None) -> None:
         why = self.probe()
         if why is not None:
             raise HostError(why)
         super().__init__(memory)
         self.ns_per_block = ns_per_block
+        self.ns_per_io = ns_per_io
         self.model = model
         self.vcpus: list[EngineVcpu] = []
         self._digests: dict[int, bytes] | None = None
@@ -71,7 +72,7 @@ class EmuEngine(Engine):
         from pyhv.arch.x86.cpuid import DEFAULT_MODEL
         from pyhv.engines.emu.vcpu import EmuVcpu
         v = EmuVcpu(self, index, model=self.model or DEFAULT_MODEL,
-                    ns_per_block=self.ns_per_block)
+                    ns_per_block=self.ns_per_block, ns_per_io=self.ns_per_io)
         self.vcpus.append(v)
         return v
 

@@ -21,8 +21,9 @@ run loop hands the vCPU two callables with `attach_io(pio, mmio)`:
 return all ones (counted as `unrouted reads`); the engine never knows a device.
 
 Time: with `attach_clock(clock, timers)` the vCPU advances the `VirtualClock` by
-`ns_per_block` per executed translation block (synchronised before every I/O callback,
-so a guest polling the PIT sees time pass) and returns `Interrupted` when the next timer
+`ns_per_block` (10 ns) per executed translation block and `ns_per_io` (1 us, an ISA bus
+access) per port or MMIO access, synchronised before every I/O callback so that a guest
+polling the PIT sees time pass, and returns `Interrupted` when the next timer
 deadline is reached; HLT returns `Halt` and the run loop skips the clock ahead.
 Interrupts: the `InterruptSource` (8259) is asked before each slice and after every
 I/O callback; when one is pending with IF=0 the block hook watches for IF to turn on.
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
 PioHandler = Callable[[int, int, "int | None"], int]
 MmioHandler = Callable[[int, int, "int | None"], int]
 
-UNTIL = 0xFFFF_FFFF_FFFF_FFFF        # emu_start's end address: never reached
+UNTIL = 0                            # emu_start's end address: ignored (exits mode, below)
 NO_DEADLINE_BUDGET = 1 << 62
 FALLBACK_SLICE = 200_000             # instructions per emu_start without the native hook
 FALLBACK_INSNS_PER_BLOCK = 5         # progress accounting without the native hook
@@ -72,12 +73,13 @@ class EmuVcpu(EngineVcpu):
     """One software vCPU (one unicorn instance sharing the guest's RAM)."""
 
     def __init__(self, engine: EmuEngine, index: int, *, model: CpuModel = DEFAULT_MODEL,
-                 ns_per_block: int = 10) -> None:
+                 ns_per_block: int = 10, ns_per_io: int = 1000) -> None:
         self.index = index
         self.engine = engine
         self.mem = engine.memory
         self.model = model
         self.ns_per_block = ns_per_block
+        self.ns_per_io = ns_per_io
         self.interrupt_source: InterruptSource | None = None
         self._pio: PioHandler | None = None
         self._mmio: MmioHandler | None = None
@@ -98,6 +100,11 @@ class EmuVcpu(EngineVcpu):
 
         uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
         self.uc = uc
+        # No end address: with a plain `until`, emu_start probes the page of until - 1 and
+        # a failed probe overwrites CR2 with that address, corrupting a page fault whose
+        # handler has not read CR2 yet. An empty exit list means "run until stopped".
+        uc.ctl_exits_enabled(True)
+        uc.ctl_set_exits([])
         self._map_memory()
         self.blob = L.Blob(uc)
         self.view = C.CpuView(uc, self.blob)
@@ -306,10 +313,12 @@ class EmuVcpu(EngineVcpu):
         left = deadline - self._clock.now_ns()
         return max(1, -(-left // self.ns_per_block))
 
-    def _sync_clock(self) -> None:
+    def _sync_clock(self, io: bool = False) -> None:
+        """Advance the clock by the blocks run since the last sync (+ one I/O access)."""
         blocks = self.ctl.blocks
         if self._clock is not None:
-            self._clock.advance((blocks - self._clock_blocks) * self.ns_per_block)
+            ns = (blocks - self._clock_blocks) * self.ns_per_block
+            self._clock.advance(ns + (self.ns_per_io if io else 0))
         self._clock_blocks = blocks
 
     # -- interrupts
@@ -460,7 +469,7 @@ class EmuVcpu(EngineVcpu):
         if self._pio is None:
             self.counters["unrouted reads"] += 1
             return (1 << (8 * size)) - 1
-        self._sync_clock()
+        self._sync_clock(io=True)
         try:
             value = self._pio(port, size, None)
         except Exception as e:  # noqa: BLE001
@@ -475,7 +484,7 @@ class EmuVcpu(EngineVcpu):
         if self._pio is None:
             self._queue(IoOut(port, size, value.to_bytes(size, "little")))
             return
-        self._sync_clock()
+        self._sync_clock(io=True)
         try:
             self._pio(port, size, value)
         except Exception as e:  # noqa: BLE001
@@ -488,7 +497,7 @@ class EmuVcpu(EngineVcpu):
         if self._mmio is None:
             self.counters["unrouted reads"] += 1
             return (1 << (8 * size)) - 1
-        self._sync_clock()
+        self._sync_clock(io=True)
         try:
             value = self._mmio(addr, size, None)
         except Exception as e:  # noqa: BLE001
@@ -503,7 +512,7 @@ class EmuVcpu(EngineVcpu):
         if self._mmio is None:
             self._queue(MmioWrite(addr, value.to_bytes(size, "little")))
             return
-        self._sync_clock()
+        self._sync_clock(io=True)
         try:
             self._mmio(addr, size, value)
         except Exception as e:  # noqa: BLE001
