@@ -254,3 +254,22 @@ def test_small_cluster_backing_header(qemu: Any, tmp_path: Path) -> None:
                "qcow2", top) == 0
     qemu.check(top)
     assert qemu.raw(top) == b"\x42" * (1 << 20)
+
+
+@pytest.mark.parametrize("opts", ["compat=1.1", "compat=0.10,cluster_size=4k",
+                                  "refcount_bits=8,lazy_refcounts=on"])
+def test_info_text_identical_to_qemu(qemu: Any, tmp_path: Path, opts: str,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    base = tmp_path / "base.qcow2"
+    qemu.img("create", "-f", "qcow2", str(base), "3M")
+    p = tmp_path / "a.qcow2"
+    qemu.img("create", "-f", "qcow2", "-o", opts, "-b", "base.qcow2", "-F", "qcow2", str(p))
+    qemu.io(p, "write -P 1 0 100k")
+    qemu.img("snapshot", "-c", "first", str(p))
+    assert img("snapshot", "-c", "second", str(p)) == 0
+    capsys.readouterr()
+    for verb in (["info"], ["snapshot", "-l"]):
+        assert img(*verb, str(p)) == 0
+        ours = capsys.readouterr().out
+        theirs = qemu.img(*verb, str(p)).stdout
+        assert ours.split() == theirs.split(), verb

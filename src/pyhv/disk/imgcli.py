@@ -283,16 +283,17 @@ def _info_dict(dev: BlockDevice, path: str) -> dict[str, object]:
                 d["backing-filename-format"] = h.backing_format
         if dev.snapshots:
             d["snapshots"] = [{
-                "icount": sn.icount if sn.icount is not None else 0,
+                "icount": sn.icount if sn.icount is not None else (1 << 64) - 1,
                 "vm-clock-nsec": sn.vm_clock_nsec % 1_000_000_000,
                 "name": sn.name, "date-sec": sn.date_sec, "date-nsec": sn.date_nsec,
                 "vm-clock-sec": sn.vm_clock_nsec // 1_000_000_000, "id": sn.id_str,
                 "vm-state-size": sn.vm_state_size} for sn in dev.snapshots]
         data: dict[str, object] = {"compat": "1.1" if h.version == 3 else "0.10",
-                                   "compression-type": "zlib",
-                                   "refcount-bits": h.refcount_bits}
+                                   "compression-type": "zlib"}
         if h.version == 3:
             data["lazy-refcounts"] = bool(h.compatible_features & 1)
+        data["refcount-bits"] = h.refcount_bits
+        if h.version == 3:
             data["corrupt"] = bool(h.incompatible_features & 2)
             data["extended-l2"] = False
         d["format-specific"] = {"type": "qcow2", "data": data}
@@ -310,8 +311,10 @@ def _snapshot_table(snaps: list[dict[str, object]]) -> str:
         clock = (f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}."
                  f"{int(str(s['vm-clock-nsec'])) // 1_000_000:03d}")
         vm = format_size(int(str(s["vm-state-size"])))
+        ic = int(str(s["icount"]))
+        icount = "" if ic == (1 << 64) - 1 else str(ic)
         lines.append(f"{str(s['id']):<9} {str(s['name']):<16} {vm:>8}{date:>20}{clock:>13}"
-                     f"{'':>11}")
+                     f"{icount:>11}")
     return "\n".join(lines)
 
 
@@ -342,7 +345,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         if "cluster-size" in d:
             lines.append(f"cluster_size: {d['cluster-size']}")
         if "backing-filename" in d:
-            lines.append(f"backing file: {d['backing-filename']}")
+            full = d["full-backing-filename"]
+            actual = f" (actual path: {full})" if full != d["backing-filename"] else ""
+            lines.append(f"backing file: {d['backing-filename']}{actual}")
             if "backing-filename-format" in d:
                 lines.append(f"backing file format: {d['backing-filename-format']}")
         if "snapshots" in d:

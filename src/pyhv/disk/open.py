@@ -35,7 +35,7 @@ def probe(path: str) -> str:
 def resolve_backing(image_path: str, name: str) -> str:
     if os.path.isabs(name):
         return name
-    return os.path.join(os.path.dirname(os.path.abspath(image_path)), name)
+    return os.path.join(os.path.dirname(image_path), name)
 
 
 def open_image(path: str, fmt: str | None = None, *, read_only: bool = True,

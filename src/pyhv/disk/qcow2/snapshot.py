@@ -123,7 +123,7 @@ def create(img: Qcow2Image, name: str) -> Snapshot:
     ids = [int(sn.id_str) for sn in img.snapshots if sn.id_str.isdigit()]
     now = time.time()
     sn = Snapshot(img.h.l1_table_offset, img.h.l1_size, str(max(ids, default=0) + 1), name,
-                  int(now), int((now % 1) * 1e9), 0, 0, img.size, None)
+                  int(now), int((now % 1) * 1e9), 0, 0, img.size, 0)  # icount 0 as QEMU
     rewrite(img, active_l1=list(img.l1), snapshots=[*img.snapshots, sn], size=img.size)
     return sn
 
