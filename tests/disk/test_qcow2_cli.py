@@ -273,3 +273,20 @@ def test_info_text_identical_to_qemu(qemu: Any, tmp_path: Path, opts: str,
         ours = capsys.readouterr().out
         theirs = qemu.img(*verb, str(p)).stdout
         assert ours.split() == theirs.split(), verb
+
+
+def test_check_and_map_text_identical_to_qemu(qemu: Any, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    base = tmp_path / "base.qcow2"
+    qemu.img("create", "-f", "qcow2", str(base), "8M")
+    qemu.io(base, "write -P 1 0 1M", "write -P 2 4M 64k", "write -c -P 3 6M 64k")
+    top = tmp_path / "top.qcow2"
+    qemu.img("create", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
+    qemu.io(top, "write -P 4 512k 128k", "write -z 7M 64k")
+    capsys.readouterr()
+    for p in (base, top):
+        for verb in (["check"], ["map", "--output=json"], ["map"]):
+            img(*verb, str(p))
+            ours = capsys.readouterr().out
+            theirs = qemu.img(*verb, str(p), ok=False).stdout
+            assert ours == theirs, (verb, p.name)

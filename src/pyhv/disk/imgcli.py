@@ -400,9 +400,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print("No errors were found on the image.")
     if res.total_clusters:
         t = res.total_clusters
+        a = max(res.allocated_clusters, 1)
         print(f"{res.allocated_clusters}/{t} = {100 * res.allocated_clusters / t:.2f}% "
-              f"allocated, {100 * res.fragmented_clusters / t:.2f}% fragmented, "
-              f"{100 * res.compressed_clusters / t:.2f}% compressed clusters")
+              f"allocated, {100 * res.fragmented_clusters / a:.2f}% fragmented, "
+              f"{100 * res.compressed_clusters / a:.2f}% compressed clusters")
     print(f"Image end offset: {res.image_end_offset}")
     return res.exit_status
 
@@ -649,14 +650,20 @@ def _cmd_map(args: argparse.Namespace) -> int:
     finally:
         dev.close()
     if args.output == "json":
-        print("[" + ",\n".join(json.dumps({k: v for k, v in r.items() if k != "filename"})
-                               for r in runs) + "]")
+        print("[" + ",\n".join(
+            "{ " + json.dumps({k: v for k, v in r.items() if k != "filename"})[1:]
+            for r in runs) + "]")
         return 0
-    print(f"{'Offset':<20}{'Length':<20}{'Mapped to':<20}File")
+
+    def hx(v: object) -> str:  # C's %#x: "0" for zero
+        n = int(str(v))
+        return hex(n) if n else "0"
+
+    print(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
     for r in runs:
         if r.get("data") and "offset" in r:
-            print(f"{int(str(r['start'])):<#20x}{int(str(r['length'])):<#20x}"
-                  f"{int(str(r['offset'])):<#20x}{r['filename']}")
+            print(f"{hx(r['start']):<16}{hx(r['length']):<16}{hx(r['offset']):<16}"
+                  f"{r['filename']}")
     return 0
 
 

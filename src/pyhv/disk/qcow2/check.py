@@ -76,7 +76,8 @@ def _walk_l1(img: Qcow2Image, res: CheckResult, counts: Counts, l1: list[int],
             try:
                 C.check_l2_entry(f"L2 table {off:#x} entry {j}", e2, img.h.version, cb,
                                  img.f.size)
-                if not e2 & C.COMPRESSED and (e2 & C.OFFSET_MASK) >> cb in img.meta:
+                d = (e2 & C.OFFSET_MASK) >> cb
+                if not e2 & C.COMPRESSED and d and (d in img.meta or d in img.l2_tables):
                     raise ImageError(f"L2 table {off:#x} entry {j}: data cluster overlaps "
                                      "metadata")
             except ImageError as err:
@@ -88,6 +89,7 @@ def _walk_l1(img: Qcow2Image, res: CheckResult, counts: Counts, l1: list[int],
                 res.allocated_clusters += 1
                 if e2 & C.COMPRESSED:
                     res.compressed_clusters += 1
+                    res.fragmented_clusters += 1  # as qemu-img counts them
                 elif e2 & C.OFFSET_MASK:
                     h2 = e2 & C.OFFSET_MASK
                     if last_host >= 0 and h2 != last_host + cs:
@@ -130,9 +132,12 @@ def check(img: Qcow2Image, repair: str | None = None) -> CheckResult:
     blocks = {bi for bi, e in enumerate(img.refs.table) if e}
     blocks.update(ci // per for ci in range(len(counts)) if counts.a[ci])
     file_clusters = -(-img.f.size // cs)
+    highest = 0
     for ci in (c for bi in sorted(blocks) for c in range(bi * per, (bi + 1) * per)):
         exp = counts.get(ci)
         got = img.refs.get(ci)
+        if got:
+            highest = ci
         if got == exp:
             continue
         if got > exp:
@@ -165,7 +170,7 @@ def check(img: Qcow2Image, repair: str | None = None) -> CheckResult:
                 res.messages.append(f"ERROR OFLAG_COPIED data cluster: l2_entry={e2:x} "
                                     f"refcount={rc}")
     res.total_clusters = -(-img.size // cs)
-    res.image_end_offset = img.f.size
+    res.image_end_offset = (highest + 1) * cs  # as qemu-img: past the last counted cluster
     if repair and (res.leaks or res.corruptions):
         if repair == "leaks" and res.corruptions:
             res.messages.append("corruptions were not repaired (use -r all)")
