@@ -102,8 +102,8 @@ def run_emu(elf: Path) -> tuple[float, dict[str, int | float]]:
 
 def irq_cost(virtual_s: int = 5) -> tuple[int, float]:
     """(interrupts delivered, host seconds) for a HLT loop woken by a 1 kHz timer."""
-    from harness import Machine
-    from harness import build as build_guest
+    from emu_harness import Machine
+    from emu_harness import build as build_guest
     with tempfile.TemporaryDirectory() as d:
         image = build_guest("bench_irq", Path(d))
     m = Machine(image, mode="long", regs={"rdi": virtual_s * 1000})

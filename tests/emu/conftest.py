@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import build, have_toolchain  # noqa: E402
+from emu_harness import build, have_toolchain  # noqa: E402
 
 from pyhv.engines.emu import EmuEngine  # noqa: E402
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from harness import Machine
+from emu_harness import Machine
 
 from pyhv.exits import InternalError, Shutdown
 

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from harness import Machine
+from emu_harness import Machine
 
 from pyhv.arch.x86.cpustate import (
     CR0_ET,
