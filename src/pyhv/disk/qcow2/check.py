@@ -85,7 +85,7 @@ def _walk_l1(img: Qcow2Image, res: CheckResult, counts: Counts, l1: list[int],
                 res.messages.append(f"ERROR {err}")
                 continue
             good.append(e2)
-            if active:
+            if active and (e2 & C.COMPRESSED or e2 & C.OFFSET_MASK):
                 res.allocated_clusters += 1
                 if e2 & C.COMPRESSED:
                     res.compressed_clusters += 1
