@@ -98,7 +98,11 @@ class Qcow2Image:
 
     def _load(self) -> None:
         fsize = self.f.size
-        head = os.pread(self.f.fd, 1 << MAX_CLUSTER_BITS, 0)
+        head = os.pread(self.f.fd, 4096, 0)
+        if len(head) >= 24:  # the header cluster may be larger than 4 KiB
+            bits = int.from_bytes(head[20:24], "big")
+            if 12 < bits <= MAX_CLUSTER_BITS:
+                head = os.pread(self.f.fd, 1 << bits, 0)
         h = parse_header(head, fsize)
         self.h = h
         self.cb = h.cluster_bits
