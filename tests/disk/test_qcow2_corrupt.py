@@ -215,3 +215,21 @@ def test_impossible_sizes_refused(tmp_path: Path) -> None:
         img.snapshots[0].disk_size = 1 << 62  # as a hostile snapshot table would say
         with pytest.raises(ImageError, match="impossible disk size"):
             img.snapshot_apply("s")
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(("opt", "message"), [
+    ("extended_l2=on", "unsupported qcow2 feature: extended L2 entries"),
+    ("data_file=ext.data", "unsupported qcow2 feature: external data file"),
+    ("compression_type=zstd", "unsupported compression type 1"),
+])
+def test_unsupported_features_from_qemu(qemu: Any, tmp_path: Path, opt: str, message: str,
+                                        digest: Any) -> None:
+    p = tmp_path / "u.qcow2"
+    r = qemu.img("create", "-f", "qcow2", "-o", opt, str(p), "1M", ok=False)
+    if r.returncode != 0:
+        pytest.skip(f"this qemu-img cannot create {opt}: {r.stderr.strip()}")
+    before = digest(p)
+    with pytest.raises(ImageError, match=message):
+        open_image(str(p), read_only=False)
+    assert digest(p) == before
