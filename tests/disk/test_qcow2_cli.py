@@ -290,3 +290,16 @@ def test_check_and_map_text_identical_to_qemu(qemu: Any, tmp_path: Path,
             ours = capsys.readouterr().out
             theirs = qemu.img(*verb, str(p), ok=False).stdout
             assert ours == theirs, (verb, p.name)
+
+
+def test_progress_bar(qemu: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "s.qcow2"
+    create(str(src), 9 << 20)
+    with Qcow2Image(str(src)) as q:
+        q.write(0, b"p" * (9 << 20))
+    capsys.readouterr()
+    assert img("convert", "-p", "-O", "raw", str(src), str(tmp_path / "o.raw")) == 0
+    err = capsys.readouterr().err
+    assert "(100.00/100%)" in err and "(0.00/100%)" not in err.split("\r")[-1]
+    assert img("compare", "-p", str(src), str(tmp_path / "o.raw")) == 0
+    assert "(100.00/100%)" in capsys.readouterr().err
