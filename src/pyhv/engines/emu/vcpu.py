@@ -90,6 +90,7 @@ class EmuVcpu(EngineVcpu):
         self._halted = False
         self._pending_vector: int | None = None
         self._clock_blocks = 0
+        self._fallback_halted = False
         self.counters: dict[str, int] = {k: 0 for k in (
             "exceptions", "interrupts", "software interrupts", "syscalls", "cpuid",
             "port reads", "port writes", "mmio reads", "mmio writes", "unrouted reads",
@@ -293,7 +294,7 @@ class EmuVcpu(EngineVcpu):
             ctl.reason = native.STOP_PYTHON   # slice over: loop (interrupt window check)
 
     def _fallback_hlt_check(self) -> bool:
-        return True if self.native else getattr(self, "_fallback_halted", True)
+        return True if self.native else self._fallback_halted
 
     def _ends_with_hlt(self) -> bool:
         try:
@@ -370,10 +371,8 @@ class EmuVcpu(EngineVcpu):
         except TripleFault as t:
             self._stop_with(Shutdown(reason=f"triple fault ({t})", rip=self.view.rip))
             return
-        if len(chain) > 1 and "#DF" in chain:
+        if "#DF" in chain:
             self.counters["double faults"] += 1
-        for name in chain:
-            _ = name
         self.vectors[ev.vector] = self.vectors.get(ev.vector, 0) + 1
 
     def _stop_with(self, ex: Exit) -> None:
