@@ -250,3 +250,21 @@ def test_cr2_survives_run_boundaries() -> None:
     v.set_state(st)
     assert isinstance(v.run(), Halt)
     assert v.get_state().cr2 == 0x1234_5678
+
+
+def test_sysenter_loads_cs_ss_rip_rsp_from_the_msrs() -> None:
+    mem, v = fresh_vcpu(8 << 20)
+    from pyhv.arch.x86 import paging
+    cr3, tables = paging.identity_tables(span=1 << 30)
+    mem.write(0x9000, tables)
+    st = long_state(0)
+    st.cr3, st.rip, st.rsp = cr3, 0x20_0000, 0x30_0000
+    st.msrs.update({0x174: 0x10, 0x175: 0x31_0000, 0x176: 0x20_1000})
+    mem.write(0x20_0000, b"\x0f\x34\xf4")      # sysenter; hlt
+    mem.write(0x20_1000, b"\xf4")              # hlt at SYSENTER_EIP
+    v.set_state(st)
+    assert v.run() == Halt(interrupts_enabled=False)
+    got = v.get_state()
+    assert got.rip == 0x20_1001 and got.rsp == 0x31_0000
+    assert (got.cs.selector, got.cs.l, got.ss.selector) == (0x10, 1, 0x18)
+    assert not got.rflags & (1 << 9)
