@@ -28,7 +28,7 @@ from pyhv.devices.pic8259 import PicPair
 from pyhv.devices.pit8254 import Pit8254, SystemControlPortB
 from pyhv.devices.rtc import Rtc
 from pyhv.devices.serial16550 import Serial16550
-from pyhv.engines.emu import EmuEngine
+from pyhv.engines.emu import EmuEngine, bus_handler
 from pyhv.exits import Halt, InternalError, Shutdown
 from pyhv.loader import BootRequest
 from pyhv.loader import linux as linux_loader
@@ -93,7 +93,7 @@ def test_debian_kernel_runs_a_command_on_emu(tmp_path: Path) -> None:
         return 0
 
     vcpu.set_interrupt_source(pic)
-    vcpu.attach_io(pio, lambda a, s, v: (1 << (8 * s)) - 1 if v is None else 0)  # type: ignore[attr-defined]
+    vcpu.attach_io(pio, bus_handler(Bus("mmio")))  # type: ignore[attr-defined]
     vcpu.attach_clock(clock, timers)  # type: ignore[attr-defined]
     vcpu.set_state(guest.entry)
     deadline = time.monotonic() + 120

@@ -22,7 +22,8 @@ Importing this package never fails: `EmuEngine.probe()` says why the engine cann
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from pyhv.engines.base import Engine, EngineVcpu
 from pyhv.engines.emu._uc import IMPORT_ERROR, unicorn
@@ -32,7 +33,13 @@ from pyhv.memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory
 if TYPE_CHECKING:
     from pyhv.arch.x86.cpuid import CpuModel
 
-__all__ = ["EmuEngine"]
+__all__ = ["EmuEngine", "bus_handler"]
+
+
+def bus_handler(bus: Any) -> Callable[[int, int, int | None], int]:
+    """`attach_io` callable routing to a bus with read(addr, size) / write(addr, size, v)."""
+    from pyhv.engines.emu.vcpu import bus_handler as make
+    return make(bus)
 
 
 class EmuEngine(Engine):
