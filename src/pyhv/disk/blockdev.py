@@ -4,8 +4,9 @@ Design: a `BlockDevice` is a flat array of `size` bytes. `read(offset, length)` 
 `write(offset, data)` work at any byte offset and length inside the device (no sector
 alignment is required of the caller); a range outside the device is an `ImageError`, never
 a short read or a host access outside the file. `flush()` makes completed writes durable
-(fsync). `discard()` is advisory: afterwards the range reads as zeros or as its backing
-file (qcow2), never as garbage.
+(fsync). `discard()` is advisory: afterwards each byte of the range reads either as
+before or as zero (qcow2 deallocates the whole clusters inside the range; a v2 image
+with a backing file cannot express zeros and keeps its data), never as anything else.
 
 Thread safety: each image object holds one lock (`threading.RLock`) taken by every public
 method, so one image may be shared by several threads (virtio-blk queues); operations on
