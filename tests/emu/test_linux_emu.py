@@ -30,8 +30,6 @@ from pyhv.devices.rtc import Rtc
 from pyhv.devices.serial16550 import Serial16550
 from pyhv.engines.emu import EmuEngine, bus_handler
 from pyhv.exits import Halt, InternalError, Shutdown
-from pyhv.loader import BootRequest
-from pyhv.loader import linux as linux_loader
 from pyhv.memory import GuestMemory
 
 pytestmark = pytest.mark.slow
@@ -63,10 +61,13 @@ def test_debian_kernel_runs_a_command_on_emu(tmp_path: Path) -> None:
     if found is None:
         pytest.skip("no Debian kernel/busybox in pyhv's image cache")
     kernel, initrd = found
+    image_mod = pytest.importorskip("pyhv.loader.image")
+    linux_loader = pytest.importorskip("pyhv.loader.linux")
     cmd = "uname -s; echo $((6*7)); cat /proc/cpuinfo | grep -c processor"
     cmdline = f"console=ttyS0 panic=-1 noapic nolapic tsc=unstable {images.command_param(cmd)}"
     mem = GuestMemory.with_layout(layout.ram_layout(256 << 20))
-    guest = linux_loader.load(mem, BootRequest(kernel=kernel, cmdline=cmdline, initrd=initrd))
+    guest = linux_loader.load(mem, image_mod.BootRequest(kernel=kernel, cmdline=cmdline,
+                                                                 initrd=initrd))
     clock = VirtualClock()
     timers = TimerQueue(clock)
     bus = Bus("pio")
