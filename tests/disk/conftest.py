@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -93,5 +92,3 @@ def file_digest(path: str | Path) -> bytes:
 def digest() -> object:
     return file_digest
 
-
-os.environ.setdefault("TZ", "UTC")
