@@ -562,6 +562,7 @@ class EmuVcpu(EngineVcpu):
         out: dict[str, int | float] = dict(self.counters)
         out["blocks executed" if self.native else "blocks executed (estimated)"] = \
             self.ctl.blocks
+        out["native block hook"] = 1 if self.native else 0
         out["time in emu_start (s)"] = round(self.t_emu, 6)
         out["time outside emu_start (s)"] = round(max(0.0, self.t_run - self.t_emu), 6)
         for vec, n in sorted(self.vectors.items()):
