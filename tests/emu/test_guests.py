@@ -147,3 +147,12 @@ def test_sti_shadow_lets_hlt_execute_before_the_interrupt(guest: Guest) -> None:
     out, r, _m = run_long(guest, 9)
     assert out == "S1"       # woken by the tick that was already pending, not the next one
     assert r.stats["interrupts"] == 1  # type: ignore[attr-defined]
+
+
+def test_fault_loop_in_a_handler_overflows_into_df(guest: Guest) -> None:
+    """A #GP handler that faults again nests 4 KiB of frames (85 x 48 bytes), then the
+    push runs into an unmapped page: #PF, whose frame cannot be pushed either -> #DF."""
+    out, r, _m = run_long(guest, 10)
+    assert out == "V8/0/0 DF"
+    st = r.stats  # type: ignore[attr-defined]
+    assert st["vector 0xd"] == 4096 // 48 + 1 and st["double faults"] == 1

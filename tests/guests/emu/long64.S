@@ -17,6 +17,8 @@
  *      TSS.RSP0 stack) have counted 3 ticks; then SYSCALL back to the kernel
  *   9  STI shadow: a tick becomes pending while IF=0; "sti; hlt" must let HLT execute
  *      before the interrupt, so HLT returns after that one tick -> "S1"
+ *  10  a #GP handler that faults again (#GP) forever: the nested frames overflow the
+ *      stack into an unmapped page, the #PF cannot be pushed either -> #DF on IST1
  *
  * Output (port 0xE9): one token per event, e.g. "V0/0/0" = vector 0, error code 0,
  * interrupted CPL 0; #PF adds "/<cr2>". Exit through port 0xF4.
@@ -72,7 +74,11 @@ start:
 
     cmp r13, 2
     je scen2
-    call build_idt
+    cmp r13, 10
+    jne 1f
+    lea rax, [rip + h_recurse]    /* scenario 10: a #GP handler that faults again */
+    mov [rip + handlers + 13*8], rax
+1:  call build_idt
     lidt [rip + idtr]
     cmp r13, 0
     je scen0
@@ -92,6 +98,8 @@ start:
     je scen8
     cmp r13, 9
     je scen9
+    cmp r13, 10
+    je scen10
     jmp done
 
 /* ------------------------------------------------------------------ IDT */
@@ -383,6 +391,21 @@ scen9:
     mov rax, [rip + ticks]
     call puthex
     jmp done
+
+scen10:
+    mov qword ptr [0xc000], 0     /* 0x40000000-0x401fffff unmapped; 0x40200000 -> RAM */
+    mov qword ptr [0xc008], 0x600000 | 0x83
+    invlpg [0x40000000]
+    invlpg [0x40200000]
+    mov rsp, 0x40201000
+    mov ax, 0x1230
+    mov ds, ax                    /* #GP -> h_recurse -> #GP -> ... */
+    jmp done
+
+h_recurse:
+    mov ax, 0x1230
+    mov ds, ax
+    jmp h_recurse
 
 done:
     mov al, 0
