@@ -221,6 +221,8 @@ class EmuVcpu(EngineVcpu):
     # ------------------------------------------------------------------ run
 
     def run(self) -> Exit:
+        if self.uc is None:
+            return InternalError("emu: the vCPU is closed")
         t0 = time.perf_counter()
         try:
             return self._run()
@@ -570,4 +572,6 @@ class EmuVcpu(EngineVcpu):
         return out
 
     def close(self) -> None:
+        """Drop the unicorn instance (its memory mappings point into GuestMemory)."""
+        self._final = InternalError("emu: the vCPU is closed")
         self.uc = None
