@@ -49,7 +49,8 @@ class HostReport:
 
 
 def _cpuinfo() -> tuple[str, set[str]]:
-    model, flags = "", set()
+    model = ""
+    flags: set[str] = set()
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -84,7 +85,7 @@ def probe_host(dev: str = "/dev/kvm") -> HostReport:
     try:
         import unicorn
 
-        r.unicorn = str(unicorn.__version__)
+        r.unicorn = str(getattr(unicorn, "__version__", "?"))
     except Exception as e:
         r.unicorn_error = f"the 'unicorn' package cannot be imported ({e})"
 
