@@ -8,6 +8,7 @@ passes `default_unit` (QEMU's `-m 128` means MiB).
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 from pyhv.errors import ConfigError
 
@@ -24,8 +25,8 @@ def parse_size(text: str, *, default_unit: str = "") -> int:
     number, unit = m.group(1), m.group(2).lower()
     if unit == "" and default_unit:
         unit = default_unit.lower()
-    value = float(number) * _UNITS[unit] if "." in number else int(number) * _UNITS[unit]
-    if value != int(value):
+    value = Fraction(number) * _UNITS[unit]   # exact: a float would round 1.0000000000000001K
+    if value.denominator != 1:
         raise ConfigError(f"size {text!r} is not a whole number of bytes")
     return int(value)
 
