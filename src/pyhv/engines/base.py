@@ -27,9 +27,11 @@ to the guest when it resumes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar, Protocol
 
 from pyhv.arch.x86.cpustate import CpuState
+from pyhv.clock import TimerQueue, VirtualClock
 from pyhv.exits import (
     Exit,
     Halt,
@@ -61,6 +63,9 @@ class InterruptSource(Protocol):
         ...
 
 
+IoHandler = Callable[[int, int, "int | None"], int]
+
+
 class EngineVcpu(ABC):
     """One virtual CPU of an engine."""
 
@@ -84,6 +89,17 @@ class EngineVcpu(ABC):
         """Where external interrupts come from (None: no interrupt controller)."""
         self.interrupt_source = source
 
+    def attach_io(self, pio: IoHandler | None, mmio: IoHandler | None) -> None:  # noqa: B027
+        """Synchronous I/O handlers, `f(addr, size, value|None) -> int` (None: a read).
+
+        Engines that stop the guest for every access (KVM) return IoIn/IoOut/Mmio* exits
+        instead and ignore this; a software CPU calls the handlers from inside `run()`.
+        """
+
+    def attach_clock(self, clock: VirtualClock, timers: TimerQueue) -> None:  # noqa: B027
+        """For engines with `Engine.virtual_time`: advance `clock` with guest progress and
+        return `Interrupted` by the next deadline in `timers`. Others ignore it."""
+
     def stats(self) -> dict[str, int | float]:
         """Engine-specific counters for `--stats` (exits, instructions, deliveries...)."""
         return {}
@@ -96,6 +112,9 @@ class Engine(ABC):
     """One VM's execution back end."""
 
     name: ClassVar[str]
+    # True when guest time is the engine's own progress (a software CPU), so the machine
+    # gives it a VirtualClock; False when guest time is host time (hardware engines).
+    virtual_time: ClassVar[bool] = False
 
     def __init__(self, memory: GuestMemory) -> None:
         self.memory = memory

@@ -34,7 +34,10 @@ BOOTLOADER_MAGIC = 0x2BADB002
 SEARCH = 8192
 F_PAGE_ALIGN, F_MEMINFO, F_VIDEO, F_AOUT_KLUDGE = 1 << 0, 1 << 1, 1 << 2, 1 << 16
 INFO_MEM, INFO_CMDLINE, INFO_MODS, INFO_MMAP, INFO_LOADER_NAME = 1, 1 << 2, 1 << 3, 1 << 6, 1 << 9
-LOW_RESERVED = [(0, layout.HIGH_MEMORY, "pyhv's boot structures and the BIOS area below 1 MiB")]
+# What pyhv itself puts below 1 MiB (layout.py). 0x80000-0x100000 (EBDA, VGA hole, BIOS
+# ROM on a PC) is RAM in a pyhv guest: ld's default layout puts a read-only segment of
+# ELF headers just below 1 MiB, and a loader that refused it would refuse most images.
+LOW_RESERVED = [(0, layout.BOOT_STACK_TOP, "pyhv's boot structures below 512 KiB")]
 
 
 def find_header(data: bytes) -> tuple[int, int] | None:

@@ -46,6 +46,7 @@ class EmuEngine(Engine):
     """Software CPU engine: one unicorn instance per vCPU, RAM shared zero-copy."""
 
     name = "emu"
+    virtual_time = True
 
     def __init__(self, memory: GuestMemory, *, ns_per_block: int = 10, ns_per_io: int = 1000,
                  model: CpuModel | None = None) -> None:

@@ -1,0 +1,230 @@
+"""`pyhv run`: boot a guest and attach its serial console.
+
+With `--kernel`, any image the loaders know (flat, multiboot, ELF64, Linux bzImage or
+vmlinux). Without it, Debian's Linux kernel and pyhv's busybox initramfs from the image
+cache (`pyhv image fetch linux`, run on demand): the main job, a Linux shell on the
+console. `--command CMD` runs CMD in that Linux instead of a shell, prints its output and
+exits with its status.
+
+Flow: parse and check every option, build the Machine (which validates the image before
+any guest code runs), attach the terminal, run until the guest ends, report. The
+terminal is restored and the machine closed on every path. A guest reset restarts the
+machine with a fresh copy of the kernel unless `--on-reboot exit`.
+
+Statuses: see pyhv.runner; bad options and images give 2 with one `pyhv:` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pyhv import runner as R
+from pyhv.console import Console
+from pyhv.devices.serial16550 import IER_RDA
+from pyhv.errors import ConfigError
+from pyhv.loader import FORMATS
+from pyhv.machine import Machine, MachineConfig, StopRequest, check_memory, resolve_engine
+from pyhv.terminal import ESCAPE_NAME, InputGate, Terminal
+from pyhv.units import parse_size
+
+# Kernel command-line words pyhv adds for its own Linux, per engine, each with its reason
+# (README "Linux workarounds" repeats this table).
+LINUX_WORKAROUNDS: dict[str, list[tuple[str, str]]] = {
+    "emu": [("tsc=unstable", "the software CPU's TSC runs at the emulation's pace, not at a "
+             "constant rate, so Linux must not use it as its clocksource")],
+    "kvm": [],
+}
+MAX_RESTARTS = 100
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernel", type=Path, metavar="IMG",
+                   help="kernel image (default: Debian's Linux from pyhv's image cache)")
+    p.add_argument("--initrd", type=Path, metavar="FILE",
+                   help="initial ramdisk (Linux) or module 0 (multiboot)")
+    p.add_argument("--append", default=None, metavar="CMDLINE", help="kernel command line")
+    p.add_argument("--format", choices=FORMATS, default="auto",
+                   help="image format (default: detected from the content)")
+    p.add_argument("--load-addr", type=lambda s: int(s, 0), default=None, metavar="ADDR",
+                   help="flat images: guest-physical load address (default 0x7c00)")
+    p.add_argument("--mem", default="128M", metavar="SIZE",
+                   help="guest RAM, e.g. 64M, 1G (a plain number is MiB; default 128M)")
+    p.add_argument("--engine", default="auto", choices=("auto", "kvm", "emu"),
+                   help="how guest code runs (default auto: kvm with VT-x/AMD-V, else emu)")
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="end the guest after S seconds (exit status 124)")
+    p.add_argument("--stats", action="store_true",
+                   help="print exits by reason and time in guest vs pyhv at the end")
+    p.add_argument("--strict-io", action="store_true",
+                   help="an access to a port or address with no device ends the run")
+    p.add_argument("--command", default=None, metavar="CMD",
+                   help="Linux: run CMD in the guest's shell, print its output, exit "
+                        "with its status")
+    p.add_argument("--on-reboot", choices=("restart", "exit"), default="restart",
+                   help="what a guest reboot does (default restart)")
+
+
+def _stderr(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def _stdout_sink() -> Callable[[bytes], None]:
+    fd = sys.stdout.fileno()
+
+    def sink(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+    return sink
+
+
+def main(args: argparse.Namespace) -> int:
+    mem = parse_size(args.mem, default_unit="M")
+    check_memory(mem)
+    if args.timeout is not None and not args.timeout > 0:
+        raise ConfigError(f"--timeout must be a positive number of seconds (got {args.timeout})")
+    engine = resolve_engine(args.engine)
+    cmdline = args.append
+    kernel, initrd = args.kernel, args.initrd
+    pyhv_linux = kernel is None
+    if pyhv_linux:
+        from pyhv import images
+        img = images.ensure_linux_image(quiet=False)
+        kernel, initrd = img.kernel_path, (initrd or img.initrd_path)
+        if cmdline is None:
+            words = [img.cmdline_default] + [w for w, _ in LINUX_WORKAROUNDS.get(engine, [])]
+            if args.command is not None:
+                words.append("loglevel=1")   # only emergencies (a panic) between outputs
+            cmdline = " ".join(words)
+    if args.command is not None:
+        from pyhv import images
+        cmdline = f"{cmdline or ''} {images.command_param(args.command)}".strip()
+    config = MachineConfig(kernel=kernel, cmdline=cmdline or "", initrd=initrd,
+                           format=args.format, load_addr=args.load_addr, mem_size=mem,
+                           engine=engine, strict_io=args.strict_io)
+    sink = _stdout_sink()
+    console = Console(sink, hide_exit_marker=args.command is not None)
+    t_end = None if args.timeout is None else time.monotonic() + args.timeout
+    restarts = 0
+    while True:
+        timeout = None if t_end is None else max(0.001, t_end - time.monotonic())
+        result, runner, machine = _run_once(config, console, args, timeout)
+        if (result.reason == "reset" and args.on_reboot == "restart" and console.panic is None
+                and restarts < MAX_RESTARTS):
+            restarts += 1
+            _stderr(f"pyhv: the guest reset: restarting it ({restarts})")
+            continue
+        break
+    return _report(result, runner, machine, console, args)
+
+
+def _run_once(config: MachineConfig, console: Console, args: argparse.Namespace,
+              timeout: float | None) -> tuple[R.RunResult, R.Runner, Machine]:
+    machine = Machine(config, console.write)
+    terminal: Terminal | None = None
+    try:
+        runner = R.Runner(machine, timeout=timeout, flush=console.flush)
+        console.on_panic = lambda line: runner.stop(StopRequest("panic", R.STATUS_CRASH, line))
+        if args.command is None:
+            serial = machine.devices.serial
+            # Linux drops bytes that arrive before /dev/console is open: hold piped input
+            # until the guest enables the UART's receive interrupt.
+            gate = InputGate(serial.feed, is_open=sys.stdin.isatty()
+                             or machine.guest.format != "linux")
+
+            def turn() -> None:
+                console.flush()
+                if not gate.is_open and serial.ier & IER_RDA:
+                    gate.open()
+                gate.pump()
+            runner.flush = turn
+            terminal = Terminal(gate.feed,
+                                lambda: runner.stop(StopRequest(
+                                    "escape", 0, f"console closed ({ESCAPE_NAME})")),
+                                runner.kick)
+            if terminal.is_tty:
+                _stderr(f"pyhv: {machine.guest.description} on {machine.engine_name}; "
+                        f"{ESCAPE_NAME} leaves")
+            terminal.open()
+        result = runner.run()
+    finally:
+        if terminal is not None:
+            terminal.close()
+        console.finish()
+        machine.close()
+    return result, runner, machine
+
+
+def _report(result: R.RunResult, runner: R.Runner, machine: Machine, console: Console,
+            args: argparse.Namespace) -> int:
+    status = result.status
+    if console.panic is not None:
+        _stderr(f"pyhv: {console.panic}")
+        status = R.STATUS_CRASH
+    elif result.reason == "crash":
+        where = f" at rip={result.rip:#x}" if result.rip is not None else ""
+        insn = f" (instruction bytes: {result.insn.hex(' ')})" if result.insn else ""
+        _stderr(f"pyhv: the guest crashed: {result.detail}{where}{insn}")
+        _tail(console)
+    elif result.reason == "timeout":
+        _stderr(f"pyhv: {result.detail}; the last console lines:")
+        _tail(console)
+    elif result.reason == "reset":
+        _stderr("pyhv: the guest reset; --on-reboot exit ends the run")
+    elif result.reason == "interrupted":
+        _stderr("pyhv: interrupted")
+    if args.command is not None and status == R.STATUS_OK:
+        if console.exit_status is None:
+            _stderr("pyhv: the guest stopped without reporting the command's exit status")
+            status = R.STATUS_CRASH
+        else:
+            status = console.exit_status
+    if args.stats:
+        _print_stats(runner, machine)
+    return status
+
+
+def _tail(console: Console) -> None:
+    for line in console.tail(10):
+        _stderr(f"  | {line}")
+
+
+def _print_stats(runner: R.Runner, machine: Machine) -> None:
+    from rich.console import Console as RichConsole
+    from rich.table import Table
+
+    st = runner.stats
+    out = RichConsole(file=sys.stderr, highlight=False)
+    t = Table(title=f"pyhv run statistics (engine {machine.engine_name})", show_header=False)
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    pyhv_time = max(0.0, st.t_total - st.t_guest - st.t_idle)
+    t.add_row("wall time", f"{st.t_total:.3f} s")
+    t.add_row("in the guest (vcpu.run)", f"{st.t_guest:.3f} s")
+    t.add_row("in pyhv (exits, devices)", f"{pyhv_time:.3f} s")
+    t.add_row("idle (guest halted)", f"{st.t_idle:.3f} s")
+    for kind, n in st.exits.most_common():
+        t.add_row(f"exits: {kind}", str(n))
+    names = {base: name for base, _, name in machine.pio.devices()}
+    for port, n in st.io_ports.most_common(8):
+        hit = machine.pio.find(port)
+        label = hit[2] if hit else "no device"
+        t.add_row(f"port {port:#06x} ({names.get(port, label)})", str(n))
+    t.add_row("unhandled port reads/writes",
+              f"{machine.pio.unhandled_reads}/{machine.pio.unhandled_writes}")
+    t.add_row("timers fired", str(machine.timers.fired))
+    boot_ns = machine.devices.boot_timer.boot_ns
+    if boot_ns is not None:
+        t.add_row("guest /init started (boot timer)", f"{boot_ns / 1e9:.3f} s guest time")
+    t.add_row("guest time at the end", f"{machine.clock.now_ns() / 1e9:.3f} s")
+    for key, value in runner.engine_stats.items():
+        t.add_row(f"{machine.engine_name}: {key}",
+                  f"{value:.3f}" if isinstance(value, float) else str(value))
+    out.print(t)

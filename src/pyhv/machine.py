@@ -1,0 +1,209 @@
+"""The machine builder: a pyhv PC, assembled in the order a PC comes up.
+
+    1. choose the engine             (kvm, emu; `auto` asks pyhv.host)
+    2. guest RAM                     (layout.ram_layout: split around the MMIO hole)
+    3. the kernel                    (loaders validate everything before writing RAM)
+    4. time                          (host clock for hardware engines, virtual for emu)
+    5. the interrupt controller      (the 8259 pair: the vCPU's interrupt source)
+    6. the devices, on the port bus  (16550, 8254 + port B, RTC, i8042, fw_cfg,
+                                      debug-exit, boot timer)
+    7. the engine, its vCPU, the entry state from the loader
+
+Design: the machine knows devices and engines only through their interfaces: a device
+offers `regions()` for the buses and IRQ lines from the PIC; an engine offers vCPUs that
+run and return exits (`pyhv.engines.base`). Nothing here depends on which engine runs,
+so the same machine serves KVM on a VT-x host and the software CPU here.
+
+Devices that end the run (debug-exit, the i8042's reset line) call `request_stop`, which
+records why and kicks the vCPU; the run loop (pyhv.runner) acts on it. Everything a run
+can fail on (a bad image, too little memory, a missing engine) raises a `PyhvError` from
+the constructor before any guest code runs, and `close()` releases what was built.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyhv.arch.x86 import layout
+from pyhv.clock import Clock, HostClock, TimerQueue, VirtualClock
+from pyhv.devices.boottimer import BootTimer
+from pyhv.devices.bus import Bus
+from pyhv.devices.debugexit import DebugExit
+from pyhv.devices.fwcfg import FwCfg
+from pyhv.devices.i8042 import I8042
+from pyhv.devices.pic8259 import PicPair
+from pyhv.devices.pit8254 import Pit8254, SystemControlPortB
+from pyhv.devices.rtc import Rtc
+from pyhv.devices.serial16550 import Serial16550
+from pyhv.engines import engine_class
+from pyhv.engines.base import Engine, EngineVcpu
+from pyhv.errors import ConfigError, HostError
+from pyhv.loader import BootRequest, LoadedGuest, load
+from pyhv.memory import GuestMemory
+
+MAX_MEM = 1 << 40   # 1 TiB: beyond any host pyhv targets; the host check comes first
+
+
+@dataclass
+class MachineConfig:
+    kernel: Path
+    cmdline: str = ""
+    initrd: Path | None = None
+    format: str = "auto"
+    load_addr: int | None = None
+    mem_size: int = 128 << 20
+    engine: str = "auto"
+    strict_io: bool = False
+    n_cpus: int = 1
+
+
+@dataclass
+class StopRequest:
+    """Why a device (or the user) wants the run to end."""
+
+    kind: str                 # "debug-exit", "reset", "escape", "panic", "user"
+    status: int = 0
+    detail: str = ""
+
+
+def resolve_engine(name: str) -> str:
+    """`auto` -> the engine pyhv.host recommends for this host; others pass through."""
+    if name != "auto":
+        return name
+    from pyhv.host import probe_host
+    report = probe_host()
+    if report.default_engine == "none":
+        raise HostError(f"no engine can run here: {report.engine_reason}")
+    return report.default_engine
+
+
+def check_memory(size: int) -> None:
+    """Refuse sizes below the minimum or beyond what this host can back."""
+    if size < layout.MIN_RAM:
+        raise ConfigError(f"--mem {size} bytes is below the minimum of "
+                          f"{layout.MIN_RAM >> 20} MiB")
+    if size % 4096:
+        raise ConfigError(f"--mem must be a multiple of 4 KiB (got {size} bytes)")
+    if size > MAX_MEM:
+        raise ConfigError(f"--mem {size >> 30} GiB is more than pyhv supports (1 TiB)")
+    try:
+        import os
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return
+    if size > host:
+        raise ConfigError(f"--mem {size >> 20} MiB is more than this host's "
+                          f"{host >> 20} MiB of RAM")
+
+
+@dataclass
+class Devices:
+    pic: PicPair
+    serial: Serial16550
+    pit: Pit8254
+    rtc: Rtc
+    i8042: I8042
+    fwcfg: FwCfg
+    debug_exit: DebugExit
+    boot_timer: BootTimer
+    all: list[object] = field(default_factory=list)
+
+
+class Machine:
+    """One guest: memory, devices on buses, an engine with one vCPU, a loaded kernel."""
+
+    def __init__(self, config: MachineConfig, console: Callable[[bytes], None]) -> None:
+        self.config = config
+        self.stop_request: StopRequest | None = None
+        self._stop_lock = threading.Lock()
+        self.memory: GuestMemory | None = None
+        self.engine: Engine | None = None
+        self.vcpu: EngineVcpu | None = None
+        try:
+            self._build(config, console)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, config: MachineConfig, console: Callable[[bytes], None]) -> None:
+        # 1. the engine: known and able to run here, before anything is allocated
+        self.engine_name = resolve_engine(config.engine)
+        cls = engine_class(self.engine_name)
+        why = cls.probe()
+        if why is not None:
+            raise HostError(f"engine {self.engine_name!r} cannot run here: {why}")
+
+        # 2. guest RAM
+        check_memory(config.mem_size)
+        self.memory = GuestMemory.with_layout(layout.ram_layout(config.mem_size))
+
+        # 3. the kernel, validated and written into RAM
+        self.guest: LoadedGuest = load(self.memory, BootRequest(
+            kernel=config.kernel, cmdline=config.cmdline, initrd=config.initrd,
+            format=config.format, load_addr=config.load_addr))
+
+        # 4. time
+        self.clock: Clock = VirtualClock() if cls.virtual_time else HostClock()
+        self.timers = TimerQueue(self.clock)
+
+        # 5. the interrupt controller
+        pic = PicPair()
+
+        # 6. devices on the buses
+        self.pio = Bus("port I/O", strict=config.strict_io)
+        self.mmio = Bus("MMIO", strict=config.strict_io)
+        pit = Pit8254(self.clock, self.timers, pic.irq_line(0))
+        self.devices = Devices(
+            pic=pic,
+            serial=Serial16550(pic.irq_line(4), console),
+            pit=pit,
+            rtc=Rtc(self.clock, self.timers, pic.irq_line(8), ram_size=config.mem_size,
+                    n_cpus=config.n_cpus),
+            i8042=I8042(pic.irq_line(1), pic.irq_line(12),
+                        lambda: self.request_stop(StopRequest("reset", 0, "i8042 reset"))),
+            fwcfg=FwCfg(config.mem_size, config.n_cpus),
+            debug_exit=DebugExit(self._debug_exit),
+            boot_timer=BootTimer(self.clock),
+        )
+        d = self.devices
+        d.all = [pic, d.serial, pit, SystemControlPortB(pit), d.rtc, d.i8042, d.fwcfg,
+                 d.debug_exit]
+        for dev in d.all:
+            for base, length, device, name in dev.regions():  # type: ignore[attr-defined]
+                self.pio.register(base, length, device, name)
+        self.pio.register(layout.BOOT_TIMER_PORT, 1, d.boot_timer, "boot timer")
+
+        # 7. the engine, one vCPU, the loader's entry state
+        self.engine = cls(self.memory)
+        self.vcpu = self.engine.create_vcpu(0)
+        self.vcpu.set_interrupt_source(pic)
+        self.vcpu.set_state(self.guest.entry)
+
+    # ------------------------------------------------------------------ stopping
+
+    def _debug_exit(self, value: int) -> None:
+        status = ((value << 1) | 1) & 0xFF
+        self.request_stop(StopRequest("debug-exit", status,
+                                      f"guest wrote {value:#x} to the debug-exit port"))
+
+    def request_stop(self, req: StopRequest) -> None:
+        """Ask the run to end (any thread). The first request wins."""
+        with self._stop_lock:
+            if self.stop_request is None:
+                self.stop_request = req
+        if self.vcpu is not None:
+            self.vcpu.kick()
+
+    def close(self) -> None:
+        if self.vcpu is not None:
+            self.vcpu.close()
+            self.vcpu = None
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None

@@ -1,0 +1,348 @@
+"""The vCPU run loop: a state machine that runs the guest and routes its exits.
+
+    CREATED --start--> RUNNING <--pause/resume--> PAUSED
+                          |                          |
+                          +--------> STOPPED <-------+
+
+Each turn of the loop: run the vCPU until an exit; route port I/O and MMIO to the buses;
+fire due timers; move console input into the UART; act on a stop request. HLT with
+interrupts enabled idles until the next timer deadline or input; HLT with interrupts off
+can never wake, so it ends the run (status 0: how a bare-metal guest, or Linux's
+`poweroff` on a machine without ACPI, says "done").
+
+Time: on a hardware engine guest time is host time, and a ticker thread kicks the vCPU
+when a timer falls due. On a software engine the vCPU stops itself at deadlines; when the
+guest idles, the loop skips its virtual clock to the next deadline, but never past the
+host's elapsed time, so an idle guest sleeps instead of spinning through its timers.
+
+Exit statuses of `pyhv run` (pyhv's own are even, the guest's debug-exit odd):
+
+    0    the guest halted with interrupts off, or powered off, or Ctrl-] left it
+    (v << 1) | 1   the guest wrote v to the debug-exit port 0xf4 (QEMU's convention)
+    4    the guest crashed: triple fault, an engine internal error, a kernel panic
+    124  --timeout expired
+    130  interrupted (SIGINT)
+
+Invariants: only the thread that calls `run()` touches the vCPU, devices and timers
+(other threads only kick the vCPU, feed the UART and set events); every exit path stops
+the ticker thread; a run always ends with a `RunResult`, never an exception from the
+guest's behaviour (a hostile guest gets status 4 with the reason).
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pyhv.clock import VirtualClock
+from pyhv.devices.bus import UnhandledIo
+from pyhv.exits import (
+    Exit,
+    Halt,
+    InternalError,
+    Interrupted,
+    IoIn,
+    IoOut,
+    MmioRead,
+    MmioWrite,
+    Shutdown,
+)
+from pyhv.machine import Machine, StopRequest
+
+STATUS_OK = 0
+STATUS_CRASH = 4
+STATUS_TIMEOUT = 124
+STATUS_INTERRUPTED = 130
+IDLE_SLICE_S = 0.05          # longest sleep before re-checking stop requests
+TICK_MIN_S = 0.0002
+
+
+class VmState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+
+
+@dataclass
+class RunResult:
+    status: int
+    reason: str               # "halt", "debug-exit", "reset", "crash", "timeout", ...
+    detail: str = ""
+    rip: int | None = None
+    insn: bytes = b""
+
+
+@dataclass
+class RunStats:
+    exits: Counter[str] = field(default_factory=Counter)
+    io_ports: Counter[int] = field(default_factory=Counter)
+    t_guest: float = 0.0      # inside vcpu.run()
+    t_idle: float = 0.0       # halted, waiting for a timer or input
+    t_total: float = 0.0
+    halts: int = 0
+
+
+class Runner:
+    """Runs one Machine's vCPU to its end."""
+
+    def __init__(self, machine: Machine, *, timeout: float | None = None,
+                 flush: Callable[[], None] = lambda: None) -> None:
+        if machine.vcpu is None:
+            raise ValueError("machine has no vCPU")
+        self.m = machine
+        self.vcpu = machine.vcpu
+        self.timeout = timeout
+        self.flush = flush            # console output: called after every exit and idle
+        self.state = VmState.CREATED
+        self.stats = RunStats()
+        self.engine_stats: dict[str, int | float] = {}
+        self.wake = threading.Event()         # input arrived / stop requested
+        self._resume = threading.Event()
+        self._resume.set()
+        self._done = threading.Event()
+        self._deadline: float | None = None
+        self._timed_out = False
+        self._t0 = 0.0
+        self.virtual = isinstance(machine.clock, VirtualClock)
+        self.vcpu.attach_io(self._pio, self._mmio)
+        if isinstance(machine.clock, VirtualClock):
+            self.vcpu.attach_clock(machine.clock, machine.timers)
+
+    # ------------------------------------------------------------------ control (any thread)
+
+    def pause(self) -> None:
+        if self.state is VmState.RUNNING:
+            self._resume.clear()
+            self.state = VmState.PAUSED
+            self.vcpu.kick()
+
+    def resume(self) -> None:
+        if self.state is VmState.PAUSED:
+            self.state = VmState.RUNNING
+            self._resume.set()
+
+    def stop(self, req: StopRequest) -> None:
+        self.m.request_stop(req)
+        self.wake.set()
+        self._resume.set()
+
+    def kick(self) -> None:
+        """Input arrived: wake an idle loop and make a running vCPU look at it."""
+        self.wake.set()
+        self.vcpu.kick()
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> RunResult:
+        if self.state is not VmState.CREATED:
+            raise RuntimeError(f"run() in state {self.state.value}")
+        self.state = VmState.RUNNING
+        self._t0 = time.monotonic()
+        if self.timeout is not None:
+            self._deadline = self._t0 + self.timeout
+        ticker = threading.Thread(target=self._ticker, name="pyhv-ticker", daemon=True)
+        ticker.start()
+        try:
+            result = self._loop()
+        except KeyboardInterrupt:
+            result = RunResult(STATUS_INTERRUPTED, "interrupted", "interrupted by SIGINT")
+        finally:
+            self._done.set()
+            ticker.join(timeout=1.0)
+            self.state = VmState.STOPPED
+            self.engine_stats = self.vcpu.stats()
+            self.stats.t_total = time.monotonic() - self._t0
+            self.m.devices.serial.poll()
+        return result
+
+    def _loop(self) -> RunResult:
+        m = self.m
+        vcpu = self.vcpu
+        st = self.stats
+        timers = m.timers
+        serial = m.devices.serial
+        while True:
+            if m.stop_request is not None:
+                return self._stopped(m.stop_request)
+            if self._expired():
+                return self._timeout()
+            if self.state is VmState.PAUSED:
+                self._resume.wait(IDLE_SLICE_S)
+                continue
+            t = time.perf_counter()
+            ex = vcpu.run()
+            st.t_guest += time.perf_counter() - t
+            kind = type(ex).__name__
+            st.exits[kind] += 1
+            try:
+                result = self._handle(ex)
+            except UnhandledIo as e:
+                return RunResult(STATUS_CRASH, "crash", f"--strict-io: {e}")
+            if result is not None:
+                return result
+            timers.fire_due()
+            serial.poll()
+            self.flush()
+
+    def _handle(self, ex: Exit) -> RunResult | None:
+        m = self.m
+        if isinstance(ex, IoOut):
+            self.stats.io_ports[ex.port] += 1
+            size = ex.size
+            for i in range(ex.count):
+                m.pio.write_bytes(ex.port, ex.data[i * size:(i + 1) * size])
+        elif isinstance(ex, IoIn):
+            self.stats.io_ports[ex.port] += 1
+            size = ex.size
+            for i in range(ex.count):
+                m.pio.read_into(ex.port, ex.data[i * size:(i + 1) * size])
+        elif isinstance(ex, MmioWrite):
+            m.mmio.write_bytes(ex.addr, ex.data)
+        elif isinstance(ex, MmioRead):
+            m.mmio.read_into(ex.addr, ex.data)
+        elif isinstance(ex, Halt):
+            self.stats.halts += 1
+            if not ex.interrupts_enabled:
+                if m.stop_request is not None:
+                    return None          # e.g. debug-exit followed by cli; hlt
+                return RunResult(STATUS_OK, "halt", "the guest halted with interrupts off",
+                                 rip=self._rip())
+            self._idle()
+        elif isinstance(ex, Shutdown):
+            if m.stop_request is not None:
+                return None
+            return RunResult(STATUS_CRASH, "crash", f"guest {ex.reason}", rip=ex.rip,
+                             insn=self._insn(ex.rip))
+        elif isinstance(ex, InternalError):
+            if m.stop_request is not None:
+                return None
+            return RunResult(STATUS_CRASH, "crash", ex.reason, rip=ex.rip,
+                             insn=ex.insn or self._insn(ex.rip))
+        elif isinstance(ex, Interrupted):
+            pass
+        return None
+
+    def _idle(self) -> None:
+        """HLT with IF=1: wait for an interrupt (timer, input) or a stop."""
+        m = self.m
+        pic = m.devices.pic
+        timers = m.timers
+        t_start = time.perf_counter()
+        try:
+            while True:
+                timers.fire_due()
+                m.devices.serial.poll()
+                if pic.pending() or m.stop_request is not None or self._expired():
+                    return
+                if self.state is VmState.PAUSED:
+                    return
+                self.flush()
+                self.wake.clear()
+                nxt = timers.next_deadline()
+                now = m.clock.now_ns()
+                if self.virtual:
+                    assert isinstance(m.clock, VirtualClock)
+                    host_ns = int((time.monotonic() - self._t0) * 1e9)
+                    if nxt is None:
+                        self.wake.wait(IDLE_SLICE_S)
+                    elif nxt <= host_ns:
+                        m.clock.skip_to(nxt)       # behind the host's time: catch up now
+                    else:
+                        if nxt > now:
+                            m.clock.skip_to(max(now, min(nxt, host_ns)))
+                        self.wake.wait(min((nxt - host_ns) / 1e9, IDLE_SLICE_S))
+                else:
+                    wait = IDLE_SLICE_S if nxt is None else (nxt - now) / 1e9
+                    if wait > 0:
+                        self.wake.wait(min(wait, IDLE_SLICE_S))
+        finally:
+            self.stats.t_idle += time.perf_counter() - t_start
+
+    def _ticker(self) -> None:
+        """Kick the vCPU when a host-clock timer falls due or the timeout expires."""
+        m = self.m
+        last_kicked: int | None = None
+        while not self._done.is_set():
+            sleep = IDLE_SLICE_S
+            if self._deadline is not None:
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    self._timed_out = True
+                    self.kick()
+                    self._done.wait(IDLE_SLICE_S)
+                    continue
+                sleep = min(sleep, left)
+            if not self.virtual:
+                nxt = m.timers.next_deadline()
+                if nxt is not None:
+                    due = (nxt - m.clock.now_ns()) / 1e9
+                    if due <= 0:
+                        if nxt != last_kicked:
+                            last_kicked = nxt
+                            self.vcpu.kick()
+                        sleep = TICK_MIN_S * 5
+                    else:
+                        sleep = min(sleep, max(due, TICK_MIN_S))
+            self._done.wait(sleep)
+
+    # ------------------------------------------------------------------ endings
+
+    def _expired(self) -> bool:
+        if self._timed_out:
+            return True
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            self._timed_out = True
+        return self._timed_out
+
+    def _timeout(self) -> RunResult:
+        assert self.timeout is not None
+        return RunResult(STATUS_TIMEOUT, "timeout",
+                         f"the guest was still running after --timeout {self.timeout:g} s",
+                         rip=self._rip())
+
+    def _stopped(self, req: StopRequest) -> RunResult:
+        return RunResult(req.status, req.kind, req.detail)
+
+    def _rip(self) -> int | None:
+        try:
+            return self.vcpu.get_state().rip
+        except Exception:  # noqa: BLE001 - best effort, for a message
+            return None
+
+    def _insn(self, rip: int | None) -> bytes:
+        """Up to 15 bytes at the guest's CS:RIP when it maps to RAM (for crash reports)."""
+        if rip is None or self.m.memory is None:
+            return b""
+        try:
+            st = self.vcpu.get_state()
+            linear = (st.cs.base + st.rip) & 0xFFFF_FFFF_FFFF_FFFF
+        except Exception:  # noqa: BLE001
+            return b""
+        mem = self.m.memory
+        if st.cr0 & 0x8000_0000:
+            return b""                   # paged: the bytes come from the engine, if at all
+        n = 15
+        while n > 0 and not mem.contains(linear, n):
+            n -= 1
+        return mem.read(linear, n) if n else b""
+
+    # ------------------------------------------------------------------ device I/O for
+    # engines that handle accesses synchronously (emu)
+
+    def _pio(self, port: int, size: int, value: int | None) -> int:
+        self.stats.io_ports[port] += 1
+        if value is None:
+            return self.m.pio.read(port, size)
+        self.m.pio.write(port, size, value)
+        return 0
+
+    def _mmio(self, addr: int, size: int, value: int | None) -> int:
+        if value is None:
+            return self.m.mmio.read(addr, size)
+        self.m.mmio.write(addr, size, value)
+        return 0
