@@ -1,0 +1,77 @@
+"""Debian's Linux kernel booted by `pyhv run` on the software engine, end to end.
+
+Each test is one boot (about 5 s here) through the real command line: the loader, the
+machine builder, the run loop, the PC device models and the emu engine all have to work
+for the guest to reach /init and run a command. Skipped where Debian's kernel cannot be
+fetched (see conftest.debian_image).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pyhv import images
+
+BOOT_TIMEOUT = 90          # pyhv's own --timeout; the subprocess gets a little more
+
+
+def pyhv(*args: str, stdin: bytes | None = None,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "pyhv", "run", "--engine", "emu",
+                           "--timeout", str(BOOT_TIMEOUT), *args],
+                          input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
+                          capture_output=True, timeout=BOOT_TIMEOUT + 30,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def image(debian_image: images.LinuxImage) -> images.LinuxImage:
+    return debian_image
+
+
+def test_command_output_and_status(image: images.LinuxImage) -> None:
+    cmd = ("uname -sr; echo written > /tmp/f && cat /tmp/f; echo $((12345 * 6789)); "
+           "ls / | grep -c bin; exit 7")
+    r = pyhv("--command", cmd, "--stats")
+    out = r.stdout.decode()
+    assert r.returncode == 7, (out, r.stderr.decode()[-2000:])
+    lines = out.splitlines()
+    assert lines[0].strip() == f"Linux {image.version}"
+    assert [ln.strip() for ln in lines[1:4]] == ["written", str(12345 * 6789), "2"]
+    assert "@@PYHV-EXIT" not in out            # the marker is pyhv's, not the user's
+    err = r.stderr.decode()
+    assert "guest /init started (boot timer)" in err and "exits: Halt" in err
+
+
+def test_piped_shell_session(image: images.LinuxImage) -> None:
+    r = pyhv(stdin=b"echo piped-$((40+2))\ncat /proc/cmdline\npoweroff -f\n")
+    out = r.stdout.decode(errors="replace")
+    assert r.returncode == 0, (out[-2000:], r.stderr.decode())
+    assert "piped-42" in out and "tsc=unstable" in out
+    assert "Run /init as init process" in out
+
+
+def test_kernel_panic_ends_the_run(image: images.LinuxImage) -> None:
+    r = pyhv("--command", "echo c > /proc/sysrq-trigger")
+    assert r.returncode == 4
+    assert "pyhv: Kernel panic - not syncing: sysrq triggered crash" in r.stderr.decode()
+
+
+def test_reboot_restarts_then_exit_flag_ends(image: images.LinuxImage, tmp_path: Path) -> None:
+    r = pyhv("--on-reboot", "exit", stdin=b"reboot -f\n")
+    assert r.returncode == 0, r.stderr.decode()
+    assert "the guest reset" in r.stderr.decode()
+    assert b"reboot: Restarting system" in r.stdout
+
+
+def test_too_little_memory_is_refused_before_boot(image: images.LinuxImage) -> None:
+    r = pyhv("--mem", "32M", "--command", "true")
+    assert r.returncode == 2
+    err = r.stderr.decode()
+    assert err.startswith("pyhv: ") and "--mem" in err and "Traceback" not in err
+    assert r.stdout == b""
