@@ -58,12 +58,20 @@ class Kvm:
         except OSError as e:
             raise HostError(f"{path}: {e.strerror}") from None
         self.path = path
-        self.api_version = ioctl(self.fd, io.KVM_GET_API_VERSION)
-        if self.api_version != KVM_API_VERSION:
+        try:
+            self.api_version = ioctl(self.fd, io.KVM_GET_API_VERSION)
+            if self.api_version != KVM_API_VERSION:
+                raise HostError(f"{path}: KVM API version {self.api_version}, "
+                                f"pyhv needs {KVM_API_VERSION}")
+            self.vcpu_mmap_size = ioctl(self.fd, io.KVM_GET_VCPU_MMAP_SIZE)
+        except OSError as e:  # e.g. a path that is not a KVM device (ENOTTY)
             os.close(self.fd)
-            raise HostError(f"{path}: KVM API version {self.api_version}, "
-                            f"pyhv needs {KVM_API_VERSION}")
-        self.vcpu_mmap_size = ioctl(self.fd, io.KVM_GET_VCPU_MMAP_SIZE)
+            self.fd = -1
+            raise HostError(f"{path} is not a usable KVM device: {e.strerror}") from None
+        except HostError:
+            os.close(self.fd)
+            self.fd = -1
+            raise
 
     def close(self) -> None:
         if self.fd >= 0:
