@@ -75,3 +75,48 @@ def test_too_little_memory_is_refused_before_boot(image: images.LinuxImage) -> N
     err = r.stderr.decode()
     assert err.startswith("pyhv: ") and "--mem" in err and "Traceback" not in err
     assert r.stdout == b""
+
+
+def test_interactive_terminal_session(image: images.LinuxImage) -> None:
+    """On a terminal: raw mode (keys reach the guest's shell), Ctrl-] leaves with status
+    0, and the terminal's settings are exactly restored afterwards."""
+    import pty
+    import select
+    import termios
+    import time
+
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    proc = subprocess.Popen([sys.executable, "-m", "pyhv", "run", "--engine", "emu",
+                             "--timeout", str(BOOT_TIMEOUT)],
+                            stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    seen = bytearray()
+
+    def read_until(marker: bytes, limit: float) -> bool:
+        end = time.monotonic() + limit
+        while time.monotonic() < end:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    seen.extend(os.read(master, 65536))
+                except OSError:
+                    return False
+                if marker in seen:
+                    return True
+        return False
+
+    try:
+        assert read_until(b"pyhv:/# ", BOOT_TIMEOUT), seen[-2000:]
+        raw = termios.tcgetattr(slave)
+        assert not raw[3] & termios.ICANON and not raw[3] & termios.ECHO   # raw mode
+        os.write(master, b"echo tty-$((6*7))\r")
+        assert read_until(b"tty-42", 30), seen[-2000:]
+        os.write(master, b"\x1d")                                      # Ctrl-]
+        assert proc.wait(timeout=30) == 0
+        assert termios.tcgetattr(slave) == before
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+        os.close(slave)
