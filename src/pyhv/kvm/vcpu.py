@@ -82,7 +82,10 @@ class Vcpu:
         if self.fd >= 0:
             del self.kvm_run
             self._page.release()
-            self._map.close()
+            # A caller may still hold an IoIn/MmioRead exit's data view into the page:
+            # then the mapping is unmapped when the last such view goes away.
+            with contextlib.suppress(BufferError):
+                self._map.close()
             os.close(self.fd)
             self.fd = -1
 
