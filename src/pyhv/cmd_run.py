@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="flat images: guest-physical load address (default 0x7c00)")
     p.add_argument("--mem", default="128M", metavar="SIZE",
                    help="guest RAM, e.g. 64M, 1G (a plain number is MiB; default 128M)")
-    p.add_argument("--engine", default="auto", choices=("auto", "kvm", "emu"),
+    p.add_argument("--engine", default="auto", metavar="{auto,kvm,emu}",
                    help="how guest code runs (default auto: kvm with VT-x/AMD-V, else emu)")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="end the guest after S seconds (exit status 124)")
@@ -90,6 +90,10 @@ def main(args: argparse.Namespace) -> int:
     check_memory(mem)
     if args.timeout is not None and not args.timeout > 0:
         raise ConfigError(f"--timeout must be a positive number of seconds (got {args.timeout})")
+    from pyhv.engines import ENGINES
+    if args.engine != "auto" and args.engine not in ENGINES:
+        raise ConfigError(f"unknown engine {args.engine!r} (choose from auto, "
+                          f"{', '.join(ENGINES)})")
     engine = resolve_engine(args.engine)
     cmdline = args.append
     kernel, initrd = args.kernel, args.initrd
@@ -174,7 +178,9 @@ def _report(result: R.RunResult, runner: R.Runner, machine: Machine, console: Co
         _stderr(f"pyhv: the guest crashed: {result.detail}{where}{insn}")
         _tail(console)
     elif result.reason == "timeout":
-        _stderr(f"pyhv: {result.detail}; the last console lines:")
+        lines = console.tail(10)
+        _stderr(f"pyhv: {result.detail}" + ("; the last console lines:" if lines else
+                                            " (the guest printed nothing)"))
         _tail(console)
     elif result.reason == "reset":
         _stderr("pyhv: the guest reset; --on-reboot exit ends the run")
