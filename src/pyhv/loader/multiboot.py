@@ -22,6 +22,7 @@ accepted without a framebuffer; other requirement bits (3-15) are refused.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from pyhv.arch.x86 import boot, layout
 from pyhv.errors import ImageError
@@ -60,6 +61,8 @@ def load(mem: GuestMemory, req: BootRequest, data: bytes | None = None) -> Loade
     if unknown:
         raise ImageError(f"{req.kernel}: multiboot header requires unsupported features "
                          f"(flags {unknown:#x})")
+    # Validate everything (placement, entry, command line, initrd) before the first write,
+    # so a refused image leaves guest memory untouched.
     extents: list[tuple[int, int]] = []
     if flags & F_AOUT_KLUDGE:
         if hoff + 32 > len(data):
@@ -75,9 +78,8 @@ def load(mem: GuestMemory, req: BootRequest, data: bytes | None = None) -> Loade
                              "file (truncated?)")
         end = max(bss_end, load_addr + size)
         check_place(mem, load_addr, end - load_addr, "kernel", LOW_RESERVED)
-        mem.write(load_addr, data[file_start:file_start + size])
-        mem.fill(load_addr + size, end - load_addr - size)
         extents.append((load_addr, end))
+        writes = [(load_addr, data[file_start:file_start + size], end - load_addr - size)]
     else:
         image = elf.parse(data, str(req.kernel))
         if image.bits != 32:
@@ -86,32 +88,62 @@ def load(mem: GuestMemory, req: BootRequest, data: bytes | None = None) -> Loade
         entry = image.entry
         for seg in image.segments:
             check_place(mem, seg.paddr, seg.memsz, "kernel segment", LOW_RESERVED)
-        for seg in image.segments:
-            mem.write(seg.paddr, data[seg.offset:seg.offset + seg.filesz])
-            mem.fill(seg.paddr + seg.filesz, seg.memsz - seg.filesz)
-            extents.append((seg.paddr, seg.paddr + seg.memsz))
+        writes = [(seg.paddr, data[seg.offset:seg.offset + seg.filesz], seg.memsz - seg.filesz)
+                  for seg in image.segments]
+        extents.extend((seg.paddr, seg.paddr + seg.memsz) for seg in image.segments)
     if not any(lo <= entry < hi for lo, hi in extents):
         raise ImageError(f"{req.kernel}: entry point {entry:#x} is outside the loaded image")
-    info = write_info(mem, req, kernel_end=max(hi for _, hi in extents),
-                      page_align_modules=True, extents=extents)
+    kernel_end = max(hi for _, hi in extents)
+    plan = plan_info(mem, req, kernel_end=kernel_end, page_align_modules=True)
+    for addr, blob, zeros in writes:
+        mem.write(addr, blob)
+        mem.fill(addr + len(blob), zeros)
+    info = write_info(mem, req, kernel_end=kernel_end, page_align_modules=True,
+                      extents=extents, plan=plan)
     st = boot.protected_mode(mem, entry)
     st.rax, st.rbx = BOOTLOADER_MAGIC, info
     return LoadedGuest("multiboot", st, f"multiboot kernel, entry {entry:#x}", extents)
 
 
+@dataclass
+class InfoPlan:
+    """What write_info will place besides the fixed structures, checked in advance."""
+
+    initrd: bytes | None = None
+    initrd_start: int = 0
+
+
+def plan_info(mem: GuestMemory, req: BootRequest, *, kernel_end: int,
+              page_align_modules: bool) -> InfoPlan:
+    """Check the command line and read and place the initrd, writing nothing."""
+    cmd = req.cmdline.encode()
+    if len(cmd) >= layout.CMDLINE_MAX:
+        raise ImageError(f"kernel command line is too long ({len(cmd)} bytes)")
+    if req.initrd is None:
+        return InfoPlan()
+    blob = read_file(req.initrd, "initrd")
+    start = (kernel_end + 0xFFF) & ~0xFFF if page_align_modules else kernel_end
+    check_place(mem, start, len(blob), "initrd (module 0)", LOW_RESERVED)
+    return InfoPlan(blob, start)
+
+
 def write_info(mem: GuestMemory, req: BootRequest, *, kernel_end: int,
-               page_align_modules: bool, extents: list[tuple[int, int]]) -> int:
-    """Write the multiboot information structure (+ cmdline, mmap, modules); return it."""
+               page_align_modules: bool, extents: list[tuple[int, int]],
+               plan: InfoPlan | None = None) -> int:
+    """Write the multiboot information structure (+ cmdline, mmap, modules); return it.
+
+    `plan` (from plan_info, called before the kernel was written) is made here if absent.
+    """
+    if plan is None:
+        plan = plan_info(mem, req, kernel_end=kernel_end,
+                         page_align_modules=page_align_modules)
     info = bytearray(88)
     flags = INFO_MEM | INFO_CMDLINE | INFO_MMAP | INFO_LOADER_NAME
     low_ram = min(mem.size, layout.EBDA_START)
     first = mem.regions[0]
     struct.pack_into("<III", info, 0, 0, low_ram // 1024,
                      max(0, first.end - layout.HIGH_MEMORY) // 1024)
-    cmd = req.cmdline.encode()
-    if len(cmd) >= layout.CMDLINE_MAX:
-        raise ImageError(f"kernel command line is too long ({len(cmd)} bytes)")
-    mem.write(layout.CMDLINE, cmd + b"\0")
+    mem.write(layout.CMDLINE, req.cmdline.encode() + b"\0")
     struct.pack_into("<I", info, 16, layout.CMDLINE)
     extra = layout.BOOTINFO_EXTRA
     # memory map: entries of (size=20, base u64, length u64, type u32)
@@ -123,10 +155,8 @@ def write_info(mem: GuestMemory, req: BootRequest, *, kernel_end: int,
     mem.write(extra, name)
     struct.pack_into("<I", info, 64, extra)
     extra += 16
-    if req.initrd is not None:
-        blob = read_file(req.initrd, "initrd")
-        start = (kernel_end + 0xFFF) & ~0xFFF if page_align_modules else kernel_end
-        check_place(mem, start, len(blob), "initrd (module 0)", LOW_RESERVED)
+    if req.initrd is not None and plan.initrd is not None:
+        blob, start = plan.initrd, plan.initrd_start
         mem.write(start, blob)
         extents.append((start, start + len(blob)))
         mod_name = req.initrd.name.encode() + b"\0"
