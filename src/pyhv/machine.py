@@ -184,10 +184,10 @@ class Machine:
 
     # ------------------------------------------------------------------ stopping
 
-    def _debug_exit(self, value: int) -> None:
-        status = ((value << 1) | 1) & 0xFF
-        self.request_stop(StopRequest("debug-exit", status,
-                                      f"guest wrote {value:#x} to the debug-exit port"))
+    def _debug_exit(self, status: int) -> None:
+        """The device computed QEMU's (v << 1) | 1; a process status keeps 8 bits."""
+        self.request_stop(StopRequest("debug-exit", status & 0xFF,
+                                      f"guest wrote {status >> 1:#x} to the debug-exit port"))
 
     def request_stop(self, req: StopRequest) -> None:
         """Ask the run to end (any thread). The first request wins."""

@@ -182,7 +182,8 @@ class Runner:
             try:
                 result = self._handle(ex)
             except UnhandledIo as e:
-                return RunResult(STATUS_CRASH, "crash", f"--strict-io: {e}")
+                self._strict_stop(e)
+                continue
             if result is not None:
                 return result
             timers.fire_due()
@@ -336,13 +337,23 @@ class Runner:
 
     def _pio(self, port: int, size: int, value: int | None) -> int:
         self.stats.io_ports[port] += 1
-        if value is None:
-            return self.m.pio.read(port, size)
-        self.m.pio.write(port, size, value)
-        return 0
+        try:
+            if value is None:
+                return self.m.pio.read(port, size)
+            self.m.pio.write(port, size, value)
+        except UnhandledIo as e:
+            self._strict_stop(e)
+        return 0 if value is not None else (1 << (8 * size)) - 1
 
     def _mmio(self, addr: int, size: int, value: int | None) -> int:
-        if value is None:
-            return self.m.mmio.read(addr, size)
-        self.m.mmio.write(addr, size, value)
-        return 0
+        try:
+            if value is None:
+                return self.m.mmio.read(addr, size)
+            self.m.mmio.write(addr, size, value)
+        except UnhandledIo as e:
+            self._strict_stop(e)
+        return 0 if value is not None else (1 << (8 * size)) - 1
+
+    def _strict_stop(self, e: UnhandledIo) -> None:
+        """--strict-io: the access ends the run (the engine stops at its next check)."""
+        self.m.request_stop(StopRequest("crash", STATUS_CRASH, f"--strict-io: {e}"))
