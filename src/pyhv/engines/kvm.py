@@ -149,6 +149,24 @@ def _fxsave_to_fpu(img: bytes) -> ks.KvmFpu:
     return f
 
 
+# CPUID.1 bits for devices pyhv's machine does not have: the local APIC (EDX 9), x2APIC
+# (ECX 21) and the APIC's TSC-deadline timer (ECX 24). The interrupt controller is the
+# 8259 in user space, so the CPU model says "no APIC", as the emu engine's model does;
+# a kernel then uses the 8259 and the PIT instead of probing an APIC that is not there.
+CPUID1_EDX_APIC = 1 << 9
+CPUID1_ECX_X2APIC = 1 << 21
+CPUID1_ECX_TSC_DEADLINE = 1 << 24
+
+
+def machine_cpuid(entries: list[ks.KvmCpuidEntry2]) -> list[ks.KvmCpuidEntry2]:
+    """The host's supported CPUID, less what this machine lacks."""
+    for e in entries:
+        if e.function == 1:
+            e.edx &= ~CPUID1_EDX_APIC & 0xFFFFFFFF
+            e.ecx &= ~(CPUID1_ECX_X2APIC | CPUID1_ECX_TSC_DEADLINE) & 0xFFFFFFFF
+    return entries
+
+
 class KvmEngine(Engine):
     """Guest code runs under /dev/kvm."""
 
@@ -166,7 +184,7 @@ class KvmEngine(Engine):
         super().__init__(memory)
         self.kvm = Kvm()
         self.vm = Vm(self.kvm)
-        self._cpuid = self.kvm.supported_cpuid()
+        self._cpuid = machine_cpuid(self.kvm.supported_cpuid())
         for slot, region in enumerate(memory.regions):
             self.vm.set_memory(slot, region.gpa, region.size, region.host_addr)
         self.vm.set_tss_addr(TSS_ADDR)
