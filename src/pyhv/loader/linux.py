@@ -350,6 +350,10 @@ def decompress_payload(data: bytes, hdr: SetupHeader, what: str = "kernel") -> b
     limit = min(MAX_KERNEL_SIZE, max(expected, 1 << 20))
     try:
         if fmt == "lz4":
+            try:
+                import lz4.block  # noqa: F401
+            except ImportError:          # the `lz4` package is missing: the kernel decodes
+                return None
             out = _lz4_legacy(blob, limit, what)
         elif fmt == "gzip":
             d = zlib.decompressobj(16 + zlib.MAX_WBITS)
