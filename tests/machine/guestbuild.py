@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from _pytest.mark import ParameterSet
 
 T = TypeVar("T")
 
 GUESTS = Path(__file__).resolve().parent.parent / "guests" / "core"
 LINK_SCRIPT = GUESTS / "guest.ld"
-TOOLS = ("gcc", "ld")
+TOOLS = ("gcc", "as", "ld")
 
 # name -> how it is built (the source is GUESTS/<name>.S, or <name>.c for c32)
 KINDS: dict[str, str] = {
@@ -174,11 +173,11 @@ ENGINES = ("emu", "kvm")
 
 
 def engine_params(items: Sequence[T], ident: Callable[[T], str],
-                  kvm_xfail: Callable[[T], str | None] = lambda _: None) -> list[ParameterSet]:
+                  kvm_xfail: Callable[[T], str | None] = lambda _: None) -> list[object]:
     """pytest params (item, engine) for every item on every engine: a skip where the
     engine is unavailable, the `kvm` marker, and a strict xfail where `kvm_xfail(item)`
     names why this host's KVM cannot run it."""
-    out: list[ParameterSet] = []
+    out: list[object] = []
     for item in items:
         for engine in ENGINES:
             marks: list[pytest.MarkDecorator] = []
