@@ -78,7 +78,7 @@ CASES = [
     Case("pit", "pit", (), debug_exit(0x13),
          "pit: 1000 Hz, waiting for 50 ticks\nticks=50, hlt woke on the timer\n"
          "IF=0 held the tick, sti delivered it\n",
-         kvm_xfail=KVM_PVM + "IRET is not emulated"),
+         kvm_xfail=KVM_PVM + "IRET (32-bit, IRETD) is not emulated"),
     Case("faults64", "faults64", (), debug_exit(0x15),
          "#UD err=0000 rip ok\n#GP err=0000 rip ok\n#GP err=1230 rip ok\n"
          "#PF err=0000 cr2=0000000140000000 rip ok\n#PF err=0002 cr2=0000000140000008 rip ok\n"
