@@ -228,7 +228,9 @@ def _print_stats(runner: R.Runner, machine: Machine) -> None:
     t.add_row("timers fired", str(machine.timers.fired))
     boot_ns = machine.devices.boot_timer.boot_ns
     if boot_ns is not None:
-        t.add_row("guest /init started (boot timer)", f"{boot_ns / 1e9:.3f} s guest time")
+        host = machine.boot_host_s
+        t.add_row("guest /init started (boot timer)", f"{boot_ns / 1e9:.3f} s guest time" + (
+            f", {host:.3f} s host time" if host is not None else ""))
     t.add_row("guest time at the end", f"{machine.clock.now_ns() / 1e9:.3f} s")
     for key, value in runner.engine_stats.items():
         t.add_row(f"{machine.engine_name}: {key}",

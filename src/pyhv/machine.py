@@ -23,6 +23,7 @@ the constructor before any guest code runs, and `close()` releases what was buil
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,8 @@ class Machine:
 
     def __init__(self, config: MachineConfig, console: Callable[[bytes], None]) -> None:
         self.config = config
+        self.created_at = time.monotonic()
+        self.boot_host_s: float | None = None    # host seconds from creation to /init
         self.stop_request: StopRequest | None = None
         self._stop_lock = threading.Lock()
         self.memory: GuestMemory | None = None
@@ -166,7 +169,7 @@ class Machine:
                         lambda: self.request_stop(StopRequest("reset", 0, "i8042 reset"))),
             fwcfg=FwCfg(config.mem_size, config.n_cpus),
             debug_exit=DebugExit(self._debug_exit),
-            boot_timer=BootTimer(self.clock),
+            boot_timer=BootTimer(self.clock, self._booted),
         )
         d = self.devices
         d.all = [pic, d.serial, pit, SystemControlPortB(pit), d.rtc, d.i8042, d.fwcfg,
@@ -181,6 +184,9 @@ class Machine:
         self.vcpu = self.engine.create_vcpu(0)
         self.vcpu.set_interrupt_source(pic)
         self.vcpu.set_state(self.guest.entry)
+
+    def _booted(self, _guest_ns: int) -> None:
+        self.boot_host_s = time.monotonic() - self.created_at
 
     # ------------------------------------------------------------------ stopping
 
