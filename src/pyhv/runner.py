@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pyhv.clock import VirtualClock
-from pyhv.devices.bus import UnhandledIo
+from pyhv.devices.bus import Bus, UnhandledIo
 from pyhv.exits import (
     Exit,
     Halt,
@@ -337,19 +337,17 @@ class Runner:
 
     def _pio(self, port: int, size: int, value: int | None) -> int:
         self.stats.io_ports[port] += 1
-        try:
-            if value is None:
-                return self.m.pio.read(port, size)
-            self.m.pio.write(port, size, value)
-        except UnhandledIo as e:
-            self._strict_stop(e)
-        return 0 if value is not None else (1 << (8 * size)) - 1
+        return self._access(self.m.pio, port, size, value)
 
     def _mmio(self, addr: int, size: int, value: int | None) -> int:
+        return self._access(self.m.mmio, addr, size, value)
+
+    def _access(self, bus: Bus, addr: int, size: int, value: int | None) -> int:
+        """One synchronous access; --strict-io turns a miss into a stop request."""
         try:
             if value is None:
-                return self.m.mmio.read(addr, size)
-            self.m.mmio.write(addr, size, value)
+                return bus.read(addr, size)
+            bus.write(addr, size, value)
         except UnhandledIo as e:
             self._strict_stop(e)
         return 0 if value is not None else (1 << (8 * size)) - 1
