@@ -157,6 +157,7 @@ def _loop(vcpu: EngineVcpu, mem: GuestMemory, io: list[IoAccess], timeout: float
                          exits=MAX_EXITS)
     finally:
         timer.cancel()
+        timer.join()    # a kick already under way finishes before the vCPU is closed
 
 
 def _exception(vector: int, st: CpuState, mem: GuestMemory, exits: int,
