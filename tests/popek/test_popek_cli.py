@@ -40,3 +40,14 @@ def test_unknown_instruction_is_one_line(capsys: pytest.CaptureFixture[str]) -> 
     assert main(["popek-goldberg", "--only", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("pyhv: unknown instruction(s) nope") and err.count("\n") == 1
+
+
+@pytest.mark.skipif(EMU_WHY is not None, reason=f"needs the emu engine: {EMU_WHY}")
+def test_emu_only_is_the_path_a_host_without_kvm_takes(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["popek-goldberg", "--json", "--engine", "emu", "--only", "str"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["engines"] == ["emu"] and d["verdict_engine"] == "emu"
+    assert {(r["engine"], r["umip"]) for r in d["results"]} == {("emu", False),
+                                                                ("emu", True)}
+    assert d["verdict"] == {"umip_off": ["str"], "umip_on": ["str"]}
