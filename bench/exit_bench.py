@@ -76,6 +76,11 @@ def build_host(iters: int, out: Path) -> Path:
     return exe
 
 
+def show(argv: list[str]) -> str:
+    """argv as a shell line, `python -m pyhv` shown as the `pyhv` command it equals."""
+    return shlex.join(argv).replace(f"{sys.executable} -m pyhv", "pyhv")
+
+
 def pyhv_cmd(img: Path) -> list[str]:
     return [*PYHV, "run", "--engine", "kvm", "--mem", "64M", "--kernel", str(img),
             "--timeout", str(PYHV_TIMEOUT_S)]
@@ -193,7 +198,7 @@ def exits(tmp: Path, runs: int, lo: int, hi: int) -> None:
           f"(t({hi}) - t({lo})) / {hi - lo}")
     for name, (_, img_hi) in imgs.items():
         print(f"  {name}:")
-        print(f"    pyhv: {shlex.join(pyhv_cmd(img_hi)).replace(sys.executable, 'python')}")
+        print(f"    pyhv: {show(pyhv_cmd(img_hi))}")
         print(f"    qemu: {shlex.join(qemu_cmd(img_hi, accel))}")
     results: dict[tuple[str, str], list[float]] = {}
     for _ in range(runs):
@@ -227,7 +232,7 @@ def cpu(tmp: Path, runs: int, iters_lo: int, iters_hi: int) -> None:
     print(f"\n(b) CPU-bound loop at CPL 3 (bench/guests/cpuloop.inc), {iters_lo} and "
           f"{iters_hi} iterations, speed = (HI - LO) / (t(HI) - t(LO)), whole-process wall "
           "time")
-    print(f"    pyhv:   {shlex.join(pyhv_cmd(g_hi)).replace(sys.executable, 'python')}"
+    print(f"    pyhv:   {show(pyhv_cmd(g_hi))}"
           f"  (status {expect[iters_hi]} = checksum ok)")
     print(f"    native: {h_hi}  (static host program, same instructions)")
     guest_s: list[float] = []
