@@ -226,6 +226,8 @@ def test_impossible_sizes_refused(tmp_path: Path) -> None:
 def test_unsupported_features_from_qemu(qemu: Any, tmp_path: Path, opt: str, message: str,
                                         digest: Any) -> None:
     p = tmp_path / "u.qcow2"
+    # qemu-img resolves a relative data_file against its working directory, not the image's
+    opt = opt.replace("ext.data", str(tmp_path / "ext.data"))
     r = qemu.img("create", "-f", "qcow2", "-o", opt, str(p), "1M", ok=False)
     if r.returncode != 0:
         pytest.skip(f"this qemu-img cannot create {opt}: {r.stderr.strip()}")
