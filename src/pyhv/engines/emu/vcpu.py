@@ -247,6 +247,7 @@ class EmuVcpu(EngineVcpu):
             ctl.budget = self._budget()
             ctl.reason = native.STOP_NONE
             err = self._emu_start()
+            ctl.run_first = 0
             self._sync_clock()
             if err is not None:
                 if self._final is None:
@@ -353,9 +354,17 @@ class EmuVcpu(EngineVcpu):
         if not v.rflags & IF_FLAG:
             ctl.irq_window = 1
             return
+        if v.shadow and not self._halted and self.native:
+            # STI / MOV SS shadow: the shadowed instruction runs first. The block hook
+            # lets the slice's first block run and stops at the next block start where
+            # IF=1 (a few instructions later at most: interrupt latency is not
+            # architectural). No instruction-count run: unicorn would install its count
+            # hook, then drop every translated block when the hook is removed.
+            ctl.irq_window = 1
+            ctl.run_first = 1
+            return
         if v.shadow and not self._halted:
-            # STI / MOV SS shadow: one more instruction first (the block hook must not
-            # stop it, and its blocks count as guest progress)
+            # fallback (instruction-count slices): exactly one more instruction first
             ctl.budget = NO_DEADLINE_BUDGET
             ctl.irq_window = 0
             ctl.reason = native.STOP_NONE

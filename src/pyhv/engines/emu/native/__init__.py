@@ -41,7 +41,7 @@ class Ctl(ctypes.Structure):
         ("kick", ctypes.c_int32),
         ("irq_window", ctypes.c_int32),
         ("reason", ctypes.c_int32),
-        ("pad", ctypes.c_int32),
+        ("run_first", ctypes.c_int32),
         ("emu_stop", ctypes.c_void_p),
         ("reg_read", ctypes.c_void_p),
     ]

@@ -10,6 +10,12 @@
  *   2. another thread asked for a stop (kick),
  *   3. an interrupt is waiting and RFLAGS.IF is now 1 (the interrupt window opened).
  * A block stopped in its hook has not executed: RIP is the block's first instruction.
+ * `run_first` lets the first block of a slice run unconditionally: after STI / MOV SS
+ * the instruction in the interrupt shadow must execute before an interrupt is taken,
+ * and stopping at the next block start (not after exactly one instruction) is
+ * architecturally fine (interrupt latency is not specified), while an instruction-count
+ * run would make unicorn add, then later remove, its per-instruction count hook and
+ * drop every translated block each time.
  *
  * No headers and no link-time dependency: unicorn's uc_emu_stop and uc_reg_read are
  * passed in as function pointers in the control block, filled in from Python.
@@ -28,7 +34,7 @@ struct pyhv_emu_ctl {
     volatile int32_t kick;         /* set from any thread: stop at the next block */
     int32_t irq_window;            /* stop as soon as RFLAGS.IF is 1 */
     int32_t reason;                /* why the hook (or Python) stopped; 0 = not stopped */
-    int32_t pad;
+    int32_t run_first;             /* the slice's first block runs whatever the state */
     int (*emu_stop)(void *uc);
     int (*reg_read)(void *uc, int regid, void *value);
 };
@@ -40,6 +46,12 @@ void pyhv_emu_block(void *uc, uint64_t address, uint32_t size, void *user)
     (void)size;
     if (c->reason != STOP_NONE) {     /* a stop is already on its way: repeat it */
         c->emu_stop(uc);
+        return;
+    }
+    if (c->run_first) {
+        c->run_first = 0;
+        c->blocks++;
+        c->budget--;
         return;
     }
     if (c->budget <= 0) {
