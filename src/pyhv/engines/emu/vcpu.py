@@ -131,8 +131,12 @@ class EmuVcpu(EngineVcpu):
         self._hooks: list[Any] = []
         addr, self.native_info = native.load()
         self.native = addr is not None
+        self.exit_checks = "unicorn's per-access exit checks kept (no native hook)"
         if addr is not None:
             self._add_native_hook(addr)
+        if self.native:
+            # before any code is translated: the flag acts at translation time
+            self.exit_checks = native.exit_checks_off(uc)
         self._add_hooks()
         C.set_state(uc, self.blob, CpuState())
 
@@ -574,6 +578,7 @@ class EmuVcpu(EngineVcpu):
         out["blocks executed" if self.native else "blocks executed (estimated)"] = \
             self.ctl.blocks
         out["native block hook"] = 1 if self.native else 0
+        out["per-access exit checks"] = 0 if self.exit_checks.endswith(" off") else 1
         out["time in emu_start (s)"] = round(self.t_emu, 6)
         out["time outside emu_start (s)"] = round(max(0.0, self.t_run - self.t_emu), 6)
         for vec, n in sorted(self.vectors.items()):

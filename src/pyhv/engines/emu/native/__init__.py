@@ -8,6 +8,9 @@ rebuilds it and concurrent builders never see a half-written file (write + renam
 or the build fails; the engine then falls back to instruction-count slices (correct,
 about 2.5x slower; HOST.md).
 
+`exit_checks_off(uc)` turns off unicorn's per-access exit check (see its docstring): it
+is only used together with the native hook, which makes every stop at a block start.
+
 The control block `Ctl` mirrors `struct pyhv_emu_ctl` field for field: the engine writes
 the slice budget and the interrupt-window flag before each `emu_start`, `kick()` writes
 `kick` from any thread (a single aligned int32 store), and the hook reports `reason`.
@@ -22,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 SOURCE = Path(__file__).with_name("blockhook.c")
 
@@ -101,3 +105,87 @@ def load() -> tuple[int | None, str]:
 
 
 _lib_keepalive: list[ctypes.CDLL] = []
+
+
+# -- unicorn's per-access exit check ------------------------------------------------------
+
+_exit_flag: tuple[int | None, str] | None = None
+
+
+def _no_exit_request_offset() -> int | None:
+    """offsetof(struct uc_struct, no_exit_request), read from unicorn's own code.
+
+    unicorn 2.1.4's check_exit_request_x86_64() starts with
+    `mov rsi, [rdi + tcg_ctx.uc]; cmp byte [rsi + OFFSET], 0; je ...` (48 8b b7 d32,
+    80 be d32 00); the pinned build has OFFSET = 0x7f2. None if the code differs.
+    """
+    from pyhv.engines.emu._uc import unicorn
+    uclib = unicorn.unicorn_py3.unicorn.uclib
+    try:
+        fn = ctypes.cast(uclib.check_exit_request_x86_64, ctypes.c_void_p).value
+    except AttributeError:
+        return None
+    if not fn:
+        return None
+    code = ctypes.string_at(fn, 16)
+    if code[0:3] != b"\x48\x8b\xb7" or code[7:9] != b"\x80\xbe" or code[13] != 0:
+        return None
+    return int.from_bytes(code[9:13], "little")
+
+
+def _set_flag(uc: Any, offset: int, value: int) -> None:
+    handle = uc._uch.value
+    ctypes.c_uint8.from_address(handle + offset).value = value
+
+
+def _verify(offset: int) -> bool:
+    """The flag does what it should: a stop requested in an MMIO write callback takes
+    effect mid-block with the check (RIP back on the store) and at the block's end
+    without it (both INCs done)."""
+    from pyhv.engines.emu._uc import unicorn, x86
+    got = []
+    for flag in (0, 1):
+        uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+        uc.mem_map(0, 0x10000)
+
+        def write(u: Any, *_a: Any) -> None:
+            u.emu_stop()
+
+        uc.mmio_map(0x100000, 0x1000, lambda *_a: 0, None, write, None)
+        uc.mem_write(0x1000, bytes.fromhex("8803ffc1ffc1f4"))   # mov [rbx],al; inc ecx x2; hlt
+        uc.reg_write(x86.UC_X86_REG_RBX, 0x100000)
+        if flag:
+            _set_flag(uc, offset, 1)
+        uc.emu_start(0x1000, 0x2000)
+        got.append((uc.reg_read(x86.UC_X86_REG_RCX), uc.reg_read(x86.UC_X86_REG_RIP)))
+    return got == [(0, 0x1000), (2, 0x1007)]
+
+
+def exit_checks_off(uc: Any) -> str:
+    """Turn off unicorn's exit-request check after every guest load and store.
+
+    unicorn 2.1.4 translates every guest memory access followed by a call to
+    helper_check_exit_request (~2.5 ns a load or store), so that a stop requested from a
+    memory hook takes effect at once. When it does, the CPU state is restored to the
+    *start* of the accessing instruction, although the access has been done: an
+    instruction that stored and is stopped this way runs again on resume (a
+    read-modify-write such as `incl %gs:__preempt_count` increments twice). pyhv stops
+    only from its block hook, at a block start, so it needs none of these checks; the
+    field unicorn itself uses to drop them (uc_struct.no_exit_request, set for ARM IT
+    blocks) is set once. Its offset is read from unicorn's code and the effect verified
+    on a scratch instance; on any doubt nothing is changed. Returns a description.
+    """
+    global _exit_flag
+    if _exit_flag is None:
+        if os.environ.get("PYHV_EMU_EXIT_CHECKS", "0") == "1":
+            _exit_flag = (None, "unicorn's per-access exit checks kept (PYHV_EMU_EXIT_CHECKS=1)")
+        else:
+            off = _no_exit_request_offset()
+            if off is None or not 0 < off < 0x10000 or not _verify(off):
+                _exit_flag = (None, "unicorn's per-access exit checks kept (unrecognised build)")
+            else:
+                _exit_flag = (off, "unicorn's per-access exit checks off")
+    off, what = _exit_flag
+    if off is not None:
+        _set_flag(uc, off, 1)
+    return what
