@@ -14,6 +14,7 @@ from pyhv.errors import HostError
 ENGINES: dict[str, str] = {
     "kvm": "pyhv.engines.kvm:KvmEngine",
     "emu": "pyhv.engines.emu:EmuEngine",
+    "trap": "pyhv.engines.trap:TrapEngine",
 }
 
 
