@@ -85,6 +85,7 @@ FALLBACK_SLICE = 200_000             # instructions per emu_start without the na
 FALLBACK_INSNS_PER_BLOCK = 5         # progress accounting without the native hook
 MMIO_TOP = 1 << 40                   # physical address space mapped (RAM + MMIO holes)
 IF_FLAG = 1 << 9
+CR0_PG = 1 << 31
 
 
 class EmuVcpu(EngineVcpu):
@@ -137,6 +138,11 @@ class EmuVcpu(EngineVcpu):
         if self.native:
             # before any code is translated: the flag acts at translation time
             self.exit_checks = native.exit_checks_off(uc)
+        self.tlb: native.Tlb | None = None
+        self._tlb_virtual = False
+        fill = native.tlb_fill_address() if self.native else None
+        if fill is not None:
+            self._add_tlb_hook(fill)
         self._add_hooks()
         C.set_state(uc, self.blob, CpuState())
 
@@ -175,6 +181,40 @@ class EmuVcpu(EngineVcpu):
         if err != 0:
             self.native = False
             self.native_info = f"uc_hook_add failed ({err}); using instruction slices"
+
+    def _add_tlb_hook(self, addr: int) -> None:
+        """The paging-off TLB fill (blockhook.c): stores to pages without code take
+        unicorn's fast path. Used while CR0.PG = 0 only (`_choose_tlb`)."""
+        uclib = unicorn.unicorn_py3.unicorn.uclib
+        tlb = native.Tlb()
+        self._code_pages = (ctypes.c_uint8 * native.CODE_PAGES_BYTES)()
+        tlb.code_pages = ctypes.addressof(self._code_pages)
+        tlb.reg_read = ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value
+        tlb.ctl = ctypes.cast(uclib.uc_ctl, ctypes.c_void_p).value
+        tlb.flush_ctl = (unicorn.UC_CTL_IO_WRITE << 30) | unicorn.UC_CTL_TLB_FLUSH
+        handle = ctypes.c_size_t()
+        err = uclib.uc_hook_add(self.uc._uch, ctypes.byref(handle), unicorn.UC_HOOK_TLB_FILL,
+                                ctypes.c_void_p(addr), ctypes.cast(ctypes.pointer(tlb),
+                                                                   ctypes.c_void_p),
+                                ctypes.c_uint64(1), ctypes.c_uint64(0))
+        if err == 0:
+            self.tlb = tlb
+            self.counters["tlb mode switches"] = 0
+
+    def _choose_tlb(self) -> None:
+        """unicorn's own TLB with paging on, pyhv's fill hook with paging off."""
+        if self.tlb is None:
+            return
+        virtual = not self.uc.reg_read(x86.UC_X86_REG_CR0) & CR0_PG
+        if virtual == self._tlb_virtual:
+            return
+        uc = self.uc
+        uc.ctl_set_tlb_mode(unicorn.UC_TLB_VIRTUAL if virtual else unicorn.UC_TLB_CPU)
+        uc.ctl(unicorn.UC_CTL_TLB_FLUSH, unicorn.UC_CTL_IO_WRITE)
+        if virtual:          # code translated under the other TLB is not in the bitmap
+            uc.ctl_flush_tb()
+        self._tlb_virtual = virtual
+        self.counters["tlb mode switches"] += 1
 
     def _add_hooks(self) -> None:
         uc, U, X = self.uc, unicorn, x86
@@ -278,7 +318,20 @@ class EmuVcpu(EngineVcpu):
             if count:
                 self.uc.emu_start(begin, UNTIL, 0, count)
             elif self.native:
-                self.uc.emu_start(begin, UNTIL)
+                while True:
+                    self._choose_tlb()
+                    try:
+                        self.uc.emu_start(begin, UNTIL)
+                    except unicorn.UcError:
+                        tlb = self.tlb
+                        if tlb is None or not tlb.paging:
+                            raise
+                        # the guest turned paging on under the paging-off TLB hook: the
+                        # accessing instruction was rolled back; go on with unicorn's TLB
+                        tlb.paging = 0
+                        begin = self.blob_rip()
+                        continue
+                    break
             else:
                 count = max(1, min(FALLBACK_SLICE, self.ctl.budget * FALLBACK_INSNS_PER_BLOCK))
                 before = self.blob_rip()

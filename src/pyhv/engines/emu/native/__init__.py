@@ -51,6 +51,22 @@ class Ctl(ctypes.Structure):
     ]
 
 
+class Tlb(ctypes.Structure):
+    """`struct pyhv_emu_tlb` (blockhook.c): the paging-off TLB-fill hook's state."""
+
+    _fields_ = [
+        ("code_pages", ctypes.c_void_p),
+        ("fills", ctypes.c_uint64),
+        ("code_pages_seen", ctypes.c_uint64),
+        ("paging", ctypes.c_int32),
+        ("flush_ctl", ctypes.c_int32),
+        ("reg_read", ctypes.c_void_p),
+        ("ctl", ctypes.c_void_p),
+    ]
+
+
+CODE_PAGES_BYTES = 1 << 17          # 1 bit per 4 KiB page below 4 GiB
+
 _cache: tuple[int | None, str] | None = None
 
 
@@ -97,6 +113,7 @@ def load() -> tuple[int | None, str]:
                 return _cache
         lib = ctypes.CDLL(str(path))
         addr = ctypes.cast(lib.pyhv_emu_block, ctypes.c_void_p).value
+        _tlb_fill.append(ctypes.cast(lib.pyhv_emu_tlb_fill, ctypes.c_void_p).value or 0)
         _lib_keepalive.append(lib)
         _cache = (addr, f"native block hook {path}")
     except (OSError, subprocess.SubprocessError, AttributeError) as e:
@@ -105,6 +122,14 @@ def load() -> tuple[int | None, str]:
 
 
 _lib_keepalive: list[ctypes.CDLL] = []
+_tlb_fill: list[int] = []
+
+
+def tlb_fill_address() -> int | None:
+    """Address of pyhv_emu_tlb_fill, once `load()` has found the native hook."""
+    if os.environ.get("PYHV_EMU_VTLB", "1") == "0":
+        return None
+    return _tlb_fill[0] if _tlb_fill and _tlb_fill[0] else None
 
 
 # -- unicorn's per-access exit check ------------------------------------------------------

@@ -71,3 +71,70 @@ void pyhv_emu_block(void *uc, uint64_t address, uint32_t size, void *user)
     }
     c->emu_stop(uc);
 }
+
+/*
+ * The TLB-fill hook, used only while the guest runs with paging off (CR0.PG = 0).
+ *
+ * Why: unicorn 2.1.4 has no dirty-memory bitmap; its notdirty_write() keeps every TLB
+ * entry that allows execution on the store slow path forever (its guard against missed
+ * self-modifying code). With paging off, QEMU's x86 page walk makes every page
+ * executable, so every guest store costs a helper call, two memory-region lookups and a
+ * translated-code check (~40 ns against ~5 ns for a load; bench/native/uc_store_probe.py).
+ * With unicorn's "virtual TLB" (UC_TLB_VIRTUAL) this hook fills the TLB instead: the
+ * identity mapping, executable only for pages code has been fetched from. Pages without
+ * code get read/write entries, so their stores take the inline fast path after the first.
+ *
+ * Self-modifying code stays exact: the first fetch from a page records it in the bitmap
+ * and flushes the whole TLB (dropping any fast write entry for that page in every MMU
+ * index and the victim TLB); from then on every entry for the page is executable, hence
+ * slow and checked, exactly as with unicorn's own page walk. Pages whose code was
+ * translated before this hook ran are unknown to it: the engine flushes the translation
+ * cache when it switches to this mode.
+ *
+ * Paging on: the hook cannot walk page tables (QEMU's walker is not reachable), so it
+ * refuses the fill and flags `paging`: unicorn restores the CPU to the start of the
+ * accessing instruction and ends emu_start with UC_ERR_EXCEPTION; the engine switches
+ * back to unicorn's own TLB and resumes there. The guest sees nothing.
+ */
+#define UC_X86_REG_CR0 50
+#define CR0_PG 0x80000000u
+#define UC_MEM_FETCH 18
+#define UC_PROT_RW 3
+#define UC_PROT_ALL 7
+
+struct pyhv_uc_tlb_entry { uint64_t paddr; int32_t perms; };
+
+struct pyhv_emu_tlb {
+    uint8_t *code_pages;           /* 1 bit per 4 KiB page below 4 GiB (128 KiB) */
+    uint64_t fills;                /* entries filled */
+    uint64_t code_pages_seen;      /* pages added to code_pages */
+    int32_t paging;                /* set when a fill was refused: CR0.PG is 1 */
+    int32_t flush_ctl;             /* uc_ctl code of UC_CTL_TLB_FLUSH (write, 0 args) */
+    int (*reg_read)(void *uc, int regid, void *value);
+    int (*ctl)(void *uc, int control, ...);
+};
+
+_Bool pyhv_emu_tlb_fill(void *uc, uint64_t vaddr, int type, struct pyhv_uc_tlb_entry *e,
+                        void *user)
+{
+    struct pyhv_emu_tlb *t = (struct pyhv_emu_tlb *)user;
+    uint64_t cr0 = 0;
+    t->reg_read(uc, UC_X86_REG_CR0, &cr0);
+    if (cr0 & CR0_PG) {
+        t->paging = 1;
+        return 0;
+    }
+    uint64_t page = (vaddr & 0xffffffffu) >> 12;
+    uint8_t bit = (uint8_t)(1u << (page & 7));
+    int code = (t->code_pages[page >> 3] & bit) != 0;
+    if (type == UC_MEM_FETCH && !code) {
+        t->code_pages[page >> 3] |= bit;
+        t->code_pages_seen++;
+        t->ctl(uc, t->flush_ctl);
+        code = 1;
+    }
+    e->paddr = page << 12;
+    e->perms = code ? UC_PROT_ALL : UC_PROT_RW;
+    t->fills++;
+    return 1;
+}
