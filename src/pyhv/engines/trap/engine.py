@@ -36,6 +36,8 @@ import os
 import struct
 import time
 
+import iced_x86 as ix
+
 from pyhv.arch.x86 import gdt
 from pyhv.arch.x86.cpustate import (
     CR0_ET,
@@ -195,7 +197,8 @@ class TrapVcpu(EngineVcpu):
 
     def _apply(self, h: Held, out: Outcome, rip: int, insn: bytes) -> Exit | None:
         if out.error is not None:
-            return InternalError(out.error, rip, insn)
+            length = ix.Decoder(64, insn, ip=rip).decode().len if insn else 0
+            return InternalError(out.error, rip, insn[:length] or insn)
         if out.reload_gdt:
             self._reload_shadow()
         if out.kind in ("wrmsr", "swapgs"):
