@@ -12,7 +12,7 @@ Package map (each module states its design and invariants):
     deliver.py  exception / interrupt delivery: real, protected, long mode, #DF, triple
     syscall.py  SYSCALL / SYSENTER semantics (unicorn only calls a hook)
     vcpu.py     EmuVcpu: the run loop, hooks, virtual time, interrupt injection
-    native/     the ~30-line C block hook, built with gcc on first use and cached
+    native/     the C block hook and paging-off TLB fill, built with gcc on first use
 
 Requirements: the Python package `unicorn`, exactly version 2.1.4 (pinned in pyproject:
 the CPU state layout is checked against it); gcc for the fast block hook (optional).

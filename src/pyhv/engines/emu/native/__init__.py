@@ -1,6 +1,7 @@
 """The emu engine's native block hook: build it once with the host's gcc, load it, cache it.
 
-Design: `blockhook.c` (about 30 lines, no headers, no link dependency) is compiled into a
+Design: `blockhook.c` (the block hook and the paging-off TLB fill; no headers, no link
+dependency) is compiled into a
 shared object the first time an emu vCPU is created and cached under
 `$XDG_CACHE_HOME/pyhv/` (default `~/.cache/pyhv/`) by the hash of its source, so an edit
 rebuilds it and concurrent builders never see a half-written file (write + rename).
