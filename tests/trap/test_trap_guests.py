@@ -1,0 +1,195 @@
+"""The trap teaching guests through the real `pyhv run`, on trap, emu and kvm.
+
+What runs right under trap-and-emulate (teach, hidden, the bad-input guests) is asserted
+to give the same output and status on every engine. What cannot run right (sensitive:
+the sensitive instructions that do not trap at CPL 3) is asserted to go wrong in exactly
+the way the Popek-Goldberg probe predicts, and to be right at real CPL 0 (emu, kvm).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from trapbuild import run_pyhv, unavailable
+
+ENGINES = ("trap", "emu", "kvm")
+
+
+def engines(*names: str) -> list[object]:
+    out: list[object] = []
+    for e in names:
+        why = unavailable(e)
+        marks = [pytest.mark.skip(reason=why)] if why else []
+        if e in ("kvm", "trap"):
+            marks.append(pytest.mark.kvm)
+        out.append(pytest.param(e, marks=marks, id=e))
+    return out
+
+
+TEACH = ("teach: own GDT and IDT loaded\n"
+         "cr0=80000031 cr4=00000620 efer=00000500\n"
+         "#UD handled, rip ok\n"
+         "#GP err=0000 handled, rip ok\n"
+         "timer: 10 ticks with sti;hlt\n"
+         "primes below 20000: 2262\n"
+         "checksum: 84fb8c8e473aabb0\n"
+         "teach: done\n")
+
+SENSITIVE_CPL0 = ("sensitive: own GDT and IDT loaded\n"
+                  "mov ax, cs: 0008 (RPL 0)\n"
+                  "sgdt: own GDT\n"
+                  "sidt: own IDT\n"
+                  "str: 0020\n"
+                  "smsw: 0031\n"
+                  "pushf after cli: IF=0 IOPL=0\n"
+                  "popf restores IF=1, waiting for a timer tick with hlt\n"
+                  "woke on the timer\n")
+
+HIDDEN = ("hidden: touching 0xffffff8000000000\n"
+          "#PF err=0000 cr2=ffffff8000000000\n"
+          "#PF err=0002 cr2=ffffff8000000008\n"
+          "#PF err=0000 cr2=ffffff8000000000\n"
+          "#PF err=0002 cr2=ffffff8000030000\n"
+          "hidden: 4 page faults, monitor intact\n")
+
+
+@pytest.mark.parametrize("engine", engines(*ENGINES))
+def test_teach_runs_on_every_engine(trap_guest: Callable[[str], Path], engine: str) -> None:
+    r = run_pyhv("--engine", engine, "--kernel", trap_guest("teach"), timeout=20)
+    assert (r.status, r.stdout) == (67, TEACH), r.explain()
+
+
+@pytest.mark.parametrize("engine", engines("emu", "kvm"))
+def test_sensitive_is_right_at_cpl0(trap_guest: Callable[[str], Path], engine: str) -> None:
+    r = run_pyhv("--engine", engine, "--kernel", trap_guest("sensitive"), timeout=20)
+    assert (r.status, r.stdout) == (69, SENSITIVE_CPL0), r.explain()
+
+
+def _lines(text: str) -> dict[str, str]:
+    return {line.split(":", 1)[0]: line for line in text.splitlines() if ":" in line}
+
+
+@pytest.mark.parametrize("engine", engines("trap"))
+def test_sensitive_goes_wrong_under_trap(trap_guest: Callable[[str], Path],
+                                         engine: str) -> None:
+    """UMIP off (the default): every non-trapping sensitive instruction shows it."""
+    r = run_pyhv("--engine", engine, "--kernel", trap_guest("sensitive"), timeout=20)
+    lines = _lines(r.stdout)
+    # CS shows RPL 3 (on KVM-PVM the host's own user selector 0x33; on VT-x 0x000b)
+    assert lines["mov ax, cs"].endswith("(RPL 3)"), r.explain()
+    assert lines["mov ax, cs"] != "mov ax, cs: 0008 (RPL 0)"
+    # SGDT/SIDT/STR/SMSW return the monitor's values (pyhv/engines/trap/monitor.py)
+    assert lines["sgdt"] == "sgdt: monitor's GDT at ffffff8000000000", r.explain()
+    assert lines["sidt"] == "sidt: monitor's IDT at ffffff8000010000", r.explain()
+    assert lines["str"] == "str: ffd0", r.explain()
+    assert lines["smsw"] == "smsw: 0033", r.explain()          # the monitor's CR0.MP
+    # PUSHF shows the real IF (1), not the virtual one the CLI cleared
+    assert lines["pushf after cli"] == "pushf after cli: IF=1 IOPL=0", r.explain()
+    # POPF could not set the virtual IF again: HLT waits with interrupts off forever,
+    # which pyhv ends with status 0 instead of the guest's own exit (69)
+    assert r.stdout.endswith("popf restores IF=1, waiting for a timer tick with hlt\n"), \
+        r.explain()
+    assert "woke on the timer" not in r.stdout
+    assert r.status == 0, r.explain()
+
+
+@pytest.mark.parametrize("engine", engines("trap"))
+def test_sensitive_under_trap_with_umip(trap_guest: Callable[[str], Path],
+                                        engine: str) -> None:
+    """UMIP on: SGDT/SIDT/STR/SMSW trap and are emulated; CS, PUSHF, POPF stay wrong."""
+    r = run_pyhv("--engine", engine, "--kernel", trap_guest("sensitive"), timeout=20,
+                 umip=True)
+    if "has no UMIP" in r.stderr:
+        pytest.skip("this host's CPU has no UMIP")
+    lines = _lines(r.stdout)
+    assert lines["sgdt"] == "sgdt: own GDT", r.explain()
+    assert lines["sidt"] == "sidt: own IDT", r.explain()
+    assert lines["str"] == "str: 0020", r.explain()
+    assert lines["smsw"] == "smsw: 0031", r.explain()
+    assert lines["mov ax, cs"].endswith("(RPL 3)"), r.explain()
+    assert lines["pushf after cli"] == "pushf after cli: IF=1 IOPL=0", r.explain()
+    assert r.status == 0 and "woke on the timer" not in r.stdout, r.explain()
+
+
+@pytest.mark.parametrize("engine", engines(*ENGINES))
+def test_monitor_range_is_not_mapped_for_the_guest(trap_guest: Callable[[str], Path],
+                                                   engine: str) -> None:
+    r = run_pyhv("--engine", engine, "--kernel", trap_guest("hidden"), timeout=20)
+    assert (r.status, r.stdout) == (71, HIDDEN), r.explain()
+
+
+@pytest.mark.parametrize("engine", engines(*ENGINES))
+@pytest.mark.parametrize(("guest", "first_line"), [
+    ("badgdt", "badgdt: loading a GDT of zeros\n"),
+    ("badidt", "badidt: loading an IDT of 0xaa bytes\n"),
+])
+def test_nonsense_tables_triple_fault(trap_guest: Callable[[str], Path], engine: str,
+                                      guest: str, first_line: str) -> None:
+    r = run_pyhv("--engine", engine, "--kernel", trap_guest(guest), timeout=20)
+    assert r.status == 4 and r.stdout == first_line, r.explain()
+    assert "triple fault" in r.stderr, r.explain()
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("engine", engines("emu", "kvm"))
+def test_rep_outsb_works_at_cpl0(trap_guest: Callable[[str], Path], engine: str) -> None:
+    r = run_pyhv("--engine", engine, "--kernel", trap_guest("cannot"), timeout=20)
+    assert r.status == 73 and r.stdout == ("cannot: before\nprinted with rep outsb\n"
+                                           "cannot: after\n"), r.explain()
+
+
+@pytest.mark.parametrize("engine", engines("trap"))
+def test_cannot_emulate_reports_the_instruction(trap_guest: Callable[[str], Path],
+                                                engine: str) -> None:
+    r = run_pyhv("--engine", engine, "--kernel", trap_guest("cannot"), timeout=20)
+    assert r.status == 4 and r.stdout == "cannot: before\n", r.explain()
+    assert "cannot emulate rep outsb" in r.stderr, r.explain()
+    assert "(instruction bytes: f3 6e)" in r.stderr, r.explain()
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("engine", engines("trap"))
+def test_stats_count_traps_by_kind(trap_guest: Callable[[str], Path], engine: str) -> None:
+    r = run_pyhv("--engine", engine, "--kernel", trap_guest("teach"), "--stats", timeout=20)
+    assert r.status == 67, r.explain()
+    for key in ("trap: traps", "trap: us per trap (round trip)", "trap: trap out",
+                "trap: trap in ", "trap: trap cli", "trap: trap sti", "trap: trap hlt",
+                "trap: trap iretq", "trap: trap lgdt", "trap: trap lidt",
+                "trap: trap retf", "trap: trap mov ss", "trap: trap rdmsr",
+                "trap: trap reflect #UD", "trap: interrupts reflected"):
+        assert key in r.stderr, f"{key!r} missing" + r.explain()
+
+
+@pytest.mark.parametrize("engine", engines("trap"))
+def test_core_faults64_builds_its_idt_from_mov_cs(engine: str, tmp_path: Path) -> None:
+    """core/faults64 fills its IDT gates from `mov dx, cs`: deprivileged, that reads an
+    RPL 3 selector its GDT does not describe, so its first exception cannot be
+    delivered: #UD -> #GP -> #DF -> triple fault, the silent failure made fatal."""
+    from trapbuild import missing_tools
+    if missing_tools():
+        pytest.skip("gcc/as/ld missing")
+    import guestbuild
+    img = guestbuild.build("faults64", tmp_path)
+    r = run_pyhv("--engine", engine, "--kernel", img, timeout=20)
+    assert r.status == 4 and "triple fault (#UD -> #GP -> #DF -> #GP)" in r.stderr, \
+        r.explain()
+
+
+@pytest.mark.parametrize("engine", engines("trap"))
+def test_trap_refuses_non_long_mode_images(engine: str, tmp_path: Path) -> None:
+    from trapbuild import missing_tools
+    if missing_tools():
+        pytest.skip("gcc/as/ld missing")
+    import guestbuild
+    img = guestbuild.build("hello", tmp_path)
+    r = run_pyhv("--engine", engine, "--kernel", img, timeout=20)
+    assert r.status == 2, r.explain()
+    assert "trap engine runs 64-bit kernels entered in long mode" in r.stderr, r.explain()
+
+
+def test_trap_is_a_known_engine() -> None:
+    from pyhv.engines import ENGINES, engine_class
+    assert ENGINES["trap"] == "pyhv.engines.trap:TrapEngine"
+    assert engine_class("trap").name == "trap"
