@@ -51,7 +51,8 @@ def build(name: str, out: Path) -> Path:
 
 def unavailable(engine: str) -> str | None:
     """Why `engine` cannot run here (trap needs a usable /dev/kvm), or None."""
-    return engine_unavailable("kvm" if engine == "trap" else engine)
+    why: str | None = engine_unavailable("kvm" if engine == "trap" else engine)
+    return why
 
 
 def run_pyhv(*args: str | Path, timeout: float = 20.0, umip: bool = False) -> Run:
