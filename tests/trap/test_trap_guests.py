@@ -193,3 +193,16 @@ def test_trap_is_a_known_engine() -> None:
     from pyhv.engines import ENGINES, engine_class
     assert ENGINES["trap"] == "pyhv.engines.trap:TrapEngine"
     assert engine_class("trap").name == "trap"
+
+
+@pytest.mark.parametrize("engine", engines(*ENGINES))
+@pytest.mark.parametrize(("cmdline", "line"), [
+    ("priv 10", "bench: priv 10 0000000000000000\n"),
+    ("cpu 2", "bench: cpu 2 ea604e9fa167cdf0\n"),
+])
+def test_bench_kernel(trap_guest: Callable[[str], Path], engine: str, cmdline: str,
+                      line: str) -> None:
+    """The kernel bench/trap_bench.py times gives the same result on every engine."""
+    r = run_pyhv("--engine", engine, "--kernel", trap_guest("bench"), "--append", cmdline,
+                 timeout=20)
+    assert (r.status, r.stdout) == (75, line), r.explain()

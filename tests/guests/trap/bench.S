@@ -1,0 +1,103 @@
+/*
+ * bench: the guest kernel of bench/trap_bench.py. Its command line (multiboot info,
+ * RDI) chooses a loop and its iteration count:
+ *
+ *   "priv N"   N x { cli; sti; in al, 0x61; out 0x80, al }: four privileged
+ *              instructions, each a trap under the trap engine
+ *   "cpu N"    N x 1000 rounds of { imul; add; xor; dec; jnz }: no privileged
+ *              instruction at all (native at CPL 3 under trap, emulated at CPL 0 by
+ *              KVM-PVM under kvm, software under emu)
+ *
+ * It prints "bench: <loop> <N> <result>" and ends through debug-exit with 0x25
+ * (status 75). Anything else on the command line: "bench: bad command line", 0x7e.
+ */
+#include "guest.h"
+    .intel_syntax noprefix
+    .code64
+    .text
+    .globl start
+start:
+    lea rsp, [rip + stack_top]
+    test dword ptr [rdi], MULTIBOOT_INFO_CMDLINE
+    jz bad
+    mov esi, dword ptr [rdi + 16]
+    mov bl, [rsi]                 /* 'p' or 'c' */
+1:  lodsb                         /* skip to the first digit */
+    test al, al
+    jz bad
+    cmp al, '0'
+    jb 1b
+    cmp al, '9'
+    ja 1b
+    xor ecx, ecx                  /* N in RCX */
+2:  sub al, '0'
+    imul rcx, rcx, 10
+    movzx eax, al
+    add rcx, rax
+    lodsb
+    cmp al, '0'
+    jb 3f
+    cmp al, '9'
+    jbe 2b
+3:  mov r12, rcx
+    cmp bl, 'p'
+    je priv
+    cmp bl, 'c'
+    je cpu
+bad:
+    lea rsi, [rip + msg_bad]
+    call puts
+    DEBUG_EXIT_WITH(0x7e)
+
+priv:
+    mov rcx, r12
+    test rcx, rcx
+    jz 2f
+1:  cli
+    sti
+    in al, 0x61
+    out 0x80, al
+    dec rcx
+    jnz 1b
+2:  xor r13d, r13d
+    lea rsi, [rip + msg_priv]
+    jmp report
+
+cpu:
+    mov rcx, r12
+    mov rax, 1
+    xor r13d, r13d
+    test rcx, rcx
+    jz 3f
+1:  mov edx, 1000
+2:  imul rax, rax, 6364136223846793005 & 0x7fffffff
+    add rax, rdx
+    xor r13, rax
+    dec edx
+    jnz 2b
+    dec rcx
+    jnz 1b
+3:  lea rsi, [rip + msg_cpu]
+
+report:
+    call puts
+    mov rax, r12
+    call putdec
+    mov al, ' '
+    call putc
+    mov rax, r13
+    call puthex
+    mov al, '\n'
+    call putc
+    DEBUG_EXIT_WITH(0x25)
+
+#include "serial64.inc"
+
+    .section .rodata
+msg_priv: .asciz "bench: priv "
+msg_cpu:  .asciz "bench: cpu "
+msg_bad:  .asciz "bench: bad command line\n"
+    .bss
+    .align 16
+    .skip 4096
+stack_top:
