@@ -72,7 +72,7 @@ UNSUPPORTED = {ix.Mnemonic.INSB, ix.Mnemonic.INSW, ix.Mnemonic.INSD, ix.Mnemonic
                ix.Mnemonic.OUTSW, ix.Mnemonic.OUTSD, ix.Mnemonic.XSETBV, ix.Mnemonic.SYSRET,
                ix.Mnemonic.SYSRETQ, ix.Mnemonic.SYSEXIT, ix.Mnemonic.SYSEXITQ,
                ix.Mnemonic.MONITOR, ix.Mnemonic.MWAIT, ix.Mnemonic.RDPMC,
-               ix.Mnemonic.JMP, ix.Mnemonic.CALL, ix.Mnemonic.LAR, ix.Mnemonic.LSL,
+               ix.Mnemonic.JMP, ix.Mnemonic.CALL,
                ix.Mnemonic.INVPCID, ix.Mnemonic.LSS, ix.Mnemonic.LFS, ix.Mnemonic.LGS}
 
 

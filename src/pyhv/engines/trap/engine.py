@@ -67,7 +67,7 @@ from pyhv.engines.trap.emulate import Emulator, Outcome
 from pyhv.engines.trap.reflect import DF, GP, PF, UD, Event, Kind, TripleFault, deliver, name
 from pyhv.engines.trap.stats import TrapStats
 from pyhv.engines.trap.virtual import VirtualCpu
-from pyhv.errors import HostError
+from pyhv.errors import GuestMemoryError, HostError
 from pyhv.exits import (
     Exit,
     Halt,
@@ -137,7 +137,12 @@ class TrapVcpu(EngineVcpu):
             ex = kv.run()
             t1 = time.perf_counter()
             if isinstance(ex, MmioWrite) and MON.SIGNAL_GPA <= ex.addr < MON.SIGNAL_GPA + 256:
-                out = self._trap(ex.addr - MON.SIGNAL_GPA, t1 - t0, t1)
+                try:
+                    out = self._trap(ex.addr - MON.SIGNAL_GPA, t1 - t0, t1)
+                except (GuestMemoryError, OSError, ValueError, struct.error) as e:
+                    # a monitor bug must end the run with a report, never a traceback
+                    return InternalError(f"trap engine failure: {type(e).__name__}: {e}",
+                                         self.held.rip if self.held else None)
                 if out is not None:
                     return out
                 continue
