@@ -54,8 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="flat images: guest-physical load address (default 0x7c00)")
     p.add_argument("--mem", default="128M", metavar="SIZE",
                    help="guest RAM, e.g. 64M, 1G (a plain number is MiB; default 128M)")
-    p.add_argument("--engine", default="auto", metavar="{auto,kvm,emu}",
-                   help="how guest code runs (default auto: kvm with VT-x/AMD-V, else emu)")
+    p.add_argument("--engine", default="auto", metavar="{auto,kvm,emu,trap}",
+                   help="how guest code runs (default auto: kvm with VT-x/AMD-V, else emu; "
+                        "trap: trap-and-emulate of a 64-bit kernel at CPL 3 on /dev/kvm)")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="end the guest after S seconds (exit status 124)")
     p.add_argument("--stats", action="store_true",
