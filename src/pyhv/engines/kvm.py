@@ -167,6 +167,15 @@ def machine_cpuid(entries: list[ks.KvmCpuidEntry2]) -> list[ks.KvmCpuidEntry2]:
     return entries
 
 
+def probe_kvm() -> str | None:
+    """None when /dev/kvm can be opened and used here, else why not."""
+    try:
+        Kvm().close()
+    except HostError as e:
+        return str(e)
+    return None
+
+
 class KvmEngine(Engine):
     """Guest code runs under /dev/kvm."""
 
@@ -174,11 +183,7 @@ class KvmEngine(Engine):
 
     @classmethod
     def probe(cls) -> str | None:
-        try:
-            Kvm().close()
-        except HostError as e:
-            return str(e)
-        return None
+        return probe_kvm()
 
     def __init__(self, memory: GuestMemory) -> None:
         super().__init__(memory)

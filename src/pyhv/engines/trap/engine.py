@@ -59,7 +59,7 @@ from pyhv.arch.x86.cpustate import (
     Segment,
 )
 from pyhv.engines.base import Engine, EngineVcpu, InterruptSource
-from pyhv.engines.kvm import _fpu_to_fxsave, _fxsave_to_fpu, machine_cpuid
+from pyhv.engines.kvm import _fpu_to_fxsave, _fxsave_to_fpu, machine_cpuid, probe_kvm
 from pyhv.engines.trap import descriptors, guestmem
 from pyhv.engines.trap import monitor as MON
 from pyhv.engines.trap.context import Held
@@ -393,11 +393,7 @@ class TrapEngine(Engine):
 
     @classmethod
     def probe(cls) -> str | None:
-        try:
-            Kvm().close()
-        except HostError as e:
-            return str(e)
-        return None
+        return probe_kvm()
 
     def __init__(self, memory: GuestMemory) -> None:
         super().__init__(memory)
