@@ -132,3 +132,29 @@ def test_bad_image_creates_nothing(tmp_path: Path) -> None:
         Machine(MachineConfig(kernel=img, format="flat", engine="emu", mem_size=4 << 20),
                 lambda _b: None)
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_without_unicorn_emu_says_so_and_kvm_still_runs(tmp_path: Path) -> None:
+    """unicorn missing: `--engine emu` fails with one line naming the package; the kvm
+    engine (and everything else) still works."""
+    import subprocess
+    import sys
+
+    fake = tmp_path / "site" / "unicorn"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('unicorn is not installed here')\n")
+    img = tmp_path / "halt.bin"
+    img.write_bytes(b"\xfa\xf4")                                       # cli; hlt
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}:{os.environ.get('PYTHONPATH', '')}"}
+
+    def pyhv(engine: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pyhv", "run", "--kernel", str(img),
+                               "--format", "flat", "--engine", engine, "--timeout", "20"],
+                              capture_output=True, text=True, env=env, timeout=60,
+                              stdin=subprocess.DEVNULL)
+
+    r = pyhv("emu")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("pyhv: ") and "'unicorn'" in r.stderr
+    if engine_class("kvm").probe() is None:
+        assert pyhv("kvm").returncode == 0
