@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -137,6 +138,7 @@ def _run_once(config: MachineConfig, console: Console, args: argparse.Namespace,
     try:
         runner = R.Runner(machine, timeout=timeout, flush=console.flush)
         console.on_panic = lambda line: runner.stop(StopRequest("panic", R.STATUS_CRASH, line))
+        _stop_on_signals(runner)
         if args.command is None:
             serial = machine.devices.serial
             # Linux drops bytes that arrive before /dev/console is open: hold piped input
@@ -167,6 +169,18 @@ def _run_once(config: MachineConfig, console: Console, args: argparse.Namespace,
     return result, runner, machine
 
 
+def _stop_on_signals(runner: R.Runner) -> None:
+    """SIGTERM / SIGHUP end the run cleanly (terminal restored, machine closed), with the
+    shell's 128 + signal number as the status."""
+    import signal
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        def handler(num: int, _frame: object, name: str = sig.name) -> None:
+            runner.stop(StopRequest("signal", 128 + num, f"stopped by {name}"))
+        signal.signal(sig, handler)
+
+
 def _report(result: R.RunResult, runner: R.Runner, machine: Machine, console: Console,
             args: argparse.Namespace) -> int:
     status = result.status
@@ -185,8 +199,8 @@ def _report(result: R.RunResult, runner: R.Runner, machine: Machine, console: Co
         _tail(console)
     elif result.reason == "reset":
         _stderr("pyhv: the guest reset; --on-reboot exit ends the run")
-    elif result.reason == "interrupted":
-        _stderr("pyhv: interrupted")
+    elif result.reason in ("interrupted", "signal"):
+        _stderr(f"pyhv: {result.detail or 'interrupted'}")
     if args.command is not None and status == R.STATUS_OK:
         if console.exit_status is None:
             _stderr("pyhv: the guest stopped without reporting the command's exit status")

@@ -21,7 +21,7 @@ Exit statuses of `pyhv run` (pyhv's own are even, the guest's debug-exit odd):
     (v << 1) | 1   the guest wrote v to the debug-exit port 0xf4 (QEMU's convention)
     4    the guest crashed: triple fault, an engine internal error, a kernel panic
     124  --timeout expired
-    130  interrupted (SIGINT)
+    130  interrupted (SIGINT); the run command maps SIGTERM/SIGHUP to 143/129
 
 Invariants: only the thread that calls `run()` touches the vCPU, devices and timers
 (other threads only kick the vCPU, feed the UART and set events); every exit path stops
@@ -32,6 +32,9 @@ guest's behaviour (a hostile guest gets status 4 with the reason).
 from __future__ import annotations
 
 import enum
+import os
+import select
+import signal
 import threading
 import time
 from collections import Counter
@@ -147,18 +150,66 @@ class Runner:
             self._deadline = self._t0 + self.timeout
         ticker = threading.Thread(target=self._ticker, name="pyhv-ticker", daemon=True)
         ticker.start()
+        undo_signals = self._kick_on_signals()
         try:
             result = self._loop()
         except KeyboardInterrupt:
             result = RunResult(STATUS_INTERRUPTED, "interrupted", "interrupted by SIGINT")
         finally:
             self._done.set()
+            undo_signals()
             ticker.join(timeout=1.0)
             self.state = VmState.STOPPED
             self.engine_stats = self.vcpu.stats()
             self.stats.t_total = time.monotonic() - self._t0
             self.m.devices.serial.poll()
         return result
+
+    def _kick_on_signals(self) -> Callable[[], None]:
+        """Make SIGINT/SIGTERM/SIGHUP reach Python promptly while the vCPU runs.
+
+        Python runs signal handlers only between bytecodes of the main thread; a software
+        CPU spinning inside unicorn may not return for a long time. The C-level handler
+        writes the signal number to a wakeup pipe; a thread reading it kicks the vCPU, so
+        `run()` returns and the handler (KeyboardInterrupt, or the run command's stop
+        request) runs. Other signals (SIGUSR1 is the KVM engine's own kick) are ignored
+        here. Only possible on the main thread; elsewhere a no-op.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        try:
+            old = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:
+            os.close(r)
+            os.close(w)
+            return lambda: None
+        wanted = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+        def watch() -> None:
+            while not self._done.is_set():
+                ready, _, _ = select.select([r], [], [], IDLE_SLICE_S)
+                if not ready:
+                    continue
+                try:
+                    data = os.read(r, 64)
+                except BlockingIOError:
+                    continue
+                if any(n in wanted for n in data):
+                    self.wake.set()
+                    self.vcpu.kick()
+
+        t = threading.Thread(target=watch, name="pyhv-signals", daemon=True)
+        t.start()
+
+        def undo() -> None:
+            signal.set_wakeup_fd(old)
+            t.join(timeout=1.0)
+            os.close(r)
+            os.close(w)
+        return undo
 
     def _loop(self) -> RunResult:
         m = self.m

@@ -158,3 +158,31 @@ def test_without_unicorn_emu_says_so_and_kvm_still_runs(tmp_path: Path) -> None:
     assert r.stderr.startswith("pyhv: ") and "'unicorn'" in r.stderr
     if engine_class("kvm").probe() is None:
         assert pyhv("kvm").returncode == 0
+
+
+@pytest.mark.parametrize("engine", engines())
+@pytest.mark.parametrize(("sig", "status"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_signals_end_a_spinning_guest_promptly(tmp_path: Path, engine: str, sig: str,
+                                               status: int) -> None:
+    """A guest spinning inside the engine (no exits, no timers) still lets pyhv act on
+    SIGINT/SIGTERM at once: the signal's wakeup kicks the vCPU."""
+    import signal
+    import subprocess
+    import sys
+
+    img = tmp_path / "spin.bin"
+    img.write_bytes(b"\xeb\xfe")                                        # jmp $
+    p = subprocess.Popen([sys.executable, "-m", "pyhv", "run", "--kernel", str(img),
+                          "--format", "flat", "--engine", engine, "--timeout", "60"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)                                                 # past start-up
+        p.send_signal(getattr(signal, sig))
+        _, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == status, err
+    assert "Traceback" not in err
