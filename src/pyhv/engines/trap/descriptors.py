@@ -27,17 +27,16 @@ import struct
 from pyhv.arch.x86 import gdt
 from pyhv.arch.x86.cpustate import DescriptorTable, Segment
 from pyhv.engines.trap import guestmem
-from pyhv.engines.trap.guestmem import GuestFault
+from pyhv.engines.trap.guestmem import GuestFault, Mem
 from pyhv.engines.trap.monitor import MIRROR_END, SEL_UCODE, SEL_UDATA, MonitorArea
 from pyhv.engines.trap.virtual import VirtualCpu
-from pyhv.memory import GuestMemory
 
 GP, NP = 13, 11
 _S, _P = 1 << 44, 1 << 47
 _DPL3 = 3 << 45
 
 
-def raw(mem: GuestMemory, v: VirtualCpu, selector: int, *, wide: bool = False
+def raw(mem: Mem, v: VirtualCpu, selector: int, *, wide: bool = False
         ) -> tuple[int, int]:
     """(low, high) 8-byte halves of the descriptor `selector` names in the virtual tables."""
     index = selector & 0xFFF8
@@ -54,7 +53,7 @@ def raw(mem: GuestMemory, v: VirtualCpu, selector: int, *, wide: bool = False
     return lo, hi
 
 
-def code64(mem: GuestMemory, v: VirtualCpu, selector: int) -> Segment:
+def code64(mem: Mem, v: VirtualCpu, selector: int) -> Segment:
     """The 64-bit code segment `selector` names (for CS at virtual CPL 0)."""
     err = selector & 0xFFFC
     if err == 0:
@@ -68,7 +67,7 @@ def code64(mem: GuestMemory, v: VirtualCpu, selector: int) -> Segment:
     return seg
 
 
-def stack(mem: GuestMemory, v: VirtualCpu, selector: int) -> Segment:
+def stack(mem: Mem, v: VirtualCpu, selector: int) -> Segment:
     """The stack segment `selector` names at virtual CPL 0 (null is allowed in 64-bit)."""
     err = selector & 0xFFFC
     if err == 0:
@@ -83,7 +82,7 @@ def stack(mem: GuestMemory, v: VirtualCpu, selector: int) -> Segment:
     return seg
 
 
-def system(mem: GuestMemory, v: VirtualCpu, selector: int, types: tuple[int, ...]
+def system(mem: Mem, v: VirtualCpu, selector: int, types: tuple[int, ...]
            ) -> tuple[Segment, int]:
     """(segment, descriptor address) of an LDT or TSS descriptor in the GDT."""
     err = selector & 0xFFFC
@@ -98,7 +97,7 @@ def system(mem: GuestMemory, v: VirtualCpu, selector: int, types: tuple[int, ...
     return seg, v.gdt.base + (selector & 0xFFF8)
 
 
-def shadow_image(mem: GuestMemory, table: DescriptorTable) -> bytes:
+def shadow_image(mem: Mem, table: DescriptorTable) -> bytes:
     """The guest's GDT as the shadow holds it: code/data at DPL 3, system slots empty."""
     size = min(table.limit + 1, MIRROR_END) & ~7
     try:

@@ -9,14 +9,15 @@ IN/OUT); everything else goes through iced-x86, which also gives memory operands
     PUSHF / POPF                never get here: they do not trap (the point of the probe)
     HLT                         a Halt exit with the virtual IF
     IN / OUT (imm8, DX)         IoIn / IoOut exits to pyhv's port bus
-    MOV CRn, CLTS, LMSW         virtual CR0/CR2/CR3/CR4/CR8 (CR3 recorded, not obeyed)
+    MOV CRn, CLTS, LMSW         virtual CR0/CR2/CR3/CR4/CR8 (CR3: the shadow follows it)
     MOV DRn                     virtual debug registers (no real breakpoints)
     LGDT/LIDT/LLDT/LTR          virtual GDTR/IDTR/LDTR/TR (LGDT rebuilds the shadow GDT)
     SGDT/SIDT/SLDT/STR/SMSW     only trap with CR4.UMIP: the virtual values
     RDMSR / WRMSR               virtual MSRs (EFER, SYSCALL/SYSENTER, PAT...), FS/GS base
                                 on the real segments; any other MSR -> #GP(0)
     SWAPGS                      real GS base <-> virtual KERNEL_GS_BASE
-    INVLPG, WBINVD, INVD        nothing to do (the monitor's tables never change)
+    INVLPG                      the shadow drops the address (shadow.py)
+    WBINVD, INVD                nothing to do
     IRETQ / IRETD / RETF        to an RPL 0 CS: pop the frame, restore the virtual IF
     MOV SS                      virtual SS (checked against the virtual GDT)
     MOV DS/ES/FS/GS             (only fault on a stale shadow) rebuild the shadow, retry
@@ -27,6 +28,11 @@ selector, a non-canonical address) gets its #GP/#UD reflected; a privileged inst
 this monitor does not implement (string I/O, XSETBV, SYSRET, MONITOR...) ends the run
 with "cannot emulate" and its bytes. Checks mirror the CPU at CPL 0: a bad descriptor or
 operand becomes the fault the CPU would raise (`GuestFault`).
+
+`pt_write` is the other entry: a store the guest made, natively, to one of its own
+page-table pages, which the shadow maps read-only (shadow.py). It is carried out here
+through the guest's paging so that the shadow sees it: MOV to memory (register or
+immediate) and XCHG; any other instruction writing a page table is "cannot emulate".
 """
 
 from __future__ import annotations
@@ -55,11 +61,10 @@ from pyhv.arch.x86.cpustate import (
 )
 from pyhv.engines.trap import descriptors, guestmem
 from pyhv.engines.trap.context import Held
-from pyhv.engines.trap.guestmem import GuestFault, canonical
+from pyhv.engines.trap.guestmem import GuestFault, Mem, canonical
 from pyhv.engines.trap.reflect import Event, Kind, name
 from pyhv.engines.trap.virtual import VirtualCpu
 from pyhv.exits import Exit, Halt, IoIn, IoOut
-from pyhv.memory import GuestMemory
 
 GP, UD = 13, 6
 # RFLAGS bits an emulated IRET may set in the real RFLAGS: CF PF AF ZF SF DF OF AC ID
@@ -68,6 +73,8 @@ IRET_FLAGS = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x400 | 0x800 | 0x40000 | 0x200000
 KNOWN_MSRS_DEFAULT = {M.PAT: 0x0007040600070406, M.MTRRCAP: 0, M.MTRR_DEF_TYPE: 0,
                       M.MISC_ENABLE: 1, M.MCG_CAP: 0, M.MCG_STATUS: 0}
 EFER_WRITABLE = EFER_SCE | EFER_LME | EFER_NXE
+CR0_WP = 1 << 16
+CR3_RESERVED = ((1 << 63) - 1) & ~((1 << 32) - 1)   # address bits >= MAXPHYADDR (32); 62:52
 UNSUPPORTED = {ix.Mnemonic.INSB, ix.Mnemonic.INSW, ix.Mnemonic.INSD, ix.Mnemonic.OUTSB,
                ix.Mnemonic.OUTSW, ix.Mnemonic.OUTSD, ix.Mnemonic.XSETBV, ix.Mnemonic.SYSRET,
                ix.Mnemonic.SYSRETQ, ix.Mnemonic.SYSEXIT, ix.Mnemonic.SYSEXITQ,
@@ -87,12 +94,14 @@ class Outcome:
     in_size: int = 0                   # IoIn: the operand size to merge into RAX
     retry: bool = False                # resume at the same RIP (shadow GDT rebuilt)
     reload_gdt: bool = False           # the virtual GDTR or CS/SS changed
+    paging: str | None = None          # "cr3", "invlpg" (at `address`) or "flush"
+    address: int = 0
 
 
 class Emulator:
     """Decodes and emulates one trapped instruction at a time for one vCPU."""
 
-    def __init__(self, mem: GuestMemory, v: VirtualCpu, *, umip: bool) -> None:
+    def __init__(self, mem: Mem, v: VirtualCpu, *, umip: bool) -> None:
         self.mem = mem
         self.v = v
         self.umip = umip
@@ -217,7 +226,9 @@ class Emulator:
         elif mn == ix.Mnemonic.CLTS:
             v.cr0 &= ~CR0_TS
             out = Outcome(kind)
-        elif mn in (ix.Mnemonic.INVLPG, ix.Mnemonic.WBINVD, ix.Mnemonic.INVD):
+        elif mn == ix.Mnemonic.INVLPG:
+            out = Outcome(kind, paging="invlpg", address=self._ea(h, i))
+        elif mn in (ix.Mnemonic.WBINVD, ix.Mnemonic.INVD):
             out = Outcome(kind)
         elif mn == ix.Mnemonic.RDMSR:
             out = self._rdmsr(h, kind)
@@ -314,15 +325,22 @@ class Emulator:
                 return Outcome("mov cr0", error="cannot emulate: the guest turns paging or "
                                f"protection off (mov cr0, {value:#x}); the trap engine runs "
                                "long-mode guests only")
+            flush = (v.cr0 ^ value) & CR0_WP
             v.cr0 = value
+            if flush:
+                return Outcome("mov cr0", paging="flush")
         elif n == 2:
             v.cr2 = value
         elif n == 3:
-            v.cr3 = value                                # recorded, not obeyed
+            if value & CR3_RESERVED:
+                raise GuestFault(GP, 0)
+            v.cr3 = value                                # the shadow follows it
+            return Outcome("mov cr3", paging="cr3")
         elif n == 4:
             if not value & CR4_PAE:
                 raise GuestFault(GP, 0)                  # clearing PAE in long mode
             v.cr4 = value
+            return Outcome("mov cr4", paging="flush")
         elif n == 8:
             if value >> 4:
                 raise GuestFault(GP, 0)
@@ -401,7 +419,10 @@ class Emulator:
         if idx == M.EFER:
             if value & ~(EFER_WRITABLE | EFER_LMA) or not value & EFER_LME:
                 raise GuestFault(GP, 0)
+            flush = (v.efer ^ value) & EFER_NXE
             v.efer = (value & EFER_WRITABLE) | EFER_LMA
+            if flush:
+                return Outcome(kind, paging="flush")
         elif idx in (M.FS_BASE, M.GS_BASE, M.KERNEL_GS_BASE, M.LSTAR, M.CSTAR,
                      M.SYSENTER_EIP, M.SYSENTER_ESP):
             if not canonical(value):
@@ -417,6 +438,37 @@ class Emulator:
         else:
             raise GuestFault(GP, 0)
         return Outcome(kind)
+
+    def pt_write(self, h: Held, insn: bytes) -> Outcome:
+        """Carry out the store at h.rip (to a guest page-table page) through the guest's
+        paging, so that the shadow sees it (guestmem.write -> shadow.written)."""
+        try:
+            i = ix.Decoder(64, insn, ip=h.rip).decode()
+            mn = i.mnemonic
+            if i.code != ix.Code.INVALID and mn in (ix.Mnemonic.MOV, ix.Mnemonic.XCHG) and (
+                    i.op0_kind == ix.OpKind.MEMORY or i.op1_kind == ix.OpKind.MEMORY):
+                size = ix.MemorySizeInfo(i.memory_size).size
+                ea = self._ea(h, i)
+                if mn == ix.Mnemonic.MOV and i.op0_kind == ix.OpKind.MEMORY:
+                    if i.op1_kind == ix.OpKind.REGISTER:
+                        value = self._reg(h, i.op1_register)
+                    else:
+                        value = i.immediate(1)
+                    guestmem.write(self.mem, ea, (value & ((1 << (8 * size)) - 1))
+                                   .to_bytes(size, "little"))
+                elif mn == ix.Mnemonic.XCHG:
+                    reg = i.op1_register if i.op0_kind == ix.OpKind.MEMORY else i.op0_register
+                    old = guestmem.read(self.mem, ea, size)
+                    guestmem.write(self.mem, ea, self._reg(h, reg).to_bytes(size, "little"))
+                    self._set_reg(h, reg, int.from_bytes(old, "little"))
+                else:
+                    return _cannot_pt_write(i)
+                h.rip = (h.rip + i.len) & 0xFFFF_FFFF_FFFF_FFFF
+                return Outcome("pt write")
+            return _cannot_pt_write(i)
+        except GuestFault as f:
+            return Outcome(f"fault {f.vector}", event=Event(f.vector, Kind.EXCEPTION,
+                                                            f.error_code, f.cr2))
 
     def _pop(self, h: Held, size: int, n: int) -> list[int]:
         data = guestmem.read(self.mem, h.rsp, size * n)
@@ -457,6 +509,12 @@ class Emulator:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _cannot_pt_write(i: ix.Instruction) -> Outcome:
+    return Outcome("pt write", error=f"cannot emulate {i}: a store to a guest page-table "
+                   "page that is not MOV or XCHG (the trap engine's shadow page tables "
+                   "emulate only those)")
 
 
 def _is_cr(reg: int) -> bool:

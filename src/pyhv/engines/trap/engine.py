@@ -12,8 +12,11 @@ pyhv through the monitor's one-store stubs:
 
     #GP, #UD     emulate.py: the privileged instruction on the virtual CPU, or an IoIn/
                  IoOut/Halt exit for the run loop, or a reflected exception
-    other        reflect.py: delivered through the guest's own IDT (#PF with the
-                 guest's view of the error code and CR2)
+    #PF          flat mode: reflected (the monitor's range reads as not present);
+                 paged mode: shadow.py fills the shadow from the guest's tables and
+                 resumes, or the write to a guest page-table page is emulated
+                 (emulate.py pt_write), or the guest's own #PF is reflected
+    other        reflect.py: delivered through the guest's own IDT
     interrupts   from the InterruptSource (the 8259) whenever the virtual IF is 1,
                  reflected the same way before the guest resumes
 
@@ -35,10 +38,11 @@ from __future__ import annotations
 import os
 import struct
 import time
+from collections.abc import Callable
 
 import iced_x86 as ix
 
-from pyhv.arch.x86 import gdt
+from pyhv.arch.x86 import gdt, layout
 from pyhv.arch.x86.cpustate import (
     CR0_ET,
     CR0_MP,
@@ -51,6 +55,7 @@ from pyhv.arch.x86.cpustate import (
     CR4_UMIP,
     EFER_LMA,
     EFER_LME,
+    EFER_NXE,
     GPRS,
     RFLAGS_FIXED,
     RFLAGS_IF,
@@ -64,7 +69,10 @@ from pyhv.engines.trap import descriptors, guestmem
 from pyhv.engines.trap import monitor as MON
 from pyhv.engines.trap.context import Held
 from pyhv.engines.trap.emulate import Emulator, Outcome
+from pyhv.engines.trap.guestmem import GuestFault, GuestView
+from pyhv.engines.trap.paging import PF_I
 from pyhv.engines.trap.reflect import DF, GP, PF, UD, Event, Kind, TripleFault, deliver, name
+from pyhv.engines.trap.shadow import Refused, ShadowMmu
 from pyhv.engines.trap.stats import TrapStats
 from pyhv.engines.trap.virtual import VirtualCpu
 from pyhv.errors import GuestMemoryError, HostError
@@ -112,7 +120,10 @@ class TrapVcpu(EngineVcpu):
         self.umip = umip
         self.interrupt_source: InterruptSource | None = None
         self.v = VirtualCpu()
-        self.emu = Emulator(mem, self.v, umip=umip)
+        self.view = GuestView(mem)
+        self.emu = Emulator(self.view, self.v, umip=umip)
+        self.shadow: ShadowMmu | None = None  # set once the guest uses its own tables
+        self.resync: Callable[[], None] | None = None   # drop KVM's copy of the shadow
         self.parked: int | None = None       # vector whose resume frame holds the guest
         self.held: Held | None = None
         self.pending_in: tuple[IoIn, int] | None = None
@@ -133,6 +144,12 @@ class TrapVcpu(EngineVcpu):
             if shut is not None:
                 return shut
             self._release()
+            sh = self.shadow
+            if sh is not None and sh.resync_needed:
+                sh.resync_needed = False
+                sh.count["kvm resyncs"] += 1
+                if self.resync is not None:
+                    self.resync()
             t0 = time.perf_counter()
             ex = kv.run()
             t1 = time.perf_counter()
@@ -177,7 +194,7 @@ class TrapVcpu(EngineVcpu):
         self.v.sti_shadow = False
         result: Exit | None = None
         if vector in (GP, UD):
-            insn = guestmem.fetch(self.mem, rip)
+            insn = guestmem.fetch(self.view, rip)
             out = self.emu.emulate(h, vector, err, insn)
             kind = out.kind
             result = self._apply(h, out, rip, insn)
@@ -185,7 +202,13 @@ class TrapVcpu(EngineVcpu):
             kind = f"reflect {name(vector)}"
             ev = Event(vector, Kind.EXCEPTION, err)
             if vector == PF:
-                ev = self._page_fault(err or 0)
+                cr2 = int(self.kv.get_sregs().cr2)
+                done = self._shadow_fault(h, err or 0, cr2, rip)
+                if isinstance(done, tuple):
+                    kind, result = done
+                    self.trap_stats.record(kind, time.perf_counter() - t_exit, kvm_s)
+                    return result
+                ev = done if done is not None else self._page_fault(err or 0, cr2)
                 if ev.cr2 == rip and entered is not None and entered[0] == rip:
                     # The handler just entered cannot even be fetched: without this the
                     # guest would fault on it forever. Treat it as a fault during
@@ -208,6 +231,8 @@ class TrapVcpu(EngineVcpu):
             self._reload_shadow()
         if out.kind in ("wrmsr", "swapgs"):
             self._sync_bases()
+        if out.paging is not None:
+            self._paging(out.paging, out.address)
         if out.event is not None:
             return self._deliver(h, out.event)
         ex = out.exit
@@ -219,17 +244,60 @@ class TrapVcpu(EngineVcpu):
                 return None                       # woken at once: deliver and go on
         return ex
 
-    def _page_fault(self, err: int) -> Event:
+    def _page_fault(self, err: int, cr2: int) -> Event:
         """#PF as the guest's own flat map would report it (CPL 0, hidden = absent)."""
-        cr2 = int(self.kv.get_sregs().cr2)
         code = err & ~PF_USER                     # the guest "is" at CPL 0
+        if not self.v.efer & EFER_NXE:
+            code &= ~PF_I                         # I/D is reported only with NXE
         if MON.HIDDEN_START <= cr2 < MON.HIDDEN_END:
             code &= ~PF_PRESENT                   # the monitor is not there for it
         return Event(PF, Kind.EXCEPTION, code, cr2=cr2)
 
+    def _shadow_fault(self, h: Held, err: int, cr2: int, rip: int
+                      ) -> tuple[str, Exit | None] | Event | None:
+        """Paged mode: (kind, result) when the monitor handled the #PF itself, the
+        guest's own #PF as an Event, or None in flat mode."""
+        sh = self.shadow
+        if sh is None:
+            return None
+        if not self.v.efer & EFER_NXE:
+            err &= ~PF_I
+        try:
+            if sh.fault(cr2, err):
+                return "shadow fill", None
+        except GuestFault as f:
+            return Event(PF, Kind.EXCEPTION, f.error_code, cr2=f.cr2)
+        except Refused as r:
+            return "shadow refused", InternalError(f"cannot emulate: {r}", rip)
+        insn = guestmem.fetch(self.view, rip)
+        out = self.emu.pt_write(h, insn)
+        if out.kind == "pt write" and out.error is None:
+            sh.count["page-table writes emulated"] += 1
+        return "pt write", self._apply(h, out, rip, insn)
+
+    def _paging(self, what: str, address: int) -> None:
+        """MOV CR3, INVLPG, or a CR0.WP/CR4/EFER.NXE change: the shadow follows."""
+        sh = self.shadow
+        if sh is None:
+            if what != "flush":
+                self._enter_shadow()
+                sr = self.kv.get_sregs()
+                sr.cr3 = MON.SHADOW_CR3
+                self.kv.set_sregs(sr)
+            return
+        if what == "invlpg":
+            sh.invlpg(address)
+        else:
+            sh.flush_all("mov cr3" if what == "cr3" else "control register")
+
+    def _enter_shadow(self) -> None:
+        """From now on the guest runs on its own page tables, shadowed."""
+        self.shadow = ShadowMmu(self.mem, self.area.view, self.v)
+        self.view.paging = self.shadow
+
     def _deliver(self, h: Held, ev: Event) -> Exit | None:
         try:
-            d = deliver(self.mem, self.v, h, ev)
+            d = deliver(self.view, self.v, h, ev)
         except TripleFault as t:
             return Shutdown(f"triple fault ({t})", h.rip)
         self.entered = (d.target, d.vector)
@@ -302,7 +370,7 @@ class TrapVcpu(EngineVcpu):
         self.loaded = (self.real_cs, self.real_ss)
 
     def _reload_shadow(self) -> None:
-        self.area.mirror_gdt(descriptors.shadow_image(self.mem, self.v.gdt))
+        self.area.mirror_gdt(descriptors.shadow_image(self.view, self.v.gdt))
         self.real_cs, self.real_ss = descriptors.real_selectors(self.area, self.v)
 
     def _sync_bases(self) -> None:
@@ -317,7 +385,10 @@ class TrapVcpu(EngineVcpu):
         self.kv.kick()
 
     def stats(self) -> dict[str, int | float]:
-        return self.trap_stats.as_dict()
+        out = self.trap_stats.as_dict()
+        if self.shadow is not None:
+            out.update(self.shadow.stats())
+        return out
 
     # ------------------------------------------------------------------ state
 
@@ -328,7 +399,14 @@ class TrapVcpu(EngineVcpu):
         if st.cpl != 0:
             raise HostError("the trap engine starts guests at (virtual) CPL 0 only")
         self.v = VirtualCpu.from_state(st)
-        self.emu = Emulator(self.mem, self.v, umip=self.umip)
+        self.view = GuestView(self.mem)
+        self.emu = Emulator(self.view, self.v, umip=self.umip)
+        self.shadow = None
+        # pyhv's loader enters on its identity tables, which the flat map equals; any
+        # other CR3 (a snapshot of a guest on its own tables) is shadowed from the start
+        paged = (st.cr3 & ~0xFFF) != layout.PAGE_TABLES
+        if paged:
+            self._enter_shadow()
         self.emu.segment_base = {"fs": st.fs.base, "gs": st.gs.base}
         self.parked = None
         self.held = None
@@ -353,9 +431,9 @@ class TrapVcpu(EngineVcpu):
                               unusable=1))
         sr.gdt.base, sr.gdt.limit = MON.MON_GVA + MON.GDT_OFF, MON.GDT_LIMIT
         sr.idt.base, sr.idt.limit = MON.MON_GVA + MON.IDT_OFF, MON.IDT_LIMIT
-        sr.cr0, sr.cr2, sr.cr3 = REAL_CR0, st.cr2, MON.CR3
+        sr.cr0, sr.cr2, sr.cr3 = REAL_CR0, st.cr2, MON.SHADOW_CR3 if paged else MON.CR3
         sr.cr4 = REAL_CR4 | (CR4_UMIP if self.umip else 0)
-        sr.efer = EFER_LME | EFER_LMA
+        sr.efer = EFER_LME | EFER_LMA | EFER_NXE     # shadow entries may carry XD
         kv.set_sregs(sr)
         self.loaded = (self.real_cs, self.real_ss)
         r = ks.KvmRegs()
@@ -422,8 +500,17 @@ class TrapEngine(Engine):
         v = self.vm.create_vcpu(index)
         v.set_cpuid(self._cpuid)
         tv = TrapVcpu(v, index, self.memory, self.area, umip=self.umip)
+        tv.resync = self._resync_monitor
         self.vcpus.append(tv)
         return tv
+
+    def _resync_monitor(self) -> None:
+        """Make KVM forget its copy of the shadow tables: deleting and re-adding the
+        monitor's slot zaps KVM's shadow pages for it (shadow.py, last paragraph)."""
+        assert self.area is not None
+        self.vm.set_memory(self.monitor_slot, MON.MON_GPA, 0, self.area.region.host_addr)
+        self.vm.set_memory(self.monitor_slot, MON.MON_GPA, MON.MON_SIZE,
+                           self.area.region.host_addr)
 
     def enable_dirty_tracking(self, enable: bool = True) -> None:
         for slot, region in enumerate(self.memory.regions):

@@ -24,6 +24,10 @@ Inside the monitor's 2 MiB (offsets from MON_GVA / MON_GPA):
     0x1_2000  stubs, 16 bytes a vector: `movabs [SIGNAL + vector], al; iretq`
     0x1_3000  page tables: PML4, the guest's PDPT and 4 PDs, the monitor's PDPT and PD
     0x2_0000  monitor stack (RSP0 = 0x3_0000): where CPL 3 exceptions push their frame
+    0x3_0000  shadow PML4 (the real CR3 once the guest uses its own page tables:
+              shadow.py); slot 511 is the monitor's, as in the flat PML4
+    0x3_1000  shadow page pool, up to the end of the 2 MiB: the shadow PDPTs, PDs and
+              PTs built from the guest's tables (SHADOW_POOL_PAGES of them)
 
 The stub's one store reaches an address with no RAM behind it, so KVM returns an MMIO
 write to pyhv naming the vector; pyhv reads the frame the CPU pushed (at a fixed place,
@@ -65,6 +69,11 @@ PT_OFF = 0x1_3000
 STACK_OFF = 0x2_0000
 STACK_TOP_OFF = 0x3_0000
 STACK_TOP = MON_GVA + STACK_TOP_OFF
+MON_PDPT_OFF = PT_OFF + 0x6000            # the monitor's own PDPT (PML4 slot 511)
+SHADOW_PML4_OFF = 0x3_0000
+SHADOW_POOL_OFF = 0x3_1000
+SHADOW_POOL_PAGES = (MON_SIZE - SHADOW_POOL_OFF) >> 12
+SHADOW_CR3 = MON_GPA + SHADOW_PML4_OFF
 
 GUEST_SPAN = 4 << 30                     # the guest's flat identity space
 MIRROR_END = 0xFFD0                      # guest GDT slots mirrored: [0, MIRROR_END)
@@ -111,7 +120,7 @@ def monitor_descriptors() -> bytes:
 def page_tables() -> bytes:
     """The real page tables (image for PT_OFF): guest identity + hidden monitor."""
     pml4, gpdpt, gpd = 0, 0x1000, 0x2000
-    mpdpt, mpd = 0x6000, 0x7000
+    mpdpt, mpd = MON_PDPT_OFF - PT_OFF, 0x7000
     image = bytearray(0x8000)
     base = MON_GPA + PT_OFF
     struct.pack_into("<Q", image, pml4, (base + gpdpt) | _P | _RW | _US)
@@ -130,6 +139,11 @@ def page_tables() -> bytes:
 CR3 = MON_GPA + PT_OFF
 
 
+def monitor_pml4e() -> int:
+    """PML4 slot 511 of every real PML4: the monitor's PDPT, supervisor-only."""
+    return (MON_GPA + MON_PDPT_OFF) | _P | _RW
+
+
 class MonitorArea:
     """The monitor's own RAM (one region, its own KVM slot) and what lives in it."""
 
@@ -144,6 +158,7 @@ class MonitorArea:
         self._write(TSS_OFF, bytes(tss))
         self._write(STUBS_OFF, b"".join(stub_code(v) for v in range(256)))
         self._write(PT_OFF, page_tables())
+        self._write(SHADOW_PML4_OFF + 511 * 8, monitor_pml4e().to_bytes(8, "little"))
         self._write(GDT_OFF + MIRROR_END, monitor_descriptors())
 
     def _write(self, off: int, data: bytes) -> None:

@@ -34,9 +34,8 @@ from enum import Enum
 from pyhv.arch.x86.cpustate import RFLAGS_NT, RFLAGS_RF, RFLAGS_TF
 from pyhv.engines.trap import descriptors, guestmem
 from pyhv.engines.trap.context import Held
-from pyhv.engines.trap.guestmem import GuestFault, canonical
+from pyhv.engines.trap.guestmem import GuestFault, Mem, canonical
 from pyhv.engines.trap.virtual import VirtualCpu
-from pyhv.memory import GuestMemory
 
 DE, DB, BP, UD, NM, DF, TS, NP, SS, GP, PF = 0, 1, 3, 6, 7, 8, 10, 11, 12, 13, 14
 CONTRIBUTORY = frozenset((DE, TS, NP, SS, GP))
@@ -74,7 +73,7 @@ class Delivered:
     target: int                 # the handler entered
 
 
-def deliver(mem: GuestMemory, v: VirtualCpu, h: Held, ev: Event) -> Delivered:
+def deliver(mem: Mem, v: VirtualCpu, h: Held, ev: Event) -> Delivered:
     """Deliver `ev` (and the faults its delivery raises) into the guest held by `h`.
 
     `h.rip` must already be the return address (the faulting instruction for a fault,
@@ -103,7 +102,7 @@ def deliver(mem: GuestMemory, v: VirtualCpu, h: Held, ev: Event) -> Delivered:
     raise TripleFault(" -> ".join(chain))
 
 
-def _deliver_once(mem: GuestMemory, v: VirtualCpu, h: Held, ev: Event) -> int:
+def _deliver_once(mem: Mem, v: VirtualCpu, h: Held, ev: Event) -> int:
     vec = ev.vector
     ext = 0 if ev.kind is Kind.SOFTWARE else 1
     idt_code = vec * 8 + 2 + ext
