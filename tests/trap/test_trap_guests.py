@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from trapbuild import run_pyhv, unavailable
@@ -206,3 +207,66 @@ def test_bench_kernel(trap_guest: Callable[[str], Path], engine: str, cmdline: s
     r = run_pyhv("--engine", engine, "--kernel", trap_guest("bench"), "--append", cmdline,
                  timeout=20)
     assert (r.status, r.stdout) == (75, line), r.explain()
+
+
+PAGING = ("paging: own tables built, mov cr3\n"
+          "alias: {hi}1000 reads 1111222233334444\n"
+          "identity: 1111222233334444\n"
+          "cr3 B: {hi}0000 reads bbbbbbbbbbbbbbbb\n"
+          "cr3 A: {hi}0000 reads 1111222233334444\n"
+          "pte after a read: A=1 D=0\n"
+          "pte after a write: A=1 D=1\n"
+          "invlpg: {hi}0000 reads bbbbbbbbbbbbbbbb\n"
+          "#PF err=0000 cr2={hi}1000\n"
+          "wp=0: write to a read-only page done\n"
+          "#PF err=0003 cr2={hi}2000\n"
+          "paging: 2 page faults, done\n")
+KVM_PVM = Path("/sys/module/kvm_pvm").exists()
+UPPER_HALF_REASON = ("KVM-PVM never lets CPL 3 code reach the upper half of the address "
+                     "space (it is the host kernel's), so the trap engine's shadow cannot "
+                     "map a guest page there")
+
+
+@pytest.mark.parametrize("engine", engines(*ENGINES))
+def test_paging_guest_own_tables(trap_guest: Callable[[str], Path], engine: str) -> None:
+    """Own 4-level tables, an alias, two CR3s, A/D bits, INVLPG, an unmapped page's #PF
+    and CR0.WP: the same output on every engine (trap: shadow page tables)."""
+    r = run_pyhv("--engine", engine, "--kernel", trap_guest("paging"), timeout=20)
+    assert (r.status, r.stdout) == (77, PAGING.format(hi="000040000000")), r.explain()
+
+
+def _high_engines() -> list[object]:
+    out = engines(*ENGINES)
+    if KVM_PVM:
+        p = cast(Any, out[0])
+        out[0] = pytest.param("trap", marks=[*p.marks, pytest.mark.xfail(
+            strict=True, reason=UPPER_HALF_REASON)], id="trap")
+    return out
+
+
+@pytest.mark.parametrize("engine", _high_engines())
+def test_paging_guest_upper_half(trap_guest: Callable[[str], Path], engine: str) -> None:
+    r = run_pyhv("--engine", engine, "--kernel", trap_guest("paging_high"), timeout=20)
+    assert (r.status, r.stdout) == (77, PAGING.format(hi="ffff80000000")), r.explain()
+
+
+@pytest.mark.parametrize("engine", engines("trap"))
+def test_paging_upper_half_is_a_clear_report_on_pvm(trap_guest: Callable[[str], Path],
+                                                    engine: str) -> None:
+    if not KVM_PVM:
+        pytest.skip("not KVM-PVM: the upper half may be reachable at CPL 3")
+    r = run_pyhv("--engine", engine, "--kernel", trap_guest("paging_high"), timeout=20)
+    assert r.status == 4 and r.stdout == "paging: own tables built, mov cr3\n", r.explain()
+    assert "the shadow entry for 0xffff800000000000" in r.stderr, r.explain()
+    assert "upper half" in r.stderr and "Traceback" not in r.stderr, r.explain()
+
+
+@pytest.mark.parametrize("engine", engines("trap"))
+def test_paging_stats(trap_guest: Callable[[str], Path], engine: str) -> None:
+    r = run_pyhv("--engine", engine, "--kernel", trap_guest("paging"), "--stats", timeout=20)
+    assert r.status == 77, r.explain()
+    for key in ("trap: shadow fills", "trap: shadow flushes ", "trap: shadow flushes (mov cr3)",
+                "trap: shadow invlpg", "trap: shadow page-table writes emulated",
+                "trap: shadow kvm resyncs", "trap: shadow pages peak",
+                "trap: trap shadow fill", "trap: trap pt write", "trap: trap reflect #PF"):
+        assert key in r.stderr, f"{key!r} missing" + r.explain()
