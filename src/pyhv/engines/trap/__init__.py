@@ -4,7 +4,9 @@ The engine behind `pyhv run --engine trap` (docs/trap.md). One concept per modul
 
     monitor.py      the monitor's hidden memory: shadow GDT/IDT/TSS, stubs, page tables
     virtual.py      the virtual CPU: IF, CRs, EFER, descriptor-table registers, MSRs
-    guestmem.py     the guest's flat address space as the monitor accesses it
+    guestmem.py     the guest's linear address space as the monitor accesses it
+    paging.py       the guest's own 4-level page tables, walked and validated
+    shadow.py       the shadow page tables built from them for the real CPU
     descriptors.py  the guest's descriptor tables and the shadow GDT built from them
     context.py      the guest's registers while the monitor holds it
     emulate.py      the privileged instructions, decoded and emulated
