@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyhv.devices.bus import Bus, UnhandledIo
+from pyhv.devices.bus import MISS_ADDRS_MAX, Bus, UnhandledIo
 from pyhv.errors import PyhvError
 
 
@@ -94,6 +94,19 @@ def test_unclaimed_reads_are_all_ones_and_counted(size: int, ones: int) -> None:
     assert (bus.unhandled_reads, bus.unhandled_writes) == (1, 2)
     assert bus.unhandled_addrs == {0x61: 1, 0x80: 2}
     assert bus.accesses == {}
+
+
+def test_miss_counter_by_address_is_bounded() -> None:
+    # regression: a guest sweeping the MMIO hole (rep stosd over 1 MiB) added one Counter
+    # key per address, growing pyhv's memory without bound
+    bus = Bus("mmio")
+    for addr in range(0x1000000, 0x1000000 + 4 * (MISS_ADDRS_MAX + 1000), 4):
+        bus.write(addr, 4, 0)
+    bus.read(0x1000000, 4)
+    assert len(bus.unhandled_addrs) == MISS_ADDRS_MAX
+    assert bus.unhandled_addrs[0x1000000] == 2
+    assert bus.unhandled_other == 1000
+    assert (bus.unhandled_reads, bus.unhandled_writes) == (1, MISS_ADDRS_MAX + 1000)
 
 
 def test_strict_mode_raises_naming_the_address() -> None:

@@ -7,8 +7,10 @@ hands each port or MMIO exit to a bus; it never knows which device answers.
 
 Unclaimed addresses behave like an empty ISA/PCI bus: reads return all ones, writes are
 dropped. Both are counted (`unhandled_reads`, `unhandled_writes`) so `--stats` can show a
-guest poking at hardware that is not there; in strict mode they raise `UnhandledIo`
-instead, which ends the run with the address named (`--strict-io`).
+guest poking at hardware that is not there; the first MISS_ADDRS_MAX distinct addresses
+are also counted one by one (`unhandled_addrs`), later ones only in `unhandled_other`, so
+a guest sweeping the MMIO space cannot grow the counter without bound; in strict mode
+they raise `UnhandledIo` instead, which ends the run with the address named (`--strict-io`).
 
 Invariants: ranges never overlap (registration refuses it); a device only ever sees
 offsets inside its own range; values passed to `write` are masked to `size` bytes.
@@ -22,6 +24,7 @@ from typing import Protocol
 
 from pyhv.errors import PyhvError
 
+MISS_ADDRS_MAX = 256       # distinct unclaimed addresses counted one by one
 _MASKS = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFFFFFF, 8: 0xFFFFFFFFFFFFFFFF}
 
 
@@ -50,7 +53,8 @@ class Bus:
         self.accesses: Counter[str] = Counter()
         self.unhandled_reads = 0
         self.unhandled_writes = 0
-        self.unhandled_addrs: Counter[int] = Counter()
+        self.unhandled_addrs: Counter[int] = Counter()   # at most MISS_ADDRS_MAX keys
+        self.unhandled_other = 0       # misses at addresses beyond those
 
     def register(self, base: int, length: int, device: BusDevice, name: str = "") -> None:
         """Claim [base, base + length) for device; overlapping claims are refused."""
@@ -79,11 +83,17 @@ class Bus:
         """(base, length, name) of every registered range, in address order."""
         return [(s, e - s, n) for s, e, _, n in self._ranges]
 
+    def _miss(self, addr: int) -> None:
+        if addr in self.unhandled_addrs or len(self.unhandled_addrs) < MISS_ADDRS_MAX:
+            self.unhandled_addrs[addr] += 1
+        else:
+            self.unhandled_other += 1
+
     def read(self, addr: int, size: int) -> int:
         hit = self.find(addr)
         if hit is None:
             self.unhandled_reads += 1
-            self.unhandled_addrs[addr] += 1
+            self._miss(addr)
             if self.strict:
                 raise UnhandledIo(f"{self.name} read of {size} bytes at {addr:#x}: no device")
             return _MASKS.get(size, (1 << (8 * size)) - 1)
@@ -95,7 +105,7 @@ class Bus:
         hit = self.find(addr)
         if hit is None:
             self.unhandled_writes += 1
-            self.unhandled_addrs[addr] += 1
+            self._miss(addr)
             if self.strict:
                 raise UnhandledIo(
                     f"{self.name} write of {value:#x} ({size} bytes) at {addr:#x}: no device")
