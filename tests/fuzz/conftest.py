@@ -1,0 +1,22 @@
+"""Fixtures for the fuzz tests: the harness module (fuzzkit) on sys.path, a scratch dir.
+
+Every fuzz test is derandomized (CI sees the same examples every time) with small example
+counts; each has a `slow`-marked variant with more. To explore beyond the fixed examples:
+`PYHV_FUZZ_SEED=1 pytest tests/fuzz -m slow --hypothesis-seed=<n>`; PYHV_FUZZ_LOG=<file>
+appends one line per run (engine, status, reason, time, detail, queue lengths).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def fuzz_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where guest images are written (one file per run, removed after it)."""
+    return tmp_path_factory.mktemp("fuzz")
