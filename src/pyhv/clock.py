@@ -71,6 +71,7 @@ class TimerQueue:
         self._heap: list[tuple[int, int, Callable[[], None]]] = []
         self._seq = itertools.count()
         self._cancelled: set[int] = set()
+        self._live: set[int] = set()      # armed, neither fired nor cancelled
         self._lock = threading.Lock()
         self.fired = 0
 
@@ -79,11 +80,28 @@ class TimerQueue:
         handle = next(self._seq)
         with self._lock:
             heapq.heappush(self._heap, (deadline_ns, handle, callback))
+            self._live.add(handle)
         return handle
 
     def cancel(self, handle: int) -> None:
+        """Disarm a timer; a handle that already fired or was cancelled is ignored.
+
+        Cancelled entries leave the heap lazily, but never outnumber the live ones by
+        much: a guest reprogramming a timer in a loop cannot grow the queue without bound.
+        """
         with self._lock:
+            if handle not in self._live:
+                return
+            self._live.discard(handle)
             self._cancelled.add(handle)
+            if len(self._cancelled) > 64 and len(self._cancelled) * 2 > len(self._heap):
+                self._heap = [e for e in self._heap if e[1] not in self._cancelled]
+                heapq.heapify(self._heap)
+                self._cancelled.clear()
+
+    def __len__(self) -> int:
+        """Armed timers."""
+        return len(self._live)
 
     def next_deadline(self) -> int | None:
         with self._lock:
@@ -103,6 +121,7 @@ class TimerQueue:
                 if handle in self._cancelled:
                     self._cancelled.discard(handle)
                     continue
+                self._live.discard(handle)
             cb()
             ran += 1
         self.fired += ran

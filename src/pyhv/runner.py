@@ -226,7 +226,11 @@ class Runner:
                 self._resume.wait(IDLE_SLICE_S)
                 continue
             t = time.perf_counter()
-            ex = vcpu.run()
+            try:
+                ex = vcpu.run()
+            except OSError as e:              # KVM_RUN itself failed (e.g. EFAULT)
+                return RunResult(STATUS_CRASH, "crash", f"the engine failed to run the "
+                                 f"vCPU: {e.strerror or e}", rip=self._rip())
             st.t_guest += time.perf_counter() - t
             kind = type(ex).__name__
             st.exits[kind] += 1
