@@ -167,6 +167,16 @@ def machine_cpuid(entries: list[ks.KvmCpuidEntry2]) -> list[ks.KvmCpuidEntry2]:
     return entries
 
 
+def ram_dirty_pages(vm: Vm, memory: GuestMemory) -> set[int]:
+    """Guest page frames written since the last call: KVM's dirty log of each RAM slot
+    (slot i holds memory.regions[i]) plus pyhv's own writes (device DMA, loaders)."""
+    pages = memory.take_dirty()
+    for slot, region in enumerate(memory.regions):
+        base = region.gpa >> PAGE_SHIFT
+        pages.update(base + p for p in vm.get_dirty_log(slot))
+    return pages
+
+
 def probe_kvm() -> str | None:
     """None when /dev/kvm can be opened and used here, else why not."""
     try:
@@ -208,11 +218,7 @@ class KvmEngine(Engine):
         self.memory.track_dirty(enable)
 
     def dirty_pages(self) -> set[int]:
-        pages = self.memory.take_dirty()
-        for slot, region in enumerate(self.memory.regions):
-            base = region.gpa >> PAGE_SHIFT
-            pages.update(base + p for p in self.vm.get_dirty_log(slot))
-        return pages
+        return ram_dirty_pages(self.vm, self.memory)
 
     def close(self) -> None:
         for v in self.vcpus:

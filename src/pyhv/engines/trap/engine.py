@@ -64,7 +64,13 @@ from pyhv.arch.x86.cpustate import (
     Segment,
 )
 from pyhv.engines.base import Engine, EngineVcpu, InterruptSource
-from pyhv.engines.kvm import _fpu_to_fxsave, _fxsave_to_fpu, machine_cpuid, probe_kvm
+from pyhv.engines.kvm import (
+    _fpu_to_fxsave,
+    _fxsave_to_fpu,
+    machine_cpuid,
+    probe_kvm,
+    ram_dirty_pages,
+)
 from pyhv.engines.trap import descriptors, guestmem
 from pyhv.engines.trap import monitor as MON
 from pyhv.engines.trap.context import Held
@@ -89,7 +95,7 @@ from pyhv.exits import (
 from pyhv.kvm import Kvm, Vm
 from pyhv.kvm import structs as ks
 from pyhv.kvm.vcpu import Vcpu
-from pyhv.memory import PAGE_SHIFT, GuestMemory
+from pyhv.memory import GuestMemory
 
 UMIP_ENV = "PYHV_TRAP_UMIP"
 REAL_CR0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_PG
@@ -519,11 +525,7 @@ class TrapEngine(Engine):
         self.memory.track_dirty(enable)
 
     def dirty_pages(self) -> set[int]:
-        pages = self.memory.take_dirty()
-        for slot, region in enumerate(self.memory.regions):
-            base = region.gpa >> PAGE_SHIFT
-            pages.update(base + p for p in self.vm.get_dirty_log(slot))
-        return pages
+        return ram_dirty_pages(self.vm, self.memory)
 
     def close(self) -> None:
         for v in self.vcpus:
