@@ -1,9 +1,8 @@
 """The guest's console output on its way to the user: what pyhv shows, keeps and watches.
 
 Design: the UART hands every transmitted byte to `Console.write`. The console
-- forwards it to a sink (the terminal, a pipe, a test's buffer), flushing on every newline
-  and whenever the run loop calls `flush()` (after each vCPU exit), so a prompt without a
-  newline still appears;
+- forwards it to a sink (the terminal, a pipe, a test's buffer) as it comes, so a prompt
+  without a newline appears even if the guest then computes without exiting;
 - keeps the last lines (`tail()`), which pyhv prints when a run times out or crashes;
 - watches for Linux's panic banner (`Kernel panic - not syncing: ...`) and for the end of
   the panic report, calling `on_panic` once the report is complete;
@@ -51,6 +50,7 @@ class Console:
     def write(self, data: bytes) -> None:
         for b in data:                   # the UART sends one byte at a time
             self._byte(b)
+        self.flush()                     # at once: a guest may print a prompt and spin
 
     def _byte(self, b: int) -> None:
         self.bytes_out += 1

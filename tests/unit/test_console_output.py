@@ -48,15 +48,15 @@ def test_output_without_marker_passes_unchanged(data: bytes, chunks: int) -> Non
     assert out == data.replace(b"@@PYHV", b"@@PYHW")
 
 
-def test_partial_line_flushes_on_request() -> None:
+def test_partial_line_is_passed_on_at_once() -> None:
     out = bytearray()
     c = Console(out.extend, hide_exit_marker=True)
     c.write(b"pyhv:/# ")
-    c.flush()
-    assert out == b"pyhv:/# "       # a prompt shows without a newline
+    assert out == b"pyhv:/# "       # a prompt shows without a newline or a flush
     c.write(b"@@PYH")
-    c.flush()
     assert out == b"pyhv:/# @@PYH"  # not at a line start: never held
+    c.write(b"\n@@PYH")
+    assert out == b"pyhv:/# @@PYH\n"  # at a line start: held while it may be the marker
 
 
 def test_panic_reported_once_when_report_ends() -> None:

@@ -171,18 +171,21 @@ def test_signals_end_a_spinning_guest_promptly(tmp_path: Path, engine: str, sig:
     import sys
 
     img = tmp_path / "spin.bin"
-    img.write_bytes(b"\xeb\xfe")                                        # jmp $
+    img.write_bytes(b"\xba\xf8\x03\xb0R\xee\xeb\xfe")  # mov dx,0x3f8; mov al,'R'; out; jmp $
     p = subprocess.Popen([sys.executable, "-m", "pyhv", "run", "--kernel", str(img),
                           "--format", "flat", "--engine", engine, "--timeout", "60"],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
     try:
-        time.sleep(1.5)                                                 # past start-up
+        assert p.stdout is not None
+        assert p.stdout.read(1) == b"R"          # the guest runs: pyhv is in its run loop
+        time.sleep(0.3)
         p.send_signal(getattr(signal, sig))
-        _, err = p.communicate(timeout=20)
+        _, err_b = p.communicate(timeout=20)
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
+    err = err_b.decode()
     assert p.returncode == status, err
     assert "Traceback" not in err
