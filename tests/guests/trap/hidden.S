@@ -50,37 +50,13 @@ start:
     call puts
     DEBUG_EXIT_WITH(0x23)
 
-pf_handler:
-    push rsi
-    push rax
-    lea rsi, [rip + msg_pf]
-    call puts
-    mov rax, [rsp + 16]
-    call puthex16
-    lea rsi, [rip + msg_cr2]
-    call puts
-    mov rax, cr2
-    call puthex
-    mov al, '\n'
-    call putc
-    inc qword ptr [rip + faults]
-    mov [rsp + 24], r15
-    pop rax
-    pop rsi
-    add rsp, 8
-    iretq
-
 #include "serial64.inc"
 #include "kernel64.inc"
 
     .section .rodata
 msg:        .asciz "hidden: touching 0xffffff8000000000\n"
-msg_pf:     .asciz "#PF err="
-msg_cr2:    .asciz " cr2="
 msg_done:   .asciz "hidden: "
 msg_intact: .asciz " page faults, monitor intact\n"
-    .data
-faults: .quad 0
     .bss
     .align 16
     .skip 8192

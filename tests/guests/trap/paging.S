@@ -235,26 +235,6 @@ print_ad:                                 /* "A=x D=y\n" from pt_a[3] */
     pop rax
     ret
 
-pf_handler:
-    push rsi
-    push rax
-    lea rsi, [rip + msg_pf]
-    call puts
-    mov rax, [rsp + 16]
-    call puthex16
-    lea rsi, [rip + msg_cr2]
-    call puts
-    mov rax, cr2
-    call puthex
-    mov al, '\n'
-    call putc
-    inc qword ptr [rip + faults]
-    mov [rsp + 24], r15
-    pop rax
-    pop rsi
-    add rsp, 8
-    iretq
-
 #include "serial64.inc"
 #include "kernel64.inc"
 
@@ -271,12 +251,8 @@ msg_a:        .asciz "A="
 msg_d:        .asciz " D="
 msg_invlpg:   .asciz "invlpg: "
 msg_wp0:      .asciz "wp=0: write to a read-only page done\n"
-msg_pf:       .asciz "#PF err="
-msg_cr2:      .asciz " cr2="
 msg_done:     .asciz "paging: "
 msg_done2:    .asciz " page faults, done\n"
-    .data
-faults: .quad 0
     .bss
     .align 4096
 pml4_a:   .skip 4096
