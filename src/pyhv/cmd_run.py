@@ -136,7 +136,7 @@ def _run_once(config: MachineConfig, console: Console, args: argparse.Namespace,
     machine = Machine(config, console.write)
     terminal: Terminal | None = None
     try:
-        runner = R.Runner(machine, timeout=timeout, flush=console.flush)
+        runner = R.Runner(machine, timeout=timeout)
         console.on_panic = lambda line: runner.stop(StopRequest("panic", R.STATUS_CRASH, line))
         _stop_on_signals(runner)
         if args.command is None:
@@ -147,11 +147,10 @@ def _run_once(config: MachineConfig, console: Console, args: argparse.Namespace,
                              or machine.guest.format != "linux")
 
             def turn() -> None:
-                console.flush()
                 if not gate.is_open and serial.ier & IER_RDA:
                     gate.open()
                 gate.pump()
-            runner.flush = turn
+            runner.on_turn = turn
             terminal = Terminal(gate.feed,
                                 lambda: runner.stop(StopRequest(
                                     "escape", 0, f"console closed ({ESCAPE_NAME})")),

@@ -84,7 +84,6 @@ class Console:
         self._out.append(0x0A)
         self._lines.append(line.rstrip(b"\r"))
         self._watch(line)
-        self.flush()
 
     def _watch(self, line: bytes) -> None:
         if self.panic is None:

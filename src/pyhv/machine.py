@@ -22,6 +22,7 @@ the constructor before any guest code runs, and `close()` releases what was buil
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -91,7 +92,6 @@ def check_memory(size: int) -> None:
     if size > MAX_MEM:
         raise ConfigError(f"--mem {size >> 30} GiB is more than pyhv supports (1 TiB)")
     try:
-        import os
         host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         return

@@ -47,7 +47,6 @@ from pyhv.exits import (
     Exit,
     Halt,
     InternalError,
-    Interrupted,
     IoIn,
     IoOut,
     MmioRead,
@@ -87,20 +86,19 @@ class RunStats:
     t_guest: float = 0.0      # inside vcpu.run()
     t_idle: float = 0.0       # halted, waiting for a timer or input
     t_total: float = 0.0
-    halts: int = 0
 
 
 class Runner:
     """Runs one Machine's vCPU to its end."""
 
     def __init__(self, machine: Machine, *, timeout: float | None = None,
-                 flush: Callable[[], None] = lambda: None) -> None:
+                 on_turn: Callable[[], None] = lambda: None) -> None:
         if machine.vcpu is None:
             raise ValueError("machine has no vCPU")
         self.m = machine
         self.vcpu = machine.vcpu
         self.timeout = timeout
-        self.flush = flush            # console output: called after every exit and idle
+        self.on_turn = on_turn        # run-loop thread hook, after every exit and idle pass
         self.state = VmState.CREATED
         self.stats = RunStats()
         self.engine_stats: dict[str, int | float] = {}
@@ -243,10 +241,12 @@ class Runner:
                 return result
             timers.fire_due()
             serial.poll()
-            self.flush()
+            self.on_turn()
 
     def _handle(self, ex: Exit) -> RunResult | None:
         m = self.m
+        if m.stop_request is not None:
+            return None          # the loop ends with the request (e.g. debug-exit; cli; hlt)
         if isinstance(ex, IoOut):
             self.stats.io_ports[ex.port] += 1
             size = ex.size
@@ -262,26 +262,17 @@ class Runner:
         elif isinstance(ex, MmioRead):
             m.mmio.read_into(ex.addr, ex.data)
         elif isinstance(ex, Halt):
-            self.stats.halts += 1
             if not ex.interrupts_enabled:
-                if m.stop_request is not None:
-                    return None          # e.g. debug-exit followed by cli; hlt
                 return RunResult(STATUS_OK, "halt", "the guest halted with interrupts off",
                                  rip=self._rip())
             self._idle()
         elif isinstance(ex, Shutdown):
-            if m.stop_request is not None:
-                return None
             return RunResult(STATUS_CRASH, "crash", f"guest {ex.reason}", rip=ex.rip,
                              insn=self._insn(ex.rip))
         elif isinstance(ex, InternalError):
-            if m.stop_request is not None:
-                return None
             return RunResult(STATUS_CRASH, "crash", ex.reason, rip=ex.rip,
                              insn=ex.insn or self._insn(ex.rip))
-        elif isinstance(ex, Interrupted):
-            pass
-        return None
+        return None              # Interrupted: timers and input are looked at by the loop
 
     def _idle(self) -> None:
         """HLT with IF=1: wait for an interrupt (timer, input) or a stop."""
@@ -297,7 +288,7 @@ class Runner:
                     return
                 if self.state is VmState.PAUSED:
                     return
-                self.flush()
+                self.on_turn()
                 self.wake.clear()
                 nxt = timers.next_deadline()
                 now = m.clock.now_ns()
