@@ -7,6 +7,7 @@ passes `default_unit` (QEMU's `-m 128` means MiB).
 
 from __future__ import annotations
 
+import math
 import re
 from fractions import Fraction
 
@@ -31,11 +32,21 @@ def parse_size(text: str, *, default_unit: str = "") -> int:
     return int(value)
 
 
+_SUFFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+
+
 def format_size(n: int) -> str:
-    """Render bytes the way qemu-img does: `64 MiB`, `1.5 GiB`, `512 B`."""
-    for unit, shift in (("EiB", 60), ("PiB", 50), ("TiB", 40), ("GiB", 30), ("MiB", 20),
-                        ("KiB", 10)):
-        if n >= 1 << shift:
-            v = n / (1 << shift)
-            return f"{v:.3g} {unit}" if v != int(v) else f"{int(v)} {unit}"
-    return f"{n} B"
+    """Render bytes exactly as qemu-img does: `64 MiB`, `1.5 GiB`, `0.977 MiB`, `512 B`.
+
+    qemu-img picks the unit from log2(n * 1024 / 1000), so a value whose integer part
+    would reach 1000 moves up a unit (1000 KiB prints `0.977 MiB`, 1 << 60 prints
+    `1 EiB`), and prints three significant digits with C's `%0.3g` (Python's `.3g` is
+    the same); one narrow band (999.5 to 1000 of a unit) therefore prints as
+    `1e+03 KiB`, as qemu-img's does.
+    """
+    if n <= 0:
+        return f"{n} B"
+    _, exp = math.frexp(n / (1000 / 1024))
+    i = min(max((exp - 1) // 10, 0), len(_SUFFIXES) - 1)
+    return f"{n / (1 << (10 * i)):0.3g} {_SUFFIXES[i]}B"
+

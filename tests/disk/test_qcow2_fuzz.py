@@ -3,7 +3,9 @@
 Property: for any bytes, opening (read-only and read-write), reading the whole disk,
 checking and one write either succeed or raise ImageError; no other exception, no
 file growth beyond what a successful write needs, and never a hang or a huge
-allocation. Inputs that once broke this are kept under corpus/ and replayed.
+allocation. Inputs that once broke this are kept under corpus/ and replayed; a new
+failure found by exploring (`-m slow`, or `--hypothesis-profile=explore`) becomes an
+`@example` here, from the arguments hypothesis prints.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyhv.disk.qcow2 import Qcow2Image, check, create
@@ -69,9 +71,7 @@ mutation = st.lists(st.tuples(st.integers(0, 8191), st.binary(min_size=1, max_si
                     min_size=1, max_size=6)
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                 HealthCheck.too_slow])
+@settings(max_examples=150)
 @given(muts=mutation)
 def test_fuzz_mutated_metadata(tmp_path: Path, muts: list[tuple[int, bytes]]) -> None:
     data = bytearray(seed_image(tmp_path))
@@ -80,16 +80,10 @@ def test_fuzz_mutated_metadata(tmp_path: Path, muts: list[tuple[int, bytes]]) ->
         data[off:off + len(b)] = b
     p = tmp_path / "fuzz.qcow2"
     p.write_bytes(bytes(data))
-    try:
-        exercise(p)
-    except Exception:
-        CORPUS.mkdir(exist_ok=True)
-        (CORPUS / f"crash-{abs(hash(bytes(data))) % 10**10}.qcow2").write_bytes(bytes(data))
-        raise
+    exercise(p)
 
 
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60)
 @given(header=st.binary(min_size=0, max_size=600))
 def test_fuzz_random_header(tmp_path: Path, header: bytes) -> None:
     data = bytearray(seed_image(tmp_path))
@@ -106,9 +100,7 @@ slot_mutation = st.lists(
     min_size=1, max_size=3)
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                 HealthCheck.too_slow])
+@settings(max_examples=150)
 @given(muts=slot_mutation)
 def test_fuzz_pointers_into_metadata(tmp_path: Path, muts: list[tuple[int, int, int]]) -> None:
     """Table entries re-aimed at other clusters (the overlap bugs the corpus holds)."""

@@ -1,8 +1,9 @@
 """Fixtures for the fuzz tests: the harness module (fuzzkit) on sys.path, a scratch dir.
 
-Every fuzz test is derandomized (CI sees the same examples every time) with small example
-counts; each has a `slow`-marked variant with more. To explore beyond the fixed examples:
-`PYHV_FUZZ_SEED=1 pytest tests/fuzz -m slow --hypothesis-seed=<n>`; PYHV_FUZZ_LOG=<file>
+Every fuzz test is derandomized in the default run (CI sees the same examples every time)
+with small example counts; each has a `slow`-marked variant with more, which `-m slow` runs
+randomized (tests/conftest.py's `explore` profile). To replay one exploration:
+`pytest tests/fuzz -m slow --hypothesis-seed=<n>`; PYHV_FUZZ_LOG=<file>
 appends one line per run (engine, status, reason, time, detail, queue lengths).
 """
 

@@ -268,11 +268,8 @@ def check(out: Outcome, timeout: float, threads_before: set[threading.Thread]) -
 
 
 def fuzz_settings(max_examples: int) -> object:
-    """Deterministic (derandomized) settings with no deadline and no example database;
-    PYHV_FUZZ_SEED=<n> turns derandomize off and seeds the search instead."""
-    from hypothesis import HealthCheck, settings
-    seeded = os.environ.get("PYHV_FUZZ_SEED") is not None
-    return settings(max_examples=max_examples, deadline=None, derandomize=not seeded,
-                    database=None, print_blob=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                           HealthCheck.function_scoped_fixture])
+    """The example count of one fuzz test; everything else (derandomized in the default
+    run, random under `-m slow` or `--hypothesis-profile=explore`, no deadline, no
+    example database) comes from the profile tests/conftest.py loads."""
+    from hypothesis import settings
+    return settings(max_examples=max_examples)

@@ -12,7 +12,7 @@ import mmap
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyhv.arch.x86 import layout
@@ -257,8 +257,7 @@ def pmem() -> Iterator[GuestMemory]:
     m.close()
 
 
-@settings(max_examples=300, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300)
 @given(gpa=st.integers(-16, TOP + 16), data=st.binary(min_size=0, max_size=9 * KIB))
 def test_property_round_trip_or_refusal(pmem: GuestMemory, gpa: int, data: bytes) -> None:
     size = len(data)
@@ -276,8 +275,7 @@ def test_property_round_trip_or_refusal(pmem: GuestMemory, gpa: int, data: bytes
         assert [bytes(r.view) for r in pmem.regions] == before
 
 
-@settings(max_examples=200, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200)
 @given(gpa=st.integers(0, TOP), value=st.integers(0, (1 << 64) - 1),
        width=st.sampled_from([1, 2, 4, 8]))
 def test_property_integers(pmem: GuestMemory, gpa: int, value: int, width: int) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from pyhv.errors import ConfigError, GuestMemoryError, HostError, ImageError, PyhvError
@@ -70,21 +74,44 @@ def test_property_integer_sizes(n: int, unit: str, suffix: str) -> None:
 
 
 @pytest.mark.parametrize("n,text", [
-    (0, "0 B"), (512, "512 B"), (1023, "1023 B"), (K, "1 KiB"), (64 * M, "64 MiB"),
-    (3 * G // 2, "1.5 GiB"), (T, "1 TiB"), (1 << 60, "1 EiB"),
+    (0, "0 B"), (512, "512 B"), (999, "999 B"), (1000, "0.977 KiB"), (K, "1 KiB"),
+    (64 * M, "64 MiB"), (3 * G // 2, "1.5 GiB"), (T, "1 TiB"), (1 << 60, "1 EiB"),
+    (1000 * K, "0.977 MiB"), (1023488, "1e+03 KiB"),  # qemu-img's own %0.3g band
+    (1152921504606846912, "1 EiB"),  # once printed "1024 PiB" (found by hypothesis)
+    ((1 << 64) - 1, "16 EiB"),
 ])
 def test_format_size(n: int, text: str) -> None:
     assert format_size(n) == text
 
 
-@given(st.integers(0, 1 << 62))
+@given(st.integers(0, (1 << 64) - 1))
+@example(1152921504606846912)  # printed "1024 PiB" before the unit rolled over at 1000
+@example((1 << 60) - 1)
+@example(1023488)
 def test_property_format_size_is_within_rounding_of_the_value(n: int) -> None:
     text = format_size(n)
     number, unit = text.split()
     scale = {"B": 1, "KiB": K, "MiB": M, "GiB": G, "TiB": T, "PiB": 1 << 50, "EiB": 1 << 60}
     approx = float(number) * scale[unit]
     assert abs(approx - n) <= 0.005 * max(n, 1) + 1
-    assert 1 <= float(number) < 1024 or unit == "B"
+    # the integer part stays below 1000 (qemu-img's rule), apart from %0.3g rounding it up
+    assert float(number) <= 1000 and (unit == "B" or float(number) >= 0.976)
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("n", [512, 1000 * 512, 1999 * 512, 2000 * 512, 2047 * 512,
+                               M, 3 * G // 2, 999 * G + 512, 1000 * G, T, 5 * T + 512])
+def test_format_size_matches_qemu_img_info(tmp_path: Path, n: int) -> None:
+    """qemu-img info prints a raw file's virtual size with the same function."""
+    if shutil.which("qemu-img") is None:
+        pytest.skip("qemu-img is not installed (make setup installs qemu-utils)")
+    f = tmp_path / "r.raw"
+    with open(f, "wb") as fh:
+        fh.truncate(n)  # sparse
+    out = subprocess.run(["qemu-img", "info", "-f", "raw", str(f)], capture_output=True,
+                         text=True, check=True).stdout
+    line = next(x for x in out.splitlines() if x.startswith("virtual size:"))
+    assert line == f"virtual size: {format_size(n)} ({n} bytes)"
 
 
 # ---------------------------------------------------------------------- errors
