@@ -13,13 +13,13 @@ bare host. Each configuration runs `--runs` times, interleaved; medians are repo
                     process; emu: engine creation + load + run, Python already started)
     marginal ratio  X / Y for (large - small): the per-round cost, start-up removed
 
-kvm: `pyhv run --engine kvm` on this host. Where /dev/kvm is KVM-PVM (HOST.md) every
+kvm: `pyhv run --engine kvm` on this host. Where /dev/kvm is KVM-PVM (docs/host.md) every
 instruction of this 32-bit CPL 0 guest is emulated by KVM one at a time, thousands of
 times slower than hardware, so kvm runs a small image (`--kvm-repeat`, default 1 round)
 next to `pyhv run --engine emu`, QEMU and the host program on that same image, each a
 whole process, and the ratios of that table are whole-process wall times.
 
-Ratios only: absolute times on these shared machines are noise (HOST.md). The timer
+Ratios only: absolute times on these shared machines are noise (docs/host.md). The timer
 figure comes last: a guest sleeping in HLT woken by a 1 kHz virtual timer for 5 s of
 guest time: delivered interrupts per guest and per host second, host cost per interrupt.
 """

@@ -22,7 +22,7 @@
     CPL 3 on this host (see user64.S), so it reports its checksum's low 7 bits in the
     debug-exit status, which the benchmark checks against the host program's checksum.
 
-Ratios only: absolute times on these shared machines are noise (HOST.md). Runs are
+Ratios only: absolute times on these shared machines are noise (docs/host.md). Runs are
 interleaved so host noise hits every peer alike. Every subprocess has a timeout.
 """
 

@@ -13,7 +13,7 @@ Each (engine, loop) runs at two iteration counts; the time per iteration is the
 difference of the two wall times over the difference of the counts, so process start,
 machine build and guest boot cancel out. Each pair is repeated (--repeat, default 3)
 and the median is reported, with the ratios against trap. Numbers are only comparable
-within one run (HOST.md: shared, noisy machines).
+within one run (docs/host.md: shared, noisy machines).
 
     python bench/trap_bench.py [--repeat N] [--engines trap,kvm,emu] [--quick]
 """

@@ -7,7 +7,7 @@
  * CPL 0 part (emulated under KVM-PVM, a few dozen instructions): identity paging of the
  * first 1 GiB with 2 MiB user pages, PAE, EFER.LME, CR0.PG, a far jump to a 64-bit
  * code segment, then IRETQ to CPL 3 with RFLAGS.IOPL = 3 and IF = 0. Under this host's
- * KVM-PVM, IRETQ from long-mode CPL 0 to CPL 3 works (HOST.md's "IRET fails" is about
+ * KVM-PVM, IRETQ from long-mode CPL 0 to CPL 3 works (docs/host.md's "IRET fails" is about
  * other IRETs); a far return (RETFQ) to CPL 3 is an emulation failure. SYSEXIT with
  * REX.W also works under KVM-PVM, but QEMU's TCG with an AMD CPU model raises #UD for
  * it in long mode (as AMD hardware does), so IRETQ it is: one image for every peer.

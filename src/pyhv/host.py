@@ -8,7 +8,7 @@ reason recorded so `pyhv info` can explain it:
     vmx   Intel VT-x: the CPU has `vmx` and kvm_intel is loaded
     svm   AMD-V: the CPU has `svm` and kvm_amd is loaded
     pvm   KVM-PVM: /dev/kvm works through kvm_pvm, no vmx/svm flag; guest CPL 0 code
-          is emulated instruction by instruction (HOST.md), so Linux cannot run on it
+          is emulated instruction by instruction (docs/host.md), so Linux cannot run on it
     none  no usable /dev/kvm
 
 The default engine: kvm for vmx/svm, emu otherwise (kvm stays selectable on pvm, where

@@ -79,7 +79,7 @@ EXIT_MARKER = "@@PYHV-EXIT"
 EXIT_RE = re.compile(rb"@@PYHV-EXIT (\d+)@@")
 BOOT_TIMER_VALUE = 123
 VIRTIO_VENDOR = "0x1af4"
-# The virtio modules the guest needs for disks and network (HOST.md: all =m in Debian).
+# The virtio modules the guest needs for disks and network (docs/host.md: all =m in Debian).
 VIRTIO_MODULES = ("virtio", "virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
                   "virtio_pci", "virtio_blk", "virtio_net", "net_failover", "failover")
 IMAGE_FORMAT = 1

@@ -6,7 +6,7 @@ What each guest proves is in its source's top comment. A wrong loader entry stat
 broken bus route, UART, fw_cfg, PIC, PIT, exception delivery, SYSCALL or exit-status
 mapping changes the output or the status, so these tests fail.
 
-KVM on this project's hosts is KVM-PVM (no VT-x; see ../shared/HOST.md): guest CPL 0
+KVM on this project's hosts is KVM-PVM (no VT-x; see docs/host.md): guest CPL 0
 code runs in KVM's instruction emulator, which cannot run some instructions. The kvm
 variants that fail for that reason alone are strict xfails naming the instruction:
 measured here, IRETQ at CPL 0 in long mode works (faults64 passes), 32-bit IRETD does

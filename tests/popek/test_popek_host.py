@@ -1,7 +1,7 @@
 """The classification this host's CPU gives, pinned (issue 6: "the tests pin it").
 
 Measured on the machines pyhv is built on (AMD EPYC with UMIP, /dev/kvm served by
-KVM-PVM; ../shared/HOST.md). kvm rows are the real CPU: deprivileged 64-bit code runs
+KVM-PVM; docs/host.md). kvm rows are the real CPU: deprivileged 64-bit code runs
 natively there. Two results are KVM-PVM's, not the bare CPU's, and are pinned as such:
 INT n from CPL 3 arrives as #UD (a bare CPU gives #GP(vector*8+2), which emu shows), and
 MOV r,CS/SS read the host's user selectors 0x33/0x2b instead of the monitor's 0x63/0x6b.

@@ -239,7 +239,7 @@ def _fake_ioctl(result: int, err: int = 0) -> tuple[object, list[tuple[int, int,
                                  (1 << 64) - 1])
 def test_unsigned_64_bit_arguments_reach_c_intact(monkeypatch: pytest.MonkeyPatch,
                                                   arg: int) -> None:
-    # fcntl.ioctl takes a C int and overflows at 0xfffbd000 (HOST.md); the binding must not.
+    # fcntl.ioctl takes a C int and overflows at 0xfffbd000 (docs/host.md); the binding must not.
     fake, seen = _fake_ioctl(0)
     monkeypatch.setattr(io, "_ioctl", fake)
     assert io.ioctl(7, io.KVM_SET_TSS_ADDR, arg) == 0

@@ -1,6 +1,6 @@
 """The KVM binding against the real /dev/kvm: handles, memory slots, registers, typed exits.
 
-Skipped, with the reason, where /dev/kvm is missing or unusable. On KVM-PVM (HOST.md)
+Skipped, with the reason, where /dev/kvm is missing or unusable. On KVM-PVM (docs/host.md)
 64-bit CPL 3 code runs natively and CPL 0 / 32-bit / real-mode code is emulated; every
 guest here is a handful of instructions, so both are fast.
 
@@ -190,7 +190,7 @@ USER_CODE, GP_HANDLER, KERNEL_STACK = 0x100000, 0x101000, 0x7E000
 def _user_state(mem: GuestMemory, entry: int) -> CpuState:
     """64-bit CPL 3, user-accessible identity paging, and a #GP gate to a CPL 0 handler.
 
-    IN/OUT at CPL 3 fault with #GP on KVM-PVM even with IOPL 3 (HOST.md: the monitor
+    IN/OUT at CPL 3 fault with #GP on KVM-PVM even with IOPL 3 (docs/host.md: the monitor
     catches them through IDT stubs it owns), so the user code reports through MMIO and
     its one OUT is answered by the CPL 0 stub at GP_HANDLER.
     """

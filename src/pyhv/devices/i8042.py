@@ -26,7 +26,7 @@ send):
 
 Design:
 - Status reads 0 when there is nothing to read (and SYS is clear): Linux's flush loop
-  wants 0, never 0xff (../shared/HOST.md). IBF is never set: commands complete at once.
+  wants 0, never 0xff (docs/host.md). IBF is never set: commands complete at once.
 - The output buffer is a queue bounded at OUTPUT_MAX bytes (each tagged keyboard or aux);
   anything beyond is dropped and counted (`dropped`), so no guest loop grows it.
 - A keyboard answers its commands at once (0xfa ACK; 0xff reset -> 0xfa 0xaa; 0xf2

@@ -11,7 +11,7 @@ HLT therefore exits to pyhv, which waits for the next interrupt.
 State conversion: `CpuState` <-> kvm_regs/kvm_sregs/kvm_fpu/MSRs/vcpu events. Segment
 attributes map field for field; FXSAVE bytes are rebuilt from kvm_fpu.
 
-On KVM-PVM hosts (no VT-x/SVM, see HOST.md) this engine still works, but only 64-bit
+On KVM-PVM hosts (no VT-x/SVM, see docs/host.md) this engine still works, but only 64-bit
 CPL 3 code runs natively; CPL 0 and 32-bit code go through KVM's instruction emulator.
 """
 

@@ -1,7 +1,7 @@
 """ioctl numbers and the one function that issues them.
 
 Design: every ioctl goes through `ioctl()`, a ctypes call into libc's ioctl(2). ctypes
-(unlike `fcntl.ioctl`) passes unsigned 64-bit arguments intact (HOST.md: the TSS address
+(unlike `fcntl.ioctl`) passes unsigned 64-bit arguments intact (docs/host.md: the TSS address
 0xfffbd000 overflows fcntl.ioctl's C int) and releases the GIL for the duration of the
 call, so several vCPU threads run guest code at once. EINTR is returned to the caller
 (KVM_RUN is interrupted on purpose to kick a vCPU); other errors raise OSError.

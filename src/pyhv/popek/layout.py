@@ -32,7 +32,7 @@ Selectors (guest GDT; the monitor GDT holds the same first 0x48 bytes):
                   0x70 monitor TSS
 
 Signalling without CPL 0 code of our own: KVM-PVM emulates every CPL 0 instruction and
-cannot deliver a guest's #GP/#UD to user space through KVM_SET_GUEST_DEBUG (HOST.md).
+cannot deliver a guest's #GP/#UD to user space through KVM_SET_GUEST_DEBUG (docs/host.md).
 So both "done" and "exception" reach the monitor as MMIO writes (no RAM at 0x4000_0000):
 the snippet ends with `mov byte [DONE], 0` (natively executed at CPL 3, an MMIO exit),
 and IDT gate N points at a stub whose only work is `mov byte [EXC + N], 0` (one

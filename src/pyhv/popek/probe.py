@@ -6,10 +6,10 @@ Design: for each probe of the catalogue
        Expected values are measured, not written down: a guest kernel that really ran at
        CPL 0 would see exactly this. unicorn runs CPL 0 code faithfully (IRET, LAR,
        far transfers...), where KVM-PVM's instruction emulator gives up on several of
-       them (HOST.md); without unicorn the reference falls back to kvm and says so;
+       them (docs/host.md); without unicorn the reference falls back to kvm and says so;
     2. one deprivileged run per (engine, UMIP setting): CPL 3, the monitor's tables.
        UMIP on is tried on kvm only when the CPU has it and KVM keeps CR4.UMIP set
-       (`umip_support`); emu accepts the bit but unicorn ignores it (HOST.md), which the
+       (`umip_support`); emu accepts the bit but unicorn ignores it (docs/host.md), which the
        table then shows;
     3. classify.classify() turns the pair into a Result.
 

@@ -6,7 +6,7 @@ processor. Its feature set is the conservative one both engines can honour:
 
 - the software engine (unicorn 2.1.4, QEMU 5 TCG) implements every feature listed;
 - deliberately absent: XSAVE/AVX (unicorn's XSAVE support is partial and KVM-PVM cannot
-  hide it consistently, HOST.md), the local APIC and x2APIC (pyhv has no APIC model: the
+  hide it consistently, docs/host.md), the local APIC and x2APIC (pyhv has no APIC model: the
   guest uses the 8259 PIC), FSGSBASE, SMEP/SMAP, PCID, 1 GiB pages, RDTSCP, TSC-deadline,
   MONITOR/MWAIT, performance counters;
 - KVM may present the same table intersected with what the host supports

@@ -1,7 +1,7 @@
 """The software CPU engine (`--engine emu`): guest code runs on unicorn (QEMU's TCG).
 
 Use it where hardware virtualization is missing or too slow (on KVM-PVM hosts every CPL 0
-instruction is emulated by KVM, ~2,500x slower: HOST.md); it runs the same machines,
+instruction is emulated by KVM, ~2,500x slower: docs/host.md); it runs the same machines,
 devices and loaders as the KVM engine, behind the same `Engine` interface.
 
 Package map (each module states its design and invariants):

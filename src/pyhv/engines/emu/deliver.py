@@ -1,6 +1,6 @@
 """Exception and interrupt delivery through the guest's IDT, as the CPU does it.
 
-unicorn raises exceptions but never delivers them (HOST.md): its interrupt hook gets the
+unicorn raises exceptions but never delivers them (docs/host.md): its interrupt hook gets the
 vector and pyhv must do what the processor does (SDM Vol. 3A, chapter 6):
 
     real mode       IVT entry (offset:segment) at IDTR.base + 4 * vector; push FLAGS, CS,

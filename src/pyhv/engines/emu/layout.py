@@ -4,7 +4,7 @@ Why: unicorn's register API cannot set everything pyhv must set. In 64-bit mode 
 CS/SS only changes the selector (not the hidden descriptor nor the CPL), the error code
 and "software INT" flag of an exception live only in the CPU state, and an internal
 "exception in flight" field (QEMU's `old_exception`) is not cleared when pyhv delivers an
-exception itself, so the next fault would become #DF (HOST.md). The context blob of
+exception itself, so the next fault would become #DF (docs/host.md). The context blob of
 `uc_context_save` is a byte copy of QEMU's `CPUX86State` (up to its reset fields), so pyhv
 reads and writes those fields there and `uc_context_restore`s the result.
 

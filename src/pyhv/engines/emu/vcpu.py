@@ -14,7 +14,7 @@
       | advance the virtual clock by the blocks run; map the stop to an exit  -------'
 
 Port I/O and MMIO: an IN or an MMIO load needs its value while the instruction executes
-(stopping emulation from a hook only takes effect at the next block, HOST.md), so the
+(stopping emulation from a hook only takes effect at the next block, docs/host.md), so the
 run loop hands the vCPU two callables with `attach_io(pio, mmio)`:
 `pio(port, size, value | None) -> int` and `mmio(addr, size, value | None) -> int`
 (value None = read). Without them, writes become IoOut / MmioWrite exits and reads

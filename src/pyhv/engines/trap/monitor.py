@@ -33,7 +33,7 @@ The stub's one store reaches an address with no RAM behind it, so KVM returns an
 write to pyhv naming the vector; pyhv reads the frame the CPU pushed (at a fixed place,
 since RSP0 is fixed and aligned), rewrites it with where the guest should go next, and
 resumes: the stub's IRETQ (which KVM-PVM emulates in long mode) takes the guest back to
-CPL 3. No other monitor code ever runs at CPL 0 (HOST.md: CPL 0 code on this host is
+CPL 3. No other monitor code ever runs at CPL 0 (docs/host.md: CPL 0 code on this host is
 emulated instruction by instruction).
 
 For vectors that push an error code the frame starts 8 bytes lower; the monitor writes

@@ -7,7 +7,7 @@ shared object the first time an emu vCPU is created and cached under
 rebuilds it and concurrent builders never see a half-written file (write + rename).
 `load()` returns the hook's address, or None with the reason when there is no compiler
 or the build fails; the engine then falls back to instruction-count slices (correct,
-about 2.5x slower; HOST.md).
+about 2.5x slower; docs/host.md).
 
 `exit_checks_off(uc)` turns off unicorn's per-access exit check (see its docstring): it
 is only used together with the native hook, which makes every stop at a block start.

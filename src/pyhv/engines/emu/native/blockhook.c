@@ -5,7 +5,7 @@
  * unicorn calls pyhv_emu_block() at the start of every translation block, before the
  * block's instructions run. It counts blocks (the guest-progress measure the virtual
  * clock advances with) and stops emulation, from inside the hook (the only correct
- * place: HOST.md), when:
+ * place: docs/host.md), when:
  *   1. the slice budget (blocks until the next timer deadline) is used up,
  *   2. another thread asked for a stop (kick),
  *   3. an interrupt is waiting and RFLAGS.IF is now 1 (the interrupt window opened).
