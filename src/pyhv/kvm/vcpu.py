@@ -245,9 +245,6 @@ class Vcpu:
         ioctl(self.fd, io.KVM_GET_MP_STATE, st)
         return int(st.mp_state)
 
-    def set_mp_state(self, state: int) -> None:
-        ioctl(self.fd, io.KVM_SET_MP_STATE, s.KvmMpState(mp_state=state))
-
     def translate(self, gva: int) -> int | None:
         """KVM_TRANSLATE: guest-virtual -> guest-physical, None if unmapped."""
         t = s.KvmTranslation(linear_address=gva)
@@ -256,8 +253,3 @@ class Vcpu:
         except OSError:
             return None
         return int(t.physical_address) if t.valid else None
-
-    def set_guest_debug(self, control: int) -> None:
-        ioctl(self.fd, io.KVM_SET_GUEST_DEBUG, s.KvmGuestDebug(control=control))
-
-

@@ -23,7 +23,7 @@ from __future__ import annotations
 from pyhv.popek.catalogue import ALL, PRIVILEGED, SENSITIVE, Probe
 from pyhv.popek.classify import Result, classify, verdict
 from pyhv.popek.probe import Report, run_probes, umip_support
-from pyhv.popek.runner import RunResult, run_snippet
+from pyhv.popek.snippet import SnippetResult, run_snippet
 
-__all__ = ["ALL", "PRIVILEGED", "SENSITIVE", "Probe", "Report", "Result", "RunResult",
+__all__ = ["ALL", "PRIVILEGED", "SENSITIVE", "Probe", "Report", "Result", "SnippetResult",
            "classify", "run_probes", "run_snippet", "umip_support", "verdict"]

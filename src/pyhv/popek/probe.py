@@ -30,7 +30,7 @@ from pyhv.memory import GuestMemory
 from pyhv.popek import layout as L
 from pyhv.popek.catalogue import ALL, Probe
 from pyhv.popek.classify import Result, classify, verdict
-from pyhv.popek.runner import DEFAULT_TIMEOUT, RunResult, run_snippet
+from pyhv.popek.snippet import DEFAULT_TIMEOUT, SnippetResult, run_snippet
 
 ENGINES = ("kvm", "emu")
 
@@ -140,7 +140,7 @@ def run_probes(engines: Iterable[str] = ENGINES, probes: Iterable[Probe] = ALL, 
     return report
 
 
-def _run(engine: str, probe: Probe, *, cpl0: bool, umip: bool, timeout: float) -> RunResult:
+def _run(engine: str, probe: Probe, *, cpl0: bool, umip: bool, timeout: float) -> SnippetResult:
     landing = L.CODE + len(probe.code)
     return run_snippet(engine, probe.code, regs=probe.regs, data=probe.data(landing),
                        cpl0=cpl0, umip=umip, timeout=timeout)

@@ -52,7 +52,7 @@ class IoAccess:
 
 
 @dataclass
-class RunResult:
+class SnippetResult:
     """How one run ended; `state`/`data` are the CPU and DATA at the end."""
 
     end: End
@@ -79,7 +79,7 @@ def make_engine(name: str, mem: GuestMemory) -> Engine:
 
 def run_snippet(engine_name: str, code: bytes, *, regs: dict[str, int] | None = None,
                 data: bytes = b"", cpl0: bool = False, umip: bool = False,
-                timeout: float = DEFAULT_TIMEOUT) -> RunResult:
+                timeout: float = DEFAULT_TIMEOUT) -> SnippetResult:
     """Run `code` (then the DONE store) once on a fresh machine of `engine_name`."""
     image = code + DONE_TAIL
     if len(image) > L.CODE_MAX or len(data) > L.DATA_SIZE:
@@ -107,7 +107,7 @@ def run_snippet(engine_name: str, code: bytes, *, regs: dict[str, int] | None = 
         result.io = io
         return result
     except (PyhvError, OSError) as e:
-        return RunResult("error", detail=f"{type(e).__name__}: {e}")
+        return SnippetResult("error", detail=f"{type(e).__name__}: {e}")
     finally:
         if engine is not None:
             engine.close()
@@ -115,7 +115,7 @@ def run_snippet(engine_name: str, code: bytes, *, regs: dict[str, int] | None = 
 
 
 def _loop(vcpu: EngineVcpu, mem: GuestMemory, io: list[IoAccess], timeout: float,
-          cpl0: bool) -> RunResult:
+          cpl0: bool) -> SnippetResult:
     timer = threading.Timer(timeout, vcpu.kick)
     timer.daemon = True
     timer.start()
@@ -124,12 +124,12 @@ def _loop(vcpu: EngineVcpu, mem: GuestMemory, io: list[IoAccess], timeout: float
             ex = vcpu.run()
             if isinstance(ex, MmioWrite):
                 if ex.addr == L.DONE:
-                    return RunResult("done", state=vcpu.get_state(),
+                    return SnippetResult("done", state=vcpu.get_state(),
                                      data=mem.read(L.DATA, DATA_SNAPSHOT), exits=n)
                 vector = ex.addr - L.EXC
                 if vector in L.VECTORS:
                     return _exception(vector, vcpu.get_state(), mem, n, cpl0)
-                return RunResult("error", detail=f"unexpected MMIO write at {ex.addr:#x}",
+                return SnippetResult("error", detail=f"unexpected MMIO write at {ex.addr:#x}",
                                  exits=n)
             if isinstance(ex, IoIn):
                 io.append(IoAccess(False, ex.port, ex.size, (1 << (8 * ex.size)) - 1))
@@ -140,20 +140,20 @@ def _loop(vcpu: EngineVcpu, mem: GuestMemory, io: list[IoAccess], timeout: float
                                    int.from_bytes(ex.data[:ex.size], "little")))
                 continue
             if isinstance(ex, Halt):
-                return RunResult("halt", state=vcpu.get_state(),
+                return SnippetResult("halt", state=vcpu.get_state(),
                                  data=mem.read(L.DATA, DATA_SNAPSHOT), exits=n)
             if isinstance(ex, Interrupted):
-                return RunResult("error", detail=f"no result within {timeout:g} s "
+                return SnippetResult("error", detail=f"no result within {timeout:g} s "
                                  "(the watchdog stopped the vCPU)", exits=n)
             if isinstance(ex, MmioRead):
-                return RunResult("error", detail=f"unexpected MMIO read at {ex.addr:#x}",
+                return SnippetResult("error", detail=f"unexpected MMIO read at {ex.addr:#x}",
                                  exits=n)
             if isinstance(ex, InternalError):
-                return RunResult("error", detail=ex.describe(), exits=n)
+                return SnippetResult("error", detail=ex.describe(), exits=n)
             if isinstance(ex, Shutdown):
-                return RunResult("error", detail=f"shutdown: {ex.reason}", exits=n)
-            return RunResult("error", detail=f"unexpected exit {type(ex).__name__}", exits=n)
-        return RunResult("error", detail=f"no result after {MAX_EXITS} exits",
+                return SnippetResult("error", detail=f"shutdown: {ex.reason}", exits=n)
+            return SnippetResult("error", detail=f"unexpected exit {type(ex).__name__}", exits=n)
+        return SnippetResult("error", detail=f"no result after {MAX_EXITS} exits",
                          exits=MAX_EXITS)
     finally:
         timer.cancel()
@@ -161,7 +161,7 @@ def _loop(vcpu: EngineVcpu, mem: GuestMemory, io: list[IoAccess], timeout: float
 
 
 def _exception(vector: int, st: CpuState, mem: GuestMemory, exits: int,
-               cpl0: bool) -> RunResult:
+               cpl0: bool) -> SnippetResult:
     """Decode the frame the CPU pushed for `vector` (64-bit: [err], RIP, CS, RFLAGS...)."""
     has_code = vector in L.ERROR_CODE_VECTORS
     size = 8 * (6 if has_code else 5)
@@ -169,10 +169,10 @@ def _exception(vector: int, st: CpuState, mem: GuestMemory, exits: int,
     lo, hi = ((L.USER_STACK_TOP - L.STACK_SIZE, L.USER_STACK_TOP) if cpl0
               else (L.KSTACK_TOP - L.STACK_SIZE, L.KSTACK_TOP))
     if not (lo <= rsp and rsp + size <= hi):
-        return RunResult("exception", vector=vector, state=st, exits=exits,
+        return SnippetResult("exception", vector=vector, state=st, exits=exits,
                          detail=f"frame not on the expected stack (rsp={rsp:#x})")
     words = struct.unpack_from(f"<{size // 8}Q", mem.read(rsp, size))
     code = words[0] & 0xFFFF_FFFF if has_code else None
     rip, cs = words[1 if has_code else 0], words[2 if has_code else 1] & 0xFFFF
-    return RunResult("exception", vector=vector, error_code=code, fault_rip=rip,
+    return SnippetResult("exception", vector=vector, error_code=code, fault_rip=rip,
                      fault_cs=cs, state=st, exits=exits)
