@@ -10,7 +10,7 @@ Package map (each module states its design):
     layout.py     the probe guest: one memory map, the monitor's real tables and the
                   guest's virtual ones, the two entry states (CPL 3 / CPL 0), the stubs
     catalogue.py  the probed instructions: hand-assembled snippets and their observers
-    runner.py     one snippet, one engine, one fresh machine: bounded exit loop, frames
+    snippet.py    one snippet, one engine, one fresh bare machine through pyhv's run loop
     classify.py   a deprivileged run against the CPL 0 reference: trap / silent / same
     probe.py      the whole matrix, UMIP support, the report and its verdict
 
