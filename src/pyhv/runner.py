@@ -36,6 +36,7 @@ guest's behaviour (a hostile guest gets status 4 with the reason).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import select
@@ -212,7 +213,8 @@ class Runner:
 
         def undo() -> None:
             signal.set_wakeup_fd(old)
-            os.write(w, b"\0")             # not a signal number: only wakes the watcher
+            with contextlib.suppress(BlockingIOError):
+                os.write(w, b"\0")         # not a signal number: only wakes the watcher
             t.join(timeout=1.0)
             os.close(r)
             os.close(w)
