@@ -58,6 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="auto", metavar="{auto,kvm,emu,trap}",
                    help="how guest code runs (default auto: kvm with VT-x/AMD-V, else emu; "
                         "trap: trap-and-emulate of a 64-bit kernel at CPL 3 on /dev/kvm)")
+    p.add_argument("--engine-opt", action="append", default=[], metavar="NAME=VALUE",
+                   help="an option of the chosen engine, checked by it (repeatable). "
+                        "trap: umip=on|off, CR4.UMIP for the deprivileged kernel: "
+                        "SGDT/SIDT/SLDT/STR/SMSW trap and are emulated with its own "
+                        "values (needs a CPU with UMIP; default off: they show the "
+                        "monitor's). kvm and emu take none")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="end the guest after S seconds (exit status 124)")
     p.add_argument("--stats", action="store_true",
@@ -92,11 +98,13 @@ def main(args: argparse.Namespace) -> int:
     check_memory(mem)
     if args.timeout is not None and not args.timeout > 0:
         raise ConfigError(f"--timeout must be a positive number of seconds (got {args.timeout})")
-    from pyhv.engines import ENGINES
+    from pyhv.engines import ENGINES, engine_class
     if args.engine != "auto" and args.engine not in ENGINES:
         raise ConfigError(f"unknown engine {args.engine!r} (choose from auto, "
                           f"{', '.join(ENGINES)})")
     engine = resolve_engine(args.engine)
+    engine_options = _engine_options(args.engine_opt)
+    engine_class(engine).parse_options(engine_options)     # refused before any download
     cmdline = args.append
     kernel, initrd = args.kernel, args.initrd
     pyhv_linux = kernel is None
@@ -114,7 +122,8 @@ def main(args: argparse.Namespace) -> int:
         cmdline = f"{cmdline or ''} {images.command_param(args.command)}".strip()
     config = MachineConfig(kernel=kernel, cmdline=cmdline or "", initrd=initrd,
                            format=args.format, load_addr=args.load_addr, mem_size=mem,
-                           engine=engine, strict_io=args.strict_io)
+                           engine=engine, strict_io=args.strict_io,
+                           engine_options=engine_options)
     sink = _stdout_sink()
     console = Console(sink, hide_exit_marker=args.command is not None)
     t_end = None if args.timeout is None else time.monotonic() + args.timeout
@@ -129,6 +138,17 @@ def main(args: argparse.Namespace) -> int:
             continue
         break
     return _report(result, runner, machine, console, args)
+
+
+def _engine_options(pairs: list[str]) -> dict[str, str]:
+    """`--engine-opt NAME=VALUE` words -> {NAME: VALUE}; the engine checks them."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, eq, value = pair.partition("=")
+        if not eq or not name:
+            raise ConfigError(f"--engine-opt {pair!r}: expected NAME=VALUE (e.g. umip=on)")
+        out[name] = value
+    return out
 
 
 def _run_once(config: MachineConfig, console: Console, args: argparse.Namespace,

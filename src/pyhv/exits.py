@@ -71,10 +71,3 @@ class InternalError(Exit):
         where = f" at rip={self.rip:#x}" if self.rip is not None else ""
         code = f" (instruction bytes: {self.insn.hex(' ')})" if self.insn else ""
         return f"{self.reason}{where}{code}"
-
-
-
-
-@dataclass(slots=True)
-class IrqWindowOpen(Exit):
-    """The guest can now accept an external interrupt (asked for by the engine)."""

@@ -16,8 +16,15 @@ so the same machine serves KVM on a VT-x host and the software CPU here.
 
 Devices that end the run (debug-exit, the i8042's reset line) call `request_stop`, which
 records why and kicks the vCPU; the run loop (pyhv.runner) acts on it. Everything a run
-can fail on (a bad image, too little memory, a missing engine) raises a `PyhvError` from
-the constructor before any guest code runs, and `close()` releases what was built.
+can fail on (a bad image, too little memory, a missing engine, an engine option the
+engine refuses) raises a `PyhvError` from the constructor before any guest code runs,
+and `close()` releases what was built.
+
+Two variations, for guests that are not a kernel image on a PC: `MachineConfig.setup`
+prepares RAM and returns the entry state itself instead of step 3's loader, and
+`devices=False` builds a bare board: steps 5 and 6 are skipped, so the buses are empty
+(the caller may register its own devices on them) and the vCPU has no interrupt source.
+The popek probe runs its snippets on such machines, through the same run loop.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ MAX_MEM = 1 << 40   # 1 TiB: beyond any host pyhv targets; the host check comes 
 
 @dataclass
 class MachineConfig:
-    kernel: Path
+    kernel: Path | None = None        # the image step 3 loads (unless `setup` is given)
     cmdline: str = ""
     initrd: Path | None = None
     format: str = "auto"
@@ -60,6 +67,10 @@ class MachineConfig:
     engine: str = "auto"
     strict_io: bool = False
     n_cpus: int = 1
+    engine_options: dict[str, str] = field(default_factory=dict)   # checked by the engine
+    # Prepares RAM and returns the entry state, instead of loading `kernel`.
+    setup: Callable[[GuestMemory], LoadedGuest] | None = None
+    devices: bool = True              # False: a bare board (empty buses, no 8259)
 
 
 @dataclass
@@ -114,7 +125,8 @@ class Devices:
 
 
 class Machine:
-    """One guest: memory, devices on buses, an engine with one vCPU, a loaded kernel."""
+    """One guest: memory, devices on buses, an engine with one vCPU, a loaded kernel
+    (or, with `setup` and `devices=False`, whatever guest and devices the caller adds)."""
 
     def __init__(self, config: MachineConfig, console: Callable[[bytes], None]) -> None:
         self.config = config
@@ -125,6 +137,7 @@ class Machine:
         self.memory: GuestMemory | None = None
         self.engine: Engine | None = None
         self.vcpu: EngineVcpu | None = None
+        self._devices: Devices | None = None
         try:
             self._build(config, console)
         except BaseException:
@@ -138,28 +151,42 @@ class Machine:
         why = cls.probe()
         if why is not None:
             raise HostError(f"engine {self.engine_name!r} cannot run here: {why}")
+        engine_args = cls.parse_options(config.engine_options)
 
         # 2. guest RAM
         check_memory(config.mem_size)
         self.memory = GuestMemory.with_layout(layout.ram_layout(config.mem_size))
 
         # 3. the kernel, validated and written into RAM
-        self.guest: LoadedGuest = load(self.memory, BootRequest(
-            kernel=config.kernel, cmdline=config.cmdline, initrd=config.initrd,
-            format=config.format, load_addr=config.load_addr))
+        if config.setup is not None:
+            self.guest: LoadedGuest = config.setup(self.memory)
+        elif config.kernel is not None:
+            self.guest = load(self.memory, BootRequest(
+                kernel=config.kernel, cmdline=config.cmdline, initrd=config.initrd,
+                format=config.format, load_addr=config.load_addr))
+        else:
+            raise ConfigError("no kernel to load")
 
         # 4. time
         self.clock: Clock = VirtualClock() if cls.virtual_time else HostClock()
         self.timers = TimerQueue(self.clock)
 
-        # 5. the interrupt controller
-        pic = PicPair()
-
-        # 6. devices on the buses
+        # 5, 6. the interrupt controller and the devices on the buses (a bare board: none)
         self.pio = Bus("port I/O", strict=config.strict_io)
         self.mmio = Bus("MMIO", strict=config.strict_io)
+        if config.devices:
+            self._build_devices(config, console)
+
+        # 7. the engine, one vCPU, the loader's entry state
+        self.engine = cls(self.memory, **engine_args)
+        self.vcpu = self.engine.create_vcpu(0)
+        self.vcpu.set_interrupt_source(self._devices.pic if self._devices else None)
+        self.vcpu.set_state(self.guest.entry)
+
+    def _build_devices(self, config: MachineConfig, console: Callable[[bytes], None]) -> None:
+        pic = PicPair()
         pit = Pit8254(self.clock, self.timers, pic.irq_line(0))
-        self.devices = Devices(
+        self._devices = Devices(
             pic=pic,
             serial=Serial16550(pic.irq_line(4), console),
             pit=pit,
@@ -171,7 +198,7 @@ class Machine:
             debug_exit=DebugExit(self._debug_exit),
             boot_timer=BootTimer(self.clock, self._booted),
         )
-        d = self.devices
+        d = self._devices
         d.all = [pic, d.serial, pit, SystemControlPortB(pit), d.rtc, d.i8042, d.fwcfg,
                  d.debug_exit]
         for dev in d.all:
@@ -179,11 +206,23 @@ class Machine:
                 self.pio.register(base, length, device, name)
         self.pio.register(layout.BOOT_TIMER_PORT, 1, d.boot_timer, "boot timer")
 
-        # 7. the engine, one vCPU, the loader's entry state
-        self.engine = cls(self.memory)
-        self.vcpu = self.engine.create_vcpu(0)
-        self.vcpu.set_interrupt_source(pic)
-        self.vcpu.set_state(self.guest.entry)
+    @property
+    def devices(self) -> Devices:
+        """The PC's devices (a bare board has none: AttributeError)."""
+        if self._devices is None:
+            raise AttributeError("a bare machine (devices=False) has no devices")
+        return self._devices
+
+    # ------------------------------------------------------------------ for the run loop
+
+    def poll_devices(self) -> None:
+        """Device work the run-loop thread does between exits: host input into the UART."""
+        if self._devices is not None:
+            self._devices.serial.poll()
+
+    def interrupt_pending(self) -> bool:
+        """The interrupt controller's INTR pin (what wakes a guest halted with IF=1)."""
+        return self._devices is not None and self._devices.pic.pending()
 
     def _booted(self, _guest_ns: int) -> None:
         self.boot_host_s = time.monotonic() - self.created_at

@@ -20,8 +20,13 @@ Exit statuses of `pyhv run` (pyhv's own are even, the guest's debug-exit odd):
     0    the guest halted with interrupts off, or powered off, or Ctrl-] left it
     (v << 1) | 1   the guest wrote v to the debug-exit port 0xf4 (QEMU's convention)
     4    the guest crashed: triple fault, an engine internal error, a kernel panic
-    124  --timeout expired
+    124  --timeout expired (or the `max_exits` budget of a caller's run ran out)
     130  interrupted (SIGINT); the run command maps SIGTERM/SIGHUP to 143/129
+
+Options for callers other than `pyhv run` (the popek probe): `max_exits` bounds the
+exits routed in one run, `last_exit` keeps the exit that ended it (a Shutdown's or an
+InternalError's own fields), and devices a caller registers on the machine's buses take
+part like any other (a device that calls `request_stop` ends the run with its reason).
 
 Invariants: only the thread that calls `run()` touches the vCPU, devices and timers
 (other threads only kick the vCPU, feed the UART and set events); every exit path stops
@@ -31,6 +36,7 @@ guest's behaviour (a hostile guest gets status 4 with the reason).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import select
@@ -92,12 +98,15 @@ class Runner:
     """Runs one Machine's vCPU to its end."""
 
     def __init__(self, machine: Machine, *, timeout: float | None = None,
-                 on_turn: Callable[[], None] = lambda: None) -> None:
+                 on_turn: Callable[[], None] = lambda: None,
+                 max_exits: int | None = None) -> None:
         if machine.vcpu is None:
             raise ValueError("machine has no vCPU")
         self.m = machine
         self.vcpu = machine.vcpu
         self.timeout = timeout
+        self.max_exits = max_exits    # route at most this many exits; the next one ends it
+        self.last_exit: Exit | None = None
         self.on_turn = on_turn        # run-loop thread hook, after every exit and idle pass
         self.state = VmState.CREATED
         self.stats = RunStats()
@@ -160,7 +169,7 @@ class Runner:
             self.state = VmState.STOPPED
             self.engine_stats = self.vcpu.stats()
             self.stats.t_total = time.monotonic() - self._t0
-            self.m.devices.serial.poll()
+            self.m.poll_devices()
         return result
 
     def _kick_on_signals(self) -> Callable[[], None]:
@@ -204,6 +213,8 @@ class Runner:
 
         def undo() -> None:
             signal.set_wakeup_fd(old)
+            with contextlib.suppress(BlockingIOError):
+                os.write(w, b"\0")         # not a signal number: only wakes the watcher
             t.join(timeout=1.0)
             os.close(r)
             os.close(w)
@@ -214,7 +225,6 @@ class Runner:
         vcpu = self.vcpu
         st = self.stats
         timers = m.timers
-        serial = m.devices.serial
         while True:
             if m.stop_request is not None:
                 return self._stopped(m.stop_request)
@@ -232,6 +242,10 @@ class Runner:
             st.t_guest += time.perf_counter() - t
             kind = type(ex).__name__
             st.exits[kind] += 1
+            self.last_exit = ex
+            if self.max_exits is not None and st.exits.total() > self.max_exits:
+                return RunResult(STATUS_TIMEOUT, "exit-limit",
+                                 f"no result after {self.max_exits} exits", rip=self._rip())
             try:
                 result = self._handle(ex)
             except UnhandledIo as e:
@@ -240,7 +254,7 @@ class Runner:
             if result is not None:
                 return result
             timers.fire_due()
-            serial.poll()
+            m.poll_devices()
             self.on_turn()
 
     def _handle(self, ex: Exit) -> RunResult | None:
@@ -277,14 +291,13 @@ class Runner:
     def _idle(self) -> None:
         """HLT with IF=1: wait for an interrupt (timer, input) or a stop."""
         m = self.m
-        pic = m.devices.pic
         timers = m.timers
         t_start = time.perf_counter()
         try:
             while True:
                 timers.fire_due()
-                m.devices.serial.poll()
-                if pic.pending() or m.stop_request is not None or self._expired():
+                m.poll_devices()
+                if m.interrupt_pending() or m.stop_request is not None or self._expired():
                     return
                 if self.state is VmState.PAUSED:
                     return

@@ -12,13 +12,18 @@
 
 from __future__ import annotations
 
-import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
-from emu_harness import LOAD, Machine, have_toolchain
+import pytest
+from emuguests import Booted, build_source, missing_tools
 
+# A multiboot guest (entered in flat protected mode, paging off).
 SMC32 = r"""
+#include "guest.h"
+#include "pc.inc"
     .intel_syntax noprefix
+    MULTIBOOT_HEADER
     .code32
     .text
     .globl start
@@ -34,7 +39,7 @@ start:
     mov dword ptr [page + 0x900], esi
     call page
     add al, 'A' - 1
-    out 0xe9, al
+    putc_al
     inc esi
     cmp esi, 20
     jbe 1b
@@ -48,9 +53,9 @@ start:
     mov dword ptr [page + 1], 26     /* then the code changes once more */
     call page
     add al, 'A' - 1
-    out 0xe9, al
+    putc_al
     mov al, 0
-    out 0xf4, al
+    exit_al
     hlt
     .balign 4096
 page:
@@ -58,33 +63,29 @@ page:
 """
 
 
-def build_smc32(tmp: Path) -> bytes:
-    src, obj, out = tmp / "smc32.S", tmp / "smc32.o", tmp / "smc32.bin"
+def build_smc32(tmp: Path) -> Path:
+    src = tmp / "smc32.S"
     src.write_text(SMC32)
-    subprocess.run(["gcc", "-c", "-o", str(obj), str(src)], check=True, capture_output=True)
-    subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext", hex(LOAD), "-e", "start",
-                    "--oformat", "binary", "-o", str(out), str(obj)], check=True,
-                   capture_output=True)
-    return out.read_bytes()
+    return build_source(src, "multiboot", tmp)
 
 
-def test_self_modifying_code_with_paging_off(tmp_path: Path) -> None:
-    if not have_toolchain():
-        import pytest
-        pytest.skip("gcc/ld not installed")
-    m = Machine(build_smc32(tmp_path), mode="prot32")
+def test_self_modifying_code_with_paging_off(emu: Callable[..., Booted],
+                                            tmp_path: Path) -> None:
+    if missing_tools():
+        pytest.skip(f"cannot build the guest: {', '.join(missing_tools())} missing")
+    m = emu(build_smc32(tmp_path))
     r = m.run()
     assert r.out == "ABCDEFGHIJKLMNOPQRST" + "Z"
     assert r.exit_code == 0
-    vcpu = m.vcpu
+    vcpu = m.machine.vcpu
     if getattr(vcpu, "tlb", None) is not None:
         assert r.stats["tlb mode switches"] == 1          # to the paging-off fill hook
-        assert vcpu.tlb.code_pages_seen >= 2  # type: ignore[attr-defined]
+        assert vcpu.tlb.code_pages_seen >= 2  # type: ignore[union-attr]
 
 
-def test_paging_on_guest_keeps_unicorns_tlb(guest: object) -> None:
-    m = Machine(guest("long64"), mode="long", regs={"rdi": 0})  # type: ignore[operator]
-    r = m.run()
+def test_paging_on_guest_keeps_unicorns_tlb(emu: Callable[..., Booted],
+                                           guest: Callable[[str], Path]) -> None:
+    r = emu(guest("long64"), append="0").run()
     assert r.out.split()[0] == "V0/0/0"
     assert r.stats.get("tlb mode switches", 0) == 0
     if r.stats["native block hook"]:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from emu_harness import Machine
+from emuguests import Booted
 
 from pyhv.arch.x86.cpustate import (
     CR0_ET,
@@ -27,7 +28,8 @@ from pyhv.engines.emu import EmuEngine
 from pyhv.exits import Halt, Interrupted, Shutdown
 from pyhv.memory import GuestMemory
 
-Guest = Callable[..., bytes]
+Guest = Callable[[str], Path]
+Emu = Callable[..., Booted]
 
 
 def fresh_vcpu(mem: int = 4 << 20):  # type: ignore[no-untyped-def]
@@ -129,30 +131,33 @@ def test_cpl3_state_really_runs_at_cpl3() -> None:
     assert isinstance(ex, Shutdown) and ex.reason.startswith("triple fault (#GP")
 
 
-def test_guest_moved_mid_run_finishes_identically(guest: Guest) -> None:
-    ref = Machine(guest("long64"), mode="long", regs={"rdi": 0}).run()
-    a = Machine(guest("long64"), mode="long", regs={"rdi": 0})
-    # run until the first HLT (timer armed, CPL 0 after the user-mode excursion)
-    for _ in range(1000):
-        ex = a.vcpu.run()
-        if isinstance(ex, Halt):
-            break
-    else:
-        raise AssertionError("no HLT")
-    st = a.vcpu.get_state()
+# The guest's own programming of the 8259 and the 8254 (tests/guests/emu/pc.inc: pic_init,
+# pit_1khz), as (port, value) writes.
+PC_INIT = [(0x20, 0x11), (0x21, 0x20), (0x21, 0x04), (0x21, 0x01), (0x21, 0xFE),
+           (0x43, 0x34), (0x40, 0xA9), (0x40, 0x04)]
+
+
+def test_guest_moved_mid_run_finishes_identically(emu: Emu, guest: Guest) -> None:
+    ref = emu(guest("long64"), append="0").run()
+    a = emu(guest("long64"), append="0")
+    # run until the first HLT (timer armed, CPL 0 after the user-mode excursion): the
+    # run loop stops at the first exit without routing it
+    stopped = a.run(max_exits=0)
+    assert stopped.result.reason == "exit-limit" and isinstance(stopped.last, Halt)
+    assert a.machine.vcpu is not None and a.machine.memory is not None
+    st = a.machine.vcpu.get_state()
     assert st.halted
-    b = Machine(b"", mode="long")
-    for r_a, r_b in zip(a.memory.regions, b.memory.regions, strict=True):
+    # a fresh machine gets a's RAM and CPU state. pyhv moves no device state (yet), so
+    # b's 8259 and 8254 are programmed as the guest programmed a's, through b's port bus
+    b = emu(guest("long64"), append="0")
+    assert b.machine.vcpu is not None and b.machine.memory is not None
+    for r_a, r_b in zip(a.machine.memory.regions, b.machine.memory.regions, strict=True):
         r_b.view[:] = r_a.view
-    b.vcpu.set_state(st)
-    b.out[:] = a.out
-    b.clock.skip_to(a.clock.now_ns())
-    b.period_ns = a.period_ns
-    deadline = a.timers.next_deadline()
-    assert deadline is not None
-    b.timers.schedule(deadline - 0, b._tick)
-    b.clock.skip_to(deadline)
-    b.timers.fire_due()
+    b.machine.vcpu.set_state(st)
+    b.console[:] = a.console
+    b.machine.clock.skip_to(a.machine.clock.now_ns())
+    for port, value in PC_INIT:
+        b.machine.pio.write(port, 1, value)
     res = b.run()
     assert res.out == ref.out
     assert res.exit_code == 0

@@ -97,9 +97,6 @@ class Asm:
     def in_dx(self, size: int) -> Asm:
         return self.raw(b"\xec" if size == 1 else self._osz(size) + b"\xed")
 
-    def mov_cx(self, value: int) -> Asm:
-        return self.raw(self._osz(2) + b"\xb9" + struct.pack("<H", value & 0xFFFF))
-
     def mov_reg32(self, reg: int, value: int) -> Asm:
         """mov r32, imm32 (eax=0, ecx=1, edx=2, ebx=3, esp=4, ebp=5, esi=6, edi=7)."""
         return self.raw(self._osz(4) + bytes([0xB8 + reg]) + struct.pack("<I", value))

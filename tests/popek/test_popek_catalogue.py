@@ -13,7 +13,7 @@ from pyhv.arch.x86 import gdt
 from pyhv.memory import GuestMemory
 from pyhv.popek import layout as L
 from pyhv.popek.catalogue import ALL, PRIVILEGED, SENSITIVE, by_name
-from pyhv.popek.runner import DONE_TAIL
+from pyhv.popek.snippet import DONE_TAIL
 
 pytestmark = pytest.mark.timeout(30)
 

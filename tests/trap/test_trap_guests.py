@@ -114,6 +114,17 @@ def test_sensitive_under_trap_with_umip(trap_guest: Callable[[str], Path],
     assert r.status == 0 and "woke on the timer" not in r.stdout, r.explain()
 
 
+@pytest.mark.parametrize("engine", engines("trap"))
+def test_umip_is_an_engine_option_not_an_environment_variable(
+        trap_guest: Callable[[str], Path], engine: str) -> None:
+    """PYHV_TRAP_UMIP (the old switch) no longer reaches the engine: UMIP stays off."""
+    r = run_pyhv("--engine", engine, "--kernel", trap_guest("sensitive"), timeout=20,
+                 env={"PYHV_TRAP_UMIP": "1"})
+    lines = _lines(r.stdout)
+    assert lines["sgdt"] == "sgdt: monitor's GDT at ffffff8000000000", r.explain()
+    assert r.status == 0, r.explain()
+
+
 @pytest.mark.parametrize("engine", engines(*ENGINES))
 def test_monitor_range_is_not_mapped_for_the_guest(trap_guest: Callable[[str], Path],
                                                    engine: str) -> None:

@@ -56,14 +56,14 @@ def unavailable(engine: str) -> str | None:
     return why
 
 
-def run_pyhv(*args: str | Path, timeout: float = 20.0, umip: bool = False) -> Run:
-    """`pyhv run ARGS --timeout T`, with PYHV_TRAP_UMIP=1 when `umip`."""
-    argv = [sys.executable, "-m", "pyhv", "run", *map(str, args), "--timeout", str(timeout)]
-    env = dict(os.environ)
-    env.pop("PYHV_TRAP_UMIP", None)
-    if umip:
-        env["PYHV_TRAP_UMIP"] = "1"
+def run_pyhv(*args: str | Path, timeout: float = 20.0, umip: bool = False,
+             env: dict[str, str] | None = None) -> Run:
+    """`pyhv run ARGS --timeout T`, with the trap engine's `--engine-opt umip=on` when
+    `umip`; `env` adds variables to the environment."""
+    extra = ["--engine-opt", "umip=on"] if umip else []
+    argv = [sys.executable, "-m", "pyhv", "run", *map(str, args), *extra,
+            "--timeout", str(timeout)]
     p = subprocess.run(argv, capture_output=True, timeout=timeout + HOST_TIMEOUT_MARGIN_S,
-                       stdin=subprocess.DEVNULL, env=env)
+                       stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     return Run(p.returncode, p.stdout.decode("latin-1"), p.stderr.decode("latin-1", "replace"),
                argv)

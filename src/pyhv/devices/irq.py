@@ -2,13 +2,12 @@
 
 Design (after rust-vmm's `Trigger`): a device is handed an `IrqLine` and only ever calls
 `set_level(high)`. Edge-triggered users raise then lower it (`pulse`). Whether the line
-ends at a Python 8259 model, at KVM's in-kernel irqchip or at a test recorder is decided
-by whoever builds the machine; the device cannot tell.
+ends at the Python 8259 model or at a test recorder (`RecordingIrq`) is decided by
+whoever builds the machine; the device cannot tell.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 
@@ -20,25 +19,6 @@ def pulse(line: IrqLine) -> None:
     """An edge: raise then lower the line."""
     line.set_level(True)
     line.set_level(False)
-
-
-class NullIrq:
-    """A line connected to nothing."""
-
-    def set_level(self, high: bool) -> None:
-        pass
-
-
-class CallbackIrq:
-    """A line that calls `fn(high)`; the machine uses it to wire devices to a controller."""
-
-    def __init__(self, fn: Callable[[bool], None]) -> None:
-        self._fn = fn
-        self.level = False
-
-    def set_level(self, high: bool) -> None:
-        self.level = high
-        self._fn(high)
 
 
 class RecordingIrq:

@@ -81,10 +81,6 @@ class RawImage:
             os.ftruncate(self._fd, size)
             self._size = size
 
-    def is_allocated(self, offset: int, length: int) -> tuple[bool, int]:
-        """Raw images are fully allocated: (True, length)."""
-        return True, length
-
     def close(self) -> None:
         with self._lock:
             if self._fd >= 0:

@@ -18,6 +18,12 @@ engine polls its own way; architectural state goes in and out as one `CpuState`;
 pages come from `dirty_pages()`. So devices, loaders, snapshots and migration are written
 once for every engine.
 
+Engine options: what a user may choose about an engine (`pyhv run --engine-opt
+NAME=VALUE`) is declared by the engine class in `options` and checked by
+`parse_options`, which turns the text pairs into the constructor's keyword arguments
+(defaults filled in) or refuses them with a ConfigError naming what is accepted. Nothing
+reaches an engine through the environment.
+
 Invariants: `run()` is only called by the thread that owns the vCPU; `kick()` may be
 called from any thread and makes the current or next `run()` return `Interrupted` soon.
 For IoIn/MmioRead the run loop fills `data` before the next `run()`; the engine feeds it
@@ -27,11 +33,13 @@ to the guest when it resumes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import ClassVar, Protocol
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 from pyhv.arch.x86.cpustate import CpuState
 from pyhv.clock import TimerQueue, VirtualClock
+from pyhv.errors import ConfigError
 from pyhv.exits import (
     Exit,
     Halt,
@@ -45,8 +53,9 @@ from pyhv.exits import (
 )
 from pyhv.memory import GuestMemory
 
-__all__ = ["Engine", "EngineVcpu", "InterruptSource", "Exit", "Halt", "InternalError",
-           "Interrupted", "IoIn", "IoOut", "MmioRead", "MmioWrite", "Shutdown"]
+__all__ = ["Engine", "EngineOption", "EngineVcpu", "InterruptSource", "Exit", "Halt",
+           "InternalError", "Interrupted", "IoIn", "IoOut", "MmioRead", "MmioWrite", "Shutdown",
+           "on_off"]
 
 # ---------------------------------------------------------------------- interfaces
 
@@ -108,6 +117,26 @@ class EngineVcpu(ABC):
         """Release host resources."""
 
 
+def on_off(text: str) -> bool:
+    """An on/off switch's value: on/off (also yes/no, true/false, 1/0)."""
+    value = {"on": True, "yes": True, "true": True, "1": True,
+             "off": False, "no": False, "false": False, "0": False}.get(text.lower())
+    if value is None:
+        raise ValueError(f"expected on or off, got {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class EngineOption:
+    """One option a user may set on an engine (`--engine-opt NAME=VALUE`)."""
+
+    name: str                      # also the constructor's keyword argument
+    values: str                    # what VALUE may be, for messages and help ("on|off")
+    parse: Callable[[str], Any]    # VALUE -> the argument; ValueError says what is wrong
+    default: Any
+    help: str
+
+
 class Engine(ABC):
     """One VM's execution back end."""
 
@@ -115,6 +144,28 @@ class Engine(ABC):
     # True when guest time is the engine's own progress (a software CPU), so the machine
     # gives it a VirtualClock; False when guest time is host time (hardware engines).
     virtual_time: ClassVar[bool] = False
+    # The options a user may set, passed to the constructor as keyword arguments.
+    options: ClassVar[tuple[EngineOption, ...]] = ()
+
+    @classmethod
+    def parse_options(cls, given: Mapping[str, str]) -> dict[str, Any]:
+        """`{NAME: VALUE}` from the user -> the constructor's keyword arguments, every
+        declared option present (its default when not given); ConfigError for a name
+        this engine does not declare or a value its option refuses."""
+        known = {o.name: o for o in cls.options}
+        out = {o.name: o.default for o in cls.options}
+        for name, text in given.items():
+            opt = known.get(name)
+            if opt is None:
+                takes = (f"it takes {', '.join(f'{o.name}={o.values}' for o in cls.options)}"
+                         if cls.options else "it takes none")
+                raise ConfigError(f"engine {cls.name!r} has no option {name!r} ({takes})")
+            try:
+                out[name] = opt.parse(text)
+            except ValueError as e:
+                raise ConfigError(f"engine {cls.name!r} option {name}={text}: {e} "
+                                  f"({name}={opt.values})") from None
+        return out
 
     def __init__(self, memory: GuestMemory) -> None:
         self.memory = memory

@@ -22,10 +22,10 @@ import struct
 from pyhv.arch.x86.cpustate import GPRS, SEGMENTS, CpuState, DescriptorTable, Segment
 from pyhv.engines.base import Engine, EngineVcpu, InterruptSource
 from pyhv.errors import HostError
-from pyhv.exits import Exit, IrqWindowOpen
+from pyhv.exits import Exit
 from pyhv.kvm import Kvm, Vm
 from pyhv.kvm import structs as ks
-from pyhv.kvm.vcpu import Vcpu
+from pyhv.kvm.vcpu import IrqWindowOpen, Vcpu
 from pyhv.memory import PAGE_SHIFT, GuestMemory
 
 # MSRs carried in CpuState.msrs (SDM Vol. 4): SYSENTER_CS/ESP/EIP, STAR, LSTAR, CSTAR,

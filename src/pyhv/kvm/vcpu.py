@@ -19,6 +19,7 @@ import mmap
 import os
 import signal
 import threading
+from dataclasses import dataclass
 
 from pyhv.exits import (
     Exit,
@@ -27,7 +28,6 @@ from pyhv.exits import (
     Interrupted,
     IoIn,
     IoOut,
-    IrqWindowOpen,
     MmioRead,
     MmioWrite,
     Shutdown,
@@ -53,6 +53,14 @@ SYSTEM_EVENTS = {1: "shutdown", 2: "reset", 3: "crash"}
 KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_HALTED = 0, 3
 
 KICK_SIGNAL = signal.SIGUSR1
+
+
+@dataclass(slots=True)
+class IrqWindowOpen(Exit):
+    """KVM_EXIT_IRQ_WINDOW_OPEN: the guest can now take the external interrupt the
+    caller asked a window for (`request_interrupt_window`). KVM's own business: the KVM
+    engine injects the interrupt and runs on, so no run loop ever sees this exit (it is
+    not one of the shared exits in `pyhv.exits`)."""
 _kick_installed = False
 
 
@@ -245,9 +253,6 @@ class Vcpu:
         ioctl(self.fd, io.KVM_GET_MP_STATE, st)
         return int(st.mp_state)
 
-    def set_mp_state(self, state: int) -> None:
-        ioctl(self.fd, io.KVM_SET_MP_STATE, s.KvmMpState(mp_state=state))
-
     def translate(self, gva: int) -> int | None:
         """KVM_TRANSLATE: guest-virtual -> guest-physical, None if unmapped."""
         t = s.KvmTranslation(linear_address=gva)
@@ -256,8 +261,3 @@ class Vcpu:
         except OSError:
             return None
         return int(t.physical_address) if t.valid else None
-
-    def set_guest_debug(self, control: int) -> None:
-        ioctl(self.fd, io.KVM_SET_GUEST_DEBUG, s.KvmGuestDebug(control=control))
-
-

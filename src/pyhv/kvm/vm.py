@@ -83,17 +83,6 @@ class Vm:
     def set_identity_map_addr(self, addr: int) -> None:
         ioctl(self.fd, io.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(addr))
 
-    def create_irqchip(self) -> None:
-        """KVM_CREATE_IRQCHIP: in-kernel PIC pair, IOAPIC and local APICs."""
-        ioctl(self.fd, io.KVM_CREATE_IRQCHIP)
-
-    def create_pit2(self) -> None:
-        ioctl(self.fd, io.KVM_CREATE_PIT2, s.KvmPitConfig())
-
-    def irq_line(self, irq: int, level: bool) -> None:
-        """KVM_IRQ_LINE: drive an in-kernel irqchip input."""
-        ioctl(self.fd, io.KVM_IRQ_LINE, s.KvmIrqLevel(irq=irq, level=1 if level else 0))
-
     def create_vcpu(self, index: int) -> Vcpu:
         fd = ioctl(self.fd, io.KVM_CREATE_VCPU, index)
         vcpu = Vcpu(fd, index, self.kvm.vcpu_mmap_size)

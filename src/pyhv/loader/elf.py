@@ -23,7 +23,7 @@ MAX_PHNUM = 512
 
 
 @dataclass(frozen=True)
-class Segment:
+class LoadSegment:
     offset: int
     filesz: int
     memsz: int
@@ -37,7 +37,7 @@ class Elf:
     bits: int
     machine: int
     entry: int
-    segments: list[Segment]
+    segments: list[LoadSegment]
     notes: list[tuple[str, int, bytes]]   # (name, type, desc) from PT_NOTE segments
 
 
@@ -70,7 +70,7 @@ def parse(data: bytes, what: str = "image") -> Elf:
                          f"({phnum} entries of {phentsize} bytes)")
     if phoff + phnum * phentsize > len(data):
         raise ImageError(f"{what}: ELF program headers run past the end of the file")
-    segments: list[Segment] = []
+    segments: list[LoadSegment] = []
     notes: list[tuple[str, int, bytes]] = []
     for i in range(phnum):
         fields = struct.unpack_from(ph, data, phoff + i * phentsize)
@@ -89,7 +89,7 @@ def parse(data: bytes, what: str = "image") -> Elf:
         if memsz < filesz:
             raise ImageError(f"{what}: ELF segment {i} has memsz < filesz")
         if memsz:
-            segments.append(Segment(off, filesz, memsz, vaddr, paddr, flags))
+            segments.append(LoadSegment(off, filesz, memsz, vaddr, paddr, flags))
     if not segments:
         raise ImageError(f"{what}: ELF file has no loadable segment")
     return Elf(bits, machine, entry, segments, notes)

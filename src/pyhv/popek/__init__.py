@@ -10,7 +10,7 @@ Package map (each module states its design):
     layout.py     the probe guest: one memory map, the monitor's real tables and the
                   guest's virtual ones, the two entry states (CPL 3 / CPL 0), the stubs
     catalogue.py  the probed instructions: hand-assembled snippets and their observers
-    runner.py     one snippet, one engine, one fresh machine: bounded exit loop, frames
+    snippet.py    one snippet, one engine, one fresh bare machine through pyhv's run loop
     classify.py   a deprivileged run against the CPL 0 reference: trap / silent / same
     probe.py      the whole matrix, UMIP support, the report and its verdict
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 from pyhv.popek.catalogue import ALL, PRIVILEGED, SENSITIVE, Probe
 from pyhv.popek.classify import Result, classify, verdict
 from pyhv.popek.probe import Report, run_probes, umip_support
-from pyhv.popek.runner import RunResult, run_snippet
+from pyhv.popek.snippet import SnippetResult, run_snippet
 
-__all__ = ["ALL", "PRIVILEGED", "SENSITIVE", "Probe", "Report", "Result", "RunResult",
+__all__ = ["ALL", "PRIVILEGED", "SENSITIVE", "Probe", "Report", "Result", "SnippetResult",
            "classify", "run_probes", "run_snippet", "umip_support", "verdict"]

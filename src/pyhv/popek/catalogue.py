@@ -30,7 +30,7 @@ from typing import Literal
 
 from pyhv.arch.x86.cpustate import RFLAGS_IF, RFLAGS_IOPL
 from pyhv.popek import layout as L
-from pyhv.popek.runner import RunResult
+from pyhv.popek.snippet import SnippetResult
 
 Kind = Literal["sensitive", "privileged"]
 ZF = 1 << 6
@@ -55,7 +55,7 @@ class Probe:
     kind: Kind
     code: bytes
     at: int                                   # offset of the instruction under test
-    observe: Callable[[RunResult], str]
+    observe: Callable[[SnippetResult], str]
     regs: dict[str, int] = field(default_factory=dict)
     data: Callable[[int], bytes] = lambda _landing: b""   # DATA image, given the landing
     handler_vector: int | None = None         # a vector whose delivery means "completed"
@@ -65,7 +65,7 @@ class Probe:
 # ---------------------------------------------------------------------- observers
 
 
-def _rax(r: RunResult) -> int:
+def _rax(r: SnippetResult) -> int:
     return r.state.rax if r.state is not None else 0
 
 
@@ -73,15 +73,15 @@ def _flags(value: int) -> str:
     return f"IF={int(bool(value & RFLAGS_IF))} IOPL={(value & RFLAGS_IOPL) >> 12}"
 
 
-def _sel(name: str) -> Callable[[RunResult], str]:
-    def obs(r: RunResult) -> str:
+def _sel(name: str) -> Callable[[SnippetResult], str]:
+    def obs(r: SnippetResult) -> str:
         v = _rax(r) & 0xFFFF
         return f"{name}={v:#06x} (RPL {v & 3})"
     return obs
 
 
-def _table(name: str) -> Callable[[RunResult], str]:
-    def obs(r: RunResult) -> str:
+def _table(name: str) -> Callable[[SnippetResult], str]:
+    def obs(r: SnippetResult) -> str:
         if len(r.data) < 10:
             return "no data"
         limit, base = struct.unpack_from("<HQ", r.data, 0)
@@ -89,14 +89,14 @@ def _table(name: str) -> Callable[[RunResult], str]:
     return obs
 
 
-def _msw(r: RunResult) -> str:
+def _msw(r: SnippetResult) -> str:
     v = _rax(r) & 0xFFFF
     bits = [n for i, n in enumerate(("PE", "MP", "EM", "TS", "ET", "NE")) if v >> i & 1]
     return f"MSW={v:#06x} ({' '.join(bits)})"
 
 
-def _zf(what: str) -> Callable[[RunResult], str]:
-    def obs(r: RunResult) -> str:
+def _zf(what: str) -> Callable[[SnippetResult], str]:
+    def obs(r: SnippetResult) -> str:
         st = r.state
         if st is None:
             return "no state"
@@ -111,25 +111,25 @@ def _zf(what: str) -> Callable[[RunResult], str]:
     return obs
 
 
-def _if(r: RunResult) -> str:
+def _if(r: SnippetResult) -> str:
     return _flags(_rax(r))
 
 
-def _done(text: str) -> Callable[[RunResult], str]:
-    def obs(r: RunResult) -> str:
+def _done(text: str) -> Callable[[SnippetResult], str]:
+    def obs(r: SnippetResult) -> str:
         return "halted" if r.end == "halt" else text
     return obs
 
 
-def _reg(name: str, reg: str) -> Callable[[RunResult], str]:
-    def obs(r: RunResult) -> str:
+def _reg(name: str, reg: str) -> Callable[[SnippetResult], str]:
+    def obs(r: SnippetResult) -> str:
         st = r.state
         return f"{name}={getattr(st, reg):#x}" if st is not None else "no state"
     return obs
 
 
-def _edx_eax(name: str) -> Callable[[RunResult], str]:
-    def obs(r: RunResult) -> str:
+def _edx_eax(name: str) -> Callable[[SnippetResult], str]:
+    def obs(r: SnippetResult) -> str:
         st = r.state
         if st is None:
             return "no state"
@@ -137,27 +137,27 @@ def _edx_eax(name: str) -> Callable[[RunResult], str]:
     return obs
 
 
-def _arrived(r: RunResult) -> str:
+def _arrived(r: SnippetResult) -> str:
     st = r.state
     if st is None:
         return "no state"
     return f"reached the target, CS={st.cs.selector:#06x}"
 
 
-def _in(r: RunResult) -> str:
+def _in(r: SnippetResult) -> str:
     reads = [a for a in r.io if not a.write]
     where = f" (port {reads[0].port:#x} read)" if reads else " (no port access)"
     return f"AL={_rax(r) & 0xFF:#04x}{where}"
 
 
-def _out(r: RunResult) -> str:
+def _out(r: SnippetResult) -> str:
     writes = [a for a in r.io if a.write]
     if not writes:
         return "completed, no port access"
     return f"port {writes[0].port:#x} <- {writes[0].value:#x}"
 
 
-def _int(r: RunResult) -> str:
+def _int(r: SnippetResult) -> str:
     if r.end == "exception" and r.vector == L.INT_VECTOR:
         return f"gate {L.INT_VECTOR:#x} taken: the kernel's handler runs"
     return "completed without entering the handler"

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pyhv.popek import layout as L
 from pyhv.popek.catalogue import Probe
-from pyhv.popek.runner import RunResult
+from pyhv.popek.snippet import SnippetResult
 
 Outcome = Literal["trap", "silent", "same", "error"]
 
@@ -51,7 +51,7 @@ class Result:
                 "expected_at_cpl0": self.expected_at_cpl0, "detail": self.detail}
 
 
-def describe(probe: Probe, r: RunResult) -> str:
+def describe(probe: Probe, r: SnippetResult) -> str:
     """One line for a run: its observation, or the exception it raised."""
     if r.end == "error":
         return f"error: {r.detail}"
@@ -60,7 +60,7 @@ def describe(probe: Probe, r: RunResult) -> str:
     return probe.observe(r)
 
 
-def _trap_text(probe: Probe, r: RunResult) -> str:
+def _trap_text(probe: Probe, r: SnippetResult) -> str:
     assert r.vector is not None
     text = L.exception_name(r.vector)
     if r.error_code is not None:
@@ -74,8 +74,8 @@ def _trap_text(probe: Probe, r: RunResult) -> str:
     return text
 
 
-def classify(probe: Probe, engine: str, umip: bool, run: RunResult,
-             reference: RunResult) -> Result:
+def classify(probe: Probe, engine: str, umip: bool, run: SnippetResult,
+             reference: SnippetResult) -> Result:
     expected = describe(probe, reference)
     observed = describe(probe, run)
     exception: str | None = None

@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyhv.arch.x86.cpustate import CR4_UMIP
-from pyhv.arch.x86.layout import ram_layout
 from pyhv.errors import PyhvError
+from pyhv.loader import LoadedGuest
 from pyhv.memory import GuestMemory
 from pyhv.popek import layout as L
 from pyhv.popek.catalogue import ALL, Probe
 from pyhv.popek.classify import Result, classify, verdict
-from pyhv.popek.runner import DEFAULT_TIMEOUT, RunResult, run_snippet
+from pyhv.popek.snippet import DEFAULT_TIMEOUT, SnippetResult, run_snippet
 
 ENGINES = ("kvm", "emu")
 
@@ -51,20 +51,21 @@ def umip_support(cpu_has_umip: bool) -> tuple[bool, str]:
     why = engine_available("kvm")
     if why is not None:
         return False, f"the CPU has umip, but kvm cannot run: {why}"
-    from pyhv.engines.kvm import KvmEngine
-    mem = GuestMemory.with_layout(ram_layout(L.RAM_SIZE))
+    from pyhv.machine import Machine, MachineConfig
+
+    def setup(_mem: GuestMemory) -> LoadedGuest:
+        return LoadedGuest("probe", L.deprivileged_state(L.CODE, umip=True), "CR4.UMIP check")
+
     try:
-        eng = KvmEngine(mem)
+        m = Machine(MachineConfig(engine="kvm", mem_size=L.RAM_SIZE, setup=setup,
+                                  devices=False), lambda _out: None)
         try:
-            v = eng.create_vcpu(0)
-            v.set_state(L.deprivileged_state(L.CODE, umip=True))
-            kept = bool(v.get_state().cr4 & CR4_UMIP)
+            assert m.vcpu is not None
+            kept = bool(m.vcpu.get_state().cr4 & CR4_UMIP)
         finally:
-            eng.close()
+            m.close()
     except (PyhvError, OSError) as e:
         return False, f"KVM refused CR4.UMIP: {e}"
-    finally:
-        mem.close()
     if not kept:
         return False, "KVM accepted KVM_SET_SREGS but dropped CR4.UMIP"
     return True, "the CPU has umip and KVM keeps CR4.UMIP"
@@ -140,7 +141,7 @@ def run_probes(engines: Iterable[str] = ENGINES, probes: Iterable[Probe] = ALL, 
     return report
 
 
-def _run(engine: str, probe: Probe, *, cpl0: bool, umip: bool, timeout: float) -> RunResult:
+def _run(engine: str, probe: Probe, *, cpl0: bool, umip: bool, timeout: float) -> SnippetResult:
     landing = L.CODE + len(probe.code)
     return run_snippet(engine, probe.code, regs=probe.regs, data=probe.data(landing),
                        cpl0=cpl0, umip=umip, timeout=timeout)

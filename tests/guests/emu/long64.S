@@ -1,6 +1,9 @@
 /*
- * emu test guest: 64-bit long mode (started by the harness with identity paging, 2 MiB
- * pages, U/S set; flat CS=0x08, data 0x10). RDI selects the scenario:
+ * emu test guest: 64-bit long mode, an ELF64 image (pyhv's loader enters it in long mode
+ * at 1 MiB, RDI = the multiboot-format information structure). It builds its own
+ * identity map of the first 4 GiB (2 MiB pages, U/S set, so CPL 3 may use it; the PD of
+ * GiB 1, `pd + 0x1000`, is what the #PF scenarios edit), its own GDT (flat CS=0x08,
+ * data 0x10) and TSS. The command line (a decimal number) selects the scenario:
  *
  *   0  exceptions handled by guest handlers: #DE, #UD, #GP(sel), #PF (read/write, CR2),
  *      then CPL 3: IRETQ to user, SYSCALL/SYSRETQ (with SWAPGS), INT 0x80 from CPL 3
@@ -20,19 +23,54 @@
  *  10  a #GP handler that faults again (#GP) forever: the nested frames overflow the
  *      stack into an unmapped page, the #PF cannot be pushed either -> #DF on IST1
  *
- * Output (port 0xE9): one token per event, e.g. "V0/0/0" = vector 0, error code 0,
- * interrupted CPL 0; #PF adds "/<cr2>". Exit through port 0xF4.
+ * The timer is the 8254 on IRQ 0 through the 8259 at vector 0x20, about 1 kHz (pc.inc).
+ * Output (COM1): one token per event, e.g. "V0/0/0" = vector 0, error code 0,
+ * interrupted CPL 0; #PF adds "/<cr2>". Ends through debug-exit 0.
  */
+#include "pc.inc"
     .intel_syntax noprefix
     .code64
     .text
     .globl start
 
-#define OUTC(c)  mov al, c; out 0xe9, al
-
 start:
-    mov r13, rdi                  /* scenario */
     lea rsp, [rip + kstack_top]
+    /* scenario: the decimal number on the multiboot command line (info +16), if any */
+    xor r13d, r13d
+    test dword ptr [rdi], 1 << 2
+    jz 2f
+    mov esi, dword ptr [rdi + 16]
+1:  movzx eax, byte ptr [rsi]
+    sub eax, '0'
+    cmp eax, 9
+    ja 2f
+    imul r13, r13, 10
+    add r13, rax
+    inc rsi
+    jmp 1b
+2:  /* page tables: PML4[0] -> PDPT[0..3] -> 4 PDs of 512 2 MiB pages, P|RW|US */
+    lea rdi, [rip + pd]
+    mov eax, 0x87
+    xor ecx, ecx
+1:  mov [rdi + rcx*8], rax
+    add rax, 0x200000
+    inc ecx
+    cmp ecx, 4 * 512
+    jb 1b
+    lea rdi, [rip + pdpt]
+    lea rax, [rip + pd]
+    or rax, 0x7
+    xor ecx, ecx
+1:  mov [rdi + rcx*8], rax
+    add rax, 0x1000
+    inc ecx
+    cmp ecx, 4
+    jb 1b
+    lea rax, [rip + pdpt]
+    or rax, 0x7
+    mov [rip + pml4], rax
+    lea rax, [rip + pml4]
+    mov cr3, rax
     /* GDT: fill the TSS descriptor (base = tss) */
     lea rax, [rip + tss]
     mov rbx, rax
@@ -119,10 +157,7 @@ build_idt:
     cmp ecx, 0x80
     jne 4f
     mov rbx, 0xee                 /* DPL 3 for int 0x80 */
-4:  cmp ecx, 8
-    jne 5f
-    or rbx, 0x100 >> 8 << 8       /* placeholder */
-5:  shl rbx, 40
+4:  shl rbx, 40
     or rdx, rbx
     mov rbx, rax
     shr rbx, 16
@@ -161,22 +196,22 @@ scen0:
     mov ds, ax
 1:  mov ax, 0x10
     mov ds, ax
-    /* #PF read: unmap 0x40000000 (PD entry 0 of GiB 1 at 0xc000) */
-    mov qword ptr [0xc000], 0
+    /* #PF read: unmap 0x40000000 (PD entry 0 of GiB 1) */
+    mov qword ptr [rip + pd + 0x1000], 0
     invlpg [0x40000000]
     lea r15, [rip + 1f]
     mov rax, [0x40000000]
 1:  /* #PF write to a read-only page: map it back read-only */
-    mov qword ptr [0xc000], 0x40000000 | 0x85
+    mov qword ptr [rip + pd + 0x1000], 0x40000000 | 0x85
     invlpg [0x40000000]
     mov rax, cr0
     or rax, 0x10000               /* CR0.WP */
     mov cr0, rax
     lea r15, [rip + 1f]
     mov qword ptr [0x40000000], 1
-1:  mov qword ptr [0xc000], 0x40000000 | 0x87
+1:  mov qword ptr [rip + pd + 0x1000], 0x40000000 | 0x87
     invlpg [0x40000000]
-    OUTC(' ')
+    outc ' '
 
     /* ---- user mode: STAR/LSTAR/SFMASK/EFER.SCE/KERNEL_GS_BASE */
     mov ecx, 0xc0000080
@@ -215,7 +250,7 @@ user_entry:
     mov ax, cs
     and eax, 3
     add al, '0'
-    mov bl, al                    /* can't OUT at CPL3 with IOPL 0? unicorn ignores IOPL */
+    mov bl, al                    /* no OUT at CPL 3: the kernel prints it later */
     mov [rip + user_cpl], bl
     mov eax, 42
     syscall                       /* -> syscall_entry, back with rax = 43 */
@@ -242,35 +277,33 @@ back_in_kernel:
     mov ax, 0x10
     mov ds, ax
     mov es, ax
-    OUTC(' ')
-    OUTC('U')
+    outc ' '
+    outc 'U'
     mov al, [rip + user_cpl]
-    out 0xe9, al
-    OUTC('S')
+    putc_al
+    outc 'S'
     mov al, [rip + sys_cpl]
-    out 0xe9, al
-    OUTC('R')
+    putc_al
+    outc 'R'
     mov rax, [rip + sys_ret]
     call puthex
-    OUTC('G')
+    outc 'G'
     mov rax, [rip + kgs_seen]
     call puthex
-    OUTC(' ')
+    outc ' '
 
-    /* ---- timer: 1000 us period, HLT until 3 ticks, then busy-wait until 6 */
-    mov al, 0xe8
-    mov dx, 0x40
-    mov ax, 1000
-    out dx, ax
+    /* ---- timer: ~1 ms period, HLT until 3 ticks, then busy-wait until 6 */
+    pic_init
+    pit_1khz
     sti
 1:  hlt
     cmp qword ptr [rip + ticks], 3
     jb 1b
-    OUTC('H')
+    outc 'H'
 2:  cmp qword ptr [rip + ticks], 6
     jb 2b
     cli
-    OUTC('B')
+    outc 'B'
     mov rax, [rip + ticks]
     call puthex
     jmp done
@@ -282,7 +315,7 @@ scen1:
     mov rax, [rdi + 14*16]
     btr rax, 47
     mov [rdi + 14*16], rax
-    mov qword ptr [0xc000], 0
+    mov qword ptr [rip + pd + 0x1000], 0
     invlpg [0x40000000]
     mov rax, [0x40000000]
     jmp done
@@ -297,7 +330,7 @@ scen3:
     jmp rax
 
 scen4:
-    mov qword ptr [0xc000], 0     /* unmap GiB 1 ... */
+    mov qword ptr [rip + pd + 0x1000], 0     /* unmap GiB 1 ... */
     invlpg [0x40000000]
     mov rsp, 0x40001000           /* ... and put the stack there */
     mov rax, [0x40000000]         /* #PF, whose frame push faults -> #DF (IST1) */
@@ -317,7 +350,7 @@ scen6:
     cpuid
     mov eax, ebx
     call puthex
-    OUTC(' ')
+    outc ' '
     mov eax, 0x80000001
     cpuid
     mov eax, edx
@@ -325,12 +358,12 @@ scen6:
     jmp done
 
 scen7:
-    mov qword ptr [0xc000], 0
+    mov qword ptr [rip + pd + 0x1000], 0
     invlpg [0x40000000]
     lea r15, [rip + 1f]
     mov rax, 0x40000000
     jmp rax
-1:  OUTC('!')
+1:  outc '!'
     jmp done
 
 scen8:
@@ -352,9 +385,8 @@ scen8:
     xor edx, edx
     wrmsr
     mov [rip + kernel_rsp], rsp
-    mov dx, 0x40                  /* 1 ms timer */
-    mov ax, 1000
-    out dx, ax
+    pic_init                      /* ~1 ms timer */
+    pit_1khz
     push 0x23
     lea rax, [rip + ustack_top]
     push rax
@@ -369,32 +401,31 @@ scen8_user:
     syscall
 scen8_sys:                        /* CPL 0, IF=0 (SFMASK) */
     mov rsp, [rip + kernel_rsp]
-    OUTC('T')
+    outc 'T'
     mov rax, [rip + ticks_user]
     call puthex
-    OUTC('/')
+    outc '/'
     mov rax, [rip + ticks_rsp0]
     call puthex
     jmp done
 
 scen9:
-    mov dx, 0x40                  /* 1 ms timer, then spin with IF=0 past the first tick */
-    mov ax, 1000
-    out dx, ax
+    pic_init                      /* ~1 ms timer, then spin with IF=0 past the first tick */
+    pit_1khz
     mov ecx, 400000
 1:  dec ecx
     jnz 1b
     sti
     hlt
     cli
-    OUTC('S')
+    outc 'S'
     mov rax, [rip + ticks]
     call puthex
     jmp done
 
 scen10:
-    mov qword ptr [0xc000], 0     /* 0x40000000-0x401fffff unmapped; 0x40200000 -> RAM */
-    mov qword ptr [0xc008], 0x600000 | 0x83
+    mov qword ptr [rip + pd + 0x1000], 0     /* 0x40000000-0x401fffff unmapped; 0x40200000 -> RAM */
+    mov qword ptr [rip + pd + 0x1008], 0x600000 | 0x83
     invlpg [0x40000000]
     invlpg [0x40200000]
     mov rsp, 0x40201000
@@ -409,7 +440,7 @@ h_recurse:
 
 done:
     mov al, 0
-    out 0xf4, al
+    exit_al
     jmp done
 
 /* ------------------------------------------------------------------ handlers */
@@ -433,28 +464,28 @@ HANDLER 0x80, 0
 common:
     push rax
     push rdx
-    OUTC('V')
+    outc 'V'
     mov rax, [rsp + 16]
     call puthex
-    OUTC('/')
+    outc '/'
     mov rax, [rsp + 24]
     call puthex
-    OUTC('/')
+    outc '/'
     mov rax, [rsp + 40]
     and eax, 3
     call puthex
     cmp qword ptr [rsp + 16], 14
     jne 1f
-    OUTC('/')
+    outc '/'
     mov rax, cr2
     call puthex
 1:  cmp qword ptr [rsp + 16], 8
     jne 2f
-    OUTC(' ')
-    OUTC('D')
-    OUTC('F')
+    outc ' '
+    outc 'D'
+    outc 'F'
     jmp done
-2:  OUTC(' ')
+2:  outc ' '
     cmp qword ptr [rsp + 16], 0x80
     jne 3f
     /* int 0x80 from CPL 3: check the stack switched to RSP0 (rsp within kstack0) */
@@ -462,8 +493,8 @@ common:
     sub rax, rsp
     cmp rax, 0x100
     ja 3f
-    OUTC('K')
-    OUTC(' ')
+    outc 'K'
+    outc ' '
 3:  cmp r14, 0x5a
     jne 4f
     cmp qword ptr [rsp + 16], 13
@@ -492,8 +523,7 @@ timer:
     ja 1f
     inc qword ptr [rip + ticks_rsp0]
 1:
-    mov al, 0x20
-    out 0x20, al
+    eoi
     pop rax
     iretq
 
@@ -519,7 +549,7 @@ puthex:
     jb 4f
     add al, 'a' - 10 - '0'
 4:  add al, '0'
-    out 0xe9, al
+    putc_al
 3:  sub ecx, 4
     jns 1b
     pop rdx
@@ -573,6 +603,12 @@ user_cpl:   .byte 0
 sys_cpl:    .byte 0
 
     .balign 4096
+pml4:
+    .fill 4096, 1, 0
+pdpt:
+    .fill 4096, 1, 0
+pd:
+    .fill 4 * 4096, 1, 0
 idt:
     .fill 4096, 1, 0
     .fill 4096, 1, 0

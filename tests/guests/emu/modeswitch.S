@@ -1,20 +1,20 @@
 /*
  * emu test guest: the boot path a loader-less kernel takes, all done by the guest.
- * Starts in real mode at 0x10000 (CS=0x1000, IP=0) -> "R"; loads a GDT and sets CR0.PE,
+ * A flat image entered in real mode at 0000:7c00 -> "R"; loads a GDT and sets CR0.PE,
  * far-jumps to 32-bit code -> "P"; builds identity page tables (2 MiB pages), sets
  * CR4.PAE, CR3, EFER.LME, CR0.PG, far-jumps to 64-bit code -> "L"; then exits.
  */
+#include "pc.inc"
     .intel_syntax noprefix
     .text
     .globl start
     .code16
 start:
     cli
-    mov ax, 0x1000
+    xor ax, ax
     mov ds, ax
-    mov al, 'R'
-    out 0xe9, al
-    lgdt [gdtr - 0x10000]
+    outc 'R'
+    lgdt [gdtr]
     mov eax, cr0
     or eax, 1
     mov cr0, eax
@@ -29,8 +29,7 @@ pm32:
     mov es, ax
     mov ss, ax
     mov esp, 0x80000
-    mov al, 'P'
-    out 0xe9, al
+    outc 'P'
     /* page tables at 0x20000: PML4 -> PDPT -> PD (4 x 2 MiB) */
     mov edi, 0x20000
     mov ecx, 3 * 4096 / 4
@@ -58,14 +57,13 @@ pm32:
 lm64:
     mov ax, 0x10
     mov ds, ax
-    mov al, 'L'
-    out 0xe9, al
+    outc 'L'
     mov rax, 0x123456789
     shr rax, 32
     add al, '0'
-    out 0xe9, al
+    putc_al
     mov al, 0
-    out 0xf4, al
+    exit_al
     jmp .
 
     .balign 8

@@ -1,18 +1,21 @@
 /*
- * emu test guest: 32-bit protected mode, flat segments, no paging. Loads its own GDT
- * (kernel/user code and data, a 32-bit TSS) and IDT (32-bit gates), then:
+ * emu test guest: 32-bit protected mode, flat segments, no paging: a multiboot image
+ * (pyhv enters it in flat protected mode at 1 MiB). Loads its own GDT (kernel/user code
+ * and data, a 32-bit TSS) and IDT (32-bit gates), then:
  *   #DE and #GP(0x1230) through interrupt gates      -> "V0/0/0 Vd/1230/0 "
  *   IRET to CPL 3, INT 0x80 from CPL 3 through a DPL 3 trap gate, with the stack
  *   switched to the TSS's SS0:ESP0                    -> "V80/0/3 K "
- *   HLT woken twice by the harness timer (vector 0x20) -> "T2"
- * Exit through port 0xF4.
+ *   HLT woken twice by the 8254 on IRQ 0 through the 8259 (vector 0x20) -> "T2"
+ * Ends through debug-exit 0.
  */
+#include "guest.h"
+#include "pc.inc"
     .intel_syntax noprefix
-    .code32
-    .text
-    .globl start
+    MULTIBOOT_HEADER
 
-#define OUTC(c)  mov al, c; out 0xe9, al
+    .text
+    .code32
+    .globl start
 
 start:
     lgdt [gdtr]
@@ -80,20 +83,19 @@ back_in_kernel:
     mov es, ax
     mov ss, ax
     mov esp, [kernel_esp]
-    mov dx, 0x40
-    mov ax, 1000
-    out dx, ax
+    pic_init
+    pit_1khz
     sti
 1:  hlt
     cmp dword ptr [ticks], 2
     jb 1b
     cli
-    OUTC('T')
+    outc 'T'
     mov al, '0'
     add al, byte ptr [ticks]
-    out 0xe9, al
+    putc_al
     mov al, 0
-    out 0xf4, al
+    exit_al
     jmp .
 
 .macro HANDLER vec, err
@@ -111,25 +113,25 @@ HANDLER 0x80, 0
 /* stack: vec, err, eip, cs, eflags [, esp, ss] */
 common:
     push eax
-    OUTC('V')
+    outc 'V'
     mov eax, [esp + 4]
     call puthex
-    OUTC('/')
+    outc '/'
     mov eax, [esp + 8]
     call puthex
-    OUTC('/')
+    outc '/'
     mov eax, [esp + 16]
     and eax, 3
     call puthex
-    OUTC(' ')
+    outc ' '
     cmp dword ptr [esp + 4], 0x80
     jne 1f
     mov eax, offset kstack0_top
     sub eax, esp
     cmp eax, 0x40
     ja 2f
-    OUTC('K')
-    OUTC(' ')
+    outc 'K'
+    outc ' '
 2:  jmp back_in_kernel
 1:  mov [esp + 12], edi
     pop eax
@@ -139,8 +141,7 @@ common:
 timer:
     push eax
     inc dword ptr [ticks]
-    mov al, 0x20
-    out 0x20, al
+    eoi
     pop eax
     iret
 
@@ -165,7 +166,7 @@ puthex:                           /* eax, no leading zeros */
     jb 4f
     add al, 'a' - 10 - '0'
 4:  add al, '0'
-    out 0xe9, al
+    putc_al
 3:  sub ecx, 4
     jns 1b
     pop edx

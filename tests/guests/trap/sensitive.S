@@ -18,9 +18,9 @@
  * and ends through debug-exit with 0x22 (status 69). Under the trap engine the last
  * POPF cannot set the virtual IF (POPF at CPL 3 ignores IF), so the HLT waits with
  * interrupts off forever: pyhv ends the run with status 0 ("halted with interrupts
- * off") right after the "waiting" line. With PYHV_TRAP_UMIP=1 SGDT/SIDT/STR/SMSW trap
- * and the monitor emulates them, so those lines are right again; CS, PUSHF and POPF
- * stay wrong.
+ * off") right after the "waiting" line. With `--engine-opt umip=on` SGDT/SIDT/STR/SMSW
+ * trap and the monitor emulates them, so those lines are right again; CS, PUSHF and
+ * POPF stay wrong.
  */
 #include "guest.h"
 #include "kernel64.h"

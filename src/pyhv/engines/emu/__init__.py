@@ -22,8 +22,7 @@ Importing this package never fails: `EmuEngine.probe()` says why the engine cann
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pyhv.engines.base import Engine, EngineVcpu
 from pyhv.engines.emu._uc import IMPORT_ERROR, unicorn
@@ -33,13 +32,7 @@ from pyhv.memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory
 if TYPE_CHECKING:
     from pyhv.arch.x86.cpuid import CpuModel
 
-__all__ = ["EmuEngine", "bus_handler"]
-
-
-def bus_handler(bus: Any) -> Callable[[int, int, int | None], int]:
-    """`attach_io` callable routing to a bus with read(addr, size) / write(addr, size, v)."""
-    from pyhv.engines.emu.vcpu import bus_handler as make
-    return make(bus)
+__all__ = ["EmuEngine"]
 
 
 class EmuEngine(Engine):

@@ -40,7 +40,7 @@ import ctypes
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from pyhv.arch.x86.cpuid import DEFAULT_MODEL, CpuModel
 from pyhv.arch.x86.cpustate import CpuState
@@ -60,24 +60,6 @@ if TYPE_CHECKING:
 
 PioHandler = Callable[[int, int, "int | None"], int]
 MmioHandler = Callable[[int, int, "int | None"], int]
-
-
-class AddressSpace(Protocol):
-    """Anything that routes accesses by address (pyhv.devices.bus.Bus does)."""
-
-    def read(self, addr: int, size: int) -> int: ...
-
-    def write(self, addr: int, size: int, value: int) -> None: ...
-
-
-def bus_handler(bus: AddressSpace) -> PioHandler:
-    """The `attach_io` callable for a bus: `vcpu.attach_io(bus_handler(pio), ...)`."""
-    def access(addr: int, size: int, value: int | None) -> int:
-        if value is None:
-            return bus.read(addr, size)
-        bus.write(addr, size, value)
-        return 0
-    return access
 
 UNTIL = 0                            # emu_start's end address: ignored (exits mode, below)
 NO_DEADLINE_BUDGET = 1 << 62

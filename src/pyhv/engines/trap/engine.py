@@ -29,13 +29,13 @@ cannot emulate what the guest did.
 
 CR4.UMIP: off by default, so SGDT/SIDT/SLDT/STR/SMSW do not trap and the guest sees the
 monitor's values (the failure the Popek-Goldberg probe predicts, kept visible on
-purpose). PYHV_TRAP_UMIP=1 in the environment turns UMIP on where the host has it: those
-instructions then trap and are emulated with the virtual values.
+purpose). The engine option `umip=on` (`pyhv run --engine trap --engine-opt umip=on`)
+turns UMIP on where the host has it: those instructions then trap and are emulated with
+the virtual values.
 """
 
 from __future__ import annotations
 
-import os
 import struct
 import time
 from collections.abc import Callable
@@ -63,7 +63,7 @@ from pyhv.arch.x86.cpustate import (
     CpuState,
     Segment,
 )
-from pyhv.engines.base import Engine, EngineVcpu, InterruptSource
+from pyhv.engines.base import Engine, EngineOption, EngineVcpu, InterruptSource, on_off
 from pyhv.engines.kvm import (
     _fpu_to_fxsave,
     _fxsave_to_fpu,
@@ -97,7 +97,6 @@ from pyhv.kvm import structs as ks
 from pyhv.kvm.vcpu import Vcpu
 from pyhv.memory import GuestMemory
 
-UMIP_ENV = "PYHV_TRAP_UMIP"
 REAL_CR0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_PG
 REAL_CR4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT
 PF_PRESENT, PF_USER = 1 << 0, 1 << 2
@@ -474,14 +473,19 @@ class TrapEngine(Engine):
     """Trap-and-emulate on /dev/kvm: the guest kernel deprivileged to CPL 3."""
 
     name = "trap"
+    options = (EngineOption(
+        "umip", "on|off", on_off, False,
+        "CR4.UMIP for the deprivileged guest: SGDT/SIDT/SLDT/STR/SMSW then trap and are "
+        "emulated with the guest's own values (needs a CPU with UMIP; default off, so "
+        "they show the monitor's)"),)
 
     @classmethod
     def probe(cls) -> str | None:
         return probe_kvm()
 
-    def __init__(self, memory: GuestMemory) -> None:
+    def __init__(self, memory: GuestMemory, *, umip: bool = False) -> None:
         super().__init__(memory)
-        self.umip = os.environ.get(UMIP_ENV, "") not in ("", "0")
+        self.umip = umip
         self.kvm = Kvm()
         self.area: MON.MonitorArea | None = None
         self.vcpus: list[TrapVcpu] = []
@@ -490,7 +494,7 @@ class TrapEngine(Engine):
             self._cpuid = machine_cpuid(self.kvm.supported_cpuid())
             if self.umip and not any(e.function == 7 and e.index == 0 and e.ecx & (1 << 2)
                                      for e in self._cpuid):
-                raise HostError(f"{UMIP_ENV}=1 but this host's CPU has no UMIP")
+                raise HostError("engine option umip=on, but this host's CPU has no UMIP")
             for slot, region in enumerate(memory.regions):
                 self.vm.set_memory(slot, region.gpa, region.size, region.host_addr)
             self.area = MON.MonitorArea()

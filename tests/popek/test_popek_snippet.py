@@ -8,7 +8,7 @@ import pytest
 from popek_env import EMU_WHY, KVM_WHY
 
 from pyhv.popek import layout as L
-from pyhv.popek.runner import run_snippet
+from pyhv.popek.snippet import run_snippet
 
 pytestmark = pytest.mark.timeout(60)
 
