@@ -29,6 +29,7 @@ from pyhv.devices.pit8254 import Pit8254, SystemControlPortB
 from pyhv.devices.rtc import Rtc
 from pyhv.devices.serial16550 import Serial16550
 from pyhv.engines.emu import EmuEngine, bus_handler
+from pyhv.exitmarker import ExitMarker
 from pyhv.exits import Halt, InternalError, Shutdown
 from pyhv.memory import GuestMemory
 
@@ -116,7 +117,7 @@ def test_debian_kernel_runs_a_command_on_emu(tmp_path: Path) -> None:
     text = out.decode("latin-1")
     assert "Run /init as init process" in text, text[-2000:]
     assert "segfault" not in text and "double fault" not in text, text[-2000:]
-    assert images.parse_exit(bytes(out)) == 0, text[-2000:]
+    assert ExitMarker().parse(bytes(out)) == 0, text[-2000:]
     lines = text.splitlines()
     assert "Linux" in lines and "42" in lines and "1" in lines, text[-1500:]
     st = vcpu.stats()
