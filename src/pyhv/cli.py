@@ -6,7 +6,9 @@ subcommand runs, so `pyhv img` works on a host without /dev/kvm or unicorn.
 
 Exit statuses: 0 success; 2 bad input or host problem (one `pyhv: ...` line on stderr);
 the guest-run statuses are documented in `pyhv.runner` (odd values come from the guest's
-debug-exit port, pyhv's own are even).
+debug-exit port, pyhv's own are even, but for 141, a closed stdout as with SIGPIPE).
+A former subcommand name (`image`, now `guest`) is refused as argparse refuses any
+unknown name, with a hint to the new one.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 With `--kernel`, any image the loaders know (flat, multiboot, ELF64, Linux bzImage or
 vmlinux). Without it, Debian's Linux kernel and pyhv's busybox initramfs from the image
-cache (`pyhv image fetch linux`, run on demand): the main job, a Linux shell on the
+cache (`pyhv guest fetch linux`, run on demand): the main job, a Linux shell on the
 console. `--command CMD` runs CMD in that Linux instead of a shell, prints its output and
 exits with its status.
 

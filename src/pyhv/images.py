@@ -1,6 +1,6 @@
 """Guest images built from Debian's packages: the cloud kernel and a busybox initramfs.
 
-`pyhv image fetch linux` (and `ensure_linux_image()`, which `pyhv run` calls when no
+`pyhv guest fetch linux` (and `ensure_linux_image()`, which `pyhv run` calls when no
 --kernel is given) resolves the kernel that Debian's `linux-image-cloud-amd64`
 metapackage currently depends on, downloads it and `busybox-static` with
 `apt-get download` (nothing else is downloaded, and nothing is installed), unpacks them

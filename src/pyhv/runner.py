@@ -20,10 +20,12 @@ Exit statuses of `pyhv run` (pyhv's own are even, the guest's debug-exit odd):
     0    the guest halted with interrupts off, or powered off, or Ctrl-] left it
     (v << 1) | 1   the guest wrote v to the debug-exit port 0xf4 (QEMU's convention)
     4    the guest crashed: triple fault, an engine internal error, a kernel panic
+         (and, from the run command, a reset loop)
     70   internal error: pyhv itself failed (a device model or the run loop raised);
          sysexits' EX_SOFTWARE. Never the guest's doing: a bug in pyhv.
     124  --timeout expired
     130  interrupted (SIGINT); the run command maps SIGTERM/SIGHUP to 143/129
+    141  (the run command) stdout was closed, as for a tool killed by SIGPIPE
 
 Errors, one policy for every engine: every guest access to a device goes through one
 function (`_access`), whether the engine calls it from inside guest execution (emu) or

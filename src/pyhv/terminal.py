@@ -9,8 +9,9 @@ back. On a pipe or file, input is forwarded as it comes and end-of-file only sto
 reader (the guest keeps running).
 
 A daemon thread reads stdin with select() and a short timeout so that `close()` can stop
-it; input goes to `on_input` (the UART's thread-safe `feed`), followed by `on_wake`
-(which kicks the vCPU so a halted guest sees the byte at once).
+it; input goes to `on_input` (the `InputGate`'s `feed`, which blocks while the guest is
+not taking input, so pyhv stops reading stdin: backpressure, never loss), followed by
+`on_wake` (which kicks the vCPU so a halted guest sees the byte at once).
 
 Invariants: only the reader thread reads fd 0; `close()` is idempotent.
 """

@@ -2,7 +2,7 @@
 PC device models (8259, 8254, RTC, 16550, i8042, debug-exit).
 
 Slow (~6 s) and skipped unless Debian's kernel and busybox are available: a complete image
-in pyhv's cache (`pyhv image fetch linux`), or the two .deb files in its `debs/` folder
+in pyhv's cache (`pyhv guest fetch linux`), or the two .deb files in its `debs/` folder
 (extracted into a temporary directory here; the cache is only read). The machine builder
 and run loop proper belong to pyhv.machine; this test exercises the engine: 4-level
 paging, ~1,300 page faults, interrupts at CPL 3, SYSCALL/SYSRET, and CR2 surviving time
