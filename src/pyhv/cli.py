@@ -6,7 +6,9 @@ subcommand runs, so `pyhv img` works on a host without /dev/kvm or unicorn.
 
 Exit statuses: 0 success; 2 bad input or host problem (one `pyhv: ...` line on stderr);
 the guest-run statuses are documented in `pyhv.runner` (odd values come from the guest's
-debug-exit port, pyhv's own are even).
+debug-exit port, pyhv's own are even, but for 141, a closed stdout as with SIGPIPE).
+A former subcommand name (`image`, now `guest`) is refused as argparse refuses any
+unknown name, with a hint to the new one.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from pyhv import __version__
 from pyhv.errors import PyhvError
@@ -24,13 +27,25 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("pyhv.cmd_run", "boot a guest and attach its serial console"),
     "info": ("pyhv.cmd_info", "report what this host offers and which engine pyhv picks"),
     "img": ("pyhv.disk.imgcli", "create, inspect and convert disk images (qemu-img verbs)"),
-    "image": ("pyhv.cmd_image", "fetch and build guest images (Debian's Linux + busybox)"),
+    "guest": ("pyhv.cmd_guest", "fetch and list guest images (Debian's Linux + busybox)"),
     "popek-goldberg": ("pyhv.cmd_popek", "probe which sensitive x86 instructions trap here"),
 }
 
 
+# Former subcommand names: argparse refuses them as usual, with a hint to the new name.
+RENAMED = {"image": "guest"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        for old, new in RENAMED.items():
+            if f"invalid choice: '{old}'" in message:
+                message += f" (`pyhv {old}` is now `pyhv {new}`)"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyhv", description="A hypervisor written in Python.")
+    parser = _Parser(prog="pyhv", description="A hypervisor written in Python.")
     parser.add_argument("--version", action="version", version=f"pyhv {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():

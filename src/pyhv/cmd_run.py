@@ -2,34 +2,45 @@
 
 With `--kernel`, any image the loaders know (flat, multiboot, ELF64, Linux bzImage or
 vmlinux). Without it, Debian's Linux kernel and pyhv's busybox initramfs from the image
-cache (`pyhv image fetch linux`, run on demand): the main job, a Linux shell on the
+cache (`pyhv guest fetch linux`, run on demand): the main job, a Linux shell on the
 console. `--command CMD` runs CMD in that Linux instead of a shell, prints its output and
 exits with its status.
 
 Flow: parse and check every option, build the Machine (which validates the image before
 any guest code runs), attach the terminal, run until the guest ends, report. The
 terminal is restored and the machine closed on every path. A guest reset restarts the
-machine with a fresh copy of the kernel unless `--on-reboot exit`.
+machine with a fresh copy of the kernel unless `--on-reboot exit`; RESET_LOOP_LIMIT
+resets in a row, each within RESET_LOOP_WINDOW_S of its start, are a reset loop, which
+ends the run with status 4.
 
-Statuses: see pyhv.runner; bad options and images give 2 with one `pyhv:` line.
+Output: the console's bytes go to stdout through an `OutputPump` (pyhv.outflow), so a
+slow or absent reader never blocks the run loop; output that cannot be buffered is
+dropped, with one warning and a count at the end. A closed stdout (`| head -c 10`) ends
+the run quietly with status 141, as a tool killed by SIGPIPE.
+
+Statuses: see pyhv.runner; bad options and images give 2 with one `pyhv:` line; an
+internal error (a pyhv bug) 70, with one line and the traceback in a log file (or on
+stderr with --debug).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import signal
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from pyhv import runner as R
 from pyhv.console import Console
 from pyhv.devices.serial16550 import IER_RDA
 from pyhv.errors import ConfigError
+from pyhv.exitmarker import ExitMarker
 from pyhv.loader import FORMATS
 from pyhv.machine import Machine, MachineConfig, StopRequest, check_memory, resolve_engine
+from pyhv.outflow import OutputPump
 from pyhv.terminal import ESCAPE_NAME, InputGate, Terminal
 from pyhv.units import parse_size
 
@@ -40,7 +51,9 @@ LINUX_WORKAROUNDS: dict[str, list[tuple[str, str]]] = {
              "constant rate, so Linux must not use it as its clocksource")],
     "kvm": [],
 }
-MAX_RESTARTS = 100
+RESET_LOOP_LIMIT = 20        # resets in a row, each soon after its start: a reset loop
+RESET_LOOP_WINDOW_S = 10.0   # a run shorter than this before its reset is "soon"
+STATUS_OUTPUT_CLOSED = 128 + signal.SIGPIPE   # 141: what a shell reports for SIGPIPE
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,6 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "with its status")
     p.add_argument("--on-reboot", choices=("restart", "exit"), default="restart",
                    help="what a guest reboot does (default restart)")
+    p.add_argument("--debug", action="store_true",
+                   help="on an internal error (a pyhv bug), print the traceback instead "
+                        "of writing it to a log file")
 
 
 def _stderr(text: str) -> None:
@@ -82,15 +98,15 @@ def _stderr(text: str) -> None:
     sys.stderr.flush()
 
 
-def _stdout_sink() -> Callable[[bytes], None]:
-    fd = sys.stdout.fileno()
+def _output_pump() -> OutputPump:
+    def dropping() -> None:
+        _stderr("pyhv: stdout is not reading the guest's console output fast enough: "
+                "dropping output (the count follows at the end)")
 
-    def sink(data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-    return sink
+    def failed(e: OSError) -> None:
+        _stderr(f"pyhv: cannot write the guest's console output: {e.strerror or e}; "
+                "dropping it")
+    return OutputPump(sys.stdout.fileno(), on_drop=dropping, on_error=failed)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -117,27 +133,39 @@ def main(args: argparse.Namespace) -> int:
             if args.command is not None:
                 words.append("loglevel=1")   # only emergencies (a panic) between outputs
             cmdline = " ".join(words)
+    marker: ExitMarker | None = None
     if args.command is not None:
         from pyhv import images
-        cmdline = f"{cmdline or ''} {images.command_param(args.command)}".strip()
+        marker = ExitMarker.fresh()
+        cmdline = f"{cmdline or ''} {images.command_param(args.command, marker)}".strip()
     config = MachineConfig(kernel=kernel, cmdline=cmdline or "", initrd=initrd,
                            format=args.format, load_addr=args.load_addr, mem_size=mem,
                            engine=engine, strict_io=args.strict_io,
                            engine_options=engine_options)
-    sink = _stdout_sink()
-    console = Console(sink, hide_exit_marker=args.command is not None)
-    t_end = None if args.timeout is None else time.monotonic() + args.timeout
-    restarts = 0
-    while True:
-        timeout = None if t_end is None else max(0.001, t_end - time.monotonic())
-        result, runner, machine = _run_once(config, console, args, timeout)
-        if (result.reason == "reset" and args.on_reboot == "restart" and console.panic is None
-                and restarts < MAX_RESTARTS):
-            restarts += 1
-            _stderr(f"pyhv: the guest reset: restarting it ({restarts})")
-            continue
-        break
-    return _report(result, runner, machine, console, args)
+    pump = _output_pump()
+    try:
+        console = Console(pump.write, exit_marker=marker)
+        t_end = None if args.timeout is None else time.monotonic() + args.timeout
+        quick_resets = 0
+        while True:
+            timeout = None if t_end is None else max(0.001, t_end - time.monotonic())
+            t_run = time.monotonic()
+            result, runner, machine = _run_once(config, console, pump, args, timeout)
+            if result.reason != "reset" or args.on_reboot != "restart" or console.panic:
+                break
+            quick = time.monotonic() - t_run < RESET_LOOP_WINDOW_S
+            quick_resets = quick_resets + 1 if quick else 0
+            if quick_resets >= RESET_LOOP_LIMIT:
+                result = R.RunResult(
+                    R.STATUS_CRASH, "reset-loop",
+                    f"the guest reset {quick_resets} times in a row, each within "
+                    f"{RESET_LOOP_WINDOW_S:g} s of starting: a reset loop; ending the run")
+                break
+            _stderr(f"pyhv: the guest reset: restarting it"
+                    f"{f' ({quick_resets} in a row)' if quick_resets > 1 else ''}")
+    finally:
+        pump.close()
+    return _report(result, runner, machine, console, pump, args)
 
 
 def _engine_options(pairs: list[str]) -> dict[str, str]:
@@ -151,25 +179,34 @@ def _engine_options(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def _run_once(config: MachineConfig, console: Console, args: argparse.Namespace,
-              timeout: float | None) -> tuple[R.RunResult, R.Runner, Machine]:
+def _run_once(config: MachineConfig, console: Console, pump: OutputPump,
+              args: argparse.Namespace, timeout: float | None
+              ) -> tuple[R.RunResult, R.Runner, Machine]:
     machine = Machine(config, console.write)
     terminal: Terminal | None = None
+    gate: InputGate | None = None
     try:
         runner = R.Runner(machine, timeout=timeout)
         console.on_panic = lambda line: runner.stop(StopRequest("panic", R.STATUS_CRASH, line))
         _stop_on_signals(runner)
+
+        def output_closed() -> None:
+            runner.stop(StopRequest("output-closed", STATUS_OUTPUT_CLOSED))
+        pump.on_closed = output_closed
+        if pump.closed_by_reader:
+            output_closed()
         if args.command is None:
             serial = machine.devices.serial
             # Linux drops bytes that arrive before /dev/console is open: hold piped input
             # until the guest enables the UART's receive interrupt.
             gate = InputGate(serial.feed, is_open=sys.stdin.isatty()
                              or machine.guest.format != "linux")
+            the_gate = gate
 
             def turn() -> None:
-                if not gate.is_open and serial.ier & IER_RDA:
-                    gate.open()
-                gate.pump()
+                if not the_gate.is_open and serial.ier & IER_RDA:
+                    the_gate.open()
+                the_gate.pump()
             runner.on_turn = turn
             terminal = Terminal(gate.feed,
                                 lambda: runner.stop(StopRequest(
@@ -183,6 +220,8 @@ def _run_once(config: MachineConfig, console: Console, args: argparse.Namespace,
     finally:
         if terminal is not None:
             terminal.close()
+        if gate is not None:
+            gate.close()
         console.finish()
         machine.close()
     return result, runner, machine
@@ -201,9 +240,11 @@ def _stop_on_signals(runner: R.Runner) -> None:
 
 
 def _report(result: R.RunResult, runner: R.Runner, machine: Machine, console: Console,
-            args: argparse.Namespace) -> int:
+            pump: OutputPump, args: argparse.Namespace) -> int:
     status = result.status
-    if console.panic is not None:
+    if result.reason == "internal":
+        _internal_error(result, args)
+    elif console.panic is not None:
         _stderr(f"pyhv: {console.panic}")
         status = R.STATUS_CRASH
     elif result.reason == "crash":
@@ -218,8 +259,14 @@ def _report(result: R.RunResult, runner: R.Runner, machine: Machine, console: Co
         _tail(console)
     elif result.reason == "reset":
         _stderr("pyhv: the guest reset; --on-reboot exit ends the run")
+    elif result.reason == "reset-loop":
+        _stderr(f"pyhv: {result.detail}")
+        _tail(console)
     elif result.reason in ("interrupted", "signal"):
         _stderr(f"pyhv: {result.detail or 'interrupted'}")
+    if pump.dropped and not pump.closed_by_reader:
+        _stderr(f"pyhv: {pump.dropped} bytes of the guest's console output were dropped "
+                "(stdout did not read them)")
     if args.command is not None and status == R.STATUS_OK:
         if console.exit_status is None:
             _stderr("pyhv: the guest stopped without reporting the command's exit status")
@@ -229,6 +276,23 @@ def _report(result: R.RunResult, runner: R.Runner, machine: Machine, console: Co
     if args.stats:
         _print_stats(runner, machine)
     return status
+
+
+def _internal_error(result: R.RunResult, args: argparse.Namespace) -> None:
+    """One line; the traceback on stderr with --debug, else in a log file it names."""
+    where = ""
+    if args.debug:
+        sys.stderr.write(result.traceback)
+    else:
+        try:
+            with tempfile.NamedTemporaryFile("w", prefix="pyhv-internal-", suffix=".log",
+                                             delete=False) as f:
+                f.write(result.traceback)
+            where = f"; the traceback is in {f.name} (or run with --debug)"
+        except OSError:
+            where = "; run with --debug for the traceback"
+    _stderr(f"pyhv: internal error, a bug in pyhv (not the guest's doing): "
+            f"{result.detail}{where}")
 
 
 def _tail(console: Console) -> None:

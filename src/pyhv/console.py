@@ -1,19 +1,19 @@
 """The guest's console output on its way to the user: what pyhv shows, keeps and watches.
 
 Design: the UART hands every transmitted byte to `Console.write`. The console
-- forwards it to a sink (the terminal, a pipe, a test's buffer) as it comes, so a prompt
-  without a newline appears even if the guest then computes without exiting;
+- forwards it to a sink (pyhv.outflow's pump to stdout, a test's buffer) as it comes, so a
+  prompt without a newline appears even if the guest then computes without exiting;
 - keeps the last lines (`tail()`), which pyhv prints when a run times out or crashes;
 - watches for Linux's panic banner (`Kernel panic - not syncing: ...`) and for the end of
   the panic report, calling `on_panic` once the report is complete;
-- with `hide_exit_marker`, swallows the `@@PYHV-EXIT n@@` line that pyhv's /init prints
-  after a `--command` and records n in `exit_status`; what the guest prints after it (its
-  shutdown) is dropped too. Output is held back only while it could still turn out to be
-  that line (it starts with `@`), never longer than a line.
+- with an `exit_marker` (pyhv.exitmarker: `--command`), finds that marker anywhere in the
+  output, even in the middle of a line, records its status in `exit_status` and passes
+  on neither the marker nor anything after it (the guest shutting down). Output is held
+  back only while it could still turn out to be the marker (a few dozen bytes at most).
 
-Invariants: bytes reach the sink in the order the guest sent them, minus only a complete
-marker line; memory use is bounded (a line longer than MAX_LINE is cut for `tail()` and
-the panic check, never for the sink).
+Invariants: bytes reach the sink in the order the guest sent them, minus only the marker
+and what follows it; memory use is bounded (a line longer than MAX_LINE is cut for
+`tail()` and the panic check, never for the sink).
 """
 
 from __future__ import annotations
@@ -22,66 +22,49 @@ import re
 from collections import deque
 from collections.abc import Callable
 
+from pyhv.exitmarker import ExitMarker
+
 MAX_LINE = 4096
 TAIL_LINES = 20
 PANIC_RE = re.compile(rb"Kernel panic - not syncing: ?(.*)")
 PANIC_END = b"---[ end Kernel panic"
-MARKER_RE = re.compile(rb"^@@PYHV-EXIT (\d+)@@\r?$")
-MARKER_PREFIX = b"@@PYHV-EXIT "
-MAX_MARKER = 32
 
 
 class Console:
-    def __init__(self, sink: Callable[[bytes], None], *, hide_exit_marker: bool = False,
+    def __init__(self, sink: Callable[[bytes], None], *, exit_marker: ExitMarker | None = None,
                  on_panic: Callable[[str], None] | None = None) -> None:
         self.sink = sink
-        self.hide_exit_marker = hide_exit_marker
         self.on_panic = on_panic
         self.exit_status: int | None = None
         self.panic: str | None = None
         self.bytes_out = 0
         self.muted = False               # set after the exit marker: output is dropped
-        self._out = bytearray()          # waiting for flush
-        self._line = bytearray()         # the current line (for tail/panic/marker)
-        self._held = bytearray()         # part of the current line held back (marker?)
+        self._scanner = exit_marker.scanner() if exit_marker is not None else None
+        self._line = bytearray()         # the current line (for tail/panic)
         self._lines: deque[bytes] = deque(maxlen=TAIL_LINES)
         self._panic_reported = False
 
     def write(self, data: bytes) -> None:
+        self.bytes_out += len(data)
         for b in data:                   # the UART sends one byte at a time
-            self._byte(b)
-        self.flush()                     # at once: a guest may print a prompt and spin
-
-    def _byte(self, b: int) -> None:
-        self.bytes_out += 1
-        if b == 0x0A:
-            self._end_line()
+            if b == 0x0A:
+                self._end_line()
+            elif len(self._line) < MAX_LINE:
+                self._line.append(b)
+        if self.muted:
             return
-        if len(self._line) < MAX_LINE:
-            self._line.append(b)
-        if self.hide_exit_marker and (self._held or (not self._line[:-1] and b == 0x40)):
-            self._held.append(b)
-            if (len(self._held) > MAX_MARKER
-                    or not MARKER_PREFIX.startswith(bytes(self._held[:len(MARKER_PREFIX)]))):
-                self._out += self._held      # not the marker after all
-                self._held.clear()
-            return
-        self._out.append(b)
+        sc = self._scanner
+        if sc is not None:
+            data = sc.feed(data)
+            if sc.status is not None:
+                self.exit_status = sc.status
+                self.muted = True        # what follows is the guest shutting down
+        if data:
+            self.sink(data)              # at once: a guest may print a prompt and spin
 
     def _end_line(self) -> None:
         line = bytes(self._line)
         self._line.clear()
-        if self._held:
-            m = MARKER_RE.match(bytes(self._held))
-            if m is not None:
-                self.exit_status = int(m.group(1)) & 0xFF
-                self._held.clear()
-                self.flush()
-                self.muted = True        # what follows is the guest shutting down
-                return
-            self._out += self._held
-            self._held.clear()
-        self._out.append(0x0A)
         self._lines.append(line.rstrip(b"\r"))
         self._watch(line)
 
@@ -95,23 +78,12 @@ class Console:
             if self.on_panic is not None:
                 self.on_panic(self.panic)
 
-    def flush(self) -> None:
-        if self._out and self.muted:
-            self._out.clear()
-        if self._out:
-            data = bytes(self._out)
-            self._out.clear()
-            self.sink(data)
-
     def finish(self) -> None:
-        """The run is over: release anything held back and flush."""
-        if self._held:
-            self._out += self._held
-            self._held.clear()
-        if self._line:
-            self._lines.append(bytes(self._line).rstrip(b"\r"))
-            self._line.clear()
-        self.flush()
+        """The run is over: release anything held back (it was not the marker)."""
+        if self._scanner is not None and not self.muted:
+            rest = self._scanner.finish()
+            if rest:
+                self.sink(rest)
 
     def tail(self, n: int = 10) -> list[str]:
         """The last n complete lines (and the partial one), decoded for messages."""

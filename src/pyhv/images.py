@@ -1,6 +1,6 @@
 """Guest images built from Debian's packages: the cloud kernel and a busybox initramfs.
 
-`pyhv image fetch linux` (and `ensure_linux_image()`, which `pyhv run` calls when no
+`pyhv guest fetch linux` (and `ensure_linux_image()`, which `pyhv run` calls when no
 --kernel is given) resolves the kernel that Debian's `linux-image-cloud-amd64`
 metapackage currently depends on, downloads it and `busybox-static` with
 `apt-get download` (nothing else is downloaded, and nothing is installed), unpacks them
@@ -40,9 +40,10 @@ The /init protocol (also in docs/linux.md):
 - with `pyhv.cmd=<base64 of a shell command>` on the command line it runs that command
   with `sh -c` (so pipes and $((...)) work), then prints `@@PYHV-EXIT <status>@@\n` right
   after the command's output (on the output's last line if that lacks a newline) and
-  powers off with `poweroff -f`. The console parses that marker (`parse_exit`) to get the
-  command's exit status; a marker rather than a port because the status then survives
-  any console, QEMU's included, and needs no second helper;
+  powers off with `poweroff -f`. A marker rather than a port because the status then
+  survives any console, QEMU's included, and needs no second helper. `pyhv run
+  --command` passes a wrapper that prints a marker with a per-run nonce first
+  (pyhv.exitmarker: the one parser of both markers);
 - otherwise it execs busybox init, which keeps a shell on the console (`cttyhack sh`)
   and handles `poweroff`/`reboot` from that shell.
 """
@@ -67,6 +68,7 @@ from urllib.parse import unquote
 
 from pyhv.arch.x86 import layout
 from pyhv.errors import HostError, ImageError
+from pyhv.exitmarker import MARKER_WORD, ExitMarker
 from pyhv.loader.initramfs import Initramfs
 
 CACHE_ENV = "PYHV_CACHE"
@@ -75,8 +77,6 @@ BUSYBOX_PACKAGE = "busybox-static"
 DEFAULT_CMDLINE = "console=ttyS0"
 CMD_PARAM = "pyhv.cmd"
 MODULES_PARAM = "pyhv.modules"
-EXIT_MARKER = "@@PYHV-EXIT"
-EXIT_RE = re.compile(rb"@@PYHV-EXIT (\d+)@@")
 BOOT_TIMER_VALUE = 123
 VIRTIO_VENDOR = "0x1af4"
 # The virtio modules the guest needs for disks and network (docs/host.md: all =m in Debian).
@@ -106,15 +106,11 @@ class LinuxImage:
 
 # ---------------------------------------------------------------- the guest side
 
-def command_param(command: str) -> str:
-    """The kernel command-line word that makes /init run `command` and power off."""
-    return f"{CMD_PARAM}={base64.b64encode(command.encode()).decode()}"
-
-
-def parse_exit(data: bytes) -> int | None:
-    """The exit status in an `@@PYHV-EXIT n@@` marker inside data, or None."""
-    m = EXIT_RE.search(data)
-    return int(m.group(1)) if m else None
+def command_param(command: str, marker: ExitMarker | None = None) -> str:
+    """The kernel command-line word that makes /init run `command` and power off; with
+    a `marker` (a nonce), `command` is wrapped to print that marker with its status."""
+    script = marker.wrap(command) if marker is not None else command
+    return f"{CMD_PARAM}={base64.b64encode(script.encode()).decode()}"
 
 
 def init_script(release: str = "") -> str:
@@ -165,7 +161,7 @@ if [ -n "$cmd" ]; then
         echo "pyhv: {CMD_PARAM}= is not a base64-encoded command" >&2
         status=127
     fi
-    printf '{EXIT_MARKER} %d@@\\n' "$status"
+    printf '{MARKER_WORD} %d@@\\n' "$status"
     sync
     poweroff -f
     while :; do sleep 3600; done   # init must never exit
@@ -605,4 +601,4 @@ def ensure_linux_image(*, quiet: bool = False) -> LinuxImage:
 
 
 __all__ = ["LinuxImage", "build_initramfs", "cache_dir", "cached_images", "command_param",
-           "ensure_linux_image", "fetch_linux", "init_script", "parse_exit"]
+           "ensure_linux_image", "fetch_linux", "init_script"]

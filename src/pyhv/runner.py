@@ -20,8 +20,22 @@ Exit statuses of `pyhv run` (pyhv's own are even, the guest's debug-exit odd):
     0    the guest halted with interrupts off, or powered off, or Ctrl-] left it
     (v << 1) | 1   the guest wrote v to the debug-exit port 0xf4 (QEMU's convention)
     4    the guest crashed: triple fault, an engine internal error, a kernel panic
+         (and, from the run command, a reset loop)
+    70   internal error: pyhv itself failed (a device model or the run loop raised);
+         sysexits' EX_SOFTWARE. Never the guest's doing: a bug in pyhv.
     124  --timeout expired (or the `max_exits` budget of a caller's run ran out)
     130  interrupted (SIGINT); the run command maps SIGTERM/SIGHUP to 143/129
+    141  (the run command) stdout was closed, as for a tool killed by SIGPIPE
+
+Errors, one policy for every engine: every guest access to a device goes through one
+function (`_access`), whether the engine calls it from inside guest execution (emu) or
+returns an exit for it (kvm, trap). What the guest can cause is the guest's: an access
+nowhere is all ones (or, with --strict-io, the end of the run, status 4); a triple fault
+or an instruction the engine cannot run is a crash (status 4). An exception raised by
+pyhv's own code (a device model, a timer callback, the run loop, an engine's Python
+hooks, which re-raise it from `run()`) is a pyhv bug: the run ends with status 70 and a
+`RunResult` whose `detail` says in one line what failed where and whose `traceback`
+holds the Python traceback for a log.
 
 Options for callers other than `pyhv run` (the popek probe): `max_exits` bounds the
 exits routed in one run, `last_exit` keeps the exit that ended it (a Shutdown's or an
@@ -30,8 +44,8 @@ part like any other (a device that calls `request_stop` ends the run with its re
 
 Invariants: only the thread that calls `run()` touches the vCPU, devices and timers
 (other threads only kick the vCPU, feed the UART and set events); every exit path stops
-the ticker thread; a run always ends with a `RunResult`, never an exception from the
-guest's behaviour (a hostile guest gets status 4 with the reason).
+the ticker thread; a run always ends with a `RunResult`, never an exception (a hostile
+guest gets status 4 with the reason, a pyhv bug status 70).
 """
 
 from __future__ import annotations
@@ -43,10 +57,12 @@ import select
 import signal
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pyhv.arch.x86.linear import code_bytes
 from pyhv.clock import VirtualClock
 from pyhv.devices.bus import Bus, UnhandledIo
 from pyhv.exits import (
@@ -63,6 +79,7 @@ from pyhv.machine import Machine, StopRequest
 
 STATUS_OK = 0
 STATUS_CRASH = 4
+STATUS_INTERNAL = 70          # sysexits.h EX_SOFTWARE: pyhv failed, not the guest
 STATUS_TIMEOUT = 124
 STATUS_INTERRUPTED = 130
 IDLE_SLICE_S = 0.05          # longest sleep before re-checking stop requests
@@ -79,10 +96,16 @@ class VmState(enum.Enum):
 @dataclass
 class RunResult:
     status: int
-    reason: str               # "halt", "debug-exit", "reset", "crash", "timeout", ...
+    reason: str               # "halt", "debug-exit", "reset", "crash", "internal", ...
     detail: str = ""
     rip: int | None = None
     insn: bytes = b""
+    traceback: str = ""       # reason "internal": the Python traceback of pyhv's failure
+
+
+class DeviceFault(Exception):
+    """A device model raised while handling a guest access: a bug in pyhv, not the
+    guest's doing. The message names the access and the device."""
 
 
 @dataclass
@@ -162,6 +185,8 @@ class Runner:
             result = self._loop()
         except KeyboardInterrupt:
             result = RunResult(STATUS_INTERRUPTED, "interrupted", "interrupted by SIGINT")
+        except Exception as e:  # noqa: BLE001 - the one policy: a pyhv bug, reported
+            result = self._internal(e)
         finally:
             self._done.set()
             undo_signals()
@@ -246,11 +271,7 @@ class Runner:
             if self.max_exits is not None and st.exits.total() > self.max_exits:
                 return RunResult(STATUS_TIMEOUT, "exit-limit",
                                  f"no result after {self.max_exits} exits", rip=self._rip())
-            try:
-                result = self._handle(ex)
-            except UnhandledIo as e:
-                self._strict_stop(e)
-                continue
+            result = self._handle(ex)
             if result is not None:
                 return result
             timers.fire_due()
@@ -265,16 +286,19 @@ class Runner:
             self.stats.io_ports[ex.port] += 1
             size = ex.size
             for i in range(ex.count):
-                m.pio.write_bytes(ex.port, ex.data[i * size:(i + 1) * size])
+                value = int.from_bytes(ex.data[i * size:(i + 1) * size], "little")
+                self._access(m.pio, ex.port, size, value)
         elif isinstance(ex, IoIn):
             self.stats.io_ports[ex.port] += 1
             size = ex.size
             for i in range(ex.count):
-                m.pio.read_into(ex.port, ex.data[i * size:(i + 1) * size])
+                value = self._access(m.pio, ex.port, size, None)
+                ex.data[i * size:(i + 1) * size] = value.to_bytes(size, "little")
         elif isinstance(ex, MmioWrite):
-            m.mmio.write_bytes(ex.addr, ex.data)
+            self._access(m.mmio, ex.addr, len(ex.data), int.from_bytes(ex.data, "little"))
         elif isinstance(ex, MmioRead):
-            m.mmio.read_into(ex.addr, ex.data)
+            size = len(ex.data)
+            ex.data[:] = self._access(m.mmio, ex.addr, size, None).to_bytes(size, "little")
         elif isinstance(ex, Halt):
             if not ex.interrupts_enabled:
                 return RunResult(STATUS_OK, "halt", "the guest halted with interrupts off",
@@ -368,6 +392,13 @@ class Runner:
     def _stopped(self, req: StopRequest) -> RunResult:
         return RunResult(req.status, req.kind, req.detail)
 
+    def _internal(self, e: Exception) -> RunResult:
+        """A pyhv bug ended the run: one line for the user, the traceback for a log."""
+        detail = str(e) if isinstance(e, DeviceFault) else f"{type(e).__name__}: {e}"
+        tb = "".join(traceback.format_exception(e))
+        return RunResult(STATUS_INTERNAL, "internal", detail.splitlines()[0] if detail
+                         else type(e).__name__, rip=self._rip(), traceback=tb)
+
     def _rip(self) -> int | None:
         try:
             return self.vcpu.get_state().rip
@@ -375,21 +406,16 @@ class Runner:
             return None
 
     def _insn(self, rip: int | None) -> bytes:
-        """Up to 15 bytes at the guest's CS:RIP when it maps to RAM (for crash reports)."""
+        """Up to 15 instruction bytes at the reported `rip` (not wherever the vCPU is
+        now), through the guest's paging when it is on: what a crash report prints next
+        to that RIP. Empty when nothing there is RAM."""
         if rip is None or self.m.memory is None:
             return b""
         try:
             st = self.vcpu.get_state()
-            linear = (st.cs.base + st.rip) & 0xFFFF_FFFF_FFFF_FFFF
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - best effort, for a message
             return b""
-        mem = self.m.memory
-        if st.cr0 & 0x8000_0000:
-            return b""                   # paged: the bytes come from the engine, if at all
-        n = 15
-        while n > 0 and not mem.contains(linear, n):
-            n -= 1
-        return mem.read(linear, n) if n else b""
+        return code_bytes(self.m.memory, st, rip)
 
     # ------------------------------------------------------------------ device I/O for
     # engines that handle accesses synchronously (emu)
@@ -402,13 +428,26 @@ class Runner:
         return self._access(self.m.mmio, addr, size, value)
 
     def _access(self, bus: Bus, addr: int, size: int, value: int | None) -> int:
-        """One synchronous access; --strict-io turns a miss into a stop request."""
+        """One guest access to a device, for every engine (the one I/O path).
+
+        A miss reads as all ones; --strict-io turns it into a stop request. An exception
+        from the device is a pyhv bug: it becomes a DeviceFault naming the access, which
+        ends the run as an internal error (raised through the engine's `run()` when the
+        engine called this from inside guest execution)."""
         try:
             if value is None:
-                return bus.read(addr, size)
+                return bus.read(addr, size) & ((1 << (8 * size)) - 1)
             bus.write(addr, size, value)
+            return 0
         except UnhandledIo as e:
             self._strict_stop(e)
+        except Exception as e:  # noqa: BLE001 - a device model failed
+            hit = bus.find(addr)
+            where = f"{hit[2] or 'a device'}" if hit is not None else "no device"
+            what = (f"{size}-byte read" if value is None
+                    else f"{size}-byte write of {value:#x}")
+            raise DeviceFault(f"{where} raised {type(e).__name__}: {e} on a {what} at "
+                              f"{bus.name} {addr:#x}") from e
         return 0 if value is not None else (1 << (8 * size)) - 1
 
     def _strict_stop(self, e: UnhandledIo) -> None:

@@ -9,8 +9,9 @@ back. On a pipe or file, input is forwarded as it comes and end-of-file only sto
 reader (the guest keeps running).
 
 A daemon thread reads stdin with select() and a short timeout so that `close()` can stop
-it; input goes to `on_input` (the UART's thread-safe `feed`), followed by `on_wake`
-(which kicks the vCPU so a halted guest sees the byte at once).
+it; input goes to `on_input` (the `InputGate`'s `feed`, which blocks while the guest is
+not taking input, so pyhv stops reading stdin: backpressure, never loss), followed by
+`on_wake` (which kicks the vCPU so a halted guest sees the byte at once).
 
 Invariants: only the reader thread reads fd 0; `close()` is idempotent.
 """
@@ -85,33 +86,56 @@ class Terminal:
 
 
 class InputGate:
-    """Holds console input until the guest listens, then passes it on in order.
+    """Holds console input until the guest listens, then passes it on in order, losing
+    nothing.
 
     A booting kernel resets the UART's FIFOs and ignores bytes that arrive before a
     program opens the console, so input piped in at start-up would be lost. The gate
-    buffers it (up to `limit` bytes; more is counted as dropped) until `open()`; the run
-    command opens it when the guest enables the UART's receive interrupt (Linux does when
-    /dev/console is opened) or at once for guests that poll.
+    buffers it until `open()`; the run command opens it when the guest enables the UART's
+    receive interrupt (Linux does when /dev/console is opened) or at once for guests that
+    poll. Backpressure, not loss: while `limit` bytes wait (the guest is not listening
+    yet, or reads slower than input arrives), `feed()` blocks the caller, the stdin
+    reader thread, so pyhv stops reading stdin and a writer into the pipe waits as it
+    would for any slow reader. `close()` (the run is over) releases a blocked `feed()`;
+    only bytes fed after that are dropped, and counted in `dropped`.
+
+    Threads: `feed()` from the stdin reader; `open()` and `pump()` from the run loop;
+    `close()` from whoever ends the run.
     """
 
     def __init__(self, feed: Callable[[bytes], int], *, is_open: bool = False,
                  limit: int = 1 << 20) -> None:
         self._feed = feed
-        self._lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
         self._held = bytearray()
         self.is_open = is_open
         self.limit = limit
+        self.closed = False
         self.dropped = 0
 
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
     def feed(self, data: bytes) -> None:
-        with self._lock:
-            if not self.is_open or self._held:
+        """Queue `data`; blocks while `limit` bytes are held, until the guest takes some
+        or the gate is closed."""
+        with self._cond:
+            while data:
+                if self.closed:
+                    self.dropped += len(data)
+                    return
+                if self.is_open and not self._held:
+                    taken = self._feed(data)        # straight to the UART when it has room
+                    data = data[taken:]
+                    if not data:
+                        return
                 room = self.limit - len(self._held)
+                if room <= 0:
+                    self._cond.wait()               # backpressure: stop reading stdin
+                    continue
                 self._held += data[:room]
-                self.dropped += max(0, len(data) - room)
-                data = b""
-        if data:
-            self._pass(data)
+                data = data[room:]
 
     def open(self) -> None:
         self.is_open = True
@@ -119,14 +143,18 @@ class InputGate:
 
     def pump(self) -> None:
         """Pass held bytes on as far as the UART accepts them (run-loop thread)."""
-        with self._lock:
+        if not self._held:                          # unlocked peek: feed() appends later
+            return
+        with self._cond:
             if not self.is_open or not self._held:
                 return
             taken = self._feed(bytes(self._held))
-            del self._held[:taken]
+            if taken:
+                del self._held[:taken]
+                self._cond.notify_all()
 
-    def _pass(self, data: bytes) -> None:
-        taken = self._feed(data)
-        if taken < len(data):
-            with self._lock:
-                self._held[:0] = data[taken:]
+    def close(self) -> None:
+        """The run is over: release a blocked `feed()`; later input is dropped."""
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()

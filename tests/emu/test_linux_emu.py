@@ -3,7 +3,7 @@
 engine's counters can be checked.
 
 Slow (~6 s) and skipped unless Debian's kernel and busybox are available: a complete image
-in pyhv's cache (`pyhv image fetch linux`), or the two .deb files in its `debs/` folder
+in pyhv's cache (`pyhv guest fetch linux`), or the two .deb files in its `debs/` folder
 (extracted into a temporary directory here; the cache is only read). This test exercises
 the engine: 4-level paging, ~1,300 page faults, interrupts at CPL 3, SYSCALL/SYSRET, and
 CR2 surviving time slices (a user process killed with "segfault at fffffffffffffffe" was
@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from pyhv import images
+from pyhv.exitmarker import ExitMarker
 from pyhv.machine import Machine, MachineConfig
 from pyhv.runner import Runner
 
@@ -65,7 +66,7 @@ def test_debian_kernel_runs_a_command_on_emu(tmp_path: Path) -> None:
     text = out.decode("latin-1")
     assert "Run /init as init process" in text, text[-2000:]
     assert "segfault" not in text and "double fault" not in text, text[-2000:]
-    assert images.parse_exit(bytes(out)) == 0, text[-2000:]
+    assert ExitMarker().parse(bytes(out)) == 0, text[-2000:]
     lines = text.splitlines()
     assert "Linux" in lines and "42" in lines and "1" in lines, text[-1500:]
     st = runner.engine_stats

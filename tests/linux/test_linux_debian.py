@@ -132,10 +132,10 @@ def test_fetch_is_idempotent(debian_image: images.LinuxImage) -> None:
 
 def test_image_list_and_path(debian_image: images.LinuxImage,
                              capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["image", "list", "--json"]) == 0
+    assert cli.main(["guest", "list", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert any(i["kernel"] == str(debian_image.kernel_path) for i in listed)
-    assert cli.main(["image", "path", "linux"]) == 0
+    assert cli.main(["guest", "path", "linux"]) == 0
     out = capsys.readouterr().out.split()
     assert Path(out[0]).is_file() and Path(out[1]).is_file()
 

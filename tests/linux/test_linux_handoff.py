@@ -23,6 +23,7 @@ from linuxfakes import new_memory
 from pyhv import images
 from pyhv.arch.x86 import layout
 from pyhv.arch.x86.cpustate import EFER_LME
+from pyhv.exitmarker import ExitMarker
 from pyhv.loader import linux
 from pyhv.loader.image import BootRequest
 
@@ -88,7 +89,7 @@ def test_pyhv_loaded_kernel_boots_under_qemu(debian_image: images.LinuxImage, tm
     cmdline = f"console=ttyS0 {images.command_param(cmd)}"
     desc, out = handoff(tmp_path, kernel, debian_image.initrd_path, cmdline,
                         decompress=how != "kernel-decompressor")
-    assert images.parse_exit(out.encode()) == 9, out[-3000:]
+    assert ExitMarker().parse(out.encode()) == 9, out[-3000:]
     assert "Run /init as init process" in out
     assert cmdline in out.splitlines()
     e820 = list(dict.fromkeys(       # the boot log and the dmesg output both show it

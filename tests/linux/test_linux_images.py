@@ -12,6 +12,7 @@ import pytest
 from pyhv import cli, images
 from pyhv.arch.x86 import layout
 from pyhv.devices.boottimer import BootTimer
+from pyhv.exitmarker import ExitMarker
 from pyhv.loader import elf
 from pyhv.loader.initramfs import read_newc
 
@@ -23,11 +24,22 @@ def test_command_param_round_trip() -> None:
     assert base64.b64decode(word.split("=", 1)[1]).decode() == cmd
 
 
-def test_parse_exit() -> None:
-    assert images.parse_exit(b"hello\n@@PYHV-EXIT 0@@\n") == 0
-    assert images.parse_exit(b"no newline at end@@PYHV-EXIT 127@@") == 127
-    assert images.parse_exit(b"@@PYHV-EXIT @@") is None
-    assert images.parse_exit(b"plain output") is None
+def test_command_param_with_a_marker_wraps_the_command() -> None:
+    marker = ExitMarker.fresh()
+    word = images.command_param("printf 'a b'; exit 3", marker)
+    assert " " not in word
+    script = base64.b64decode(word.split("=", 1)[1]).decode()
+    assert script == marker.wrap("printf 'a b'; exit 3")
+    assert script.startswith("sh -c 'printf '\"'\"'a b'\"'\"'; exit 3'\n")
+
+
+def test_the_plain_marker_is_parsed_anywhere() -> None:
+    plain = ExitMarker()
+    assert plain.parse(b"hello\n@@PYHV-EXIT 0@@\n") == 0
+    assert plain.parse(b"no newline at end@@PYHV-EXIT 127@@") == 127
+    assert plain.parse(b"@@PYHV-EXIT @@") is None
+    assert plain.parse(b"plain output") is None
+    assert ExitMarker.fresh().parse(b"@@PYHV-EXIT 0@@") is None   # a nonce is required
 
 
 def test_init_script() -> None:
@@ -114,14 +126,23 @@ def test_incomplete_image_is_not_used(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert images.cached_images() == []
 
 
-def test_cli_image_without_verb(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["image"]) == 2
+def test_cli_guest_without_verb(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["guest"]) == 2
     assert "choose a verb" in capsys.readouterr().err
 
 
-def test_cli_image_list_empty(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+def test_cli_guest_list_empty(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                               capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("PYHV_CACHE", str(tmp_path))
-    assert cli.main(["image", "list"]) == 0
-    assert "pyhv image fetch linux" in capsys.readouterr().out
-    assert cli.main(["image", "path", "linux"]) == 2
+    assert cli.main(["guest", "list"]) == 0
+    assert "pyhv guest fetch linux" in capsys.readouterr().out
+    assert cli.main(["guest", "path", "linux"]) == 2
+
+
+def test_cli_image_is_gone_with_a_hint(capsys: pytest.CaptureFixture[str]) -> None:
+    """`pyhv image` (now `pyhv guest`) was too close to `pyhv img` (disk images)."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["image", "list"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'image'" in err and "`pyhv guest`" in err

@@ -17,6 +17,7 @@ import time
 import pytest
 
 from pyhv import images
+from pyhv.exitmarker import ExitMarker
 
 QEMU = shutil.which("qemu-system-x86_64")
 pytestmark = [pytest.mark.qemu,
@@ -47,7 +48,7 @@ def test_command_runs_and_reports_its_status(debian_image: images.LinuxImage) ->
     assert debian_image.version in lines
     assert "pyhv" in lines and "x2" in lines
     assert "0" in lines                          # no virtio device: no modules loaded
-    assert images.parse_exit(out.encode()) == 7, out[-2000:]
+    assert ExitMarker().parse(out.encode()) == 7, out[-2000:]
     assert rc == 0                               # poweroff -f ended QEMU cleanly
     print(f"qemu-tcg: command run and powered off in {secs:.2f} s")
 
@@ -62,7 +63,7 @@ def test_virtio_modules_load_when_a_virtio_device_exists(
     assert "vda" in mods
     for m in ("virtio_blk", "virtio_pci", "virtio", "virtio_ring"):
         assert m in mods
-    assert images.parse_exit(out.encode()) == 0
+    assert ExitMarker().parse(out.encode()) == 0
 
 
 @pytest.mark.timeout(BOOT_TIMEOUT + 30)

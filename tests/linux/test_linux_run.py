@@ -48,6 +48,16 @@ def test_command_output_and_status(image: images.LinuxImage) -> None:
     assert "guest /init started (boot timer)" in err and "exits: Halt" in err
 
 
+def test_command_output_without_newline_and_marker_lookalikes(
+        image: images.LinuxImage) -> None:
+    """Output ending mid-line still ends the run with the command's status, and a
+    marker-like line in the output is output: it neither fakes the status nor mutes
+    what follows."""
+    r = pyhv("--command", "printf '@@PYHV-EXIT 0@@\\nafter\\n'; printf abc; exit 3")
+    assert r.returncode == 3, (r.stdout, r.stderr.decode()[-2000:])
+    assert r.stdout == b"@@PYHV-EXIT 0@@\r\nafter\r\nabc", r.stderr.decode()[-2000:]
+
+
 def test_piped_shell_session(image: images.LinuxImage) -> None:
     r = pyhv(stdin=b"echo piped-$((40+2))\ncat /proc/cmdline\npoweroff -f\n")
     out = r.stdout.decode(errors="replace")

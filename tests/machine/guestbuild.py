@@ -4,7 +4,8 @@ the real `pyhv run` command.
 Each guest is one source file (plus shared includes) built with the host's gcc and ld
 into a temporary directory, in one of four ways:
 
-    flat       16-bit start, linked at 0x7c00, raw binary       (.bin, --format auto: flat)
+    flat       16-bit start, linked at 0x7c00, a 512-byte boot sector ending in 55 aa
+               (.bin; what --format auto takes as flat)
     multiboot  32-bit ELF at 1 MiB with a multiboot v1 header   (.elf)
     elf64      64-bit ELF at 1 MiB, entered in long mode        (.elf)
     c32        a multiboot .S start stub + freestanding C       (.elf)
@@ -57,6 +58,7 @@ C_FLAGS = ["-m32", "-ffreestanding", "-fno-pic", "-mgeneral-regs-only", "-nostdl
 LD_ELF = ["-T", str(LINK_SCRIPT), "-z", "max-page-size=0x1000", "-z", "noexecstack",
           "--build-id=none"]
 FLAT_LOAD = 0x7C00
+BOOT_SECTOR = 512
 
 HOST_TIMEOUT_MARGIN_S = 30    # subprocess timeout = guest --timeout + this
 
@@ -85,6 +87,10 @@ def build(name: str, out: Path) -> Path:
         _run(["gcc", "-m32", "-c", inc, "-o", str(obj), str(GUESTS / f"{name}.S")])
         _run(["ld", "-m", "elf_i386", "-Ttext", hex(FLAT_LOAD), "-e", "start",
               "--oformat", "binary", "-o", str(img), str(obj)])
+        code = img.read_bytes()
+        if len(code) > BOOT_SECTOR - 2:
+            raise BuildError(f"{name}: {len(code)} bytes do not fit in a boot sector")
+        img.write_bytes(code + bytes(BOOT_SECTOR - 2 - len(code)) + b"\x55\xaa")
         return img
     img = out / f"{name}.elf"
     if kind == "multiboot":

@@ -296,7 +296,7 @@ def _run_outs(g: Guest, st: CpuState, n: int) -> list[bytes]:
 def test_flat_image_runs_in_real_mode(guest: Guest, tmp_path: Path) -> None:
     img = tmp_path / "boot.bin"
     img.write_bytes(bytes([0xB0, 0x55, 0xE6, 0xF4, 0xF4]))   # mov al,0x55; out 0xf4,al; hlt
-    loaded = load(guest.mem, BootRequest(img))
+    loaded = load(guest.mem, BootRequest(img, format="flat"))
     assert loaded.format == "flat"
     assert _run_outs(guest, loaded.entry, 1) == [b"\x55"]
 

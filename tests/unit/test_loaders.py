@@ -142,10 +142,27 @@ def test_detect_format() -> None:
     assert detect_format(mb_aout(0x100000, b"\xf4")) == "multiboot"
     assert detect_format(mb_elf32([(0x100000, b"\xf4", 1)], 0x100000)) == "multiboot"
     assert detect_format(elf_image(64, [(0x200000, b"\xf4", 1)], 0x200000)) == "elf64"
-    assert detect_format(b"\xb0\x55\xe6\xf4\xf4") == "flat"
+    assert detect_format(b"\xb0\x55\xe6\xf4\xf4" + bytes(505) + b"\x55\xaa") == "flat"
     assert detect_format(bytes(0x202) + b"HdrS" + bytes(16)) == "linux"
     with pytest.raises(ImageError, match="ELF32 image without a multiboot header"):
         detect_format(elf_image(32, [(0x100000, b"\xf4", 1)], 0x100000))
+
+
+@pytest.mark.parametrize("data,why", [
+    (b"\xb0\x55\xe6\xf4\xf4", "it has 5 bytes, not 512"),           # flat code, no signature
+    (b"root:x:0:0:root:/root:/bin/sh\n" * 40, "not 512"),             # /etc/passwd
+    (bytes(510) + b"\xaa\x55", "its last two bytes are not 55 aa"),   # swapped signature
+    (bytes(1024) + b"\x55\xaa", "not 512"),                           # too big for a sector
+])
+def test_detect_format_refuses_what_it_does_not_recognise(data: bytes, why: str) -> None:
+    """--format auto takes a flat image only as a boot sector; anything else is refused
+    with why it is none of the formats, and the hint to use --format flat."""
+    with pytest.raises(ImageError) as e:
+        detect_format(data, "kernel 'x'")
+    msg = str(e.value)
+    assert msg.startswith("kernel 'x' is in no format pyhv recognises")
+    for part in ("not Linux", "not multiboot", "not ELF64", why, "--format flat"):
+        assert part in msg
 
 
 def test_multiboot_header_search() -> None:
@@ -163,7 +180,7 @@ def test_multiboot_header_search() -> None:
 
 def test_flat_loads_at_7c00_in_real_mode(mem: GuestMemory, put: Put) -> None:
     code = bytes(range(1, 200))
-    g = load(mem, BootRequest(put(code, "boot.bin")))
+    g = load(mem, BootRequest(put(code, "boot.bin"), format="flat"))
     assert g.format == "flat"
     assert mem.read(0x7C00, len(code)) == code
     assert mem.read_u8(0x7BFF) == 0xCC and mem.read_u8(0x7C00 + len(code)) == 0xCC

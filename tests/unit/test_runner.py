@@ -1,12 +1,14 @@
 """The run loop over a real machine: endings, statuses, the state machine, on each engine.
 
-Guests are a few hand-assembled real-mode bytes in a flat image, so these tests need no
-toolchain; each runs under a --timeout so none can hang.
+Guests are a few hand-assembled bytes in a flat real-mode image or a minimal ELF64 (the
+trap engine runs only 64-bit kernels), so these tests need no toolchain; each runs under
+a timeout so none can hang.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import time
 from pathlib import Path
@@ -14,17 +16,45 @@ from pathlib import Path
 import pytest
 
 from pyhv.engines import engine_class
+from pyhv.exits import Shutdown
 from pyhv.machine import Machine, MachineConfig, StopRequest
-from pyhv.runner import STATUS_CRASH, STATUS_OK, STATUS_TIMEOUT, Runner, VmState
+from pyhv.runner import (
+    STATUS_CRASH,
+    STATUS_INTERNAL,
+    STATUS_OK,
+    STATUS_TIMEOUT,
+    Runner,
+    RunResult,
+    VmState,
+)
 
 
-def engines() -> list[object]:
+def engines(names: tuple[str, ...] = ("emu", "kvm")) -> list[object]:
     out: list[object] = []
-    for name in ("emu", "kvm"):
+    for name in names:
         why = engine_class(name).probe()
         out.append(pytest.param(name, marks=pytest.mark.skipif(
             why is not None, reason=f"engine {name} unavailable: {why}")))
     return out
+
+
+ELF64_ENTRY = 0x200000
+
+
+def elf64(code: bytes) -> bytes:
+    """A minimal ELF64 kernel: one PT_LOAD of `code` at 2 MiB, entered in long mode."""
+    ehdr = struct.pack("<4sBBBB8xHHIQQQIHHHHHH", b"\x7fELF", 2, 1, 1, 0, 2, 62, 1,
+                       ELF64_ENTRY, 64, 0, 0, 64, 56, 1, 0, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 1, 5, 0x1000, ELF64_ENTRY, ELF64_ENTRY, len(code),
+                       len(code), 0x1000)
+    return ehdr + phdr + bytes(0x1000 - len(ehdr) - len(phdr)) + code
+
+
+def machine64(tmp_path: Path, code: bytes, engine: str) -> Machine:
+    img = tmp_path / "guest64.elf"
+    img.write_bytes(elf64(code))
+    return Machine(MachineConfig(kernel=img, format="elf64", engine=engine,
+                                 mem_size=16 << 20), lambda _b: None)
 
 
 def machine(tmp_path: Path, code: bytes, engine: str, *, strict: bool = False,
@@ -189,3 +219,88 @@ def test_signals_end_a_spinning_guest_promptly(tmp_path: Path, engine: str, sig:
     err = err_b.decode()
     assert p.returncode == status, err
     assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------------- one error policy
+
+FAULTY_PORT = 0x2F0
+
+
+class FaultyDevice:
+    """A test-only device model with a bug: every access raises."""
+
+    def read(self, offset: int, size: int) -> int:
+        raise RuntimeError("faulty test device: read")
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        raise RuntimeError("faulty test device: write")
+
+
+# mov dx, 0x2f0; out dx, al (or in al, dx); hlt -- in real mode and in 64-bit mode
+FAULTY_CODE = {
+    ("real", "write"): b"\xba\xf0\x02\xee\xf4",
+    ("real", "read"): b"\xba\xf0\x02\xec\xf4",
+    ("long", "write"): b"\x66\xba\xf0\x02\xee\xf4",
+    ("long", "read"): b"\x66\xba\xf0\x02\xec\xf4",
+}
+
+
+@pytest.mark.parametrize("access", ["write", "read"])
+@pytest.mark.parametrize("engine", engines(("emu", "kvm", "trap")))
+def test_a_device_model_bug_is_an_internal_error(tmp_path: Path, engine: str,
+                                                 access: str) -> None:
+    """An exception from a device model is pyhv's bug, on every engine: status 70, one
+    line naming the device and the access, the traceback kept for a log; never "the
+    guest crashed" (4) and never an exception out of run()."""
+    mode = "long" if engine == "trap" else "real"
+    code = FAULTY_CODE[(mode, access)]
+    m = (machine64(tmp_path, code, engine) if mode == "long"
+         else machine(tmp_path, code, engine))
+    m.pio.register(FAULTY_PORT, 1, FaultyDevice(), "faulty test device")
+    _, res = run(m)
+    assert isinstance(res, RunResult)
+    assert (res.status, res.reason) == (STATUS_INTERNAL, "internal"), res
+    assert "\n" not in res.detail
+    assert "faulty test device" in res.detail and f"{FAULTY_PORT:#x}" in res.detail, res
+    assert f"RuntimeError: faulty test device: {access}" in res.detail, res
+    assert "Traceback" in res.traceback
+    assert 'raise RuntimeError("faulty test device' in res.traceback
+
+
+@pytest.mark.parametrize("engine", engines(("emu", "kvm", "trap")))
+def test_kick_after_close_is_harmless(tmp_path: Path, engine: str) -> None:
+    """Input or a signal may kick the vCPU while the machine closes: never an error."""
+    m = (machine64(tmp_path, b"\xf4", engine) if engine == "trap"
+         else machine(tmp_path, b"\xfa\xf4", engine))
+    r, _ = run(m)                       # run() closes the machine
+    r.kick()
+    r.vcpu.kick()
+
+
+# ---------------------------------------------------------------------- crash reports
+
+@pytest.mark.parametrize("engine", engines(("emu", "kvm", "trap")))
+def test_crash_report_bytes_come_through_the_guests_paging(tmp_path: Path,
+                                                           engine: str) -> None:
+    """A 64-bit guest (paging on) executes UD2 with no IDT: triple fault. The report
+    pairs the RIP of the UD2 with its bytes, read through the guest's page tables."""
+    code = b"\x90" * 3 + b"\x0f\x0b"          # nop x3; ud2
+    _, res = run(machine64(tmp_path, code, engine))
+    assert isinstance(res, RunResult)
+    assert (res.status, res.reason) == (STATUS_CRASH, "crash"), res
+    assert res.rip == ELF64_ENTRY + 3, res
+    assert res.insn[:2] == b"\x0f\x0b", res
+
+
+@pytest.mark.parametrize("engine", engines(("emu", "kvm")))
+def test_crash_bytes_are_those_at_the_reported_rip(tmp_path: Path, engine: str) -> None:
+    """The bytes printed next to a RIP are read at that RIP, not at wherever the vCPU
+    stands now (here: the entry, 0x7c00; the shutdown names 0x7c04)."""
+    m = machine(tmp_path, b"\xfa\xf4\x90\x90\x0f\x0b\xcc", engine)   # cli; hlt; nop; nop; ud2
+    try:
+        r = Runner(m, timeout=5)
+        res = r._handle(Shutdown("triple fault (test)", rip=0x7C04))
+    finally:
+        m.close()
+    assert res is not None and res.rip == 0x7C04
+    assert res.insn[:3] == b"\x0f\x0b\xcc", res

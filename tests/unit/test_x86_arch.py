@@ -15,7 +15,10 @@ from pyhv.arch.x86 import boot, gdt, layout, paging
 from pyhv.arch.x86.cpustate import (
     CR0_PE,
     CR0_PG,
+    CR4_PAE,
+    CR4_PSE,
     EFER_LMA,
+    EFER_LME,
     RFLAGS_VM,
     CpuState,
     DescriptorTable,
@@ -206,3 +209,103 @@ def test_cpu_state_dict_round_trip(mem: GuestMemory) -> None:
     assert CpuState.from_dict(d) == s
     assert CpuState.from_dict(json.loads(json.dumps(d))) == s
     assert CpuState.from_dict({}) == CpuState()
+
+
+# ---------------------------------------------------------------------- linear reads
+
+
+def _paged_state(mode: str, cr3: int) -> CpuState:
+    st = CpuState()
+    st.cr0 = CR0_PE | CR0_PG
+    st.cr3 = cr3
+    if mode == "long":
+        st.cr4, st.efer = CR4_PAE, EFER_LMA | EFER_LME
+        st.cs = Segment.flat(0x08, code=True, bits=64)
+    else:
+        st.cr4 = {"pae": CR4_PAE, "32": CR4_PSE}[mode]
+        st.cs = Segment.flat(0x08, code=True, bits=32)
+    return st
+
+
+@pytest.fixture
+def mem4m() -> Iterator[GuestMemory]:
+    m = GuestMemory.with_layout([(0, 8 << 20)])
+    yield m
+    m.close()
+
+
+# (mode, virtual address of the code, how the tables map it)
+LINEAR_CASES = [
+    ("long", 0xFFFF_8000_0040_1ABC, "4k"),
+    ("long", 0xFFFF_8000_0040_1FF8, "4k"),        # crosses into an unmapped page
+    ("long", 0x0000_0040_007F_FFF8, "2m"),        # crosses into an unmapped 2 MiB
+    ("long", 0x0000_0040_0060_0FF8, "2m"),
+    ("pae", 0xC040_1ABC, "4k"),
+    ("pae", 0x803F_FFF8, "2m"),
+    ("32", 0xC040_1FF8, "4k"),
+    ("32", 0x8000_0FF8, "4m"),
+]
+
+
+@pytest.mark.parametrize("mode,va,kind", LINEAR_CASES)
+def test_code_bytes_follow_the_guests_page_tables(mem4m: GuestMemory, mode: str, va: int,
+                                                  kind: str) -> None:
+    """Crash-report bytes come from where the guest's tables map RIP (never from the
+    physical address equal to RIP), stop at an unmapped page, and the walk leaves the
+    tables untouched (no Accessed bits)."""
+    from pyhv.arch.x86.linear import code_bytes
+    mem = mem4m
+    code_pa = 0x40_0000 + (va & (0xFFF if kind == "4k" else 0x1F_FFFF if kind == "2m"
+                                 else 0x3F_FFFF))
+    code = bytes(range(0x40, 0x4F))
+    mem.write(code_pa, code)
+    p, rw, ps = 1, 2, 0x80
+    t = [0x10_0000 + i * 0x1000 for i in range(4)]     # table pages
+    page = code_pa & ~0xFFF
+
+    def put(addr: int, entry: int, width: int) -> None:
+        mem.write(addr, entry.to_bytes(width, "little"))
+
+    if mode == "long":
+        put(t[0] + 8 * ((va >> 39) & 511), t[1] | p | rw, 8)
+        put(t[1] + 8 * ((va >> 30) & 511), t[2] | p | rw, 8)
+        if kind == "2m":
+            put(t[2] + 8 * ((va >> 21) & 511), 0x40_0000 | p | rw | ps, 8)
+        else:
+            put(t[2] + 8 * ((va >> 21) & 511), t[3] | p | rw, 8)
+            put(t[3] + 8 * ((va >> 12) & 511), page | p | rw, 8)
+        cr3 = t[0]
+    elif mode == "pae":
+        put(t[0] + 8 * (va >> 30), t[1] | p, 8)
+        if kind == "2m":
+            put(t[1] + 8 * ((va >> 21) & 511), 0x40_0000 | p | rw | ps, 8)
+        else:
+            put(t[1] + 8 * ((va >> 21) & 511), t[2] | p | rw, 8)
+            put(t[2] + 8 * ((va >> 12) & 511), page | p | rw, 8)
+        cr3 = t[0]
+    else:
+        if kind == "4m":
+            put(t[0] + 4 * (va >> 22), 0x40_0000 | p | rw | ps, 4)
+        else:
+            put(t[0] + 4 * (va >> 22), t[1] | p | rw, 4)
+            put(t[1] + 4 * ((va >> 12) & 1023), page | p | rw, 4)
+        cr3 = t[0]
+    tables = mem.read(0x10_0000, 0x4000)
+    st = _paged_state(mode, cr3)
+    st.rip = 0x1234                          # where the vCPU is now: irrelevant
+    got = code_bytes(mem, st, va)
+    size = {"4k": 1 << 12, "2m": 1 << 21, "4m": 1 << 22}[kind]
+    if va % size + len(code) > size:
+        assert got == code[:size - va % size]  # the next page is not mapped
+    else:
+        assert got == code
+    assert mem.read(0x10_0000, 0x4000) == tables
+
+
+def test_code_bytes_in_real_mode_use_the_segment_base(mem4m: GuestMemory) -> None:
+    from pyhv.arch.x86.linear import code_bytes
+    mem4m.write(0x12345, b"\x0f\x0b")
+    st = CpuState()
+    st.cs = Segment.real_mode(0x1234, code=True)
+    assert code_bytes(mem4m, st, 0x5)[:2] == b"\x0f\x0b"
+    assert code_bytes(mem4m, st, (8 << 20) - 0x12340 - 4) == bytes(4)   # RAM ends

@@ -3,7 +3,7 @@
 After Firecracker's boot-timer device: the guest signals "user space is up" by writing
 the magic value 123 to it, and the VMM prints how long the guest took to get there. pyhv
 puts it on I/O port layout.BOOT_TIMER_PORT (0x440), free on a PC. The initramfs that
-`pyhv image fetch linux` builds runs a 49-byte static helper (`/bin/pyhv-boottimer`,
+`pyhv guest fetch linux` builds runs a 49-byte static helper (`/bin/pyhv-boottimer`,
 ioperm(0x440) + `outb 123`) as the first thing /init does.
 
     port 0x440  write 123   -> record the guest time (clock.now_ns()) once

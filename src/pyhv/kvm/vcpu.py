@@ -166,8 +166,12 @@ class Vcpu:
         self.exit_counts[name] = self.exit_counts.get(name, 0) + 1
 
     def kick(self) -> None:
-        """Make the current or next KVM_RUN return soon (callable from any thread)."""
-        self.kvm_run.immediate_exit = 1
+        """Make the current or next KVM_RUN return soon (callable from any thread; a
+        no-op once the vCPU is closed, since input or a signal may arrive as it closes)."""
+        kr = getattr(self, "kvm_run", None)   # close() deletes it; this reference keeps
+        if kr is None:                        # the page mapped while we write to it
+            return
+        kr.immediate_exit = 1
         tid = self._thread_id
         if tid is not None and tid != threading.get_ident():
             with contextlib.suppress(ProcessLookupError, OSError):

@@ -1,4 +1,4 @@
-"""Initramfs images: a writer (and a reader, for tests and `pyhv image list`) of the
+"""Initramfs images: a writer (and a reader, for tests and `pyhv guest list`) of the
 "newc" cpio format that Linux unpacks into its rootfs at boot.
 
 Format (Linux's Documentation/driver-api/early-userspace/buffer-format.rst): a sequence

@@ -32,6 +32,10 @@ I/O callback; when one is pending with IF=0 the block hook watches for IF to tur
 A hostile guest gets architectural results: faults during delivery become #DF, a
 fault during #DF becomes `Shutdown` with the chain of vectors; an instruction fetch
 outside RAM or a failure inside unicorn becomes `InternalError` with RIP and bytes.
+A Python exception inside a hook (an I/O handler's device, delivery, SYSCALL, CPUID) is
+pyhv's own failure, not the guest's: the hook stops emulation at once and `run()`
+re-raises the exception, with a note naming the hook, for the run loop's one error
+policy (pyhv.runner: internal error, status 70).
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ class EmuVcpu(EngineVcpu):
         self._timers: TimerQueue | None = None
         self._exits: deque[Exit] = deque()
         self._final: Exit | None = None
+        self._host_error: Exception | None = None   # raised in a hook; run() re-raises
         self._halted = False
         self._pending_vector: int | None = None
         self._clock_blocks = 0
@@ -255,9 +260,17 @@ class EmuVcpu(EngineVcpu):
         finally:
             self.t_run += time.perf_counter() - t0
 
+    def _raise_host_error(self) -> None:
+        e = self._host_error
+        if e is not None:
+            self._host_error = None
+            self._final = InternalError("emu: stopped after a host-side error")
+            raise e
+
     def _run(self) -> Exit:
         ctl = self.ctl
         while True:
+            self._raise_host_error()
             if self._final is not None:
                 return self._final
             if self._exits:
@@ -275,6 +288,7 @@ class EmuVcpu(EngineVcpu):
             err = self._emu_start()
             ctl.run_first = 0
             self._sync_clock()
+            self._raise_host_error()
             if err is not None:
                 if self._final is None:
                     self._final = self._internal_error(err)
@@ -321,8 +335,6 @@ class EmuVcpu(EngineVcpu):
                 self._fallback_account(count, before)
         except unicorn.UcError as e:
             return str(e)
-        except Exception as e:  # noqa: BLE001 - a bug in a hook: report, don't crash
-            return f"{type(e).__name__} in an emu hook: {e}"
         finally:
             self.t_emu += time.perf_counter() - t0
         return None
@@ -456,8 +468,13 @@ class EmuVcpu(EngineVcpu):
     # ------------------------------------------------------------------ hooks
 
     def _guard(self, what: str, e: Exception) -> None:
-        self._stop_with(InternalError(f"{what}: {type(e).__name__}: {e}",
-                                      rip=self.blob_rip()))
+        """A hook raised: pyhv's failure. Stop now; `run()` re-raises it."""
+        if self._host_error is None:
+            e.add_note(f"(raised inside the emu engine's {what} hook at rip "
+                       f"{self.blob_rip():#x})")
+            self._host_error = e
+        self.ctl.reason = native.STOP_PYTHON
+        self.uc.emu_stop()
 
     def _on_intr(self, _uc: Any, intno: int, _ud: Any) -> None:
         try:

@@ -1,12 +1,14 @@
-"""`pyhv image`: fetch and list guest images (Debian's cloud kernel + busybox initramfs).
+"""`pyhv guest`: fetch and list guest images (Debian's cloud kernel + busybox initramfs).
 
-    pyhv image fetch linux [--force]    download, unpack and build (idempotent); prints
+    pyhv guest fetch linux [--force]    download, unpack and build (idempotent); prints
                                         where the kernel and initramfs are
-    pyhv image list [--json]            what the cache holds
-    pyhv image path linux               kernel and initrd paths of the newest image, one a
+    pyhv guest list [--json]            what the cache holds
+    pyhv guest path linux               kernel and initrd paths of the newest image, one a
                                         line (for scripts and `qemu -kernel ... -initrd`)
 
-The work lives in `pyhv.images`; this module only parses arguments and prints.
+Called `guest` (it was `pyhv image`) so that it cannot be mistaken for `pyhv img`, the
+disk-image verbs of qemu-img. The work lives in `pyhv.images`; this module only parses
+arguments and prints.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ KINDS = ("linux",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="image_command", metavar="VERB")
+    sub = parser.add_subparsers(dest="guest_command", metavar="VERB")
     fetch = sub.add_parser("fetch", help="fetch Debian's cloud kernel and build an initramfs")
     fetch.add_argument("kind", choices=KINDS, help="the image to fetch")
     fetch.add_argument("--force", action="store_true",
@@ -43,7 +45,7 @@ def _describe(img: images.LinuxImage) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    verb = getattr(args, "image_command", None)
+    verb = getattr(args, "guest_command", None)
     if verb == "fetch":
         img = images.fetch_linux(force=args.force, quiet=args.quiet)
         if args.quiet:
@@ -63,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
                                "modules": list(i.modules)} for i in found], indent=2))
             return 0
         if not found:
-            print(f"no images in {images.cache_dir()} (run: pyhv image fetch linux)")
+            print(f"no images in {images.cache_dir()} (run: pyhv guest fetch linux)")
             return 0
         print(f"images in {images.cache_dir()}:")
         for img in found:
@@ -72,8 +74,8 @@ def main(args: argparse.Namespace) -> int:
     if verb == "path":
         found = images.cached_images()
         if not found:
-            raise ConfigError("no Linux image is cached (run: pyhv image fetch linux)")
+            raise ConfigError("no Linux image is cached (run: pyhv guest fetch linux)")
         print(found[0].kernel_path)
         print(found[0].initrd_path)
         return 0
-    raise ConfigError("pyhv image: choose a verb: fetch, list or path")
+    raise ConfigError("pyhv guest: choose a verb: fetch, list or path")
