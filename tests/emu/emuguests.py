@@ -107,6 +107,8 @@ class Booted:
 
     def __init__(self, image: Path, *, append: str = "", **config: object) -> None:
         self.console = bytearray()
+        if image.suffix == ".bin":  # flat binaries are named, never guessed (--format auto)
+            config.setdefault("format", "flat")
         self.machine = Machine(MachineConfig(kernel=image, cmdline=append, engine="emu",
                                              mem_size=MEM, **config),  # type: ignore[arg-type]
                                self.console.extend)
