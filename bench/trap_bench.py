@@ -104,6 +104,11 @@ def main() -> int:
                 loop[e] = (n1, n1 + max(1, (n2 - n1) // 5))
     cmd = " ".join(["python", "bench/trap_bench.py", "--repeat", str(args.repeat),
                     "--engines", ",".join(engines)] + (["--quick"] if args.quick else []))
+    cpu = next((ln.split(":", 1)[1].strip() for ln in
+                Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), "unknown")
+    print(f"trap_bench: {time.strftime('%Y-%m-%d %H:%M')}, host CPU {cpu}, "
+          f"median of {args.repeat}")
     print(f"reproduce: {cmd}")
     with tempfile.TemporaryDirectory(prefix="trap-bench-") as tmp:
         img = build(Path(tmp))
