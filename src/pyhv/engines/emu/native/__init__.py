@@ -220,10 +220,10 @@ def _verify(offset: int) -> bool:
     """The flag does what it should: a stop requested in an MMIO write callback takes
     effect mid-block with the check (RIP back on the store) and at the block's end
     without it (both INCs done)."""
-    from pyhv.engines.emu._uc import unicorn, x86
+    from pyhv.engines.emu._uc import scratch_uc, x86
     got = []
     for flag in (0, 1):
-        uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+        uc = scratch_uc()
         uc.mem_map(0, 0x10000)
 
         def write(u: Any, *_a: Any) -> None:
@@ -347,9 +347,9 @@ def _make_ctl(uclib: object) -> Ctl:
 def _scratch_run(via_helper: bool, budget: int) -> tuple[int, int, int, int]:
     """(blocks, reason, RIP, RCX) after a 5-round loop on a scratch instance counted by
     the TB-start helper or by the block hook, with `budget` blocks in the slice."""
-    from pyhv.engines.emu._uc import unicorn, x86
+    from pyhv.engines.emu._uc import scratch_uc, unicorn, x86
     uclib = unicorn.unicorn_py3.unicorn.uclib
-    uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+    uc = scratch_uc()
     uc.mem_map(0, 0x10000)
     # mov ecx, 5; 1: dec ecx; jnz 1b; hlt
     uc.mem_write(0x1000, bytes.fromhex("b905000000ffc975fcf4"))
