@@ -5,7 +5,7 @@
       | interrupt pending and IF=1 (no STI/MOV SS shadow)? deliver it through the IDT |
       | budget = blocks until the next timer deadline (virtual clock)                 |
       | emu_start  ... guest code runs; hooks fire inside it:                         |
-      |    block hook (C)     counts blocks; stops on budget, kick, interrupt window  |
+      |    block start (C)    counts blocks; stops on budget, kick, interrupt window  |
       |    interrupt hook     exception / INT n: delivered through the IDT in place   |
       |    invalid insn hook  #UD delivered in place                                  |
       |    SYSCALL/SYSENTER   done in place (syscall.py)                              |
@@ -26,7 +26,8 @@ access) per port or MMIO access, synchronised before every I/O callback so that 
 polling the PIT sees time pass, and returns `Interrupted` when the next timer
 deadline is reached; HLT returns `Halt` and the run loop skips the clock ahead.
 Interrupts: the `InterruptSource` (8259) is asked before each slice and after every
-I/O callback; when one is pending with IF=0 the block hook watches for IF to turn on.
+I/O callback; when one is pending with IF=0 the native code watches for IF to turn on
+at every block start (native/blockhook.c: in unicorn's TB-start helper or a block hook).
 `kick()` (any thread) stops the vCPU at the next block.
 
 A hostile guest gets architectural results: faults during delivery become #DF, a
@@ -430,7 +431,7 @@ class EmuVcpu(EngineVcpu):
             ctl.irq_window = 1
             return
         if v.shadow and not self._halted and self.native:
-            # STI / MOV SS shadow: the shadowed instruction runs first. The block hook
+            # STI / MOV SS shadow: the shadowed instruction runs first. The native code
             # lets the slice's first block run and stops at the next block start where
             # IF=1 (a few instructions later at most: interrupt latency is not
             # architectural). No instruction-count run: unicorn would install its count

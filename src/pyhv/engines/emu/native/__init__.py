@@ -255,7 +255,7 @@ def exit_checks_off(uc: Any) -> str:
     *start* of the accessing instruction, although the access has been done: an
     instruction that stored and is stopped this way runs again on resume (a
     read-modify-write such as `incl %gs:__preempt_count` increments twice). pyhv stops
-    only from its block hook, at a block start, so it needs none of these checks; the
+    only at block starts (blockhook.c), so it needs none of these checks; the
     field unicorn itself uses to drop them (uc_struct.no_exit_request, set for ARM IT
     blocks) is set once. Its offset is read from unicorn's code and the effect verified
     on a scratch instance; on any doubt nothing is changed. Returns a description.
