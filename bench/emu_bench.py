@@ -1,275 +1,349 @@
-"""Benchmark: the same CPU-bound multiboot guest on emu, kvm, QEMU's TCG and the bare host.
+"""Benchmark: pyhv's emu engine against QEMU's TCG, like for like, through `pyhv run`.
 
-    python bench/emu_bench.py [--runs 5] [--small 2] [--large 30]
-                              [--kvm-repeat 1] [--kvm-runs 3] [--no-kvm]
+    .venv/bin/python bench/emu_bench.py [--runs 5] [--quick] [--no-kvm]
 
-The guest (tests/guests/emu/bench_cpu.S) sieves primes below 2^20 REPEAT times and exits
-through isa-debug-exit. It is built into ELF32 multiboot images that pyhv's multiboot loader
-and `qemu-system-x86_64 -kernel` both boot, and (-DHOST) into a static Linux i386 program
-with the same sieve code at the same addresses (text at 1 MiB, array at 2 MiB) for the
-bare host. Each configuration runs `--runs` times, interleaved; medians are reported:
+Every figure runs the same guest image as whole processes on both sides:
+`pyhv run --engine emu --kernel IMG` and `qemu-system-x86_64 -accel tcg -M pc -kernel
+IMG` (multiboot v1 ELF images, output on COM1, end through isa-debug-exit), interleaved,
+median of `--runs`. Nothing of pyhv runs in this process.
 
-    total ratio     X / Y for the large image, start-up included (QEMU, native: whole
-                    process; emu: engine creation + load + run, Python already started)
-    marginal ratio  X / Y for (large - small): the per-round cost, start-up removed
+CPU (bench/guests/sieve.S: a prime sieve over 1 MiB, ROUNDS rounds, paging off):
+  (a) whole processes, wall time: total = t(large) (start-up included: Python's on
+      pyhv, SeaBIOS on QEMU); per round = (t(large) - t(small)) / (large - small)
+  (b) in the guest: each round timed with RDTSC and printed by the guest itself (unicorn
+      and QEMU's TCG both return the host's TSC); per round = the median of rounds 2..N
+      of a large run (the first round includes translation), median over runs
+  and the same sieve code as a static host program (-DHOST), timed the same way.
 
-kvm: `pyhv run --engine kvm` on this host. Where /dev/kvm is KVM-PVM (docs/host.md) every
-instruction of this 32-bit CPL 0 guest is emulated by KVM one at a time, thousands of
-times slower than hardware, so kvm runs a small image (`--kvm-repeat`, default 1 round)
-next to `pyhv run --engine emu`, QEMU and the host program on that same image, each a
-whole process, and the ratios of that table are whole-process wall times.
+Timer interrupts (bench/guests/timer.S: PIT 1 kHz through the 8259, HLT loop, the
+handler EOIs): the rate in guest time (ticks per 2 seconds of the guest's RTC), and the
+host cost of one interrupt = the process's CPU time (user + system, from wait4) per
+tick, (cpu(large) - cpu(small)) / (large - small). pyhv paces an idle guest to host time,
+so both run the ticks in real time; the CPU time is what each one spends on them.
 
-Ratios only: absolute times on these shared machines are noise (docs/host.md). The timer
-figure comes last: a guest sleeping in HLT woken by a 1 kHz virtual timer for 5 s of
-guest time: delivered interrupts per guest and per host second, host cost per interrupt.
+kvm: the 1-round sieve on `pyhv run --engine kvm` too (where /dev/kvm is KVM-PVM every
+instruction of this CPL 0 guest is emulated by KVM: docs/host.md), whole processes.
+
+Ratios are pyhv / QEMU (lower is better). Absolute times on these shared machines are
+noise (docs/host.md): quote the ratios of one run. Every subprocess has a timeout.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import os
+import re
+import shlex
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "tests" / "emu"))
+GUESTS = ROOT / "bench" / "guests"
+LINK = GUESTS / "bench.ld"
+PYHV = [sys.executable, "-m", "pyhv"]
+TIMEOUT_S = 300                  # the guest's --timeout and every subprocess's (+ margin)
+EXIT_OK = 1                      # isa-debug-exit with 0
+PRIMES = "00014069"              # primes below 2^20, in hex
+QEMU = ["qemu-system-x86_64", "-accel", "tcg", "-M", "pc", "-m", "64", "-nodefaults",
+        "-display", "none", "-no-reboot", "-serial", "stdio",
+        "-device", "isa-debug-exit,iobase=0xf4,iosize=4"]
 
-from pyhv.arch.x86.cpustate import CR0_ET, CR0_PE, CpuState, Segment  # noqa: E402
-from pyhv.engines.emu import EmuEngine  # noqa: E402
-from pyhv.exits import Halt, InternalError, Interrupted, Shutdown  # noqa: E402
-from pyhv.memory import GuestMemory  # noqa: E402
 
-SRC = ROOT / "tests" / "guests" / "emu" / "bench_cpu.S"
-EXPECT = "00014069"
+# ---------------------------------------------------------------------- building
+
+def sh(argv: list[str]) -> None:
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                       stdin=subprocess.DEVNULL)
+    if p.returncode != 0:
+        raise SystemExit(f"build failed: {shlex.join(argv)}\n{p.stderr}")
 
 
-def build(repeat: int, tmp: Path, variant: str = "") -> Path:
-    """variant "": multiboot image printing on 0xE9; "serial": on COM1 (what `pyhv run`
-    shows); "host": the Linux i386 program (tests/guests/emu/bench_cpu.S, -DHOST)."""
-    name = f"bench{repeat}{variant}"
-    obj, elf = tmp / f"{name}.o", tmp / f"{name}.elf"
-    defs = {"": [], "serial": ["-DOUTPORT=0x3f8"], "host": ["-DHOST"]}[variant]
-    subprocess.run(["gcc", "-m32", "-c", f"-DREPEAT={repeat}", *defs, "-o", str(obj),
-                    str(SRC)], check=True)
-    link = (["-Ttext", "0x100000", "-Tbss", "0x200000"] if variant == "host" else
-            ["-N", "-Ttext", "0x100000"])
-    subprocess.run(["ld", "-m", "elf_i386", *link, "-e", "start", "--no-warn-rwx-segments",
-                    "-o", str(elf), str(obj)], check=True)
+def build_guest(src: str, defines: dict[str, int], out: Path) -> Path:
+    tag = "_".join(f"{k}{v}" for k, v in defines.items())
+    obj, elf = out / f"{Path(src).stem}_{tag}.o", out / f"{Path(src).stem}_{tag}.elf"
+    sh(["gcc", "-m32", "-c", *(f"-D{k}={v}" for k, v in defines.items()), "-o", str(obj),
+        str(GUESTS / src)])
+    sh(["ld", "-m", "elf_i386", "-T", str(LINK), "-z", "max-page-size=0x1000",
+        "--build-id=none", "-o", str(elf), str(obj)])
     return elf
 
 
-def qemu_cmd(elf: Path, serial: bool = False) -> list[str]:
-    out = ["-serial", "stdio"] if serial else ["-debugcon", "stdio"]
-    return ["qemu-system-x86_64", "-accel", "tcg", "-M", "pc", "-m", "64", "-nodefaults",
-            "-display", "none", "-no-reboot", *out, "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel", str(elf)]
+def build_host_sieve(rounds: int, out: Path) -> Path:
+    obj, exe = out / f"sieve_host{rounds}.o", out / f"sieve_host{rounds}"
+    sh(["gcc", "-m32", "-c", "-DHOST", f"-DROUNDS={rounds}", "-o", str(obj),
+        str(GUESTS / "sieve.S")])
+    sh(["ld", "-m", "elf_i386", "-Ttext", "0x100000", "-Tbss", "0x200000", "-e", "start",
+        "-o", str(exe), str(obj)])
+    return exe
 
 
-def run_process(what: str, cmd: list[str], timeout: float = 600) -> float:
-    """Wall time of a whole process that must print the expected count."""
+def tsc_hz(out: Path) -> float | None:
+    """The host's TSC rate, measured by bench/guests/tsc_hz.c (None if that fails)."""
+    exe = out / "tsc_hz"
+    sh(["gcc", "-O2", "-o", str(exe), str(GUESTS / "tsc_hz.c")])
+    p = subprocess.run([str(exe)], capture_output=True, text=True, timeout=30)
+    try:
+        return float(p.stdout.split()[0])
+    except (IndexError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------- running
+
+@dataclass
+class Proc:
+    wall: float                  # seconds
+    cpu: float                   # user + system seconds of the process
+    out: str                     # stdout
+    err: str                     # stderr
+
+
+def run(argv: list[str], what: str, want: int = EXIT_OK) -> Proc:
+    """Run a whole process under a timeout; it must end with status `want` (the guests:
+    debug-exit with 0). CPU time from wait4's rusage (microseconds)."""
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    dt = time.perf_counter() - t0
-    if EXPECT not in p.stdout:
-        raise SystemExit(f"{what}: unexpected output {p.stdout[-300:]!r} {p.stderr[-300:]!r}")
-    return dt
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         stdin=subprocess.DEVNULL)
+    chunks: dict[str, bytes] = {}
+
+    def drain(name: str, f: IO[bytes]) -> None:
+        chunks[name] = f.read()
+
+    readers = [threading.Thread(target=drain, args=(n, f), daemon=True)
+               for n, f in (("out", p.stdout), ("err", p.stderr))]
+    for t in readers:
+        t.start()
+    killer = threading.Timer(TIMEOUT_S + 60, p.kill)
+    killer.start()
+    try:
+        _, status, ru = os.wait4(p.pid, 0)
+    finally:
+        killer.cancel()
+    wall = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    for t in readers:
+        t.join(timeout=60)
+    out = chunks.get("out", b"").decode("utf-8", "replace")
+    err = chunks.get("err", b"").decode("utf-8", "replace")
+    if p.returncode != want:
+        raise SystemExit(f"{what}: status {p.returncode} (wanted {want}): "
+                         f"{shlex.join(argv)}\n{out[-1000:]}{err[-2000:]}")
+    return Proc(wall, ru.ru_utime + ru.ru_stime, out, err)
 
 
-def run_qemu(elf: Path, serial: bool = False) -> float:
-    return run_process("qemu", qemu_cmd(elf, serial))
+def pyhv_cmd(img: Path, engine: str = "emu", *extra: str) -> list[str]:
+    return [*PYHV, "run", "--engine", engine, "--mem", "64M", "--kernel", str(img),
+            "--timeout", str(TIMEOUT_S), *extra]
 
 
-def run_native(prog: Path) -> float:
-    return run_process("native", [str(prog)])
+def qemu_cmd(img: Path) -> list[str]:
+    return [*QEMU, "-kernel", str(img)]
 
 
-def pyhv_cmd(engine: str, elf: Path, timeout: float) -> list[str]:
-    return [sys.executable, "-m", "pyhv", "run", "--engine", engine, "--kernel", str(elf),
-            "--mem", "64M", "--timeout", f"{timeout:g}"]
+def show(argv: list[str]) -> str:
+    return shlex.join(argv).replace(f"{sys.executable} -m pyhv", "pyhv")
 
 
-def run_pyhv(engine: str, elf: Path, timeout: float) -> float:
-    env_cmd = pyhv_cmd(engine, elf, timeout)
-    return run_process(f"pyhv run --engine {engine}", env_cmd, timeout=timeout + 60)
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
 
 
-def load_multiboot(mem: GuestMemory, elf: Path) -> CpuState:
-    """What a multiboot loader does for this guest: PT_LOAD segments at their physical
-    addresses, entry in flat 32-bit protected mode with EAX = 0x2BADB002."""
-    data = elf.read_bytes()
-    entry, phoff = struct.unpack_from("<I", data, 24)[0], struct.unpack_from("<I", data, 28)[0]
-    phentsize, phnum = struct.unpack_from("<HH", data, 42)
-    for i in range(phnum):
-        p_type, off, _va, pa, filesz, memsz = struct.unpack_from("<6I", data, phoff + i * phentsize)
-        if p_type == 1:
-            mem.write(pa, data[off:off + filesz] + bytes(memsz - filesz))
-    st = CpuState(rip=entry, rax=0x2BADB002, cr0=CR0_PE | CR0_ET)
-    st.cs = Segment.flat(0x08, code=True, bits=32)
-    st.ds = st.es = st.fs = st.gs = st.ss = Segment.flat(0x10, code=False, bits=32)
-    return st
+def runs_line(xs: list[float], scale: float, unit: str) -> str:
+    return ", ".join(f"{x * scale:.2f}" for x in xs) + f" {unit}"
 
 
-def run_emu(elf: Path) -> tuple[float, dict[str, int | float]]:
-    t0 = time.perf_counter()
-    mem = GuestMemory.with_layout([(0, 64 << 20)])
-    entry = load_multiboot(mem, elf)
-    engine = EmuEngine(mem)
-    vcpu = engine.create_vcpu(0)
-    out = bytearray()
-    done: list[int] = []
+# ---------------------------------------------------------------------- CPU
 
-    def pio(port: int, size: int, value: int | None) -> int:
-        if value is None:
-            return (1 << (8 * size)) - 1
-        if port == 0xE9:
-            out.append(value & 0xFF)
-        elif port == 0xF4:
-            done.append(value)
-            vcpu.kick()
-        return 0
-
-    vcpu.attach_io(pio, None)
-    vcpu.set_state(entry)
-    while not done:
-        ex = vcpu.run()
-        if isinstance(ex, (Shutdown, InternalError, Halt)):
-            raise SystemExit(f"emu: guest stopped early: {ex}")
-        assert isinstance(ex, Interrupted)
-    dt = time.perf_counter() - t0
-    if EXPECT not in out.decode():
-        raise SystemExit(f"emu: unexpected output {out!r}")
-    stats = vcpu.stats()
-    engine.close()
-    mem.close()
-    return dt, stats
+ROUND = re.compile(r"^round ([0-9a-f]{16})$", re.M)
 
 
-def irq_cost(virtual_s: int = 5) -> tuple[int, float]:
-    """(interrupts delivered, host seconds) for a HLT loop woken by a 1 kHz timer."""
-    from emu_harness import Machine
-    from emu_harness import build as build_guest
-    with tempfile.TemporaryDirectory() as d:
-        image = build_guest("bench_irq", Path(d))
-    m = Machine(image, mode="long", regs={"rdi": virtual_s * 1000})
-    t0 = time.perf_counter()
-    r = m.run(virtual_ms=virtual_s * 1000 + 100, max_exits=10_000_000)
-    dt = time.perf_counter() - t0
-    return int(r.stats["interrupts"]), dt
+def rounds_of(out: str, n: int, what: str) -> list[int]:
+    got = [int(x, 16) for x in ROUND.findall(out)]
+    if len(got) != n or f"primes {PRIMES}" not in out:
+        raise SystemExit(f"{what}: unexpected output {out[-500:]!r}")
+    return got
 
 
-def med_line(name: str, runs: list[float]) -> str:
-    return (f"  {name:16s} median {statistics.median(runs):8.3f} s   "
-            f"(runs: {', '.join(f'{x:.3f}' for x in runs)})")
+def cpu_bench(tmp: Path, runs: int, small: int, large: int, hz: float | None) -> None:
+    imgs = {n: build_guest("sieve.S", {"ROUNDS": n}, tmp) for n in (small, large)}
+    hosts = {n: build_host_sieve(n, tmp) for n in (small, large)}
+    print(f"\nCPU: bench/guests/sieve.S, ROUNDS={small} and {large}, median of {runs} runs")
+    print(f"  pyhv:   {show(pyhv_cmd(imgs[large]))}")
+    print(f"  qemu:   {show(qemu_cmd(imgs[large]))}")
+    print("  native: the same sieve code as a static Linux i386 program (sieve.S -DHOST)")
+    stats = run(pyhv_cmd(imgs[small], "emu", "--stats"), "pyhv --stats").err
+    keys = ("blocks executed", "blocks counted in unicorn's TB-start helper",
+            "per-access exit checks", "tlb mode switches")
+    found = [f"{k} {m.group(1)}" for k in keys
+             if (m := re.search(rf"emu: {re.escape(k)}\s*\S\s*(\d+)", stats))]
+    print(f"  pyhv --stats (ROUNDS={small}): {', '.join(found)}")
+    wall: dict[str, dict[int, list[float]]] = {k: {small: [], large: []}
+                                               for k in ("pyhv", "qemu", "native")}
+    per_round: dict[str, list[float]] = {k: [] for k in wall}
+    first: dict[str, list[float]] = {k: [] for k in wall}
+    for _ in range(runs):                 # interleaved: host noise hits all alike
+        for n in (small, large):
+            for who, argv in (("native", [str(hosts[n])]), ("qemu", qemu_cmd(imgs[n])),
+                              ("pyhv", pyhv_cmd(imgs[n]))):
+                p = run(argv, who, 0 if who == "native" else EXIT_OK)
+                wall[who][n].append(p.wall)
+                if n == large:
+                    r = rounds_of(p.out, large, who)
+                    first[who].append(r[0])
+                    per_round[who].append(med([float(x) for x in r[1:]]))
+    print("  (a) whole processes, wall time:")
+    for who in wall:
+        for n in (small, large):
+            print(f"      {who:6s} ROUNDS={n:<3d} median {med(wall[who][n]):7.3f} s  "
+                  f"({runs_line(wall[who][n], 1, 's')})")
+    marg = {w: (med(wall[w][large]) - med(wall[w][small])) / (large - small) for w in wall}
+    for who in ("qemu", "native"):
+        print(f"      pyhv/{who:6s}: total {med(wall['pyhv'][large]) / med(wall[who][large]):6.2f}x"
+              f"   per round {marg['pyhv'] / marg[who]:6.2f}x   (per round: pyhv "
+              f"{marg['pyhv'] * 1e3:.2f} ms, {who} {marg[who] * 1e3:.2f} ms)")
+    print("  (b) in the guest: TSC cycles per round (median of rounds 2..N, median of runs)"
+          + (f", at {hz / 1e9:.3f} GHz" if hz else ""))
+    for who in per_round:
+        ms = f" = {med(per_round[who]) / hz * 1e3:6.2f} ms" if hz else ""
+        print(f"      {who:6s} {med(per_round[who]) / 1e6:8.2f} M cycles{ms}; first round "
+              f"{med(first[who]) / 1e6:.2f} M  (runs: "
+              f"{runs_line(per_round[who], 1e-6, 'M')})")
+    p_q = med(per_round["pyhv"]) / med(per_round["qemu"])
+    print(f"      per round pyhv/qemu {p_q:.2f}x   pyhv/native "
+          f"{med(per_round['pyhv']) / med(per_round['native']):.2f}x   qemu/native "
+          f"{med(per_round['qemu']) / med(per_round['native']):.2f}x")
 
 
-def kvm_kind() -> tuple[bool, str]:
-    """(usable, a one-line description) of /dev/kvm on this host."""
+# ---------------------------------------------------------------------- timer
+
+RATE = re.compile(r"^rate: ([0-9a-f]{8}) ticks in 2 s of RTC time$", re.M)
+TICKS = re.compile(r"^ticks: ([0-9a-f]{8}) in ([0-9a-f]{16}) TSC cycles$", re.M)
+
+
+def timer_bench(tmp: Path, runs: int, small: int, large: int, hz: float | None) -> None:
+    rate_img = build_guest("timer.S", {"RATE": 1}, tmp)
+    imgs = {n: build_guest("timer.S", {"TICKS": n}, tmp) for n in (small, large)}
+    print(f"\nTimer interrupts: bench/guests/timer.S, PIT 1000.2 Hz, {small} and {large} "
+          f"ticks, median of {runs} runs")
+    print(f"  pyhv: {show(pyhv_cmd(imgs[large]))}")
+    print(f"  qemu: {show(qemu_cmd(imgs[large]))}")
+    for who, argv in (("pyhv", pyhv_cmd(rate_img)), ("qemu", qemu_cmd(rate_img))):
+        m = RATE.search(run(argv, who).out)
+        if not m:
+            raise SystemExit(f"{who}: no rate line")
+        print(f"  rate in guest time, {who}: {int(m.group(1), 16) / 2:.1f} interrupts per "
+              "second of the guest's RTC")
+    cpu: dict[str, dict[int, list[float]]] = {k: {small: [], large: []} for k in ("pyhv", "qemu")}
+    period: dict[str, list[float]] = {k: [] for k in cpu}
+    for _ in range(runs):
+        for n in (small, large):
+            for who, argv in (("qemu", qemu_cmd(imgs[n])), ("pyhv", pyhv_cmd(imgs[n]))):
+                p = run(argv, who)
+                m = TICKS.search(p.out)
+                if not m or int(m.group(1), 16) != n:
+                    raise SystemExit(f"{who}: unexpected output {p.out[-300:]!r}")
+                cpu[who][n].append(p.cpu)
+                if n == large:
+                    period[who].append(int(m.group(2), 16) / n)
+    cost = {w: (med(cpu[w][large]) - med(cpu[w][small])) / (large - small) for w in cpu}
+    for who in cpu:
+        per = (f"{med(period[who]) / hz * 1e3:.3f} ms" if hz else
+               f"{med(period[who]) / 1e6:.2f} M TSC cycles")
+        print(f"  {who}: host CPU per interrupt {cost[who] * 1e6:7.1f} us   (CPU, "
+              f"{small} ticks: {runs_line(cpu[who][small], 1e3, 'ms')}; {large} ticks: "
+              f"{runs_line(cpu[who][large], 1e3, 'ms')}); tick period seen by the guest's "
+              f"TSC {per}")
+    print(f"  host CPU per interrupt pyhv/qemu {cost['pyhv'] / cost['qemu']:.2f}x "
+          "(wake from HLT, delivery through the IDT, handler, EOI, IRET, and the idle wait)")
+
+
+# ---------------------------------------------------------------------- kvm
+
+def kvm_bench(tmp: Path, runs: int) -> None:
     from pyhv.host import probe_host
     r = probe_host()
+    print(f"\nkvm: /dev/kvm is {r.kind} ({r.kind_reason})")
     if not r.kvm_usable:
-        return False, f"/dev/kvm not usable ({r.kvm_error or 'no device'})"
-    return True, f"{r.kind}: {r.kind_reason}"
+        print("  skipped")
+        return
+    img = build_guest("sieve.S", {"ROUNDS": 1}, tmp)
+    print(f"  the 1-round sieve as whole processes: {show(pyhv_cmd(img, 'kvm'))}")
+    wall: dict[str, list[float]] = {k: [] for k in ("kvm", "emu", "qemu")}
+    for _ in range(runs):
+        wall["qemu"].append(run(qemu_cmd(img), "qemu").wall)
+        wall["emu"].append(run(pyhv_cmd(img, "emu"), "pyhv emu").wall)
+        wall["kvm"].append(run(pyhv_cmd(img, "kvm"), "pyhv kvm").wall)
+    for k, xs in wall.items():
+        print(f"      {k:5s} median {med(xs):7.3f} s  ({runs_line(xs, 1, 's')})")
+    print(f"  kvm/qemu-tcg {med(wall['kvm']) / med(wall['qemu']):.1f}x   kvm/emu "
+          f"{med(wall['kvm']) / med(wall['emu']):.1f}x   (start-up included)")
+
+
+# ---------------------------------------------------------------------- main
+
+def versions() -> str:
+    q = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True,
+                       timeout=30).stdout.split("\n")[0]
+    try:
+        uc = importlib.metadata.version("unicorn")
+    except importlib.metadata.PackageNotFoundError:
+        uc = "not installed"
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"host CPU {cpu}, {os.cpu_count()} CPUs; {q.strip()}; unicorn {uc}"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--small", type=int, default=2)
-    ap.add_argument("--large", type=int, default=30)
-    ap.add_argument("--kvm-repeat", type=int, default=1, help="sieve rounds for the kvm table")
-    ap.add_argument("--kvm-runs", type=int, default=3)
-    ap.add_argument("--kvm-timeout", type=float, default=300)
-    ap.add_argument("--no-kvm", action="store_true", help="skip the kvm table")
-    args = ap.parse_args()
-    if shutil.which("qemu-system-x86_64") is None:
-        print("qemu-system-x86_64 not installed: nothing to compare against")
-        return 1
-    why = EmuEngine.probe()
-    if why:
-        print(f"emu engine unavailable: {why}")
-        return 1
-    with tempfile.TemporaryDirectory() as d:
+    ap.add_argument("--runs", type=int, default=None, help="runs per figure (default 5)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 1 run, small sizes")
+    ap.add_argument("--small", type=int, default=2, help="sieve rounds, short run")
+    ap.add_argument("--large", type=int, default=None, help="sieve rounds, long run (30)")
+    ap.add_argument("--ticks-small", type=int, default=None, help="(200)")
+    ap.add_argument("--ticks-large", type=int, default=None, help="(2000)")
+    ap.add_argument("--no-kvm", action="store_true", help="skip the kvm figure")
+    ap.add_argument("--kvm-runs", type=int, default=None, help="(3)")
+    ap.add_argument("--only", choices=("cpu", "timer", "kvm"), default=None)
+    a = ap.parse_args()
+    runs = a.runs or (1 if a.quick else 5)
+    large = a.large or (4 if a.quick else 30)
+    tsmall = a.ticks_small or (20 if a.quick else 200)
+    tlarge = a.ticks_large or (100 if a.quick else 2000)
+    missing = [t for t in ("gcc", "ld", "qemu-system-x86_64") if shutil.which(t) is None]
+    if missing:
+        print(f"missing tools: {', '.join(missing)}")
+        return 2
+    if large <= a.small or tlarge <= tsmall:
+        raise SystemExit("the large sizes must be above the small ones")
+    os.environ["PYTHONPATH"] = str(ROOT / "src")
+    sys.path.insert(0, str(ROOT / "src"))
+    print(f"emu_bench: {time.strftime('%Y-%m-%d %H:%M %Z')}; {versions()}")
+    print(f"reproduce: {shlex.join(['.venv/bin/python', 'bench/emu_bench.py', *sys.argv[1:]])}")
+    with tempfile.TemporaryDirectory(prefix="emu-bench-") as d:
         tmp = Path(d)
-        small, large = build(args.small, tmp), build(args.large, tmp)
-        nsmall, nlarge = build(args.small, tmp, "host"), build(args.large, tmp, "host")
-        print(f"guest: {SRC.relative_to(ROOT)}, REPEAT={args.small} and {args.large}, "
-              f"median of {args.runs}, interleaved")
-        print(f"qemu:   {' '.join(qemu_cmd(large))}")
-        print("native: the same sieve code as a static Linux i386 program (-DHOST): CPL 3 "
-              "with the host's paging, write(2)/exit(2) instead of port I/O, no firmware")
-        res: dict[str, list[float]] = {k: [] for k in (
-            "emu small", "emu large", "qemu small", "qemu large", "native small",
-            "native large")}
-        stats: dict[str, int | float] = {}
-        for _ in range(args.runs):   # interleaved, so host noise hits all alike
-            res["native small"].append(run_native(nsmall))
-            res["native large"].append(run_native(nlarge))
-            res["qemu small"].append(run_qemu(small))
-            res["qemu large"].append(run_qemu(large))
-            res["emu small"].append(run_emu(small)[0])
-            t, stats = run_emu(large)
-            res["emu large"].append(t)
-        med = {k: statistics.median(v) for k, v in res.items()}
-        for k in res:
-            print(med_line(k, res[k]))
-
-        def ratio(a: str, b: str) -> str:
-            total = med[f"{a} large"] / med[f"{b} large"]
-            marginal = ((med[f"{a} large"] - med[f"{a} small"])
-                        / max(1e-9, med[f"{b} large"] - med[f"{b} small"]))
-            return f"total {total:7.2f}x   marginal (per round) {marginal:7.2f}x"
-
-        print(f"emu/qemu-tcg   {ratio('emu', 'qemu')}")
-        print(f"emu/native     {ratio('emu', 'native')}")
-        print(f"qemu-tcg/native {ratio('qemu', 'native')}")
-        print(f"emu large-run stats: blocks {stats.get('blocks executed')}, "
-              f"emu_start calls {stats.get('emu_start calls')}, "
-              f"port writes {stats.get('port writes')}")
-
-        if not args.no_kvm:
-            kvm_table(tmp, args)
-
-    n, dt = irq_cost()
-    if n:
-        print(f"timer interrupts (1 kHz PIT-style virtual timer, HLT loop, emu): {n} delivered "
-              f"in 5 s of guest time = {n / 5:.0f}/s of guest time; host {dt:.3f} s = "
-              f"{n / dt:.0f} delivered/s of host time, {dt / n * 1e6:.1f} us of host time per "
-              f"delivered interrupt (wake, IDT delivery, handler, EOI, IRETQ)")
+        hz = tsc_hz(tmp)
+        if a.only in (None, "cpu"):
+            cpu_bench(tmp, runs, a.small, large, hz)
+        if a.only in (None, "timer"):
+            timer_bench(tmp, runs, tsmall, tlarge, hz)
+        if a.only in (None, "kvm") and not a.no_kvm:
+            kvm_bench(tmp, a.kvm_runs or (1 if a.quick else 3))
     return 0
-
-
-def kvm_table(tmp: Path, args: argparse.Namespace) -> None:
-    ok, kind = kvm_kind()
-    rep = args.kvm_repeat
-    print(f"kvm ({kind})")
-    if not ok:
-        print("  skipped")
-        return
-    if kind.startswith("pvm"):
-        print(f"  KVM-PVM emulates this 32-bit CPL 0 guest one instruction at a time: "
-              f"REPEAT={rep} only, every engine as a whole process on the same image")
-    serial = build(rep, tmp, "serial")
-    host = build(rep, tmp, "host")
-    print(f"  kvm: {' '.join(pyhv_cmd('kvm', serial, args.kvm_timeout))}")
-    res: dict[str, list[float]] = {k: [] for k in ("kvm", "emu", "qemu", "native")}
-    for _ in range(args.kvm_runs):
-        res["native"].append(run_native(host))
-        res["qemu"].append(run_qemu(serial, serial=True))
-        res["emu"].append(run_pyhv("emu", serial, args.kvm_timeout))
-        res["kvm"].append(run_pyhv("kvm", serial, args.kvm_timeout))
-    med = {k: statistics.median(v) for k, v in res.items()}
-    for k in res:
-        print(med_line(f"{k} (REPEAT={rep})", res[k]))
-    print(f"  kvm/emu {med['kvm'] / med['emu']:.1f}x   kvm/qemu-tcg "
-          f"{med['kvm'] / med['qemu']:.1f}x   kvm/native {med['kvm'] / med['native']:.0f}x   "
-          f"emu/qemu-tcg {med['emu'] / med['qemu']:.2f}x   (whole processes, start-up "
-          f"included: pyhv's Python start-up weighs on emu and kvm alike)")
 
 
 if __name__ == "__main__":

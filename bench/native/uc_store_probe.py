@@ -3,7 +3,7 @@
     python bench/native/uc_store_probe.py [--iters 4] [--only NAME]
 
 No pyhv code runs here: a bare unicorn instance executes one tight 64-bit loop over a
-1 MiB array at 2 MiB (code at 1 MiB, like bench_cpu.S), in one of three flavours:
+1 MiB array at 2 MiB (code at 1 MiB, like bench/guests/sieve.S), in one of three flavours:
 
     store   mov byte [rdi+rax], 1 ; add rax, 1 ; cmp rax, rcx ; jb     (the sieve's inner loop)
     load    mov dl, [rdi+rax]     ; add rax, 1 ; cmp rax, rcx ; jb
@@ -92,9 +92,11 @@ def native_hook() -> tuple[int, Any] | None:
 
 
 class Ctl(ctypes.Structure):
-    _fields_ = [("budget", ctypes.c_int64), ("blocks", ctypes.c_uint64),
+    """struct pyhv_emu_ctl (blockhook.c)."""
+
+    _fields_ = [("limit", ctypes.c_int64), ("blocks", ctypes.c_int64), ("end", ctypes.c_int64),
                 ("kick", ctypes.c_int32), ("irq_window", ctypes.c_int32),
-                ("reason", ctypes.c_int32), ("pad", ctypes.c_int32),
+                ("reason", ctypes.c_int32), ("run_first", ctypes.c_int32),
                 ("emu_stop", ctypes.c_void_p), ("reg_read", ctypes.c_void_p)]
 
 
@@ -122,7 +124,7 @@ def make(cfg: str, code: bytes, keep: list[Any]) -> Any:
         nh = native_hook()
         assert nh is not None
         ctl = Ctl()
-        ctl.budget = 1 << 62
+        ctl.limit = ctl.end = 1 << 62
         uclib = unicorn.unicorn_py3.unicorn.uclib
         ctl.emu_stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
         ctl.reg_read = ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value

@@ -83,6 +83,8 @@ def probe_host(dev: str = "/dev/kvm") -> HostReport:
     except Exception as e:  # HostError, OSError: reported, never raised
         r.kvm_error = str(e)
     try:
+        # the emu engine's import first: it loads pyhv's native code before unicorn
+        import pyhv.engines.emu._uc  # noqa: F401, I001 - before unicorn, on purpose
         import unicorn
 
         r.unicorn = str(getattr(unicorn, "__version__", "?"))

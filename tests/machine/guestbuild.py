@@ -178,11 +178,9 @@ def engine_unavailable(engine: str) -> str | None:
 ENGINES = ("emu", "kvm")
 
 
-def engine_params(items: Sequence[T], ident: Callable[[T], str],
-                  kvm_xfail: Callable[[T], str | None] = lambda _: None) -> list[object]:
+def engine_params(items: Sequence[T], ident: Callable[[T], str]) -> list[object]:
     """pytest params (item, engine) for every item on every engine: a skip where the
-    engine is unavailable, the `kvm` marker, and a strict xfail where `kvm_xfail(item)`
-    names why this host's KVM cannot run it."""
+    engine is unavailable, and the `kvm` marker."""
     out: list[object] = []
     for item in items:
         for engine in ENGINES:
@@ -192,8 +190,5 @@ def engine_params(items: Sequence[T], ident: Callable[[T], str],
                 marks.append(pytest.mark.skip(reason=why))
             if engine == "kvm":
                 marks.append(pytest.mark.kvm)
-                reason = kvm_xfail(item)
-                if reason:
-                    marks.append(pytest.mark.xfail(reason=reason, strict=True))
             out.append(pytest.param(item, engine, marks=marks, id=f"{ident(item)}-{engine}"))
     return out

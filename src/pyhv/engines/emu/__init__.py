@@ -12,10 +12,11 @@ Package map (each module states its design and invariants):
     deliver.py  exception / interrupt delivery: real, protected, long mode, #DF, triple
     syscall.py  SYSCALL / SYSENTER semantics (unicorn only calls a hook)
     vcpu.py     EmuVcpu: the run loop, hooks, virtual time, interrupt injection
-    native/     the C block hook and paging-off TLB fill, built with gcc on first use
+    native/     block counting at block starts (unicorn's TB-start helper, interposed,
+                or a block hook) and the paging-off TLB fill, in C, built with gcc
 
 Requirements: the Python package `unicorn`, exactly version 2.1.4 (pinned in pyproject:
-the CPU state layout is checked against it); gcc for the fast block hook (optional).
+the CPU state layout is checked against it); gcc for the native code (optional).
 Importing this package never fails: `EmuEngine.probe()` says why the engine cannot run.
 """
 

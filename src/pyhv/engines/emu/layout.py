@@ -203,14 +203,14 @@ def self_check() -> None:
     global _checked
     if _checked == "ok":
         return
-    from pyhv.engines.emu._uc import IMPORT_ERROR, unicorn
+    from pyhv.engines.emu._uc import IMPORT_ERROR, scratch_uc, unicorn
     from pyhv.engines.emu._uc import x86 as x
     if IMPORT_ERROR is not None:
         raise HostError(f"the emu engine needs the Python package unicorn: {IMPORT_ERROR}")
     version = getattr(unicorn, "__version__", "?")
     problems: list[str] = []
     try:
-        uc = unicorn.Uc(unicorn.UC_ARCH_X86, unicorn.UC_MODE_64)
+        uc = scratch_uc()
         uc.mem_map(0, 0x10000)
         values = {name: 0x1111_0000_0000 + 0x101 * i for i, name in enumerate(REG_INDEX)}
         for name, v in values.items():

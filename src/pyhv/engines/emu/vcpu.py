@@ -5,7 +5,7 @@
       | interrupt pending and IF=1 (no STI/MOV SS shadow)? deliver it through the IDT |
       | budget = blocks until the next timer deadline (virtual clock)                 |
       | emu_start  ... guest code runs; hooks fire inside it:                         |
-      |    block hook (C)     counts blocks; stops on budget, kick, interrupt window  |
+      |    block start (C)    counts blocks; stops on budget, kick, interrupt window  |
       |    interrupt hook     exception / INT n: delivered through the IDT in place   |
       |    invalid insn hook  #UD delivered in place                                  |
       |    SYSCALL/SYSENTER   done in place (syscall.py)                              |
@@ -26,7 +26,8 @@ access) per port or MMIO access, synchronised before every I/O callback so that 
 polling the PIT sees time pass, and returns `Interrupted` when the next timer
 deadline is reached; HLT returns `Halt` and the run loop skips the clock ahead.
 Interrupts: the `InterruptSource` (8259) is asked before each slice and after every
-I/O callback; when one is pending with IF=0 the block hook watches for IF to turn on.
+I/O callback; when one is pending with IF=0 the native code watches for IF to turn on
+at every block start (native/blockhook.c: in unicorn's TB-start helper or a block hook).
 `kick()` (any thread) stops the vCPU at the next block.
 
 A hostile guest gets architectural results: faults during delivery become #DF, a
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import ctypes
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -120,11 +122,13 @@ class EmuVcpu(EngineVcpu):
         addr, self.native_info = native.load()
         self.native = addr is not None
         self.exit_checks = "unicorn's per-access exit checks kept (no native hook)"
+        self.tb_counter = False
+        self.counting = "instruction-count slices (no native code)"
+        self._unregister: Callable[[], Any] | None = None
         if addr is not None:
-            self._add_native_hook(addr)
-        if self.native:
             # before any code is translated: the flag acts at translation time
             self.exit_checks = native.exit_checks_off(uc)
+            self._start_counting(addr)
         self.tlb: native.Tlb | None = None
         self._tlb_virtual = False
         fill = native.tlb_fill_address() if self.native else None
@@ -155,11 +159,25 @@ class EmuVcpu(EngineVcpu):
 
         self.uc.mmio_map(base, size, read, None, write, None)
 
-    def _add_native_hook(self, addr: int) -> None:
+    def _start_counting(self, addr: int) -> None:
+        """Count blocks (and stop at block starts) in unicorn's TB-start helper where
+        pyhv's native code took it over (one call less per block), else in a block hook."""
         uclib = unicorn.unicorn_py3.unicorn.uclib
         ctl = self.ctl
         ctl.emu_stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
         ctl.reg_read = ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value
+        usable, self.counting = native.tb_counter()
+        if usable and native.register(self.uc._uch.value, ctl):
+            self.tb_counter = True
+            self._unregister = weakref.finalize(self, native.register, self.uc._uch.value, None)
+            return
+        self._add_native_hook(addr)
+        if usable:
+            self.counting = "block hook (the TB-start helper's vCPU table is full)"
+
+    def _add_native_hook(self, addr: int) -> None:
+        uclib = unicorn.unicorn_py3.unicorn.uclib
+        ctl = self.ctl
         handle = ctypes.c_size_t()
         err = uclib.uc_hook_add(self.uc._uch, ctypes.byref(handle), unicorn.UC_HOOK_BLOCK,
                                 ctypes.c_void_p(addr), ctypes.cast(ctypes.pointer(ctl),
@@ -168,6 +186,7 @@ class EmuVcpu(EngineVcpu):
         if err != 0:
             self.native = False
             self.native_info = f"uc_hook_add failed ({err}); using instruction slices"
+            self.counting = "instruction-count slices (the block hook could not be added)"
 
     def _add_tlb_hook(self, addr: int) -> None:
         """The paging-off TLB fill (blockhook.c): stores to pages without code take
@@ -283,8 +302,8 @@ class EmuVcpu(EngineVcpu):
                 continue
             if self._halted:
                 return Halt(interrupts_enabled=bool(self._rflags() & IF_FLAG))
-            ctl.budget = self._budget()
             ctl.reason = native.STOP_NONE
+            ctl.arm(self._budget())
             err = self._emu_start()
             ctl.run_first = 0
             self._sync_clock()
@@ -329,7 +348,8 @@ class EmuVcpu(EngineVcpu):
                         continue
                     break
             else:
-                count = max(1, min(FALLBACK_SLICE, self.ctl.budget * FALLBACK_INSNS_PER_BLOCK))
+                left = self.ctl.end - self.ctl.blocks
+                count = max(1, min(FALLBACK_SLICE, left * FALLBACK_INSNS_PER_BLOCK))
                 before = self.blob_rip()
                 self.uc.emu_start(begin, UNTIL, 0, count)
                 self._fallback_account(count, before)
@@ -357,10 +377,9 @@ class EmuVcpu(EngineVcpu):
             ctl.blocks += 1
             return
         ctl.blocks += max(1, count // FALLBACK_INSNS_PER_BLOCK)
-        ctl.budget -= max(1, count // FALLBACK_INSNS_PER_BLOCK)
         if ctl.kick:
             ctl.reason = native.STOP_KICK
-        elif ctl.budget <= 0:
+        elif ctl.blocks >= ctl.end:
             ctl.reason = native.STOP_BUDGET
         else:
             ctl.reason = native.STOP_PYTHON   # slice over: loop (interrupt window check)
@@ -406,7 +425,7 @@ class EmuVcpu(EngineVcpu):
             ctl.irq_window = 1
             return
         if v.shadow and not self._halted and self.native:
-            # STI / MOV SS shadow: the shadowed instruction runs first. The block hook
+            # STI / MOV SS shadow: the shadowed instruction runs first. The native code
             # lets the slice's first block run and stops at the next block start where
             # IF=1 (a few instructions later at most: interrupt latency is not
             # architectural). No instruction-count run: unicorn would install its count
@@ -416,9 +435,9 @@ class EmuVcpu(EngineVcpu):
             return
         if v.shadow and not self._halted:
             # fallback (instruction-count slices): exactly one more instruction first
-            ctl.budget = NO_DEADLINE_BUDGET
             ctl.irq_window = 0
             ctl.reason = native.STOP_NONE
+            ctl.arm(NO_DEADLINE_BUDGET)
             err = self._emu_start(count=1)
             ctl.reason = native.STOP_NONE
             self._sync_clock()
@@ -458,11 +477,13 @@ class EmuVcpu(EngineVcpu):
     def _stop_with(self, ex: Exit) -> None:
         self._final = ex
         self.ctl.reason = native.STOP_PYTHON
+        self.ctl.force_slow()
         self.uc.emu_stop()
 
     def _queue(self, ex: Exit) -> None:
         self._exits.append(ex)
         self.ctl.reason = native.STOP_PYTHON
+        self.ctl.force_slow()
         self.uc.emu_stop()
 
     # ------------------------------------------------------------------ hooks
@@ -541,12 +562,15 @@ class EmuVcpu(EngineVcpu):
     def _after_io(self) -> None:
         """A device may have raised an interrupt or armed an earlier timer."""
         src = self.interrupt_source
+        ctl = self.ctl
         if src is not None and src.pending():
-            self.ctl.irq_window = 1
+            ctl.irq_window = 1
+            ctl.force_slow()
         if self._timers is not None:
-            budget = self._budget()
-            if budget < self.ctl.budget:
-                self.ctl.budget = budget
+            end = ctl.blocks + self._budget()
+            if end < ctl.end:
+                ctl.end = end
+                ctl.limit = min(ctl.limit, end)
 
     def _on_in(self, _uc: Any, port: int, size: int, _ud: Any) -> int:
         self.counters["port reads"] += 1
@@ -630,6 +654,7 @@ class EmuVcpu(EngineVcpu):
         out["blocks executed" if self.native else "blocks executed (estimated)"] = \
             self.ctl.blocks
         out["native block hook"] = 1 if self.native else 0
+        out["blocks counted in unicorn's TB-start helper"] = 1 if self.tb_counter else 0
         out["per-access exit checks"] = 0 if self.exit_checks.endswith(" off") else 1
         out["time in emu_start (s)"] = round(self.t_emu, 6)
         out["time outside emu_start (s)"] = round(max(0.0, self.t_run - self.t_emu), 6)
@@ -640,4 +665,6 @@ class EmuVcpu(EngineVcpu):
     def close(self) -> None:
         """Drop the unicorn instance (its memory mappings point into GuestMemory)."""
         self._final = InternalError("emu: the vCPU is closed")
+        if self._unregister is not None:
+            self._unregister()
         self.uc = None

@@ -1,15 +1,15 @@
 /*
- * pyhv emu: the per-block hook of the software CPU engine, in C because a Python
- * UC_HOOK_BLOCK callback costs ~1 us per translated-block execution.
+ * pyhv emu: block counting and synchronous stops for the software CPU engine, in C (and
+ * a few instructions of assembly) because a Python UC_HOOK_BLOCK callback costs ~1 us
+ * per translated-block execution.
  *
- * unicorn calls pyhv_emu_block() at the start of every translation block, before the
- * block's instructions run. It counts blocks (the guest-progress measure the virtual
- * clock advances with) and stops emulation, from inside the hook (the only correct
- * place: docs/host.md), when:
+ * At the start of every translation block, before the block's instructions run, pyhv
+ * counts the block (the guest-progress measure the virtual clock advances with) and
+ * stops emulation there (the only correct place: docs/host.md) when:
  *   1. the slice budget (blocks until the next timer deadline) is used up,
  *   2. another thread asked for a stop (kick),
  *   3. an interrupt is waiting and RFLAGS.IF is now 1 (the interrupt window opened).
- * A block stopped in its hook has not executed: RIP is the block's first instruction.
+ * A block stopped at its start has not executed: RIP is the block's first instruction.
  * `run_first` lets the first block of a slice run unconditionally: after STI / MOV SS
  * the instruction in the interrupt shadow must execute before an interrupt is taken,
  * and stopping at the next block start (not after exactly one instruction) is
@@ -17,9 +17,35 @@
  * run would make unicorn add, then later remove, its per-instruction count hook and
  * drop every translated block each time.
  *
- * No headers and no link-time dependency: unicorn's uc_emu_stop and uc_reg_read are
- * passed in as function pointers in the control block, filled in from Python.
- * The struct layout is mirrored by pyhv/engines/emu/native/__init__.py (_Ctl).
+ * Fast path: a block starts while blocks + 1 <= limit and no kick is pending; anything
+ * else goes to pyhv_emu_slow(), which decides. `limit` equals `end` (the block count at
+ * which the slice ends) unless Python or the slow path forces every block through the
+ * slow path (limit = blocks: interrupt window watched, first block to run, a stop on its
+ * way). Only the emulating thread writes `blocks` and, while emu_start runs, `limit`;
+ * kick() writes `kick` alone, so a kick is never lost to a racing write.
+ *
+ * Two ways to get called at every block start; the engine uses the first available:
+ *
+ * a) unicorn's TB-start helper. unicorn 2.1.4 translates every block with a call to
+ *    helper_check_exit_request_x86_64 at its start (where QEMU inlines its exit check).
+ *    pyhv's shared object defines a function of that name and is loaded with
+ *    RTLD_GLOBAL before libunicorn, so the dynamic linker binds libunicorn's references
+ *    to it (ELF symbol interposition, no code is patched). It counts the block of a
+ *    registered vCPU (pyhv_tb_register), then does the original's check: it reads the
+ *    CPU's exit request word and, when it is negative, jumps (not calls: the original
+ *    finds the block from its return address) to libunicorn's own helper. Instances
+ *    that are not registered (unicorn used by other code, scratch checks) go straight
+ *    to the original. The two offsets of the inline check are those of the pinned
+ *    unicorn 2.1.4; Python reads them from the original's code and registers no vCPU
+ *    if they differ. With unicorn's per-access exit checks on, the helper also runs
+ *    after every load and store, so this mode is used only with them off
+ *    (native/__init__.py: exit_checks_off).
+ * b) UC_HOOK_BLOCK with pyhv_emu_block: the same decisions, at the cost of one more
+ *    call per block (~1 ns: unicorn's call sequence, not the hook's few instructions).
+ *
+ * No headers and no link-time dependency: unicorn's uc_emu_stop and uc_reg_read and the
+ * original helper are passed in from Python. The struct layouts are mirrored by
+ * pyhv/engines/emu/native/__init__.py (Ctl, TbState).
  */
 #include <stdint.h>
 
@@ -29,48 +55,173 @@
 enum { STOP_NONE = 0, STOP_BUDGET = 1, STOP_KICK = 2, STOP_IRQ_WINDOW = 3 };
 
 struct pyhv_emu_ctl {
-    int64_t budget;                /* blocks left in this slice */
-    uint64_t blocks;               /* blocks started, all slices together */
+    int64_t limit;                 /* fast path while blocks + 1 <= limit */
+    int64_t blocks;                /* blocks started, all slices together */
+    int64_t end;                   /* the slice ends when blocks reaches end */
     volatile int32_t kick;         /* set from any thread: stop at the next block */
     int32_t irq_window;            /* stop as soon as RFLAGS.IF is 1 */
-    int32_t reason;                /* why the hook (or Python) stopped; 0 = not stopped */
+    int32_t reason;                /* why the slow path (or Python) stopped; 0 = not */
     int32_t run_first;             /* the slice's first block runs whatever the state */
     int (*emu_stop)(void *uc);
     int (*reg_read)(void *uc, int regid, void *value);
 };
 
-void pyhv_emu_block(void *uc, uint64_t address, uint32_t size, void *user)
+_Static_assert(__builtin_offsetof(struct pyhv_emu_ctl, limit) == 0, "asm: limit");
+_Static_assert(__builtin_offsetof(struct pyhv_emu_ctl, blocks) == 8, "asm: blocks");
+_Static_assert(__builtin_offsetof(struct pyhv_emu_ctl, kick) == 24, "asm: kick");
+
+__attribute__((visibility("hidden")))
+void pyhv_emu_slow(void *uc, struct pyhv_emu_ctl *c)
 {
-    struct pyhv_emu_ctl *c = (struct pyhv_emu_ctl *)user;
-    (void)address;
-    (void)size;
     if (c->reason != STOP_NONE) {     /* a stop is already on its way: repeat it */
+        c->limit = c->blocks;
         c->emu_stop(uc);
         return;
     }
     if (c->run_first) {
         c->run_first = 0;
-        c->blocks++;
-        c->budget--;
-        return;
+    } else {
+        if (c->blocks >= c->end) {
+            c->reason = STOP_BUDGET;
+        } else if (c->kick) {
+            c->reason = STOP_KICK;
+        } else if (c->irq_window) {
+            uint64_t flags = 0;
+            c->reg_read(uc, UC_X86_REG_EFLAGS, &flags);
+            if (flags & RFLAGS_IF)
+                c->reason = STOP_IRQ_WINDOW;
+        }
+        if (c->reason != STOP_NONE) {
+            c->limit = c->blocks;
+            c->emu_stop(uc);
+            return;
+        }
     }
-    if (c->budget <= 0) {
-        c->reason = STOP_BUDGET;
-    } else if (c->kick) {
-        c->reason = STOP_KICK;
-    } else if (c->irq_window) {
-        uint64_t flags = 0;
-        c->reg_read(uc, UC_X86_REG_EFLAGS, &flags);
-        if (flags & RFLAGS_IF)
-            c->reason = STOP_IRQ_WINDOW;
-    }
-    if (c->reason == STOP_NONE) {     /* the block runs */
-        c->blocks++;
-        c->budget--;
-        return;
-    }
-    c->emu_stop(uc);
+    c->blocks++;                      /* the block runs */
+    c->limit = c->irq_window ? c->blocks : c->end;
 }
+
+void pyhv_emu_block(void *uc, uint64_t address, uint32_t size, void *user)
+{
+    struct pyhv_emu_ctl *c = (struct pyhv_emu_ctl *)user;
+    int64_t next = c->blocks + 1;
+    (void)address;
+    (void)size;
+    if (next <= c->limit && !c->kick) {
+        c->blocks = next;
+        return;
+    }
+    pyhv_emu_slow(uc, c);
+}
+
+/* ---- (a) the interposed TB-start helper ---------------------------------------- */
+
+#define PYHV_TB_VCPUS 64
+#define PYHV_TB_FREE ((void *)1)       /* an unregistered slot (the list ends at NULL) */
+/* unicorn 2.1.4's check, `uc->cpu->icount_decr.u32 < 0`: offsetof(struct uc_struct,
+ * cpu) and of the exit request word in its CPU; Python compares them with the original
+ * helper's code before any vCPU registers (native/__init__.py: bind_original). */
+#define UC_CPU_OFFSET 0x1b8
+#define CPU_EXIT_OFFSET 0x8a40
+
+struct pyhv_tb_vcpu { void *volatile uc; struct pyhv_emu_ctl *volatile ctl; };
+
+struct pyhv_tb_state {
+    void *original;                /* libunicorn's helper_check_exit_request_x86_64 */
+    int64_t cpu_offset;            /* UC_CPU_OFFSET, for Python's check */
+    int64_t exit_offset;           /* CPU_EXIT_OFFSET, for Python's check */
+    struct pyhv_tb_vcpu vcpus[PYHV_TB_VCPUS + 1];
+};
+
+_Static_assert(__builtin_offsetof(struct pyhv_tb_state, vcpus) == 24, "asm: vcpus");
+
+__attribute__((visibility("hidden"))) struct pyhv_tb_state pyhv_tb = {
+    0, UC_CPU_OFFSET, CPU_EXIT_OFFSET, {{0, 0}},
+};
+
+struct pyhv_tb_state *pyhv_tb_state(void) { return &pyhv_tb; }
+
+/* Register (ctl != NULL) or unregister (ctl == NULL) the vCPU whose unicorn handle is
+ * uc. Returns 0, or -1 when the table is full. Writers store ctl before uc, so a
+ * concurrent reader that sees the handle sees its ctl (x86-64 keeps stores in order). */
+int pyhv_tb_register(void *uc, struct pyhv_emu_ctl *ctl)
+{
+    int i;
+    for (i = 0; i < PYHV_TB_VCPUS; i++) {
+        if (pyhv_tb.vcpus[i].uc == uc) {
+            if (ctl == 0) {
+                pyhv_tb.vcpus[i].uc = PYHV_TB_FREE;
+                return 0;
+            }
+            pyhv_tb.vcpus[i].ctl = ctl;
+            return 0;
+        }
+    }
+    if (ctl == 0)
+        return 0;
+    for (i = 0; i < PYHV_TB_VCPUS; i++) {
+        void *cur = pyhv_tb.vcpus[i].uc;
+        if (cur == 0 || cur == PYHV_TB_FREE) {
+            pyhv_tb.vcpus[i].ctl = ctl;
+            __atomic_thread_fence(__ATOMIC_RELEASE);
+            pyhv_tb.vcpus[i].uc = uc;
+            return 0;
+        }
+    }
+    return -1;
+}
+
+#if defined(__x86_64__)
+#define STR2(x) #x
+#define STR(x) STR2(x)
+/* void helper_check_exit_request_x86_64(void *uc, uint32_t in_delay_slot)
+ * rdi = uc, esi = in_delay_slot (always 0 for x86). Clobbers only what the SysV ABI
+ * lets a callee clobber (rax, rcx, r8; rdi/rsi are restored around the slow path).
+ * A registered vCPU (slot 0 first, the others by a scan) is counted, then the exit
+ * request word is read inline; everything else goes to the original helper. */
+__asm__(
+    "    .text\n"
+    "    .globl helper_check_exit_request_x86_64\n"
+    "    .type helper_check_exit_request_x86_64, @function\n"
+    "    .p2align 4\n"
+    "helper_check_exit_request_x86_64:\n"
+    "    cmpq %rdi, pyhv_tb+24(%rip)\n"     /* slot 0's handle */
+    "    jne 6f\n"
+    "    movq pyhv_tb+32(%rip), %rcx\n"     /* slot 0's ctl */
+    "2:  movq 8(%rcx), %rax\n"              /* blocks + 1 <= limit and no kick: count */
+    "    addq $1, %rax\n"
+    "    cmpq (%rcx), %rax\n"
+    "    jg 5f\n"
+    "    cmpl $0, 24(%rcx)\n"
+    "    jne 5f\n"
+    "    movq %rax, 8(%rcx)\n"
+    "3:  movq " STR(UC_CPU_OFFSET) "(%rdi), %r8\n"   /* the original's check */
+    "    cmpl $0, " STR(CPU_EXIT_OFFSET) "(%r8)\n"
+    "    jl 4f\n"
+    "    ret\n"
+    "4:  jmp *pyhv_tb(%rip)\n"              /* exit requested: the original exits here */
+    "5:  pushq %rdi\n"                      /* slow path: decide in C */
+    "    pushq %rsi\n"
+    "    subq $8, %rsp\n"
+    "    movq %rcx, %rsi\n"
+    "    call pyhv_emu_slow\n"
+    "    addq $8, %rsp\n"
+    "    popq %rsi\n"
+    "    popq %rdi\n"
+    "    jmp 3b\n"
+    "6:  leaq pyhv_tb+40(%rip), %rcx\n"     /* the other slots, up to the NULL handle */
+    "7:  movq (%rcx), %rax\n"
+    "    cmpq %rdi, %rax\n"
+    "    je 8f\n"
+    "    addq $16, %rcx\n"
+    "    testq %rax, %rax\n"
+    "    jne 7b\n"
+    "    jmp 4b\n"                          /* not a pyhv vCPU: the original alone */
+    "8:  movq 8(%rcx), %rcx\n"
+    "    jmp 2b\n"
+    "    .size helper_check_exit_request_x86_64, .-helper_check_exit_request_x86_64\n"
+);
+#endif
 
 /*
  * The TLB-fill hook, used only while the guest runs with paging off (CR0.PG = 0).
