@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/boot_bench.py [--quick] [--runs 3]
 
-Every peer boots the same kernel and initramfs (pyhv's cached image: `pyhv image path
+Every peer boots the same kernel and initramfs (pyhv's cached image: `pyhv guest path
 linux`; fetched first when missing) with the same kernel command line,
 
     console=ttyS0 tsc=unstable pyhv.cmd=<base64 of "true">
