@@ -13,6 +13,7 @@ import pytest
 
 from pyhv.disk.qcow2 import Qcow2Image, check, create
 from pyhv.disk.qcow2.refcount import decode_counts, encode_counts
+from pyhv.errors import ImageError
 
 
 @pytest.mark.parametrize("order", range(7))
@@ -95,8 +96,12 @@ def test_random_operations_against_model(tmp_path: Path, cs: int, version: int, 
                 del snaps[name]
             elif r < 0.9:
                 new = len(model) + rng.choice([512, cs, 300 << 10])
-                img.resize(new)
-                model += bytes(new - len(model))
+                if version == 2 and snaps:  # as qemu-img: v2 snapshots lack a size
+                    with pytest.raises(ImageError, match="v2 image which has snapshots"):
+                        img.resize(new)
+                else:
+                    img.resize(new)
+                    model += bytes(new - len(model))
             elif r < 0.93 and not snaps and not backing and len(model) > 2 * cs:
                 new = len(model) - rng.choice([512, cs])
                 img.resize(new, shrink=True)

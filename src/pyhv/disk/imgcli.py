@@ -322,7 +322,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     chain: list[dict[str, object]] = []
     path, fmt = args.filename, args.fmt
     while True:
-        dev = open_image(path, fmt, backing=False)
+        dev = open_image(path, fmt, backing=False, force_share=args.force_share)
         try:
             d = _info_dict(dev, path)
         finally:
@@ -364,7 +364,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    dev = open_image(args.filename, args.fmt, read_only=args.repair is None, backing=False)
+    dev = open_image(args.filename, args.fmt, read_only=args.repair is None, backing=False,
+                     force_share=args.force_share)
     try:
         img = _qcow2(dev, "check")
         res = check(img, repair=args.repair)
@@ -410,7 +411,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_snapshot(args: argparse.Namespace) -> int:
     writes = bool(args.create or args.apply or args.delete)
-    dev = open_image(args.filename, args.fmt, read_only=not writes, backing=False)
+    dev = open_image(args.filename, args.fmt, read_only=not writes, backing=False,
+                     force_share=args.force_share)
     try:
         img = _qcow2(dev, "snapshot")
         if args.create:
@@ -468,13 +470,13 @@ def _copy(src: BlockDevice, dst: BlockDevice, progress: Progress, *,
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     opts = _parse_options(args.options)
-    src = open_image(args.source, args.fmt)
+    src = open_image(args.source, args.fmt, force_share=args.force_share)
     try:
         size = src.size
         if args.out_fmt == "qcow2":
             kw = _qcow2_create_kwargs(opts)
             create(args.dest, size, **kw)  # type: ignore[arg-type]
-            dst: BlockDevice = Qcow2Image(args.dest, read_only=False)
+            dst: BlockDevice = Qcow2Image(args.dest, read_only=False, unsafe=True)
         elif args.out_fmt == "raw":
             if args.compress:
                 raise ConfigError("raw images cannot be compressed (-c needs -O qcow2)")
@@ -498,11 +500,18 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_commit(args: argparse.Namespace) -> int:
     top = _qcow2(open_image(args.filename, args.fmt, backing=False), "commit")
     try:
+        top.validate()
         name, bfmt = top.h.backing_file, top.h.backing_format
         if not name:
             raise ImageError(f"{args.filename} has no backing file to commit into")
         base = open_image(resolve_backing(args.filename, name), bfmt, read_only=False,
                           backing=False)
+        if isinstance(base, Qcow2Image):
+            try:
+                base.validate()
+            except BaseException:
+                base.close()
+                raise
         top.backing = base
         prog = Progress(args.progress, top.size)
         for pos, n, kind, _host in list(_runs(top)):
@@ -534,6 +543,8 @@ def _cmd_commit(args: argparse.Namespace) -> int:
 def _cmd_rebase(args: argparse.Namespace) -> int:
     img = _qcow2(open_image(args.filename, args.fmt, read_only=False), "rebase")
     try:
+        if not args.unsafe:
+            img.validate()
         new_name = args.backing or None
         new_fmt = args.backing_fmt
         if new_name and new_fmt is None:
@@ -634,7 +645,7 @@ def _map_runs(dev: BlockDevice, path: str, pos: int, n: int,
 
 
 def _cmd_map(args: argparse.Namespace) -> int:
-    dev = open_image(args.filename, args.fmt)
+    dev = open_image(args.filename, args.fmt, force_share=args.force_share)
     try:
         runs: list[dict[str, object]] = []
         for r in _map_runs(dev, args.filename, 0, dev.size, 0):
@@ -668,9 +679,9 @@ def _cmd_map(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    a = open_image(args.image1, args.fmt1)
+    a = open_image(args.image1, args.fmt1, force_share=args.force_share)
     try:
-        b = open_image(args.image2, args.fmt2)
+        b = open_image(args.image2, args.fmt2, force_share=args.force_share)
     except BaseException:
         a.close()
         raise

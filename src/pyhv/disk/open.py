@@ -7,6 +7,15 @@ A relative backing name is resolved against the directory of the image that name
 MAX_CHAIN_DEPTH images, and a file met twice (by real path) is a cycle: both are
 ImageErrors naming the files. A backing format named in the image's header extension
 is used as given; otherwise the format is probed (qcow2 magic, else raw).
+
+Every image of the chain is opened with QEMU's permission locks (lock.py): the top one
+for what the caller asks (read-only or read-write), the backing files read-only. An
+image another process uses in a conflicting way is refused with QEMU's message
+("Failed to get "write" lock / Is another process using the image [path]?"), and
+`force_share` (qemu-img's -U, read-only opens only) shares everything, for the whole
+chain; `guest` (a guest's disk, e.g. virtio-blk) refuses to share writes as QEMU's block
+devices do (which changes only what a raw image allows others). Whatever was opened is
+closed again when a later step fails.
 """
 
 from __future__ import annotations
@@ -14,7 +23,8 @@ from __future__ import annotations
 import os
 
 from pyhv.disk.blockdev import BlockDevice
-from pyhv.disk.qcow2.header import MAGIC
+from pyhv.disk.lock import access_for
+from pyhv.disk.qcow2.header import MAGIC, MAX_CLUSTER_BITS, parse_header
 from pyhv.disk.qcow2.image import Qcow2Image
 from pyhv.disk.raw import RawImage
 from pyhv.errors import ImageError
@@ -38,9 +48,30 @@ def resolve_backing(image_path: str, name: str) -> str:
     return os.path.join(os.path.dirname(image_path), name)
 
 
+def backing_of(path: str) -> tuple[str | None, str | None]:
+    """(backing file name, backing format) from a qcow2 header, read without locks (as
+    QEMU's format probe reads)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise ImageError(f"cannot open {path}: {e.strerror}") from e
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 4096, 0)
+        if len(head) >= 24:
+            bits = int.from_bytes(head[20:24], "big")
+            if 12 < bits <= MAX_CLUSTER_BITS:
+                head = os.pread(fd, 1 << bits, 0)
+    finally:
+        os.close(fd)
+    h = parse_header(head, size)
+    return h.backing_file, h.backing_format
+
+
 def open_image(path: str, fmt: str | None = None, *, read_only: bool = True,
-               backing: bool = True, _seen: tuple[str, ...] = ()) -> BlockDevice:
-    """Open `path` (and, unless backing=False, its backing chain)."""
+               backing: bool = True, force_share: bool = False, guest: bool = False,
+               _seen: tuple[str, ...] = ()) -> BlockDevice:
+    """Open `path` (and, unless backing=False, its backing chain), locked."""
     real = os.path.realpath(path)
     if real in _seen:
         raise ImageError(f"backing chain has a cycle: {' -> '.join(_seen + (real,))}")
@@ -51,21 +82,22 @@ def open_image(path: str, fmt: str | None = None, *, read_only: bool = True,
             raise ImageError(f"backing file {path} of {_seen[-1]} does not exist")
         raise ImageError(f"{path}: no such file")
     fmt = fmt or probe(path)
-    if fmt == "raw":
-        return RawImage(path, read_only=read_only)
-    if fmt != "qcow2":
+    if fmt not in FORMATS:
         raise ImageError(f"unknown image format {fmt!r} (supported: raw, qcow2)")
-    img = Qcow2Image(path, read_only=True)
-    name, bfmt = img.h.backing_file, img.h.backing_format
-    img.close()
+    access = access_for(fmt, read_only=read_only, force_share=force_share,
+                        guest=guest and not _seen)
+    if fmt == "raw":
+        return RawImage(path, read_only=read_only, access=access)
+    name, bfmt = backing_of(path)
     back: BlockDevice | None = None
     if name and backing:
         bpath = resolve_backing(path, name)
         if bfmt is not None and bfmt not in FORMATS:
             raise ImageError(f"unknown backing format {bfmt!r} in {path}")
-        back = open_image(bpath, bfmt, read_only=True, _seen=_seen + (real,))
+        back = open_image(bpath, bfmt, read_only=True, force_share=force_share,
+                          _seen=_seen + (real,))
     try:
-        return Qcow2Image(path, read_only=read_only, backing=back)
+        return Qcow2Image(path, read_only=read_only, backing=back, access=access)
     except BaseException:
         if back is not None:
             back.close()

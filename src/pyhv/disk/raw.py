@@ -3,7 +3,9 @@
 Design: a thin `BlockDevice` over `os.pread`/`os.pwrite` on one file descriptor. The size
 is the file's size; a sparse file reads as zeros where it has holes. Discard writes
 nothing (it is advisory); `resize` truncates or extends the file (new space reads as
-zeros). One lock per image (see blockdev).
+zeros). One thread lock per image (see blockdev). Opening takes QEMU's permission locks
+on the file (lock.py; `access` overrides the default for raw files, e.g. a guest's disk)
+and closing releases them; `create` locks the file before it truncates it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import threading
 
 from pyhv.disk.blockdev import check_range
+from pyhv.disk.lock import Access, access_for, create_locked, open_locked
 from pyhv.errors import ImageError
 
 
@@ -20,11 +23,14 @@ class RawImage:
 
     format_name = "raw"
 
-    def __init__(self, path: str, *, read_only: bool = False) -> None:
+    def __init__(self, path: str, *, read_only: bool = False, force_share: bool = False,
+                 access: Access | None = None) -> None:
         self.path = path
         self._read_only = read_only
+        access = access or access_for("raw", read_only=read_only, force_share=force_share)
         try:
-            self._fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+            self._fd, self._flock = open_locked(path, access,
+                                                os.O_RDONLY if read_only else os.O_RDWR)
         except OSError as e:
             raise ImageError(f"cannot open {path}: {e.strerror}") from e
         self._size = os.fstat(self._fd).st_size
@@ -33,11 +39,14 @@ class RawImage:
     @staticmethod
     def create(path: str, size: int) -> None:
         """Create (or truncate) a sparse raw image of `size` bytes."""
+        fd = create_locked(path)
         try:
-            with open(path, "wb") as f:
-                f.truncate(size)
-        except OSError as e:
-            raise ImageError(f"cannot create {path}: {e.strerror}") from e
+            os.ftruncate(fd, size)
+        except (OSError, OverflowError) as e:
+            why = e.strerror if isinstance(e, OSError) else "size too large"
+            raise ImageError(f"cannot create {path}: {why}") from e
+        finally:
+            os.close(fd)
 
     @property
     def size(self) -> int:
@@ -88,6 +97,7 @@ class RawImage:
     def close(self) -> None:
         with self._lock:
             if self._fd >= 0:
+                self._flock.release()
                 os.close(self._fd)
                 self._fd = -1
 

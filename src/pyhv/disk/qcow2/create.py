@@ -5,7 +5,9 @@
     then                 refcount blocks covering all of the above (b clusters)
     then                 L1 table, zeroed (covers the virtual size)
 
-The metadata clusters count 1 each; everything else is unallocated.
+The metadata clusters count 1 each; everything else is unallocated. The file is locked
+as its creator (lock.py) before it is truncated: an image another process uses is
+refused, unchanged.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 import struct
 
+from pyhv.disk.lock import create_locked
 from pyhv.disk.qcow2.header import (
     COMPAT_LAZY_REFCOUNTS,
     MAX_CLUSTER_BITS,
@@ -72,11 +75,12 @@ def create(path: str, size: int, *, cluster_size: int = 65536, version: int = 3,
     counts = [1] * n_meta + [0] * (b * per - n_meta)
     out += encode_counts(counts, order)
     out += bytes(l1c * cluster_size)
+    fd = create_locked(path)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, out)
-        finally:
-            os.close(fd)
+        view = memoryview(out)
+        while view:
+            view = view[os.write(fd, view):]
     except OSError as e:
         raise ImageError(f"cannot create {path}: {e.strerror}") from e
+    finally:
+        os.close(fd)

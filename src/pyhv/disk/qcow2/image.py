@@ -6,21 +6,47 @@ Address translation (qcow2.txt "Cluster mapping"):
                      l2_index = (offset / cluster_size) % l2_entries
     L1[l1_index] --> L2 table (one cluster) --> L2[l2_index] --> host cluster
 
-Write ordering (crash safety; a kill at any point leaves at most leaked clusters):
-  1. raise refcounts of the new clusters (refcount.py: blocks before table entries),
-  2. write guest data into the new clusters,
-  3. write the L2 entries (then, for a new L2 table, the L1 entry),
-  4. lower refcounts of the clusters that are no longer referenced.
-A write to a cluster whose L2 entry has COPIED (refcount 1) goes in place. Anything
-else (unallocated, zero, compressed, shared with a snapshot) is copied on write into a
-fresh cluster; shared L2 tables are copied the same way before their entries change.
-A guest cluster thus always reads as entirely before or entirely after a write.
+Write ordering (crash safety: a killed process, a host crash or a power loss at any
+point leaves at most leaked clusters, and every guest sector reads as it was at the last
+flush or as one of the writes issued since). The disk may persist the writes issued
+between two flushes (fdatasync) in any order and any subset, so each rule below is a
+flush barrier (`ImageFile.barrier`) between stages, never mere issue order:
 
-Metadata is write-through (no dirty caches), so `flush` is just fdatasync. The dirty bit
-and lazy refcounts: pyhv keeps refcounts exact at all times; an image opened read-write
-with the dirty bit set (left by QEMU with lazy_refcounts) has its refcounts rebuilt
-first, then the bit is cleared. Autoclear bits pyhv does not implement (bitmaps) are
-cleared on a read-write open, as the specification requires.
+  stage 0, issued at once: raised refcounts of new clusters, guest data (into new
+           clusters, or in place), new L2 tables (copies, referenced by nothing yet);
+  -- barrier --
+  stage 1, deferred: the L2 entries and L1 entries pointing at what stage 0 wrote;
+  -- barrier --
+  stage 2, deferred: lowered refcounts of what the stage-1 writes stopped pointing at
+           (copy-on-write, discard, a replaced L2 table).
+
+Stages 1 and 2 are the write-back of dirty table entries (`_writeback`): the in-memory
+L1 list and L2 arrays are the truth, the dirty ranges and pending frees say what the
+file still lacks. Write-back runs on `flush`, `close`, before any whole-metadata
+operation (snapshots, resize, header updates) and when too many tables are dirty, so an
+allocating guest write costs no fdatasync of its own (QEMU's writeback cache does the
+same). A cluster whose free is pending keeps its count until stage 2, so it cannot be
+reused while the file still points at it. The other ordering points: a new refcount
+block is durable before the table entry that points to it (refcount.py); a new
+refcount table, L1 table or snapshot table (and everything else a whole-metadata rewrite
+wrote) is durable before the header write that switches to it, and that switch is
+durable before the clusters it released are reused (rewrite.py, refcount.py, `resize`).
+
+A write to a cluster whose L2 entry has COPIED (refcount 1) goes in place; its refcount
+is checked (a COPIED entry whose count is not 1 is corruption, refused). Anything else
+(unallocated, zero, compressed, shared with a snapshot) is copied on write into a fresh
+cluster; shared L2 tables are copied the same way before their entries change. A guest
+cluster thus always reads as entirely before or entirely after a write.
+
+Damaged images are never made worse: `validate()` runs the full check before any
+whole-metadata change (snapshots, resize) and refuses an image with corruptions.
+
+The dirty bit and lazy refcounts: pyhv keeps refcounts exact at all times; an image
+opened read-write with the dirty bit set (left by QEMU with lazy_refcounts) has its
+refcounts rebuilt first, then the bit is cleared. Autoclear bits pyhv does not implement
+(bitmaps) are cleared on a read-write open, as the specification requires.
+
+Locking: the file is opened with QEMU's permission locks (lock.py via fileio.py).
 
 Thread safety: one RLock per image serializes every public method.
 """
@@ -32,9 +58,10 @@ import struct
 import sys
 import threading
 from array import array
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 from pyhv.disk.blockdev import BlockDevice, check_range
+from pyhv.disk.lock import Access, access_for
 from pyhv.disk.qcow2 import cluster as C
 from pyhv.disk.qcow2.compress import compress_cluster, decompress_cluster
 from pyhv.disk.qcow2.fileio import ImageFile
@@ -77,12 +104,21 @@ class Qcow2Image:
     format_name = "qcow2"
 
     def __init__(self, path: str, *, read_only: bool = False,
-                 backing: BlockDevice | None = None) -> None:
+                 backing: BlockDevice | None = None, force_share: bool = False,
+                 access: Access | None = None, unsafe: bool = False) -> None:
+        """Open `path`; `access` overrides QEMU's default permissions (lock.py);
+        `unsafe` (QEMU's cache=unsafe) drops the flush barriers, for new outputs only."""
         self.path = path
-        self.f = ImageFile(path, read_only)
+        self.f = ImageFile(path, read_only, access or access_for(
+            "qcow2", read_only=read_only, force_share=force_share))
+        self.f.unsafe = unsafe
         self.backing = backing
         self._lock = threading.RLock()
         self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
+        # write-back state (stages 1 and 2, see the module docstring)
+        self._dirty_l2: dict[int, tuple[array[int], int, int]] = {}  # off: (table, lo, hi)
+        self._dirty_l1: tuple[int, int] | None = None
+        self._frees: list[tuple[int, int]] = []  # (first cluster, count) to release
         self._zc: tuple[int, bytes] | None = None  # last decompressed cluster
         self._cpos = 0  # free byte in the last compressed-data cluster (0: none)
         self._cfreed = 0
@@ -195,8 +231,35 @@ class Qcow2Image:
             self.write_header()
 
     def write_header(self) -> None:
-        """Rewrite cluster 0's header and extensions (not used for atomic commits)."""
-        self.f.pwrite(0, self.h.pack())
+        """Rewrite cluster 0's header and extensions (not used for atomic commits).
+
+        Everything written before is durable first (the header may switch what the
+        image means, e.g. its backing file), and the header is durable after."""
+        with self._lock:
+            self._writeback()
+            self.f.barrier()
+            self.f.pwrite(0, self.h.pack())
+            self.f.barrier()
+
+    def validate(self) -> None:
+        """Refuse to go on with an image that has corruptions (full check).
+
+        Called before every whole-metadata change (snapshots, resize) and by the
+        verbs that rewrite an image (commit, rebase): a damaged image is never made
+        worse, the user is pointed at the repair."""
+        from pyhv.disk.qcow2.check import check
+
+        with self._lock:
+            res = check(self)
+            # an incomplete snapshot entry is completed by the change itself (QEMU too)
+            n = res.corruptions - res.incomplete_snapshots
+            if n or res.check_errors:
+                first = next((m for m in res.messages if m.startswith("ERROR")
+                              and not m.endswith("is incomplete")), "")
+                detail = f" (first: {first[6:]})" if first else ""
+                raise ImageError(
+                    f"{self.path} has {n} corruption(s){detail}; it was not changed. "
+                    f"Repair it first: pyhv img check -r all {self.path}")
 
     # -- block-device API ------------------------------------------------------------------
 
@@ -213,6 +276,10 @@ class Qcow2Image:
         if tbl is not None:
             self._l2_cache.move_to_end(off)
             return tbl
+        dirty = self._dirty_l2.get(off)
+        if dirty is not None:  # evicted from the cache, but the file lacks its entries
+            self._l2_cache[off] = dirty[0]
+            return dirty[0]
         tbl = _be_u64(self.f.pread(off, self.cs, "L2 table"))
         fsize, ver, cb, meta = self.f.size, self.h.version, self.cb, self.meta
         l2t = self.l2_tables
@@ -330,29 +397,79 @@ class Qcow2Image:
         if off and e & C.COPIED:
             return self._l2(off), off
         content = array("Q", self._l2(off)) if off else array("Q", bytes(self.cs))
-        new = self.refs.alloc(1)
-        self.f.pwrite(new, _u64_be(content))
-        self._set_l1(l1i, new | C.COPIED)
+        new = self.refs.alloc(1)  # stage 0: its count,
+        self.f.pwrite(new, _u64_be(content))  # stage 0: the copy, referenced by nothing
+        self._set_l1(l1i, new | C.COPIED)  # stage 1
         self.l2_tables.add(new >> self.cb)
         if off:
-            self.refs.update(off >> self.cb, 1, -1)
+            self._free(off >> self.cb, 1)  # stage 2
             self._l2_cache.pop(off, None)
             self.l2_tables.discard(off >> self.cb)
         self._l2_cache[new] = content
         return content, new
 
+    # -- write-back of dirty table entries (stages 1 and 2) --------------------------------
+
     def _set_l1(self, l1i: int, e: int) -> None:
-        self.f.pwrite(self.h.l1_table_offset + 8 * l1i, struct.pack(">Q", e))
         self.l1[l1i] = e
+        d = self._dirty_l1
+        self._dirty_l1 = (l1i, l1i + 1) if d is None else (min(d[0], l1i), max(d[1], l1i + 1))
+
+    def _dirty(self, l2off: int, tbl: array[int], lo: int, hi: int) -> None:
+        d = self._dirty_l2.get(l2off)
+        self._dirty_l2[l2off] = (tbl, lo, hi) if d is None else \
+            (tbl, min(d[1], lo), max(d[2], hi))
+
+    def _free(self, ci: int, n: int) -> None:
+        self._frees.append((ci, n))
 
     def _release(self, e: int) -> None:
-        """Drop the reference an old L2 entry held (after it was overwritten)."""
+        """Queue the release of what an old L2 entry referenced (after it was replaced)."""
         kind = C.kind_of(e)
         if kind == C.KIND_COMPRESSED:
-            for c in C.compressed_clusters(e, self.cb):
-                self.refs.update(c, 1, -1)
+            r = C.compressed_clusters(e, self.cb)
+            self._free(r.start, len(r))
         elif e & C.OFFSET_MASK:
-            self.refs.update((e & C.OFFSET_MASK) >> self.cb, 1, -1)
+            self._free((e & C.OFFSET_MASK) >> self.cb, 1)
+
+    def _maybe_writeback(self) -> None:
+        if len(self._dirty_l2) * self.cs > L2_CACHE_BYTES // 2 or len(self._frees) > 65536:
+            self._writeback()
+
+    def _writeback(self) -> None:
+        """Barrier, the dirty L2/L1 entries, barrier, the pending refcount decrements."""
+        if self._dirty_l2 or self._dirty_l1 is not None:
+            self.f.barrier()  # what the entries point at is durable first
+            for off in sorted(self._dirty_l2):
+                tbl, lo, hi = self._dirty_l2[off]
+                self.f.pwrite(off + 8 * lo, _u64_be(tbl[lo:hi]))
+            if self._dirty_l1 is not None:
+                lo, hi = self._dirty_l1
+                self.f.pwrite(self.h.l1_table_offset + 8 * lo,
+                              struct.pack(f">{hi - lo}Q", *self.l1[lo:hi]))
+            self._dirty_l2.clear()
+            self._dirty_l1 = None
+        if self._frees:
+            self.f.barrier()  # nothing on disk points at these clusters any more
+            frees, self._frees = self._frees, []
+            per: Counter[int] = Counter()
+            for ci, n in frees:
+                for c in range(ci, ci + n):
+                    per[c] += 1
+            run: list[int] = []
+            for c in sorted(per):  # runs of clusters released the same number of times
+                if run and (c != run[-1] + 1 or per[c] != per[run[0]]):
+                    self.refs.update(run[0], len(run), -per[run[0]])
+                    run = []
+                run.append(c)
+            if run:
+                self.refs.update(run[0], len(run), -per[run[0]])
+
+    def writeback(self) -> None:
+        """Write the deferred table entries and refcount decrements (ordered)."""
+        with self._lock:
+            if not self.read_only:
+                self._writeback()
 
     def _write_in_table(self, l1i: int, pos: int, data: memoryview) -> None:
         tbl, l2off = self._l2_for_write(l1i)
@@ -375,6 +492,13 @@ class Qcow2Image:
                         break
                     n += min(cs, end - pos - n)
                     j += 1
+                for hc in range(host >> cb, (host + n - 1 >> cb) + 1):
+                    rc = self.refs.get(hc)
+                    if rc != 1:
+                        raise ImageError(
+                            f"{self.path}: cluster {hc << cb:#x} is marked for in-place "
+                            f"writes (COPIED) but its refcount is {rc}; not written. Repair "
+                            f"the image: pyhv img check -r all {self.path}")
                 self.f.pwrite(host, data[pos - base:pos - base + n])
                 pos += n
                 continue
@@ -410,16 +534,19 @@ class Qcow2Image:
     def _set_run(self, tbl: array[int], l2off: int, l2i: int, k: int, host: int) -> None:
         """Point entries l2i..l2i+k at new clusters from `host`, then release the old."""
         old = tbl[l2i:l2i + k]
-        new = [(host + i * self.cs) | C.COPIED for i in range(k)]
-        self.f.pwrite(l2off + 8 * l2i, struct.pack(f">{k}Q", *new))  # 3. L2 entries
-        tbl[l2i:l2i + k] = array("Q", new)
-        for oe in old:  # 4. release what the old entries held
+        tbl[l2i:l2i + k] = array("Q", [(host + i * self.cs) | C.COPIED for i in range(k)])
+        self._dirty(l2off, tbl, l2i, l2i + k)  # stage 1: the L2 entries
+        for oe in old:  # stage 2: release what the old entries held
             if oe:
                 self._release(oe)
+        self._maybe_writeback()
 
     def flush(self) -> None:
+        """Every completed write durable: write-back (ordered), then fdatasync."""
         with self._lock:
-            self.f.sync()
+            if not self.read_only:
+                self._writeback()
+                self.f.barrier()
 
     def discard(self, offset: int, length: int) -> None:
         """Deallocate the whole clusters inside the range (partial clusters are kept)."""
@@ -443,9 +570,10 @@ class Qcow2Image:
                 old = tbl[l2i]
                 if old == new_e:
                     continue
-                self.f.pwrite(l2off + 8 * l2i, struct.pack(">Q", new_e))  # entry first,
                 tbl[l2i] = new_e
-                self._release(old)  # then the refcount
+                self._dirty(l2off, tbl, l2i, l2i + 1)  # stage 1: the entry,
+                self._release(old)  # stage 2: the refcount
+            self._maybe_writeback()
 
     def write_compressed(self, gci: int, data: bytes) -> bool:
         """Store one whole guest cluster compressed (for convert -c) into an unallocated
@@ -466,11 +594,11 @@ class Qcow2Image:
                 self.refs.update(off >> self.cb, 1, +1)
             else:
                 off = self.refs.alloc(1)
-            self.f.pwrite(off, stream)
+            self.f.pwrite(off, stream)  # stage 0
             self._cpos = off + len(stream)
-            e = C.encode_compressed(off, len(stream), self.cb)
-            self.f.pwrite(l2off + 8 * l2i, struct.pack(">Q", e))
-            tbl[l2i] = e
+            tbl[l2i] = C.encode_compressed(off, len(stream), self.cb)
+            self._dirty(l2off, tbl, l2i, l2i + 1)  # stage 1
+            self._maybe_writeback()
             return True
 
     # -- allocation status (map, convert, commit) ------------------------------------------
@@ -506,6 +634,10 @@ class Qcow2Image:
         with self._lock:
             if self.read_only:
                 raise ImageError(f"{self.path} is open read-only")
+            if self.snapshots and self.h.version < 3 and new_size != self.size:
+                # v2 snapshots need not record their disk size: QEMU refuses too
+                raise ImageError("Can't resize a v2 image which has snapshots")
+            self.validate()
             need = l1_entries_needed(new_size, self.cb)
             if new_size > MAX_VIRTUAL_SIZE or need * 8 > MAX_L1_BYTES:
                 raise ImageError(f"size {new_size} too large for {self.cs}-byte clusters")
@@ -528,6 +660,7 @@ class Qcow2Image:
                         self.write(new_size, bytes(min(tail, self.size - new_size)))
             need = l1_entries_needed(new_size, self.cb)
             old_l1_off, old_l1_n = self.h.l1_table_offset, self.h.l1_size
+            self._writeback()
             if need > self.h.l1_size:
                 nbytes = need * 8
                 ncl = -(-nbytes // self.cs)
@@ -535,9 +668,11 @@ class Qcow2Image:
                 tbl = self.l1 + [0] * (need - len(self.l1))
                 self.f.pwrite(new_off, struct.pack(f">{need}Q", *tbl).ljust(ncl * self.cs,
                                                                             b"\0"))
+                self.f.barrier()  # the new L1 table is durable before the header names it
                 self.h.l1_table_offset, self.h.l1_size = new_off, need
                 self.h.size = new_size
                 self.f.pwrite(24, struct.pack(">QI", new_size, 0) + self.h.pack_pointers())
+                self.f.barrier()  # and the switch is durable before the old one is freed
                 self.l1 = tbl
                 self.refs.update(old_l1_off >> self.cb, -(-old_l1_n * 8 // self.cs), -1)
                 self._compute_metadata()
@@ -552,6 +687,7 @@ class Qcow2Image:
 
         with self._lock:
             self._need_rw()
+            self.validate()
             return snapshot.create(self, name)
 
     def snapshot_apply(self, key: str) -> None:
@@ -559,6 +695,7 @@ class Qcow2Image:
 
         with self._lock:
             self._need_rw()
+            self.validate()
             snapshot.apply(self, key)
 
     def snapshot_delete(self, key: str) -> None:
@@ -566,6 +703,7 @@ class Qcow2Image:
 
         with self._lock:
             self._need_rw()
+            self.validate()
             snapshot.delete(self, key)
 
     def _need_rw(self) -> None:
@@ -573,17 +711,27 @@ class Qcow2Image:
             raise ImageError(f"{self.path} is open read-only")
 
     def reload(self) -> None:
-        """Re-read all metadata from the file (after a whole-metadata rewrite)."""
+        """Re-read all metadata from the file (after a whole-metadata rewrite, which
+        wrote back everything pending first)."""
         with self._lock:
             self.f.size = os.fstat(self.f.fd).st_size
+            self._dirty_l2.clear()
+            self._dirty_l1 = None
+            self._frees = []
             self._load()
 
     def close(self) -> None:
+        """Write back and flush (as QEMU does on close), then release the file."""
         with self._lock:
-            if self.backing is not None:
-                self.backing.close()
-                self.backing = None
-            self.f.close()
+            try:
+                if not self.read_only and self.f.fd >= 0:
+                    self._writeback()
+                    self.f.barrier()
+            finally:
+                if self.backing is not None:
+                    self.backing.close()
+                    self.backing = None
+                self.f.close()
 
     def __enter__(self) -> Qcow2Image:
         return self

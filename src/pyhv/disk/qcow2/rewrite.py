@@ -8,9 +8,13 @@
 
 Everything new goes past the current end of the file and is referenced by nothing until
 the commit, so a crash before it leaves the old image untouched, and a crash after it
-leaves the new one complete. Counts are recomputed from scratch (counts.py) for the new
-state, so the rewrite also repairs leaks and wrong refcounts; COPIED flags in the new
-active tables are set from the recomputed counts.
+leaves the new one complete. Flush barriers make that hold on the disk too: the image's
+pending table entries are written back first (a new snapshot keeps the old active L1
+and its L2 tables, which must be complete on disk), everything new is durable before the
+header switch, and the switch is durable before any cluster it released is reused.
+Counts are recomputed from scratch (counts.py) for the new state, so the rewrite also
+repairs leaks and wrong refcounts; COPIED flags in the new active tables are set from
+the recomputed counts.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ def rewrite(img: Qcow2Image, *, active_l1: list[int], snapshots: list[Snapshot],
             size: int) -> None:
     """Make `active_l1` (its L2 tables copied) and `snapshots` the image's state."""
     cs, cb, f, h = img.cs, img.cb, img.f, img.h
+    img.writeback()
     cursor = img.refs.next_free() // cs
     # 1. reserve: active L2 copies, active L1, snapshot table
     copies: dict[int, tuple[int, int]] = {}
@@ -86,5 +91,7 @@ def rewrite(img: Qcow2Image, *, active_l1: list[int], snapshots: list[Snapshot],
     h.l1_size, h.l1_table_offset = len(active_l1), l1_ci * cs
     h.refcount_table_offset, h.refcount_table_clusters = rt_off, rt_ncl
     h.nb_snapshots, h.snapshots_offset = len(snapshots), st_ci * cs
+    f.barrier()  # the new tables, snapshot table and refcounts before the switch
     f.pwrite(24, struct.pack(">QI", size, 0) + h.pack_pointers())
+    f.barrier()  # the switch before the old metadata's clusters are reused
     img.reload()
