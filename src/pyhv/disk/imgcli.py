@@ -16,11 +16,13 @@ import time
 from collections.abc import Iterator
 
 from pyhv.disk.blockdev import BlockDevice
-from pyhv.disk.open import open_image, probe, resolve_backing
+from pyhv.disk.chain import FileId, chain_holds, device_path, devices, file_id, same_file, walk
+from pyhv.disk.open import FORMATS, open_image, probe, resolve_backing
 from pyhv.disk.qcow2 import check, create
 from pyhv.disk.qcow2.image import Qcow2Image
 from pyhv.disk.raw import RawImage
-from pyhv.errors import ConfigError, ImageError
+from pyhv.disk.status import runs, status
+from pyhv.errors import ConfigError, ImageError, PyhvError
 from pyhv.units import format_size, parse_size
 
 CHUNK = 4 << 20
@@ -125,7 +127,17 @@ def main(args: argparse.Namespace) -> int:
                "snapshot": _cmd_snapshot, "convert": _cmd_convert, "commit": _cmd_commit,
                "rebase": _cmd_rebase, "resize": _cmd_resize, "map": _cmd_map,
                "compare": _cmd_compare}[cmd]
-    return handler(args)
+    try:
+        return handler(args)
+    except BrokenPipeError:
+        raise
+    except OSError as e:  # the file system said no (EIO, ENOSPC, EACCES...): one line
+        raise ImageError(_os_message(e)) from e
+
+
+def _os_message(e: OSError) -> str:
+    what = e.strerror or str(e)
+    return f"{e.filename}: {what}" if e.filename else what
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -188,6 +200,8 @@ def _qcow2_create_kwargs(opts: dict[str, str]) -> dict[str, object]:
             else:
                 raise ConfigError(f"compat must be 0.10 or 1.1, not {val!r}")
         elif key == "refcount_bits":
+            if not val.isdecimal():
+                raise ConfigError(f"option refcount_bits expects a number, not {val!r}")
             kw["refcount_bits"] = int(val)
         elif key == "lazy_refcounts":
             kw["lazy_refcounts"] = _bool_opt(key, val)
@@ -206,8 +220,12 @@ def _qcow2_create_kwargs(opts: dict[str, str]) -> dict[str, object]:
     return kw
 
 
-def _open(path: str, fmt: str | None, *, rw: bool = False) -> BlockDevice:
-    return open_image(path, fmt, read_only=not rw)
+def _open(path: str, fmt: str | None, *, rw: bool = False,
+          backing: bool = True) -> BlockDevice:
+    """Open an image named on the command line (and, by default, its backing chain)."""
+    if os.path.isdir(path):
+        raise ImageError(f"cannot open {path}: Is a directory")
+    return open_image(path, fmt, read_only=not rw, backing=backing)
 
 
 def _qcow2(dev: BlockDevice, what: str) -> Qcow2Image:
@@ -217,16 +235,34 @@ def _qcow2(dev: BlockDevice, what: str) -> Qcow2Image:
     return dev
 
 
-def _runs(dev: BlockDevice, start: int = 0) -> Iterator[tuple[int, int, str, int | None]]:
-    """(offset, length, kind, host offset) runs of the top image."""
-    pos, size = start, dev.size
-    while pos < size:
-        if isinstance(dev, Qcow2Image):
-            kind, n, host = dev.block_status(pos, size - pos)
-        else:
-            kind, n, host = "data", size - pos, pos
-        yield pos, n, kind, host
+def _remove_created(path: str, ident: FileId | None) -> None:
+    """Remove `path` after a failure, if it is still the file this command created."""
+    try:
+        if ident is None or file_id(path) == ident:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _write_zeroes(dev: BlockDevice, offset: int, length: int) -> None:
+    if isinstance(dev, Qcow2Image):
+        dev.write_zeroes(offset, length)
+        return
+    zero = bytes(min(CHUNK, length))
+    pos, end = offset, offset + length
+    while pos < end:
+        n = min(CHUNK, end - pos)
+        dev.write(pos, zero[:n])
         pos += n
+
+
+def _grow(dev: BlockDevice, size: int) -> None:
+    """Grow a disk as qemu-img's truncate does (qcow2: the new area reads zeros even over
+    a longer backing file)."""
+    if isinstance(dev, (Qcow2Image, RawImage)):
+        dev.resize(size)
+    else:
+        raise ImageError(f"cannot grow {device_path(dev)}")
 
 
 # ---------------------------------------------------------------------------- verbs
@@ -234,37 +270,59 @@ def _runs(dev: BlockDevice, start: int = 0) -> Iterator[tuple[int, int, str, int
 
 def _cmd_create(args: argparse.Namespace) -> int:
     opts = _parse_options(args.options)
-    fmt = args.fmt
-    backing = args.backing or opts.pop("backing_file", None)
-    bfmt = args.backing_fmt or opts.pop("backing_fmt", None)
-    if args.size is not None:
-        size = parse_size(args.size)
-    elif backing:
-        bpath = resolve_backing(args.filename, backing)
-        dev = open_image(bpath, bfmt)
-        size = dev.size
-        dev.close()
-    else:
-        raise ConfigError("create: a size is needed (or -b with a backing file)")
-    if fmt == "raw":
-        if backing or opts:
-            raise ConfigError("raw images take no options or backing file")
-        RawImage.create(args.filename, size)
-    elif fmt == "qcow2":
-        kw = _qcow2_create_kwargs(opts)
-        if backing:
-            bpath = resolve_backing(args.filename, backing)
-            if not args.unsafe:
-                if bfmt is None:
-                    bfmt = probe(bpath)
-                open_image(bpath, bfmt).close()
-            kw["backing_file"], kw["backing_format"] = backing, bfmt
-        create(args.filename, size, **kw)  # type: ignore[arg-type]
-    else:
+    fmt, target = args.fmt, args.filename
+    backing = args.backing if args.backing is not None else opts.pop("backing_file", None)
+    bfmt = args.backing_fmt or opts.pop("backing_fmt", None) or opts.pop("backing_format",
+                                                                         None)
+    opts.pop("backing_fmt", None)
+    opts.pop("backing_format", None)
+    if fmt not in ("raw", "qcow2"):
         raise ConfigError(f"unknown format {fmt!r} (raw, qcow2)")
+    if fmt == "raw" and (backing or opts):
+        raise ConfigError("raw images take no options or backing file")
+    kw = _qcow2_create_kwargs(opts) if fmt == "qcow2" else {}
+    size = parse_size(args.size) if args.size is not None else None
+    if backing == "":
+        raise ConfigError("create: expected a backing file name, got an empty string")
+    if os.path.isdir(target):
+        raise ImageError(f"cannot create {target}: Is a directory")
+    if backing:
+        bpath = resolve_backing(target, backing)
+        if same_file(bpath, target):
+            raise ImageError(f"{target}: cannot create an image backed by itself (qemu-img: "
+                             "the same filename as the backing file)")
+        if args.unsafe:  # the backing file need not exist; its chain is read from headers
+            if chain_holds(bpath, bfmt, target):
+                raise ImageError(f"{target} is in the backing chain of {bpath}: the new "
+                                 "image would be backed by itself")
+        else:
+            if bfmt is None:
+                bfmt = probe(bpath)
+            dev = open_image(bpath, bfmt)  # the whole chain: cycles are refused there
+            try:
+                if any(same_file(device_path(d), target) for d in devices(dev)):
+                    raise ImageError(f"{target} is in the backing chain of {bpath}: the new "
+                                     "image would be backed by itself")
+                if size is None:
+                    size = dev.size
+            finally:
+                dev.close()
+        kw["backing_file"], kw["backing_format"] = backing, bfmt
+    if size is None:
+        raise ConfigError("create: a size is needed (or -b with a backing file)")
+    existed = os.path.lexists(target)
+    try:
+        if fmt == "raw":
+            RawImage.create(target, size)
+        else:
+            create(target, size, **kw)  # type: ignore[arg-type]
+    except BaseException:
+        if not existed:
+            _remove_created(target, None)
+        raise
     if not args.quiet:
         extra = f" backing_file={backing}" if backing else ""
-        print(f"Formatting '{args.filename}', fmt={fmt} size={size}{extra}")
+        print(f"Formatting '{target}', fmt={fmt} size={size}{extra}")
     return 0
 
 
@@ -320,19 +378,15 @@ def _snapshot_table(snaps: list[dict[str, object]]) -> str:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     chain: list[dict[str, object]] = []
-    path, fmt = args.filename, args.fmt
-    while True:
-        dev = open_image(path, fmt, backing=False)
+    if args.backing_chain:  # header by header: a loop is reported, never followed
+        for path, dev in walk(args.filename, args.fmt):
+            chain.append(_info_dict(dev, path))
+    else:
+        dev = _open(args.filename, args.fmt, backing=False)
         try:
-            d = _info_dict(dev, path)
+            chain.append(_info_dict(dev, args.filename))
         finally:
             dev.close()
-        chain.append(d)
-        if not args.backing_chain or "full-backing-filename" not in d:
-            break
-        path = str(d["full-backing-filename"])
-        fmt = str(d.get("backing-filename-format")) if "backing-filename-format" in d \
-            else None
     if args.output == "json":
         print(json.dumps(chain if args.backing_chain else chain[0], indent=4))
         return 0
@@ -364,12 +418,22 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    dev = open_image(args.filename, args.fmt, read_only=args.repair is None, backing=False)
+    """qemu-img check's statuses: 0 clean, 1 not checked (cannot open, I/O error),
+    2 corruptions, 3 leaks, 63 a format without checks (raw)."""
     try:
-        img = _qcow2(dev, "check")
-        res = check(img, repair=args.repair)
-    finally:
-        dev.close()
+        dev = _open(args.filename, args.fmt, rw=args.repair is not None, backing=False)
+        try:
+            if not isinstance(dev, Qcow2Image):
+                print(f"pyhv: {args.filename}: this image format (raw) does not support "
+                      "checks", file=sys.stderr)
+                return 63
+            res = check(dev, repair=args.repair)
+        finally:
+            dev.close()
+    except (PyhvError, OSError) as e:
+        msg = _os_message(e) if isinstance(e, OSError) else str(e)
+        print(f"pyhv: {msg}", file=sys.stderr)
+        return 1
     if args.output == "json":
         print(json.dumps({"image-end-offset": res.image_end_offset,
                           "total-clusters": res.total_clusters,
@@ -410,7 +474,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_snapshot(args: argparse.Namespace) -> int:
     writes = bool(args.create or args.apply or args.delete)
-    dev = open_image(args.filename, args.fmt, read_only=not writes, backing=False)
+    dev = _open(args.filename, args.fmt, rw=writes, backing=False)
     try:
         img = _qcow2(dev, "snapshot")
         if args.create:
@@ -429,98 +493,139 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _zero_granules(data: bytes, start: int, gran: int) -> Iterator[tuple[int, int]]:
+    """[a, b) offsets into `data` (which starts at disk offset `start`) of the runs of
+    granules (aligned on the disk) that are not all zero."""
+    n = len(data)
+    view = memoryview(data)
+    zero = bytes(gran)
+    run = None
+    off = 0
+    while off < n:
+        nxt = min(n, (start + off) // gran * gran + gran - start)
+        nz = view[off:nxt] != zero[:nxt - off]
+        if nz and run is None:
+            run = off
+        elif not nz and run is not None:
+            yield run, off
+            run = None
+        off = nxt
+    if run is not None:
+        yield run, n
+
+
 def _copy(src: BlockDevice, dst: BlockDevice, progress: Progress, *,
           compress: bool = False) -> None:
-    """Copy every non-zero chunk of `src` into the (empty) `dst`."""
-    size = src.size
-    step = CHUNK
-    zero = bytes(step)
+    """Copy the data of `src` (through its chain) into the empty, zero-reading `dst`.
+
+    Only runs that block status reports as data are read (in CHUNK-sized reads); zero
+    and unallocated runs are skipped, and so are all-zero granules inside data (a
+    cluster of dst, or 64 KiB for raw), so the output stays sparse."""
     cs = dst.cs if isinstance(dst, Qcow2Image) else 0
-    pos = 0
-    while pos < size:
-        n = min(step, size - pos)
-        data = src.read(pos, n)
-        if data != zero[:n]:
-            if not cs:
-                dst.write(pos, data)
-            elif compress:
-                for off in range(0, n, cs):
-                    piece = data[off:off + cs]
-                    if piece == zero[:len(piece)]:
-                        continue
-                    assert isinstance(dst, Qcow2Image)
-                    if not dst.write_compressed((pos + off) // cs, piece):
-                        dst.write(pos + off, piece)
-            else:  # write runs of non-zero clusters; zero clusters stay unallocated
-                start = None
-                view = memoryview(data)
-                for off in [*range(0, n, cs), n]:
-                    nz = off < n and view[off:off + cs] != zero[:min(cs, n - off)]
-                    if nz and start is None:
-                        start = off
-                    elif not nz and start is not None:
-                        dst.write(pos + start, data[start:off])
-                        start = None
-        pos += n
-        progress.update(pos)
+    gran = cs or 65536
+    for start, st in runs(src):
+        end = start + st.length
+        if st.data:
+            pos = start
+            while pos < end:
+                n = min(CHUNK, end - pos)
+                data = src.read(pos, n)
+                for a, b in _zero_granules(data, pos, gran):
+                    if compress and isinstance(dst, Qcow2Image):
+                        for off in range(a, b, cs):
+                            piece = data[off:off + cs]
+                            if (pos + off) % cs or not dst.write_compressed(
+                                    (pos + off) // cs, piece):
+                                dst.write(pos + off, piece)
+                    else:
+                        dst.write(pos + a, data[a:b])
+                pos += n
+                progress.update(pos)
+        progress.update(end)
     progress.done()
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     opts = _parse_options(args.options)
-    src = open_image(args.source, args.fmt)
+    if args.out_fmt not in ("raw", "qcow2"):
+        raise ConfigError(f"unknown output format {args.out_fmt!r}")
+    if args.out_fmt == "raw" and args.compress:
+        raise ConfigError("raw images cannot be compressed (-c needs -O qcow2)")
+    if args.out_fmt == "raw" and opts:
+        raise ConfigError("raw images take no options")
+    kw = _qcow2_create_kwargs(opts) if args.out_fmt == "qcow2" else {}
+    if kw.get("backing_file"):
+        raise ConfigError("convert: the output cannot have a backing file")
+    dest = args.dest
+    src = _open(args.source, args.fmt)
     try:
+        for d in devices(src):  # before anything is created or truncated
+            if same_file(device_path(d), dest):
+                raise ImageError(f"convert: the output {dest} is the input image or a file "
+                                 "of its backing chain; it would be overwritten while read")
+        if os.path.isdir(dest):
+            raise ImageError(f"cannot create {dest}: Is a directory")
         size = src.size
-        if args.out_fmt == "qcow2":
-            kw = _qcow2_create_kwargs(opts)
-            create(args.dest, size, **kw)  # type: ignore[arg-type]
-            dst: BlockDevice = Qcow2Image(args.dest, read_only=False)
-        elif args.out_fmt == "raw":
-            if args.compress:
-                raise ConfigError("raw images cannot be compressed (-c needs -O qcow2)")
-            RawImage.create(args.dest, size)
-            dst = RawImage(args.dest)
-        else:
-            raise ConfigError(f"unknown output format {args.out_fmt!r}")
-        if isinstance(dst, Qcow2Image) and dst.size != size:  # not a sector multiple
-            dst.close()
-            raise ImageError("source size is not a multiple of 512 bytes")
+        existed = os.path.lexists(dest)
+        ident: FileId | None = None
         try:
-            # no fsync at the end: qemu-img convert's default cache mode (unsafe) has none
-            _copy(src, dst, Progress(args.progress, size), compress=args.compress)
-        finally:
-            dst.close()
+            if args.out_fmt == "qcow2":
+                create(dest, size, **kw)  # type: ignore[arg-type]
+                ident = file_id(dest)
+                dst: BlockDevice = Qcow2Image(dest, read_only=False)
+            else:
+                RawImage.create(dest, size)
+                ident = file_id(dest)
+                dst = RawImage(dest)
+            try:
+                # no fsync at the end: qemu-img convert's default cache mode (unsafe)
+                _copy(src, dst, Progress(args.progress, size), compress=args.compress)
+            finally:
+                dst.close()
+        except BaseException:
+            if not existed:
+                _remove_created(dest, ident)
+            raise
     finally:
         src.close()
     return 0
 
 
 def _cmd_commit(args: argparse.Namespace) -> int:
-    top = _qcow2(open_image(args.filename, args.fmt, backing=False), "commit")
+    top = _qcow2(_open(args.filename, args.fmt, backing=False), "commit")
     try:
         name, bfmt = top.h.backing_file, top.h.backing_format
         if not name:
             raise ImageError(f"{args.filename} has no backing file to commit into")
-        base = open_image(resolve_backing(args.filename, name), bfmt, read_only=False,
-                          backing=False)
-        top.backing = base
-        prog = Progress(args.progress, top.size)
-        for pos, n, kind, _host in list(_runs(top)):
-            if kind != "unallocated":
-                for off in range(pos, pos + n, CHUNK):
-                    m = min(CHUNK, pos + n - off, base.size - off)
-                    if m > 0:
+        bpath = resolve_backing(args.filename, name)
+        if same_file(bpath, args.filename):
+            raise ImageError(f"{args.filename} is its own backing file")
+        # the base with its own chain (as qemu-img opens it): a chain that leads back to
+        # the top is a cycle, refused there; a grown qcow2 base needs its backing's size
+        base = open_image(bpath, bfmt, read_only=False)
+        try:
+            if top.size > base.size:  # grow first: nothing past the old end is lost
+                _grow(base, top.size)
+            prog = Progress(args.progress, top.size)
+            pos = 0
+            while pos < top.size:  # the top's own allocation only, one run at a time
+                kind, n, _host = top.block_status(pos, top.size - pos)
+                if kind == "zero":
+                    _write_zeroes(base, pos, n)
+                elif kind != "unallocated":
+                    for off in range(pos, pos + n, CHUNK):
+                        m = min(CHUNK, pos + n - off)
                         base.write(off, top.read(off, m))
-            prog.update(pos + n)
-        prog.done()
-        base.flush()
-        top.backing = None
-        base.close()
+                pos += n
+                prog.update(pos)
+            prog.done()
+            base.flush()
+        finally:
+            base.close()
     finally:
         top.close()
     if not args.keep:
-        img = _qcow2(open_image(args.filename, args.fmt, read_only=False, backing=False),
-                     "commit")
+        img = _qcow2(_open(args.filename, args.fmt, rw=True, backing=False), "commit")
         try:
             img.discard(0, img.size)  # no backing attached: clusters become unallocated
             img.flush()
@@ -532,39 +637,73 @@ def _cmd_commit(args: argparse.Namespace) -> int:
 
 
 def _cmd_rebase(args: argparse.Namespace) -> int:
-    img = _qcow2(open_image(args.filename, args.fmt, read_only=False), "rebase")
+    new_name = args.backing or None
+    new_fmt = args.backing_fmt if new_name else None
+    if new_name and new_fmt is None:
+        raise ConfigError("rebase: give the new backing file's format with -F (qemu-img "
+                          "requires it too)")
+    if new_fmt is not None and new_fmt not in FORMATS:
+        raise ConfigError(f"unknown backing format {new_fmt!r} (raw, qcow2)")
+    npath = resolve_backing(args.filename, new_name) if new_name else None
+    if npath is not None and chain_holds(npath, new_fmt, args.filename):
+        raise ImageError(f"{args.filename} is in the backing chain of {npath}: the image "
+                         "would be backed by itself")
+    # -u rewrites the header only: the old chain is not opened (it may be missing or
+    # loop), which is how a broken chain is repaired
+    img = _qcow2(_open(args.filename, args.fmt, rw=True, backing=not args.unsafe), "rebase")
     try:
-        new_name = args.backing or None
-        new_fmt = args.backing_fmt
-        if new_name and new_fmt is None:
-            new_fmt = probe(resolve_backing(args.filename, new_name))
         if not args.unsafe:
-            new: BlockDevice | None = None
-            if new_name:
-                new = open_image(resolve_backing(args.filename, new_name), new_fmt)
-            old = img.backing
-            prog = Progress(args.progress, img.size)
+            new = open_image(npath, new_fmt) if npath is not None else None
             try:
-                for pos, n, kind, _h in list(_runs(img)):
-                    if kind == "unallocated":
-                        for off in range(pos, pos + n, CHUNK):
-                            m = min(CHUNK, pos + n - off)
-                            a = _read_or_zero(old, off, m)
-                            b = _read_or_zero(new, off, m)
-                            if a != b:
-                                img.write(off, a)
-                    prog.update(pos + n)
-                prog.done()
+                _rebase_copy(img, new, Progress(args.progress, img.size))
             finally:
                 if new is not None:
                     new.close()
         img.h.backing_file = new_name
-        img.h.backing_format = new_fmt if new_name else None
+        img.h.backing_format = new_fmt
         img.write_header()
         img.flush()
     finally:
         img.close()
     return 0
+
+
+def _zero_run(dev: BlockDevice | None, pos: int, n: int) -> tuple[bool, int]:
+    """(reads as zeros, length) of the run of `dev` at pos (None or past its end: zeros)."""
+    if dev is None or pos >= dev.size:
+        return True, n
+    st = status(dev, pos, min(n, dev.size - pos))
+    return st.zero and not st.data, st.length
+
+
+def _rebase_copy(img: Qcow2Image, new: BlockDevice | None, prog: Progress) -> None:
+    """Write into `img`, where it is unallocated, the clusters in which the old backing
+    chain (img.backing) and the new one differ; ranges where both read as zeros (by
+    block status) are never read."""
+    old = img.backing
+    cs = img.cs
+    pos = 0
+    while pos < img.size:
+        kind, n, _host = img.block_status(pos, img.size - pos)
+        if kind == "unallocated":
+            p, end = pos, pos + n
+            while p < end:
+                zo, lo = _zero_run(old, p, end - p)
+                zn, ln = _zero_run(new, p, end - p)
+                m = min(lo, ln)
+                if not (zo and zn):
+                    for q in range(p, p + m, CHUNK):
+                        k = min(CHUNK, p + m - q)
+                        a, b = _read_or_zero(old, q, k), _read_or_zero(new, q, k)
+                        if a == b:
+                            continue
+                        for c in range(0, k, cs):  # write the differing clusters only
+                            if a[c:c + cs] != b[c:c + cs]:
+                                img.write(q + c, a[c:c + cs])
+                p += m
+        pos += n
+        prog.update(pos)
+    prog.done()
 
 
 def _read_or_zero(dev: BlockDevice | None, off: int, n: int) -> bytes:
@@ -575,7 +714,9 @@ def _read_or_zero(dev: BlockDevice | None, off: int, n: int) -> bytes:
 
 
 def _cmd_resize(args: argparse.Namespace) -> int:
-    dev = open_image(args.filename, args.fmt, read_only=False, backing=False)
+    # opened with its backing chain, as qemu-img does: a qcow2 image grown over a longer
+    # backing file gets zeros in the new area, not the backing file's data
+    dev = _open(args.filename, args.fmt, rw=True)
     try:
         text = args.size
         if text.startswith("+"):
@@ -587,7 +728,6 @@ def _cmd_resize(args: argparse.Namespace) -> int:
         if new < 0:
             raise ConfigError("the new size would be negative")
         if isinstance(dev, Qcow2Image):
-            new = -(-new // 512) * 512
             dev.resize(new, shrink=args.shrink)
         elif isinstance(dev, RawImage):
             if new < dev.size and not args.shrink:
@@ -601,58 +741,32 @@ def _cmd_resize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _map_runs(dev: BlockDevice, path: str, pos: int, n: int,
-              depth: int) -> Iterator[dict[str, object]]:
-    if not isinstance(dev, Qcow2Image):
-        yield {"start": pos, "length": n, "depth": depth, "present": True, "zero": False,
-               "data": True, "offset": pos, "filename": path}
-        return
-    end = pos + n
-    while pos < end:
-        kind, m, host = dev.block_status(pos, end - pos)
-        if kind == "unallocated" and dev.backing is not None:
-            b = dev.backing
-            bpath = getattr(b, "path", "?")
-            inside = max(0, min(m, b.size - pos))
-            if inside:
-                yield from _map_runs(b, bpath, pos, inside, depth + 1)
-            if m > inside:
-                yield {"start": pos + inside, "length": m - inside, "depth": depth + 1,
-                       "present": False, "zero": True, "data": False}
-        elif kind == "unallocated":
-            yield {"start": pos, "length": m, "depth": depth, "present": False,
-                   "zero": True, "data": False}
-        else:
-            r: dict[str, object] = {"start": pos, "length": m, "depth": depth,
-                                    "present": True, "zero": kind == "zero",
-                                    "data": kind != "zero"}
-            if host is not None:
-                r["offset"] = host
-                r["filename"] = path
-            yield r
-        pos += m
-
-
 def _cmd_map(args: argparse.Namespace) -> int:
-    dev = open_image(args.filename, args.fmt)
+    dev = _open(args.filename, args.fmt)
     try:
-        runs: list[dict[str, object]] = []
-        for r in _map_runs(dev, args.filename, 0, dev.size, 0):
-            last = runs[-1] if runs else None
+        out: list[dict[str, object]] = []
+        for pos, st in runs(dev):
+            r: dict[str, object] = {"start": pos, "length": st.length, "depth": st.depth,
+                                    "present": st.allocated, "zero": st.zero,
+                                    "data": st.data}
+            if st.host is not None:
+                r["offset"] = st.host
+                r["filename"] = device_path(st.dev)
+            last = out[-1] if out else None
             keys = ("depth", "present", "zero", "data", "filename")
             if last is not None and all(last.get(k) == r.get(k) for k in keys) and (
                     ("offset" not in r and "offset" not in last) or
                     ("offset" in r and "offset" in last and
                      int(str(last["offset"])) + int(str(last["length"])) == r["offset"])):
-                last["length"] = int(str(last["length"])) + int(str(r["length"]))
+                last["length"] = int(str(last["length"])) + st.length
             else:
-                runs.append(r)
+                out.append(r)
     finally:
         dev.close()
     if args.output == "json":
         print("[" + ",\n".join(
             "{ " + json.dumps({k: v for k, v in r.items() if k != "filename"})[1:]
-            for r in runs) + "]")
+            for r in out) + "]")
         return 0
 
     def hx(v: object) -> str:  # C's %#x: "0" for zero
@@ -660,40 +774,92 @@ def _cmd_map(args: argparse.Namespace) -> int:
         return hex(n) if n else "0"
 
     print(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
-    for r in runs:
+    for r in out:
         if r.get("data") and "offset" in r:
             print(f"{hx(r['start']):<16}{hx(r['length']):<16}{hx(r['offset']):<16}"
                   f"{r['filename']}")
     return 0
 
 
+COMPARE_BUF = 2 << 20  # qemu-img compare's IO_BUF_SIZE
+
+
+def _first_sector(x: bytes, y: bytes | None = None) -> int:
+    """Offset of the first 512-byte sector where x and y differ (y None: where x is not
+    zero), counted from the buffer's start as qemu-img compare counts; -1 if none."""
+    other = y if y is not None else bytes(len(x))
+    if x == other:
+        return -1
+    vx, vy = memoryview(x), memoryview(other)
+    lo, hi = 0, len(x)  # x[:lo] == y[:lo] and x[:hi] != y[:hi]: bisect the first byte
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if vx[lo:mid] == vy[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo // 512 * 512
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
-    a = open_image(args.image1, args.fmt1)
+    """qemu-img compare: by block status, reading only where either side has data;
+    mismatches are reported at the start of the first differing sector; exit 0 identical,
+    1 different, 2 (pyhv's error status) when an image cannot be opened or read."""
+    say = (lambda msg: None) if args.quiet else print
+    a = _open(args.image1, args.fmt1)
     try:
-        b = open_image(args.image2, args.fmt2)
+        b = _open(args.image2, args.fmt2)
     except BaseException:
         a.close()
         raise
     try:
-        if args.strict and a.size != b.size:
-            print("Strict mode: Image size mismatch!")
+        n1, n2 = a.size, b.size
+        if args.strict and n1 != n2:
+            say("Strict mode: Image size mismatch!")
             return 1
-        n = max(a.size, b.size)
-        prog = Progress(args.progress, n)
+        common, total = min(n1, n2), max(n1, n2)
+        prog = Progress(args.progress, total)
         pos = 0
-        while pos < n:
-            m = min(CHUNK, n - pos)
-            x, y = _read_or_zero(a, pos, m), _read_or_zero(b, pos, m)
-            if x != y:
-                i = next(k for k in range(m) if x[k] != y[k])
-                print(f"Content mismatch at offset {pos + i}!")
+        while pos < common:
+            s1, s2 = status(a, pos, common - pos), status(b, pos, common - pos)
+            chunk = min(s1.length, s2.length)
+            if args.strict and s1.flags != s2.flags:
+                say(f"Strict mode: Offset {pos} block status mismatch!")
                 return 1
-            pos += m
+            if s1.zero and s2.zero:
+                pass
+            elif s1.allocated == s2.allocated:
+                if s1.allocated:
+                    chunk = min(chunk, COMPARE_BUF)
+                    i = _first_sector(a.read(pos, chunk), b.read(pos, chunk))
+                    if i >= 0:
+                        say(f"Content mismatch at offset {pos + i}!")
+                        return 1
+            else:
+                chunk = min(chunk, COMPARE_BUF)
+                i = _first_sector((a if s1.allocated else b).read(pos, chunk))
+                if i >= 0:
+                    say(f"Content mismatch at offset {pos + i}!")
+                    return 1
+            pos += chunk
             prog.update(pos)
+        if n1 != n2:
+            say("Warning: Image size mismatch!")
+            over = a if n1 > n2 else b
+            while pos < total:
+                st = status(over, pos, total - pos)
+                chunk = st.length
+                if st.allocated and not st.zero:
+                    chunk = min(chunk, COMPARE_BUF)
+                    i = _first_sector(over.read(pos, chunk))
+                    if i >= 0:
+                        say(f"Content mismatch at offset {pos + i}!")
+                        return 1
+                pos += chunk
+                prog.update(pos)
         prog.done()
     finally:
         a.close()
         b.close()
-    if not args.quiet:
-        print("Images are identical.")
+    say("Images are identical.")
     return 0

@@ -1,18 +1,29 @@
 """Raw disk images: the file is the disk, byte for byte.
 
 Design: a thin `BlockDevice` over `os.pread`/`os.pwrite` on one file descriptor. The size
-is the file's size; a sparse file reads as zeros where it has holes. Discard writes
-nothing (it is advisory); `resize` truncates or extends the file (new space reads as
-zeros). One lock per image (see blockdev).
+is the file's size rounded up to whole 512-byte sectors, as QEMU sees a raw file (the
+bytes past the end of the file read as zeros); a sparse file reads as zeros where it has
+holes, and `block_status` reports holes and data from the file system (SEEK_HOLE /
+SEEK_DATA), as QEMU's file driver does. Discard writes nothing (it is advisory); `resize`
+truncates or extends the file (new space reads as zeros). One lock per image (see
+blockdev).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import threading
 
 from pyhv.disk.blockdev import check_range
 from pyhv.errors import ImageError
+
+MAX_SIZE = (1 << 63) - 1  # qemu-img's limit (an int64 byte count)
+
+
+def _sectors(n: int) -> int:
+    return -(-n // 512) * 512
 
 
 class RawImage:
@@ -27,15 +38,30 @@ class RawImage:
             self._fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
         except OSError as e:
             raise ImageError(f"cannot open {path}: {e.strerror}") from e
-        self._size = os.fstat(self._fd).st_size
+        st = os.fstat(self._fd)
+        if stat.S_ISDIR(st.st_mode):
+            os.close(self._fd)
+            raise ImageError(f"cannot open {path}: Is a directory")
+        self._size = _sectors(st.st_size)
         self._lock = threading.RLock()
 
     @staticmethod
     def create(path: str, size: int) -> None:
-        """Create (or truncate) a sparse raw image of `size` bytes."""
+        """Create (or empty) a sparse raw image of `size` bytes, rounded up to whole
+        sectors as qemu-img does. The size is tried on the file before its old content
+        is dropped, so a size the file system refuses leaves an existing file as it was."""
+        if not 0 <= _sectors(size) <= MAX_SIZE:
+            raise ImageError(f"image size {size} out of range (0 to {MAX_SIZE})")
+        size = _sectors(size)
         try:
-            with open(path, "wb") as f:
-                f.truncate(size)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                if os.fstat(fd).st_size < size:
+                    os.ftruncate(fd, size)  # may fail (EFBIG) before anything is lost
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
         except OSError as e:
             raise ImageError(f"cannot create {path}: {e.strerror}") from e
 
@@ -75,11 +101,40 @@ class RawImage:
             check_range(self._size, offset, length)
 
     def resize(self, size: int) -> None:
+        """Set the file's length to exactly `size` bytes (qemu-img does not round it)."""
         with self._lock:
             if self._read_only:
                 raise ImageError(f"{self.path} is open read-only")
-            os.ftruncate(self._fd, size)
-            self._size = size
+            if not 0 <= size <= MAX_SIZE:
+                raise ImageError(f"image size {size} out of range (0 to {MAX_SIZE})")
+            try:
+                os.ftruncate(self._fd, size)
+            except OSError as e:
+                raise ImageError(f"cannot resize {self.path} to {size} bytes: "
+                                 f"{e.strerror}") from e
+            self._size = _sectors(size)
+
+    def block_status(self, offset: int, length: int) -> tuple[str, int, int | None]:
+        """("data" | "zero", length, host offset) of the run at `offset`: file-system
+        holes and the rounded-up tail past the end of the file read as zeros."""
+        with self._lock:
+            check_range(self._size, offset, length)
+            end = offset + length
+            try:
+                data = os.lseek(self._fd, offset, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # ENXIO: no data at or after offset
+                    raise
+                data = end
+            if data > offset:
+                return "zero", min(data, end) - offset, offset
+            try:
+                hole = os.lseek(self._fd, offset, os.SEEK_HOLE)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                hole = end
+            return "data", max(1, min(hole, end) - offset), offset
 
     def is_allocated(self, offset: int, length: int) -> tuple[bool, int]:
         """Raw images are fully allocated: (True, length)."""

@@ -31,13 +31,13 @@ def create(path: str, size: int, *, cluster_size: int = 65536, version: int = 3,
            backing_format: str | None = None, lazy_refcounts: bool = False) -> None:
     """Write a new, empty qcow2 image at `path` (replacing any file there)."""
     cb = cluster_size.bit_length() - 1
-    if cluster_size != 1 << cb or not MIN_CLUSTER_BITS <= cb <= MAX_CLUSTER_BITS:
+    if cb < 0 or cluster_size != 1 << cb or not MIN_CLUSTER_BITS <= cb <= MAX_CLUSTER_BITS:
         raise ImageError(f"cluster size {cluster_size} must be a power of two between 512 "
                          "and 2M")
     if version not in (2, 3):
         raise ImageError(f"unsupported qcow2 version {version}")
     order = refcount_bits.bit_length() - 1
-    if refcount_bits != 1 << order or order > 6:
+    if order < 0 or refcount_bits != 1 << order or order > 6:
         raise ImageError(f"refcount_bits {refcount_bits} must be a power of two up to 64")
     if version == 2 and refcount_bits != 16:
         raise ImageError("version 2 (compat=0.10) images need refcount_bits=16")
