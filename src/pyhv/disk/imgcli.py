@@ -21,7 +21,7 @@ from pyhv.disk.open import FORMATS, open_image, probe, resolve_backing
 from pyhv.disk.qcow2 import check, create
 from pyhv.disk.qcow2.image import Qcow2Image
 from pyhv.disk.raw import RawImage
-from pyhv.disk.status import runs, status
+from pyhv.disk.status import Status, runs, status
 from pyhv.errors import ConfigError, ImageError, PyhvError
 from pyhv.units import format_size, parse_size
 
@@ -102,7 +102,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--shrink", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("filename")
-    p.add_argument("size", help="new size, or +SIZE / -SIZE")
+    # everything after FILE, so that "-2M" is a size, not an option (as in qemu-img)
+    p.add_argument("size", nargs=argparse.REMAINDER, metavar="SIZE",
+                   help="new size, or +SIZE / -SIZE")
 
     p = sub.add_parser("map", help="show where the image's data lives")
     p.add_argument("-f", dest="fmt")
@@ -716,9 +718,16 @@ def _read_or_zero(dev: BlockDevice | None, off: int, n: int) -> bytes:
 def _cmd_resize(args: argparse.Namespace) -> int:
     # opened with its backing chain, as qemu-img does: a qcow2 image grown over a longer
     # backing file gets zeros in the new area, not the backing file's data
+    words = list(args.size)
+    for flag, attr in (("--shrink", "shrink"), ("-q", "quiet")):
+        while flag in words:
+            words.remove(flag)
+            setattr(args, attr, True)
+    if len(words) != 1:
+        raise ConfigError("resize: give one new size (SIZE, +SIZE or -SIZE) after the file")
+    text = words[0]
     dev = _open(args.filename, args.fmt, rw=True)
     try:
-        text = args.size
         if text.startswith("+"):
             new = dev.size + parse_size(text[1:])
         elif text.startswith("-"):
@@ -801,6 +810,12 @@ def _first_sector(x: bytes, y: bytes | None = None) -> int:
     return lo // 512 * 512
 
 
+def _strict_flags(st: Status, pos: int, size: int) -> tuple[int, bool]:
+    """What `compare -s` compares: qemu-img compares the whole block-status word, which
+    also says whether the run reaches the end of the image (BDRV_BLOCK_EOF)."""
+    return st.flags, pos + st.length >= size
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     """qemu-img compare: by block status, reading only where either side has data;
     mismatches are reported at the start of the first differing sector; exit 0 identical,
@@ -823,7 +838,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         while pos < common:
             s1, s2 = status(a, pos, common - pos), status(b, pos, common - pos)
             chunk = min(s1.length, s2.length)
-            if args.strict and s1.flags != s2.flags:
+            if args.strict and _strict_flags(s1, pos, n1) != _strict_flags(s2, pos, n2):
                 say(f"Strict mode: Offset {pos} block status mismatch!")
                 return 1
             if s1.zero and s2.zero:

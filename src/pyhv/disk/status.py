@@ -77,7 +77,7 @@ def status(dev: BlockDevice, offset: int, length: int, depth: int = 0) -> Status
     if back is None:
         return Status(ZERO, n, depth, dev, None)
     if offset >= back.size:
-        return Status(ZERO, n, depth + 1, back, None)
+        return Status(ZERO, n, depth, dev, None)  # as qemu-img map: this layer says zero
     return status(back, offset, min(n, back.size - offset), depth + 1)
 
 
