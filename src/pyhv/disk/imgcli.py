@@ -2,8 +2,18 @@
 resize, map, compare) with qemu-img's meanings, options and exit statuses.
 
 Each verb is one function `_cmd_<verb>(args) -> int`; failures are ImageError/ConfigError
-(the CLI prints `pyhv: <message>` and exits 2). Images are opened read-only unless the
-verb writes; `convert` and `compare` read through backing chains.
+(the CLI prints `pyhv: <message>` and exits 2; an OSError from the file system becomes
+one such line too), except where qemu-img's statuses carry meaning: `check` exits 1 when
+it could not check and 63 on raw images, `compare` 1 when the images differ.
+
+Invariants, so that no verb loses data:
+- images are opened read-only unless the verb writes, and chains through `open_image`
+  (acyclic, at most 64 deep) or `chain.walk` (header by header, loops reported);
+- nothing is created, truncated or grown before every check that can refuse the
+  command has passed (convert's output against every file of its input chain, create's
+  image against its backing chain, commit's base growth before any data is copied);
+- a failed command removes only the output it created itself;
+- the data verbs iterate block status (`status.py`), so they read data runs only.
 """
 
 from __future__ import annotations
@@ -480,7 +490,10 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
     try:
         img = _qcow2(dev, "snapshot")
         if args.create:
-            img.snapshot_create(args.create)
+            try:
+                img.snapshot_create(args.create)
+            except ImageError as e:  # the file is left as it was (rewrite.py)
+                raise ImageError(f"cannot create snapshot {args.create!r}: {e}") from e
         elif args.apply:
             img.snapshot_apply(args.apply)
         elif args.delete:

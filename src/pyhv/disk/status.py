@@ -8,8 +8,9 @@
 layer does (bdrv_block_status_above): flags with the meanings of BDRV_BLOCK_DATA, ZERO,
 ALLOCATED and OFFSET_VALID, the run's length, the depth of the image that decides it, that
 image, and the host offset in its file. A qcow2 cluster that is unallocated is decided by
-the backing file; past the backing file's end, or with no backing file, it reads as zeros
-and is not ALLOCATED. Raw images report file-system holes (SEEK_HOLE) as ZERO.
+the backing file; past the backing file's end, or with no backing file, it reads as zeros,
+is not ALLOCATED, and is reported at the depth of the image that has it unallocated (as
+`qemu-img map` reports it). Raw images report file-system holes (SEEK_HOLE) as ZERO.
 
 Cost: one walk of allocation metadata per run (L1/L2 tables, lseek for raw), never a
 data read, so callers that iterate runs (convert, compare, rebase, map) do work that grows
