@@ -116,24 +116,20 @@ class RawImage:
 
     def block_status(self, offset: int, length: int) -> tuple[str, int, int | None]:
         """("data" | "zero", length, host offset) of the run at `offset`: file-system
-        holes and the rounded-up tail past the end of the file read as zeros."""
+        holes and the rounded-up tail past the end of the file read as zeros (a file
+        system without SEEK_DATA reports everything as data)."""
         with self._lock:
             check_range(self._size, offset, length)
             end = offset + length
             try:
                 data = os.lseek(self._fd, offset, os.SEEK_DATA)
+                hole = os.lseek(self._fd, offset, os.SEEK_HOLE) if data == offset else end
             except OSError as e:
-                if e.errno != errno.ENXIO:  # ENXIO: no data at or after offset
-                    raise
-                data = end
+                if e.errno != errno.ENXIO:  # no SEEK_DATA here: all data
+                    return "data", length, offset
+                data = hole = end  # ENXIO: no data at or after offset
             if data > offset:
                 return "zero", min(data, end) - offset, offset
-            try:
-                hole = os.lseek(self._fd, offset, os.SEEK_HOLE)
-            except OSError as e:
-                if e.errno != errno.ENXIO:
-                    raise
-                hole = end
             return "data", max(1, min(hole, end) - offset), offset
 
     def is_allocated(self, offset: int, length: int) -> tuple[bool, int]:
