@@ -210,19 +210,61 @@ def open_locked(path: str, access: Access, flags: int, mode: int = 0o644
         raise
 
 
-def create_locked(path: str) -> int:
-    """Open `path` for (re)creation as qemu-img does: create it if missing, lock it as
-    its creator, and only then truncate it to 0 bytes; returns the descriptor (the
-    caller writes the new image and closes it, which releases the lock).
+def create_locked(path: str, size: int, *, reserve: bool = False) -> int:
+    """Open `path` for (re)creation: create it if missing and lock it as its creator,
+    as qemu-img does; then make sure the file system takes `size` bytes (the file is
+    grown to `size` if it is shorter, so a size it refuses, EFBIG, fails here; with
+    `reserve` the bytes are also allocated, posix_fallocate, so ENOSPC fails here), and
+    only then truncate it to 0 bytes. Returns the descriptor: the caller writes the new
+    image (at most `size` bytes) and closes it, which releases the lock.
 
-    An image some other process is using is refused before a byte of it changes."""
+    Nothing is lost before the create is known to fit: an image another process uses
+    is refused, and a size or space the file system refuses leaves an existing file
+    as it was (a file this call created is removed again)."""
+    created = True
     try:
-        fd, _lock = open_locked(path, CREATE_ACCESS, os.O_RDWR | os.O_CREAT)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            created = False  # (or a dangling symlink: its target is created, not ours)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise ImageError(f"cannot create {path}: {e.strerror}") from e
+    ident = os.fstat(fd)
     try:
+        lock_fd(fd, path, CREATE_ACCESS)  # before a byte of it changes
+        old = ident.st_size
+        try:
+            if reserve and size:
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    reserve = False  # the file system cannot reserve: the size at least
+            if not (reserve and size) and old < size:
+                os.ftruncate(fd, size)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if os.fstat(fd).st_size != old:
+                    os.ftruncate(fd, old)  # back to its length: its content never changed
+            raise
         os.ftruncate(fd, 0)
-    except OSError as e:
+    except BaseException as e:
         os.close(fd)
-        raise ImageError(f"cannot create {path}: {e.strerror}") from e
+        if created:
+            _unlink_if(path, ident)
+        if isinstance(e, OSError):
+            raise ImageError(f"cannot create {path}: {e.strerror}") from e
+        if isinstance(e, OverflowError):
+            raise ImageError(f"cannot create {path}: size too large") from e
+        raise
     return fd
+
+
+def _unlink_if(path: str, st: os.stat_result) -> None:
+    """Remove `path` if it is still the file `st` describes (one this call created)."""
+    with contextlib.suppress(OSError):
+        now = os.stat(path)
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            os.unlink(path)

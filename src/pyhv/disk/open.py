@@ -4,9 +4,11 @@
 
 A relative backing name is resolved against the directory of the image that names it
 (as QEMU does). The chain is opened read-only below the top image, is capped at
-MAX_CHAIN_DEPTH images, and a file met twice (by real path) is a cycle: both are
-ImageErrors naming the files. A backing format named in the image's header extension
-is used as given; otherwise the format is probed (qcow2 magic, else raw).
+MAX_CHAIN_DEPTH images, and a file met twice is a cycle: both are ImageErrors naming the
+files. A file is identified by its device and inode (`file_id`), so a loop through a
+hard link, a symlink or another spelling of a path is reported as the loop it is. A
+backing format named in the image's header extension is used as given; otherwise the
+format is probed (qcow2 magic, else raw).
 
 Every image of the chain is opened with QEMU's permission locks (lock.py): the top one
 for what the caller asks (read-only or read-write), the backing files read-only. An
@@ -31,6 +33,21 @@ from pyhv.errors import ImageError
 
 MAX_CHAIN_DEPTH = 64
 FORMATS = ("raw", "qcow2")
+
+FileId = tuple[int, int] | str
+
+
+def file_id(path: str) -> FileId:
+    """(st_dev, st_ino) of an existing file, else its real path."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return (st.st_dev, st.st_ino)
+
+
+def same_file(a: str, b: str) -> bool:
+    return file_id(a) == file_id(b) or os.path.realpath(a) == os.path.realpath(b)
 
 
 def probe(path: str) -> str:
@@ -70,16 +87,17 @@ def backing_of(path: str) -> tuple[str | None, str | None]:
 
 def open_image(path: str, fmt: str | None = None, *, read_only: bool = True,
                backing: bool = True, force_share: bool = False, guest: bool = False,
-               _seen: tuple[str, ...] = ()) -> BlockDevice:
+               _seen: tuple[tuple[FileId, str], ...] = ()) -> BlockDevice:
     """Open `path` (and, unless backing=False, its backing chain), locked."""
-    real = os.path.realpath(path)
-    if real in _seen:
-        raise ImageError(f"backing chain has a cycle: {' -> '.join(_seen + (real,))}")
+    ident = file_id(path)
+    if any(ident == i for i, _name in _seen):
+        names = [name for _i, name in _seen] + [path]
+        raise ImageError(f"backing chain has a cycle: {' -> '.join(names)}")
     if len(_seen) >= MAX_CHAIN_DEPTH:
         raise ImageError(f"backing chain deeper than {MAX_CHAIN_DEPTH} images")
     if not os.path.exists(path):
         if _seen:
-            raise ImageError(f"backing file {path} of {_seen[-1]} does not exist")
+            raise ImageError(f"backing file {path} of {_seen[-1][1]} does not exist")
         raise ImageError(f"{path}: no such file")
     fmt = fmt or probe(path)
     if fmt not in FORMATS:
@@ -95,7 +113,7 @@ def open_image(path: str, fmt: str | None = None, *, read_only: bool = True,
         if bfmt is not None and bfmt not in FORMATS:
             raise ImageError(f"unknown backing format {bfmt!r} in {path}")
         back = open_image(bpath, bfmt, read_only=True, force_share=force_share,
-                          _seen=_seen + (real,))
+                          _seen=_seen + ((ident, path),))
     try:
         return Qcow2Image(path, read_only=read_only, backing=back, access=access)
     except BaseException:

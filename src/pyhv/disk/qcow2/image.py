@@ -20,6 +20,11 @@ flush barrier (`ImageFile.barrier`) between stages, never mere issue order:
   stage 2, deferred: lowered refcounts of what the stage-1 writes stopped pointing at
            (copy-on-write, discard, a replaced L2 table).
 
+Discard and zeroing (`_set_entries`, table by table) are stage-1 entry changes and
+stage-2 releases like any other. `resize` commits with the header's size write: a grown
+area reads zeros on the disk (write-back, barrier) before the size that exposes it; a
+shrink's size is durable (barrier) before the cut-off clusters are deallocated.
+
 Stages 1 and 2 are the write-back of dirty table entries (`_writeback`): the in-memory
 L1 list and L2 arrays are the truth, the dirty ranges and pending frees say what the
 file still lacks. Write-back runs on `flush`, `close`, before any whole-metadata
@@ -30,7 +35,7 @@ reused while the file still points at it. The other ordering points: a new refco
 block is durable before the table entry that points to it (refcount.py); a new
 refcount table, L1 table or snapshot table (and everything else a whole-metadata rewrite
 wrote) is durable before the header write that switches to it, and that switch is
-durable before the clusters it released are reused (rewrite.py, refcount.py, `resize`).
+durable before the clusters it released are reused (rewrite.py, refcount.py, `_grow_l1`).
 
 A write to a cluster whose L2 entry has COPIED (refcount 1) goes in place; its refcount
 is checked (a COPIED entry whose count is not 1 is corruption, refused). Anything else
@@ -81,6 +86,7 @@ from pyhv.disk.qcow2.snapshot import Snapshot, parse_snapshots
 from pyhv.errors import ImageError
 
 L2_CACHE_BYTES = 32 << 20  # L2 tables are kept as array('Q'): 8 bytes an entry
+MAX_ZERO_TABLE_BYTES = 1 << 30  # L2 tables a grow over a longer backing file may write
 
 
 def _be_u64(raw: bytes) -> array[int]:
@@ -186,12 +192,13 @@ class Qcow2Image:
                         raise ImageError(f"snapshot {sn.id_str} L1 table overlaps {other}")
                     owner.setdefault(ci, f"snapshot {sn.id_str} L1 table")
         meta = set(owner)
-        for i, e in enumerate(self.l1):
+        used = [e for e in self.l1 if e]  # (a huge L1 is mostly empty: skip those fast)
+        for e in used:
             off = e & C.OFFSET_MASK
             if off and off // cs in meta:
-                raise ImageError(f"L1 entry {i}: L2 table at {off:#x} overlaps metadata "
-                                 f"({owner[off // cs]})")
-        self.l2_tables = {(e & C.OFFSET_MASK) // cs for e in self.l1 if e & C.OFFSET_MASK}
+                raise ImageError(f"L1 entry {self.l1.index(e)}: L2 table at {off:#x} "
+                                 f"overlaps metadata ({owner[off // cs]})")
+        self.l2_tables = {(e & C.OFFSET_MASK) // cs for e in used if e & C.OFFSET_MASK}
         self.meta = meta
         snap_l2: set[int] = set()
         for sn in self.snapshots:
@@ -208,9 +215,8 @@ class Qcow2Image:
     def read_l1(self, offset: int, n: int) -> list[int]:
         raw = self.f.pread(offset, n * 8, "L1 table")
         l1 = list(struct.unpack(f">{n}Q", raw))
-        for i, e in enumerate(l1):
-            if e:
-                C.check_l1_entry(i, e, self.cs, self.f.size)
+        for e in filter(None, l1):
+            C.check_l1_entry(l1.index(e), e, self.cs, self.f.size)
         return l1
 
     def _prepare_for_writes(self) -> None:
@@ -554,25 +560,76 @@ class Qcow2Image:
             if self.read_only:
                 raise ImageError(f"{self.path} is open read-only")
             check_range(self.size, offset, length)
-            cs = self.cs
-            first = -(-offset // cs)
-            last = (offset + length) // cs
-            if offset + length == self.size:
-                last = -(-self.size // cs)
             if self.backing is not None and self.h.version < 3:
                 return  # v2 cannot express "zeros over a backing file"
-            new_e = C.ZERO if self.backing is not None else 0
-            for gci in range(first, last):
-                l1i, l2i = divmod(gci, self.l2e)
-                if not self.l1[l1i] & C.OFFSET_MASK and not new_e:
+            first, last = self._whole_clusters(offset, length)
+            self._set_entries(first, last, C.ZERO if self.backing is not None else 0)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make the range read as zeros: zero clusters (v3) or deallocation (v2 without
+        a backing file) for whole clusters, written zeros for the partial ones."""
+        with self._lock:
+            if self.read_only:
+                raise ImageError(f"{self.path} is open read-only")
+            check_range(self.size, offset, length)
+            first, last = self._whole_clusters(offset, length)
+            if first >= last:
+                self.write(offset, bytes(length))
+                return
+            head = min(first << self.cb, offset + length) - offset
+            if head:
+                self.write(offset, bytes(head))
+            tail_at = min(last << self.cb, self.size)
+            if tail_at < offset + length:
+                self.write(tail_at, bytes(offset + length - tail_at))
+            if self.h.version >= 3:
+                self._set_entries(first, last, C.ZERO)
+            elif not self.h.backing_file:
+                self._set_entries(first, last, 0)
+            else:  # v2 over a backing file: only data clusters read as zeros
+                pos, stop = first << self.cb, tail_at
+                while pos < stop:
+                    n = min(4 << 20, stop - pos)
+                    self.write(pos, bytes(n))
+                    pos += n
+
+    def _whole_clusters(self, offset: int, length: int) -> tuple[int, int]:
+        """Guest clusters [first, last) inside the range; the disk's last cluster counts
+        as whole when the range reaches the disk's end."""
+        cs = self.cs
+        first = -(-offset // cs)
+        last = (offset + length) // cs
+        if offset + length == self.size:
+            last = -(-self.size // cs)
+        return first, max(first, last)
+
+    def _set_entries(self, first: int, last: int, new_e: int) -> None:
+        """Set the L2 entries of guest clusters [first, last) to `new_e` (0 or ZERO).
+
+        Table by table: a table with nothing to change is left alone (absent ones are
+        skipped a block of L1 entries at a time when `new_e` is 0, so the cost follows
+        the allocated tables). The entries are stage-1 changes and the old references'
+        releases stage-2 ones, written back in that order behind barriers (`_writeback`),
+        as for any other write."""
+        gci = first
+        while gci < last:
+            l1i, l2i = divmod(gci, self.l2e)
+            n = min(last, (l1i + 1) * self.l2e) - gci
+            gci += n
+            off = self.l1[l1i] & C.OFFSET_MASK
+            if not off:
+                if not new_e:
+                    gci = max(gci, self._next_l1_used(l1i + 1, last) * self.l2e)
                     continue
-                tbl, l2off = self._l2_for_write(l1i)
-                old = tbl[l2i]
-                if old == new_e:
-                    continue
-                tbl[l2i] = new_e
-                self._dirty(l2off, tbl, l2i, l2i + 1)  # stage 1: the entry,
-                self._release(old)  # stage 2: the refcount
+            elif self._l2(off)[l2i:l2i + n].count(new_e) == n:
+                continue
+            tbl, l2off = self._l2_for_write(l1i)
+            old = tbl[l2i:l2i + n]
+            tbl[l2i:l2i + n] = array("Q", [new_e]) * n
+            self._dirty(l2off, tbl, l2i, l2i + n)  # stage 1: the entries,
+            for oe in old:
+                if oe:
+                    self._release(oe)  # stage 2: what they referenced
             self._maybe_writeback()
 
     def write_compressed(self, gci: int, data: bytes) -> bool:
@@ -589,7 +646,10 @@ class Qcow2Image:
             cs = self.cs
             if self.refs.freed != self._cfreed:  # the packing cluster may have been freed
                 self._cpos, self._cfreed = 0, self.refs.freed
-            if self._cpos and (self._cpos % cs) + len(stream) <= cs and self._cpos % cs:
+            pack = bool(self._cpos % cs) and (self._cpos % cs) + len(stream) <= cs
+            if pack and self.refs.get(self._cpos >> self.cb) >= self.refs.max_count:
+                pack = False  # narrow refcounts: a saturated cluster takes no more streams
+            if pack:
                 off = self._cpos
                 self.refs.update(off >> self.cb, 1, +1)
             else:
@@ -607,78 +667,179 @@ class Qcow2Image:
         """(kind, length, host offset) of the run starting at `offset`.
 
         kind is "data", "zero", "compressed" or "unallocated"; the run stays in one kind
-        and, for data, in physically contiguous clusters."""
+        and, for data, in physically contiguous clusters. The walk skips whole L2 spans
+        whose L1 entry is empty, so its cost follows the allocated metadata, not the
+        length asked for."""
         with self._lock:
-            cs = self.cs
-            gci = offset >> self.cb
+            cs, cb, l2e, mask = self.cs, self.cb, self.l2e, C.OFFSET_MASK
+            end = offset + length
+            gci = offset >> cb
             e = self.entry(gci)
             kind = C.kind_of(e)
+            host = (e & mask) + (offset & (cs - 1)) if kind == C.KIND_NORMAL else None
+            expect = (e & mask) + cs  # the next host cluster of a contiguous data run
+            ci = gci + 1  # first guest cluster not yet known to extend the run
+            stop = -(-end // cs)
+            while ci < stop:
+                l1i, l2i = divmod(ci, l2e)
+                span_end = min(stop, (l1i + 1) * l2e)
+                off = self.l1[l1i] & mask if l1i < len(self.l1) else 0
+                if not off:
+                    if kind != C.KIND_UNALLOCATED:
+                        break
+                    ci = max(span_end, self._next_l1_used(l1i + 1, stop) * l2e)
+                    continue
+                tbl = self._l2(off)
+                j, jend = l2i, l2i + (span_end - ci)
+                if kind == C.KIND_NORMAL:
+                    while j < jend:
+                        e2 = tbl[j]
+                        if C.kind_of(e2) != C.KIND_NORMAL or (e2 & mask) != expect:
+                            break
+                        expect += cs
+                        j += 1
+                elif kind == C.KIND_UNALLOCATED:
+                    while j < jend and not tbl[j] & ~C.COPIED:  # (validated entries)
+                        j += 1
+                else:
+                    while j < jend and C.kind_of(tbl[j]) == kind:
+                        j += 1
+                ci += j - l2i
+                if j < jend:
+                    break
+            n = min(ci << cb, end) - offset
             names = {C.KIND_NORMAL: "data", C.KIND_ZERO: "zero",
                      C.KIND_COMPRESSED: "compressed", C.KIND_UNALLOCATED: "unallocated"}
-            n = min(cs - (offset & (cs - 1)), length)
-            host = (e & C.OFFSET_MASK) + (offset & (cs - 1)) if kind == C.KIND_NORMAL else None
-            while n < length:
-                e2 = self.entry(gci + 1)
-                if C.kind_of(e2) != kind:
-                    break
-                if kind == C.KIND_NORMAL and host is not None and \
-                        (e2 & C.OFFSET_MASK) != host + n:
-                    break
-                gci += 1
-                n = min(n + cs, length)
             return names[kind], n, host
+
+    def _next_l1_used(self, l1i: int, stop_cluster: int) -> int:
+        """The first L1 index >= l1i that has an entry, else the index that maps
+        `stop_cluster`; empty stretches are skipped a block at a time (in C)."""
+        end = -(-stop_cluster // self.l2e)
+        lim = min(len(self.l1), end)
+        while l1i < lim:
+            blk = self.l1[l1i:min(lim, l1i + 4096)]
+            if blk.count(0) == len(blk):
+                l1i += len(blk)
+                continue
+            return l1i + next(k for k, e in enumerate(blk) if e)
+        return end
 
     # -- resize ----------------------------------------------------------------------------
 
     def resize(self, new_size: int, *, shrink: bool = False) -> None:
+        """Grow or (with shrink=True) shrink the virtual disk, as QEMU's qcow2 driver does.
+
+        The header's size write is the commit point, in both directions:
+        - growing makes the whole new area read as zeros before the new size is
+          written (write-back, then a barrier; `_commit_size`): over a backing file
+          longer than the old size, zero clusters (the unaligned head as explicit zeros,
+          as qemu-img writes them; a v2 image has none, so that grow is refused, as
+          qemu-img refuses it); otherwise whatever the file still maps past the old end
+          (the cut-off part of the last cluster, entries an interrupted shrink left) is
+          zeroed or deallocated. A crash before the size write leaves the old size.
+        - shrinking writes the smaller size first (durable, a barrier), then deallocates
+          the cut-off clusters and zeroes the cut-off part of the last cluster, none of
+          which the guest can see any more. A crash leaves the old size unchanged or the
+          new one, never a tail that reads as neither.
+        So a later grow never brings cut-off data back."""
         with self._lock:
             if self.read_only:
                 raise ImageError(f"{self.path} is open read-only")
             if self.snapshots and self.h.version < 3 and new_size != self.size:
                 # v2 snapshots need not record their disk size: QEMU refuses too
                 raise ImageError("Can't resize a v2 image which has snapshots")
+            if new_size % 512:
+                raise ImageError("the new size must be a multiple of 512")
             self.validate()
             need = l1_entries_needed(new_size, self.cb)
             if new_size > MAX_VIRTUAL_SIZE or need * 8 > MAX_L1_BYTES:
                 raise ImageError(f"size {new_size} too large for {self.cs}-byte clusters")
-            if new_size < self.size:
+            old_size = self.size
+            if new_size < old_size:
                 if not shrink:
                     raise ImageError("shrinking needs --shrink (data past the new end is lost)")
-                if self.snapshots:
-                    raise ImageError("cannot shrink an image that has internal snapshots")
-                start = -(-new_size // self.cs) * self.cs
-                if start < self.size:
-                    saved = self.backing
-                    self.backing = None  # plain deallocation: the tail is cut off anyway
-                    try:
-                        self.discard(start, self.size - start)
-                    finally:
-                        self.backing = saved
-                if new_size % self.cs:  # zero the cut-off part of the last cluster
-                    tail = self.cs - new_size % self.cs
-                    if self.entry(new_size >> self.cb):
-                        self.write(new_size, bytes(min(tail, self.size - new_size)))
-            need = l1_entries_needed(new_size, self.cb)
-            old_l1_off, old_l1_n = self.h.l1_table_offset, self.h.l1_size
-            self._writeback()
+                self._shrink(new_size)  # (v3 snapshots keep their own size)
+                return
+            if new_size == old_size:
+                return
+            zero = self.backing is not None and self.backing.size > old_size
+            if zero and self.h.version < 3:
+                raise ImageError("cannot zero the grown area: a version 2 (compat=0.10) "
+                                 "image has no zero clusters and its backing file is longer "
+                                 "than the image (as qemu-img)")
+            span = self.cs * self.l2e
+            tables = -(-new_size // span) - old_size // span
+            if zero and tables * self.cs > MAX_ZERO_TABLE_BYTES:
+                raise ImageError(f"growing to {new_size} bytes over a longer backing file "
+                                 f"needs {tables} L2 tables of zero clusters; refusing "
+                                 f"more than {MAX_ZERO_TABLE_BYTES >> 20} MiB of them")
             if need > self.h.l1_size:
-                nbytes = need * 8
-                ncl = -(-nbytes // self.cs)
-                new_off = self.refs.alloc(ncl)
-                tbl = self.l1 + [0] * (need - len(self.l1))
-                self.f.pwrite(new_off, struct.pack(f">{need}Q", *tbl).ljust(ncl * self.cs,
-                                                                            b"\0"))
-                self.f.barrier()  # the new L1 table is durable before the header names it
-                self.h.l1_table_offset, self.h.l1_size = new_off, need
-                self.h.size = new_size
-                self.f.pwrite(24, struct.pack(">QI", new_size, 0) + self.h.pack_pointers())
-                self.f.barrier()  # and the switch is durable before the old one is freed
-                self.l1 = tbl
-                self.refs.update(old_l1_off >> self.cb, -(-old_l1_n * 8 // self.cs), -1)
-                self._compute_metadata()
-            else:
-                self.h.size = new_size
-                self.f.pwrite(24, struct.pack(">Q", new_size))
+                self._grow_l1(need)
+            self.h.size = new_size  # in memory only until the new area reads zeros
+            try:
+                if zero:
+                    self.write_zeroes(old_size, new_size - old_size)
+                else:
+                    self._clear_past(old_size, new_size)
+            except BaseException:
+                self.h.size = old_size
+                raise
+            self._commit_size(new_size)
+
+    def _clear_past(self, old_size: int, new_size: int) -> None:
+        """Make [old_size, new_size) read as zeros where the file still maps anything:
+        the part of the old end's cluster past it, and entries past it that a shrink
+        interrupted before its deallocation left. (Nothing is read from a backing file
+        here: it is not longer than old_size.)"""
+        cs, cb = self.cs, self.cb
+        cut = -(-old_size // cs)
+        if old_size % cs and C.kind_of(self.entry(old_size >> cb)) in (C.KIND_NORMAL,
+                                                                      C.KIND_COMPRESSED):
+            self.write(old_size, bytes(min(cut << cb, new_size) - old_size))
+        self._set_entries(cut, -(-new_size // cs), 0)
+
+    def _shrink(self, new_size: int) -> None:
+        old_size = self.size
+        self._commit_size(new_size)
+        self.f.barrier()  # the smaller size is durable before anything past it changes
+        cs, cb = self.cs, self.cb
+        self._set_entries(-(-new_size // cs), -(-old_size // cs), 0)  # plain deallocation
+        if new_size % cs and C.kind_of(self.entry(new_size >> cb)) in (C.KIND_NORMAL,
+                                                                      C.KIND_COMPRESSED):
+            # the cut-off part of the last cluster, now past the end: zeroed, so that a
+            # later grow by another tool (qemu-img does not zero it) cannot bring it back
+            l1i = (new_size >> cb) // self.l2e
+            self._write_in_table(l1i, new_size, memoryview(bytes(cs - new_size % cs)))
+
+    def _commit_size(self, new_size: int) -> None:
+        """Write the new virtual size into the header, once everything before it is
+        durable (write-back, then a barrier): for a grow, the zeros of the new area."""
+        self._writeback()
+        self.f.barrier()
+        self.h.size = new_size
+        self.f.pwrite(24, struct.pack(">Q", new_size))
+
+    def _grow_l1(self, need: int) -> None:
+        """Move to a larger L1 table (the header switch keeps the old virtual size).
+
+        Pending entries are written back first (the copy is taken from the in-memory
+        table, the truth); the new table is durable before the header names it, and the
+        switch is durable before the old table's clusters are released."""
+        self._writeback()
+        old_l1_off, old_l1_n = self.h.l1_table_offset, self.h.l1_size
+        nbytes = need * 8
+        ncl = -(-nbytes // self.cs)
+        new_off = self.refs.alloc(ncl)
+        tbl = self.l1 + [0] * (need - len(self.l1))
+        self.f.pwrite(new_off, struct.pack(f">{need}Q", *tbl).ljust(ncl * self.cs, b"\0"))
+        self.f.barrier()
+        self.h.l1_table_offset, self.h.l1_size = new_off, need
+        self.f.pwrite(24, struct.pack(">QI", self.h.size, 0) + self.h.pack_pointers())
+        self.f.barrier()
+        self.l1 = tbl
+        self.refs.update(old_l1_off >> self.cb, -(-old_l1_n * 8 // self.cs), -1)
+        self._compute_metadata()
 
     # -- snapshots -------------------------------------------------------------------------
 

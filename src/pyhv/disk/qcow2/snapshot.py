@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 _ENTRY = struct.Struct(">QIHHIIQII")
 MAX_EXTRA = 1024
+MAX_NAME_BYTES = 255  # QEMU keeps names in a char[256]
 MAX_TABLE_BYTES = 64 << 20
 
 
@@ -124,6 +125,8 @@ def create(img: Qcow2Image, name: str) -> Snapshot:
     """Make snapshot `name` of the active image (the old active L1 becomes its L1)."""
     from pyhv.disk.qcow2.rewrite import rewrite
 
+    if len(name.encode()) > MAX_NAME_BYTES:  # QEMU silently cuts names to 255 bytes
+        raise ImageError(f"snapshot names are limited to {MAX_NAME_BYTES} bytes")
     if any(sn.name == name for sn in img.snapshots):
         raise ImageError(f"a snapshot named {name!r} already exists")
     if len(img.snapshots) >= 65536:
