@@ -7,8 +7,10 @@ subcommand runs, so `pyhv img` works on a host without /dev/kvm or unicorn.
 Exit statuses: 0 success; 2 bad input or host problem (one `pyhv: ...` line on stderr);
 the guest-run statuses are documented in `pyhv.runner` (odd values come from the guest's
 debug-exit port, pyhv's own are even, but for 141, a closed stdout as with SIGPIPE).
-A former subcommand name (`image`, now `guest`) is refused as argparse refuses any
-unknown name, with a hint to the new one.
+A subcommand may keep another tool's statuses: `pyhv img` exits as qemu-img does (its
+module's USAGE_STATUS for a bad command line; see pyhv.disk.imgcli). A former subcommand
+name (`image`, now `guest`) is refused as argparse refuses any unknown name, with a hint
+to the new one.
 """
 
 from __future__ import annotations
@@ -44,13 +46,17 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with `only`, just that subcommand's module is imported (the
+    others stay listed), so `pyhv img` does not pay for importing the run loop."""
     parser = _Parser(prog="pyhv", description="A hypervisor written in Python.")
     parser.add_argument("--version", action="version", version=f"pyhv {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module_name)
+        if only is not None and name != only:
+            continue
         try:
             module = importlib.import_module(module_name)
         except ImportError:
@@ -60,8 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    first = next((w for w in words if not w.startswith("-")), None)
+    parser = build_parser(first if first in SUBCOMMANDS else None)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        if e.code == 2 and first in SUBCOMMANDS:  # argparse's usage error
+            module = sys.modules.get(SUBCOMMANDS[first][0])
+            return int(getattr(module, "USAGE_STATUS", 2))
+        raise
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2

@@ -36,9 +36,9 @@ def test_create_options(qemu: Any, tmp_path: Path) -> None:
     assert info["format-specific"]["data"]["refcount-bits"] == 64
     assert info["format-specific"]["data"]["lazy-refcounts"] is True
     qemu.check(p)
-    assert img("create", "-f", "qcow2", "-o", "cluster_size=3000", p, "1M") == 2
-    assert img("create", "-f", "qcow2", "-o", "bogus=1", p, "1M") == 2
-    assert img("create", "-f", "qcow2", p, "12Q") == 2
+    assert img("create", "-f", "qcow2", "-o", "cluster_size=3000", p, "1M") == 1
+    assert img("create", "-f", "qcow2", "-o", "bogus=1", p, "1M") == 1
+    assert img("create", "-f", "qcow2", p, "12Q") == 1
 
 
 def test_create_backing_and_info_chain(qemu: Any, tmp_path: Path,
@@ -129,7 +129,7 @@ def test_resize(qemu: Any, tmp_path: Path) -> None:
     assert len(data) == 64 << 20 and data[:1 << 20] == b"\x05" * (1 << 20)
     assert not any(data[1 << 20:])
     qemu.io(p, "write -P 0x06 60M 64k")
-    assert img("resize", p, "100k") == 2  # shrinking needs --shrink
+    assert img("resize", p, "100k") == 1  # shrinking needs --shrink
     assert img("resize", "--shrink", p, "100k") == 0
     qemu.check(p)
     assert qemu.raw(p) == b"\x05" * (100 << 10)
@@ -163,8 +163,9 @@ def test_compare(qemu: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "Images are identical." in capsys.readouterr().out
     qemu.io(b, "write -P 8 1005 1", fmt="raw")
     assert img("compare", str(a), str(b)) == 1
-    assert "Content mismatch at offset 1005!" in capsys.readouterr().out
-    assert qemu.img("compare", str(a), str(b), ok=False).returncode == 1
+    out = capsys.readouterr().out
+    assert out == "Content mismatch at offset 512!\n"  # the sector start, as qemu-img
+    assert qemu.img("compare", str(a), str(b), ok=False).stdout == out
 
 
 def test_check_json(qemu: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,8 +2,25 @@
 resize, map, compare) with qemu-img's meanings, options and exit statuses.
 
 Each verb is one function `_cmd_<verb>(args) -> int`; failures are ImageError/ConfigError
-(the CLI prints `pyhv: <message>` and exits 2). Images are opened read-only unless the
-verb writes; `convert` and `compare` read through backing chains.
+(an OSError from the file system becomes one too), printed as one `pyhv: <message>` line.
+
+Exit statuses are qemu-img's: 0 success, 1 any error (a bad command line, a file that
+cannot be opened, an image lock held by another process, a refused or failed change),
+except where qemu-img gives statuses a meaning of their own:
+- check: 0 clean, 1 the image could not be checked, 2 corruptions, 3 leaks only,
+  63 a format without checks (raw);
+- compare: 0 identical, 1 different, 2 an image could not be opened, 3 block status
+  could not be read, 4 data could not be read.
+(`USAGE_STATUS` tells the CLI that a bad command line exits 1 here too, not argparse's 2.)
+
+Invariants, so that no verb loses data:
+- images are opened read-only unless the verb writes, and chains through `open_image`
+  (acyclic, at most 64 deep) or `chain.walk` (header by header, loops reported);
+- nothing is created, truncated or grown before every check that can refuse the
+  command has passed (convert's output against every file of its input chain, create's
+  image against its backing chain, commit's base growth before any data is copied);
+- a failed command removes only the output it created itself;
+- the data verbs iterate block status (`status.py`), so they read data runs only.
 """
 
 from __future__ import annotations
@@ -16,11 +33,21 @@ import time
 from collections.abc import Iterator
 
 from pyhv.disk.blockdev import BlockDevice
-from pyhv.disk.open import open_image, probe, resolve_backing
+from pyhv.disk.chain import chain_holds, device_path, devices, walk
+from pyhv.disk.open import (
+    FORMATS,
+    FileId,
+    file_id,
+    open_image,
+    probe,
+    resolve_backing,
+    same_file,
+)
 from pyhv.disk.qcow2 import check, create
 from pyhv.disk.qcow2.image import Qcow2Image
 from pyhv.disk.raw import RawImage
-from pyhv.errors import ConfigError, ImageError
+from pyhv.disk.status import Status, runs, status
+from pyhv.errors import ConfigError, ImageError, PyhvError
 from pyhv.units import format_size, parse_size
 
 CHUNK = 4 << 20
@@ -100,7 +127,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--shrink", action="store_true")
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("filename")
-    p.add_argument("size", help="new size, or +SIZE / -SIZE")
+    # everything after FILE, so that "-2M" is a size, not an option (as in qemu-img)
+    p.add_argument("size", nargs=argparse.REMAINDER, metavar="SIZE",
+                   help="new size, or +SIZE / -SIZE")
 
     p = sub.add_parser("map", help="show where the image's data lives")
     p.add_argument("-f", dest="fmt")
@@ -119,13 +148,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("image2")
 
 
+USAGE_STATUS = 1  # a bad command line (qemu-img: 1; argparse's default is 2)
+ERROR_STATUS = 1  # any other error a verb reports (qemu-img: 1)
+
+
 def main(args: argparse.Namespace) -> int:
     cmd = args.img_cmd
     handler = {"create": _cmd_create, "info": _cmd_info, "check": _cmd_check,
                "snapshot": _cmd_snapshot, "convert": _cmd_convert, "commit": _cmd_commit,
                "rebase": _cmd_rebase, "resize": _cmd_resize, "map": _cmd_map,
                "compare": _cmd_compare}[cmd]
-    return handler(args)
+    try:
+        return handler(args)
+    except BrokenPipeError:
+        raise
+    except (PyhvError, OSError) as e:  # (OSError: EIO, ENOSPC, EACCES...): one line
+        _say_error(e)
+        return ERROR_STATUS
+
+
+def _say_error(e: BaseException) -> None:
+    msg = _os_message(e) if isinstance(e, OSError) else str(e)
+    print(f"pyhv: {msg}", file=sys.stderr)
+
+
+def _os_message(e: OSError) -> str:
+    what = e.strerror or str(e)
+    return f"{e.filename}: {what}" if e.filename else what
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -188,6 +237,8 @@ def _qcow2_create_kwargs(opts: dict[str, str]) -> dict[str, object]:
             else:
                 raise ConfigError(f"compat must be 0.10 or 1.1, not {val!r}")
         elif key == "refcount_bits":
+            if not val.isdecimal():
+                raise ConfigError(f"option refcount_bits expects a number, not {val!r}")
             kw["refcount_bits"] = int(val)
         elif key == "lazy_refcounts":
             kw["lazy_refcounts"] = _bool_opt(key, val)
@@ -206,8 +257,13 @@ def _qcow2_create_kwargs(opts: dict[str, str]) -> dict[str, object]:
     return kw
 
 
-def _open(path: str, fmt: str | None, *, rw: bool = False) -> BlockDevice:
-    return open_image(path, fmt, read_only=not rw)
+def _open(path: str, fmt: str | None, *, rw: bool = False, backing: bool = True,
+          force_share: bool = False) -> BlockDevice:
+    """Open an image named on the command line (and, by default, its backing chain),
+    with QEMU's image locks; `force_share` is -U (read-only opens only, as qemu-img)."""
+    if os.path.isdir(path):
+        raise ImageError(f"cannot open {path}: Is a directory")
+    return open_image(path, fmt, read_only=not rw, backing=backing, force_share=force_share)
 
 
 def _qcow2(dev: BlockDevice, what: str) -> Qcow2Image:
@@ -217,16 +273,34 @@ def _qcow2(dev: BlockDevice, what: str) -> Qcow2Image:
     return dev
 
 
-def _runs(dev: BlockDevice, start: int = 0) -> Iterator[tuple[int, int, str, int | None]]:
-    """(offset, length, kind, host offset) runs of the top image."""
-    pos, size = start, dev.size
-    while pos < size:
-        if isinstance(dev, Qcow2Image):
-            kind, n, host = dev.block_status(pos, size - pos)
-        else:
-            kind, n, host = "data", size - pos, pos
-        yield pos, n, kind, host
+def _remove_created(path: str, ident: FileId | None) -> None:
+    """Remove `path` after a failure, if it is still the file this command created."""
+    try:
+        if ident is None or file_id(path) == ident:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _write_zeroes(dev: BlockDevice, offset: int, length: int) -> None:
+    if isinstance(dev, Qcow2Image):
+        dev.write_zeroes(offset, length)
+        return
+    zero = bytes(min(CHUNK, length))
+    pos, end = offset, offset + length
+    while pos < end:
+        n = min(CHUNK, end - pos)
+        dev.write(pos, zero[:n])
         pos += n
+
+
+def _grow(dev: BlockDevice, size: int) -> None:
+    """Grow a disk as qemu-img's truncate does (qcow2: the new area reads zeros even over
+    a longer backing file)."""
+    if isinstance(dev, (Qcow2Image, RawImage)):
+        dev.resize(size)
+    else:
+        raise ImageError(f"cannot grow {device_path(dev)}")
 
 
 # ---------------------------------------------------------------------------- verbs
@@ -234,37 +308,61 @@ def _runs(dev: BlockDevice, start: int = 0) -> Iterator[tuple[int, int, str, int
 
 def _cmd_create(args: argparse.Namespace) -> int:
     opts = _parse_options(args.options)
-    fmt = args.fmt
-    backing = args.backing or opts.pop("backing_file", None)
-    bfmt = args.backing_fmt or opts.pop("backing_fmt", None)
-    if args.size is not None:
-        size = parse_size(args.size)
-    elif backing:
-        bpath = resolve_backing(args.filename, backing)
-        dev = open_image(bpath, bfmt)
-        size = dev.size
-        dev.close()
-    else:
-        raise ConfigError("create: a size is needed (or -b with a backing file)")
-    if fmt == "raw":
-        if backing or opts:
-            raise ConfigError("raw images take no options or backing file")
-        RawImage.create(args.filename, size)
-    elif fmt == "qcow2":
-        kw = _qcow2_create_kwargs(opts)
-        if backing:
-            bpath = resolve_backing(args.filename, backing)
-            if not args.unsafe:
-                if bfmt is None:
-                    bfmt = probe(bpath)
-                open_image(bpath, bfmt).close()
-            kw["backing_file"], kw["backing_format"] = backing, bfmt
-        create(args.filename, size, **kw)  # type: ignore[arg-type]
-    else:
+    fmt, target = args.fmt, args.filename
+    backing = args.backing if args.backing is not None else opts.pop("backing_file", None)
+    bfmt = args.backing_fmt or opts.pop("backing_fmt", None) or opts.pop("backing_format",
+                                                                         None)
+    opts.pop("backing_fmt", None)
+    opts.pop("backing_format", None)
+    if fmt not in ("raw", "qcow2"):
         raise ConfigError(f"unknown format {fmt!r} (raw, qcow2)")
+    if fmt == "raw" and (backing or opts):
+        raise ConfigError("raw images take no options or backing file")
+    kw = _qcow2_create_kwargs(opts) if fmt == "qcow2" else {}
+    size = parse_size(args.size) if args.size is not None else None
+    if backing == "":
+        raise ConfigError("create: expected a backing file name, got an empty string")
+    if os.path.isdir(target):
+        raise ImageError(f"cannot create {target}: Is a directory")
+    if backing:
+        bpath = resolve_backing(target, backing)
+        if same_file(bpath, target):
+            raise ImageError(f"{target}: cannot create an image backed by itself (qemu-img: "
+                             "the same filename as the backing file)")
+        if args.unsafe:  # the backing file need not exist; its chain is read from headers
+            if chain_holds(bpath, bfmt, target):
+                raise ImageError(f"{target} is in the backing chain of {bpath}: the new "
+                                 "image would be backed by itself")
+        else:
+            if bfmt is None:
+                bfmt = probe(bpath)
+            # the whole chain (cycles are refused there), shared with its users: qemu-img
+            # create opens the backing file with force-share too
+            dev = open_image(bpath, bfmt, force_share=True)
+            try:
+                if any(same_file(device_path(d), target) for d in devices(dev)):
+                    raise ImageError(f"{target} is in the backing chain of {bpath}: the new "
+                                     "image would be backed by itself")
+                if size is None:
+                    size = dev.size
+            finally:
+                dev.close()
+        kw["backing_file"], kw["backing_format"] = backing, bfmt
+    if size is None:
+        raise ConfigError("create: a size is needed (or -b with a backing file)")
+    existed = os.path.lexists(target)
+    try:
+        if fmt == "raw":
+            RawImage.create(target, size)
+        else:
+            create(target, size, **kw)  # type: ignore[arg-type]
+    except BaseException:
+        if not existed:
+            _remove_created(target, None)
+        raise
     if not args.quiet:
         extra = f" backing_file={backing}" if backing else ""
-        print(f"Formatting '{args.filename}', fmt={fmt} size={size}{extra}")
+        print(f"Formatting '{target}', fmt={fmt} size={size}{extra}")
     return 0
 
 
@@ -320,19 +418,15 @@ def _snapshot_table(snaps: list[dict[str, object]]) -> str:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     chain: list[dict[str, object]] = []
-    path, fmt = args.filename, args.fmt
-    while True:
-        dev = open_image(path, fmt, backing=False)
+    if args.backing_chain:  # header by header: a loop is reported, never followed
+        for path, dev in walk(args.filename, args.fmt, force_share=args.force_share):
+            chain.append(_info_dict(dev, path))
+    else:
+        dev = _open(args.filename, args.fmt, backing=False, force_share=args.force_share)
         try:
-            d = _info_dict(dev, path)
+            chain.append(_info_dict(dev, args.filename))
         finally:
             dev.close()
-        chain.append(d)
-        if not args.backing_chain or "full-backing-filename" not in d:
-            break
-        path = str(d["full-backing-filename"])
-        fmt = str(d.get("backing-filename-format")) if "backing-filename-format" in d \
-            else None
     if args.output == "json":
         print(json.dumps(chain if args.backing_chain else chain[0], indent=4))
         return 0
@@ -364,12 +458,22 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    dev = open_image(args.filename, args.fmt, read_only=args.repair is None, backing=False)
+    """qemu-img check's statuses: 0 clean, 1 not checked (cannot open, I/O error),
+    2 corruptions, 3 leaks, 63 a format without checks (raw)."""
     try:
-        img = _qcow2(dev, "check")
-        res = check(img, repair=args.repair)
-    finally:
-        dev.close()
+        dev = _open(args.filename, args.fmt, rw=args.repair is not None, backing=False,
+                    force_share=args.force_share)
+        try:
+            if not isinstance(dev, Qcow2Image):
+                print(f"pyhv: {args.filename}: this image format (raw) does not support "
+                      "checks", file=sys.stderr)
+                return 63
+            res = check(dev, repair=args.repair)
+        finally:
+            dev.close()
+    except (PyhvError, OSError) as e:
+        _say_error(e)
+        return 1  # qemu-img check: the image could not be checked
     if args.output == "json":
         print(json.dumps({"image-end-offset": res.image_end_offset,
                           "total-clusters": res.total_clusters,
@@ -410,11 +514,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_snapshot(args: argparse.Namespace) -> int:
     writes = bool(args.create or args.apply or args.delete)
-    dev = open_image(args.filename, args.fmt, read_only=not writes, backing=False)
+    dev = _open(args.filename, args.fmt, rw=writes, backing=False,
+                force_share=args.force_share)
     try:
         img = _qcow2(dev, "snapshot")
         if args.create:
-            img.snapshot_create(args.create)
+            try:
+                img.snapshot_create(args.create)
+            except ImageError as e:  # the file is left as it was (rewrite.py)
+                raise ImageError(f"cannot create snapshot {args.create!r}: {e}") from e
         elif args.apply:
             img.snapshot_apply(args.apply)
         elif args.delete:
@@ -429,98 +537,143 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _zero_granules(data: bytes, start: int, gran: int) -> Iterator[tuple[int, int]]:
+    """[a, b) offsets into `data` (which starts at disk offset `start`) of the runs of
+    granules (aligned on the disk) that are not all zero."""
+    n = len(data)
+    view = memoryview(data)
+    zero = bytes(gran)
+    run = None
+    off = 0
+    while off < n:
+        nxt = min(n, (start + off) // gran * gran + gran - start)
+        nz = view[off:nxt] != zero[:nxt - off]
+        if nz and run is None:
+            run = off
+        elif not nz and run is not None:
+            yield run, off
+            run = None
+        off = nxt
+    if run is not None:
+        yield run, n
+
+
 def _copy(src: BlockDevice, dst: BlockDevice, progress: Progress, *,
           compress: bool = False) -> None:
-    """Copy every non-zero chunk of `src` into the (empty) `dst`."""
-    size = src.size
-    step = CHUNK
-    zero = bytes(step)
+    """Copy the data of `src` (through its chain) into the empty, zero-reading `dst`.
+
+    Only runs that block status reports as data are read (in CHUNK-sized reads); zero
+    and unallocated runs are skipped, and so are all-zero granules inside data (a
+    cluster of dst, or 64 KiB for raw), so the output stays sparse."""
     cs = dst.cs if isinstance(dst, Qcow2Image) else 0
-    pos = 0
-    while pos < size:
-        n = min(step, size - pos)
-        data = src.read(pos, n)
-        if data != zero[:n]:
-            if not cs:
-                dst.write(pos, data)
-            elif compress:
-                for off in range(0, n, cs):
-                    piece = data[off:off + cs]
-                    if piece == zero[:len(piece)]:
-                        continue
-                    assert isinstance(dst, Qcow2Image)
-                    if not dst.write_compressed((pos + off) // cs, piece):
-                        dst.write(pos + off, piece)
-            else:  # write runs of non-zero clusters; zero clusters stay unallocated
-                start = None
-                view = memoryview(data)
-                for off in [*range(0, n, cs), n]:
-                    nz = off < n and view[off:off + cs] != zero[:min(cs, n - off)]
-                    if nz and start is None:
-                        start = off
-                    elif not nz and start is not None:
-                        dst.write(pos + start, data[start:off])
-                        start = None
-        pos += n
-        progress.update(pos)
+    gran = cs or 65536
+    for start, st in runs(src):
+        end = start + st.length
+        if st.data:
+            pos = start
+            while pos < end:
+                n = min(CHUNK, end - pos)
+                data = src.read(pos, n)
+                for a, b in _zero_granules(data, pos, gran):
+                    if compress and isinstance(dst, Qcow2Image):
+                        for off in range(a, b, cs):
+                            piece = data[off:off + cs]
+                            if (pos + off) % cs or not dst.write_compressed(
+                                    (pos + off) // cs, piece):
+                                dst.write(pos + off, piece)
+                    else:
+                        dst.write(pos + a, data[a:b])
+                pos += n
+                progress.update(pos)
+        progress.update(end)
     progress.done()
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     opts = _parse_options(args.options)
-    src = open_image(args.source, args.fmt)
+    if args.out_fmt not in ("raw", "qcow2"):
+        raise ConfigError(f"unknown output format {args.out_fmt!r}")
+    if args.out_fmt == "raw" and args.compress:
+        raise ConfigError("raw images cannot be compressed (-c needs -O qcow2)")
+    if args.out_fmt == "raw" and opts:
+        raise ConfigError("raw images take no options")
+    kw = _qcow2_create_kwargs(opts) if args.out_fmt == "qcow2" else {}
+    if kw.get("backing_file"):
+        raise ConfigError("convert: the output cannot have a backing file")
+    dest = args.dest
+    src = _open(args.source, args.fmt, force_share=args.force_share)
     try:
+        for d in devices(src):  # before anything is created or truncated
+            if same_file(device_path(d), dest):
+                raise ImageError(f"convert: the output {dest} is the input image or a file "
+                                 "of its backing chain; it would be overwritten while read")
+        if os.path.isdir(dest):
+            raise ImageError(f"cannot create {dest}: Is a directory")
         size = src.size
-        if args.out_fmt == "qcow2":
-            kw = _qcow2_create_kwargs(opts)
-            create(args.dest, size, **kw)  # type: ignore[arg-type]
-            dst: BlockDevice = Qcow2Image(args.dest, read_only=False)
-        elif args.out_fmt == "raw":
-            if args.compress:
-                raise ConfigError("raw images cannot be compressed (-c needs -O qcow2)")
-            RawImage.create(args.dest, size)
-            dst = RawImage(args.dest)
-        else:
-            raise ConfigError(f"unknown output format {args.out_fmt!r}")
-        if isinstance(dst, Qcow2Image) and dst.size != size:  # not a sector multiple
-            dst.close()
-            raise ImageError("source size is not a multiple of 512 bytes")
+        existed = os.path.lexists(dest)
+        ident: FileId | None = None
         try:
-            # no fsync at the end: qemu-img convert's default cache mode (unsafe) has none
-            _copy(src, dst, Progress(args.progress, size), compress=args.compress)
-        finally:
-            dst.close()
+            if args.out_fmt == "qcow2":
+                create(dest, size, **kw)  # type: ignore[arg-type]
+                ident = file_id(dest)
+                # a new output: no flush barriers (QEMU's cache=unsafe for convert)
+                dst: BlockDevice = Qcow2Image(dest, read_only=False, unsafe=True)
+            else:
+                RawImage.create(dest, size)
+                ident = file_id(dest)
+                dst = RawImage(dest)
+            try:
+                # no fsync at the end: qemu-img convert's default cache mode (unsafe)
+                _copy(src, dst, Progress(args.progress, size), compress=args.compress)
+            finally:
+                dst.close()
+        except BaseException:
+            if not existed:
+                _remove_created(dest, ident)
+            raise
     finally:
         src.close()
     return 0
 
 
 def _cmd_commit(args: argparse.Namespace) -> int:
-    top = _qcow2(open_image(args.filename, args.fmt, backing=False), "commit")
+    top = _qcow2(_open(args.filename, args.fmt, backing=False), "commit")
     try:
+        top.validate()
         name, bfmt = top.h.backing_file, top.h.backing_format
         if not name:
             raise ImageError(f"{args.filename} has no backing file to commit into")
-        base = open_image(resolve_backing(args.filename, name), bfmt, read_only=False,
-                          backing=False)
-        top.backing = base
-        prog = Progress(args.progress, top.size)
-        for pos, n, kind, _host in list(_runs(top)):
-            if kind != "unallocated":
-                for off in range(pos, pos + n, CHUNK):
-                    m = min(CHUNK, pos + n - off, base.size - off)
-                    if m > 0:
+        bpath = resolve_backing(args.filename, name)
+        if same_file(bpath, args.filename):
+            raise ImageError(f"{args.filename} is its own backing file")
+        # the base with its own chain (as qemu-img opens it): a chain that leads back to
+        # the top is a cycle, refused there; a grown qcow2 base needs its backing's size
+        base = open_image(bpath, bfmt, read_only=False)
+        try:
+            if isinstance(base, Qcow2Image):
+                base.validate()  # a damaged base is refused before anything is written
+            if top.size > base.size:  # grow first: nothing past the old end is lost
+                _grow(base, top.size)
+            prog = Progress(args.progress, top.size)
+            pos = 0
+            while pos < top.size:  # the top's own allocation only, one run at a time
+                kind, n, _host = top.block_status(pos, top.size - pos)
+                if kind == "zero":
+                    _write_zeroes(base, pos, n)
+                elif kind != "unallocated":
+                    for off in range(pos, pos + n, CHUNK):
+                        m = min(CHUNK, pos + n - off)
                         base.write(off, top.read(off, m))
-            prog.update(pos + n)
-        prog.done()
-        base.flush()
-        top.backing = None
-        base.close()
+                pos += n
+                prog.update(pos)
+            prog.done()
+            base.flush()
+        finally:
+            base.close()
     finally:
         top.close()
     if not args.keep:
-        img = _qcow2(open_image(args.filename, args.fmt, read_only=False, backing=False),
-                     "commit")
+        img = _qcow2(_open(args.filename, args.fmt, rw=True, backing=False), "commit")
         try:
             img.discard(0, img.size)  # no backing attached: clusters become unallocated
             img.flush()
@@ -532,39 +685,74 @@ def _cmd_commit(args: argparse.Namespace) -> int:
 
 
 def _cmd_rebase(args: argparse.Namespace) -> int:
-    img = _qcow2(open_image(args.filename, args.fmt, read_only=False), "rebase")
+    new_name = args.backing or None
+    new_fmt = args.backing_fmt if new_name else None
+    if new_name and new_fmt is None:
+        raise ConfigError("rebase: give the new backing file's format with -F (qemu-img "
+                          "requires it too)")
+    if new_fmt is not None and new_fmt not in FORMATS:
+        raise ConfigError(f"unknown backing format {new_fmt!r} (raw, qcow2)")
+    npath = resolve_backing(args.filename, new_name) if new_name else None
+    if npath is not None and chain_holds(npath, new_fmt, args.filename):
+        raise ImageError(f"{args.filename} is in the backing chain of {npath}: the image "
+                         "would be backed by itself")
+    # -u rewrites the header only: the old chain is not opened (it may be missing or
+    # loop), which is how a broken chain is repaired
+    img = _qcow2(_open(args.filename, args.fmt, rw=True, backing=not args.unsafe), "rebase")
     try:
-        new_name = args.backing or None
-        new_fmt = args.backing_fmt
-        if new_name and new_fmt is None:
-            new_fmt = probe(resolve_backing(args.filename, new_name))
         if not args.unsafe:
-            new: BlockDevice | None = None
-            if new_name:
-                new = open_image(resolve_backing(args.filename, new_name), new_fmt)
-            old = img.backing
-            prog = Progress(args.progress, img.size)
+            img.validate()  # -u only rewrites the header, which is how a chain is repaired
+            new = open_image(npath, new_fmt) if npath is not None else None
             try:
-                for pos, n, kind, _h in list(_runs(img)):
-                    if kind == "unallocated":
-                        for off in range(pos, pos + n, CHUNK):
-                            m = min(CHUNK, pos + n - off)
-                            a = _read_or_zero(old, off, m)
-                            b = _read_or_zero(new, off, m)
-                            if a != b:
-                                img.write(off, a)
-                    prog.update(pos + n)
-                prog.done()
+                _rebase_copy(img, new, Progress(args.progress, img.size))
             finally:
                 if new is not None:
                     new.close()
         img.h.backing_file = new_name
-        img.h.backing_format = new_fmt if new_name else None
+        img.h.backing_format = new_fmt
         img.write_header()
         img.flush()
     finally:
         img.close()
     return 0
+
+
+def _zero_run(dev: BlockDevice | None, pos: int, n: int) -> tuple[bool, int]:
+    """(reads as zeros, length) of the run of `dev` at pos (None or past its end: zeros)."""
+    if dev is None or pos >= dev.size:
+        return True, n
+    st = status(dev, pos, min(n, dev.size - pos))
+    return st.zero and not st.data, st.length
+
+
+def _rebase_copy(img: Qcow2Image, new: BlockDevice | None, prog: Progress) -> None:
+    """Write into `img`, where it is unallocated, the clusters in which the old backing
+    chain (img.backing) and the new one differ; ranges where both read as zeros (by
+    block status) are never read."""
+    old = img.backing
+    cs = img.cs
+    pos = 0
+    while pos < img.size:
+        kind, n, _host = img.block_status(pos, img.size - pos)
+        if kind == "unallocated":
+            p, end = pos, pos + n
+            while p < end:
+                zo, lo = _zero_run(old, p, end - p)
+                zn, ln = _zero_run(new, p, end - p)
+                m = min(lo, ln)
+                if not (zo and zn):
+                    for q in range(p, p + m, CHUNK):
+                        k = min(CHUNK, p + m - q)
+                        a, b = _read_or_zero(old, q, k), _read_or_zero(new, q, k)
+                        if a == b:
+                            continue
+                        for c in range(0, k, cs):  # write the differing clusters only
+                            if a[c:c + cs] != b[c:c + cs]:
+                                img.write(q + c, a[c:c + cs])
+                p += m
+        pos += n
+        prog.update(pos)
+    prog.done()
 
 
 def _read_or_zero(dev: BlockDevice | None, off: int, n: int) -> bytes:
@@ -575,9 +763,18 @@ def _read_or_zero(dev: BlockDevice | None, off: int, n: int) -> bytes:
 
 
 def _cmd_resize(args: argparse.Namespace) -> int:
-    dev = open_image(args.filename, args.fmt, read_only=False, backing=False)
+    # opened with its backing chain, as qemu-img does: a qcow2 image grown over a longer
+    # backing file gets zeros in the new area, not the backing file's data
+    words = list(args.size)
+    for flag, attr in (("--shrink", "shrink"), ("-q", "quiet")):
+        while flag in words:
+            words.remove(flag)
+            setattr(args, attr, True)
+    if len(words) != 1:
+        raise ConfigError("resize: give one new size (SIZE, +SIZE or -SIZE) after the file")
+    text = words[0]
+    dev = _open(args.filename, args.fmt, rw=True)
     try:
-        text = args.size
         if text.startswith("+"):
             new = dev.size + parse_size(text[1:])
         elif text.startswith("-"):
@@ -587,7 +784,6 @@ def _cmd_resize(args: argparse.Namespace) -> int:
         if new < 0:
             raise ConfigError("the new size would be negative")
         if isinstance(dev, Qcow2Image):
-            new = -(-new // 512) * 512
             dev.resize(new, shrink=args.shrink)
         elif isinstance(dev, RawImage):
             if new < dev.size and not args.shrink:
@@ -601,58 +797,32 @@ def _cmd_resize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _map_runs(dev: BlockDevice, path: str, pos: int, n: int,
-              depth: int) -> Iterator[dict[str, object]]:
-    if not isinstance(dev, Qcow2Image):
-        yield {"start": pos, "length": n, "depth": depth, "present": True, "zero": False,
-               "data": True, "offset": pos, "filename": path}
-        return
-    end = pos + n
-    while pos < end:
-        kind, m, host = dev.block_status(pos, end - pos)
-        if kind == "unallocated" and dev.backing is not None:
-            b = dev.backing
-            bpath = getattr(b, "path", "?")
-            inside = max(0, min(m, b.size - pos))
-            if inside:
-                yield from _map_runs(b, bpath, pos, inside, depth + 1)
-            if m > inside:
-                yield {"start": pos + inside, "length": m - inside, "depth": depth + 1,
-                       "present": False, "zero": True, "data": False}
-        elif kind == "unallocated":
-            yield {"start": pos, "length": m, "depth": depth, "present": False,
-                   "zero": True, "data": False}
-        else:
-            r: dict[str, object] = {"start": pos, "length": m, "depth": depth,
-                                    "present": True, "zero": kind == "zero",
-                                    "data": kind != "zero"}
-            if host is not None:
-                r["offset"] = host
-                r["filename"] = path
-            yield r
-        pos += m
-
-
 def _cmd_map(args: argparse.Namespace) -> int:
-    dev = open_image(args.filename, args.fmt)
+    dev = _open(args.filename, args.fmt, force_share=args.force_share)
     try:
-        runs: list[dict[str, object]] = []
-        for r in _map_runs(dev, args.filename, 0, dev.size, 0):
-            last = runs[-1] if runs else None
+        out: list[dict[str, object]] = []
+        for pos, st in runs(dev):
+            r: dict[str, object] = {"start": pos, "length": st.length, "depth": st.depth,
+                                    "present": st.allocated, "zero": st.zero,
+                                    "data": st.data}
+            if st.host is not None:
+                r["offset"] = st.host
+                r["filename"] = device_path(st.dev)
+            last = out[-1] if out else None
             keys = ("depth", "present", "zero", "data", "filename")
             if last is not None and all(last.get(k) == r.get(k) for k in keys) and (
                     ("offset" not in r and "offset" not in last) or
                     ("offset" in r and "offset" in last and
                      int(str(last["offset"])) + int(str(last["length"])) == r["offset"])):
-                last["length"] = int(str(last["length"])) + int(str(r["length"]))
+                last["length"] = int(str(last["length"])) + st.length
             else:
-                runs.append(r)
+                out.append(r)
     finally:
         dev.close()
     if args.output == "json":
         print("[" + ",\n".join(
             "{ " + json.dumps({k: v for k, v in r.items() if k != "filename"})[1:]
-            for r in runs) + "]")
+            for r in out) + "]")
         return 0
 
     def hx(v: object) -> str:  # C's %#x: "0" for zero
@@ -660,40 +830,133 @@ def _cmd_map(args: argparse.Namespace) -> int:
         return hex(n) if n else "0"
 
     print(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
-    for r in runs:
+    for r in out:
         if r.get("data") and "offset" in r:
             print(f"{hx(r['start']):<16}{hx(r['length']):<16}{hx(r['offset']):<16}"
                   f"{r['filename']}")
     return 0
 
 
+COMPARE_BUF = 2 << 20  # qemu-img compare's IO_BUF_SIZE
+
+
+def _first_sector(x: bytes, y: bytes | None = None) -> int:
+    """Offset of the first 512-byte sector where x and y differ (y None: where x is not
+    zero), counted from the buffer's start as qemu-img compare counts; -1 if none."""
+    other = y if y is not None else bytes(len(x))
+    if x == other:
+        return -1
+    vx, vy = memoryview(x), memoryview(other)
+    lo, hi = 0, len(x)  # x[:lo] == y[:lo] and x[:hi] != y[:hi]: bisect the first byte
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if vx[lo:mid] == vy[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo // 512 * 512
+
+
+def _strict_flags(st: Status, pos: int, size: int) -> tuple[int, bool]:
+    """What `compare -s` compares: qemu-img compares the whole block-status word, which
+    also says whether the run reaches the end of the image (BDRV_BLOCK_EOF)."""
+    return st.flags, pos + st.length >= size
+
+
+class _CompareFailed(Exception):
+    """An error inside compare, with qemu-img compare's status for it."""
+
+    def __init__(self, status: int, err: BaseException) -> None:
+        super().__init__(str(err))
+        self.status = status
+        self.err = err
+
+
+def _cmp_status(dev: BlockDevice, pos: int, n: int) -> Status:
+    try:
+        return status(dev, pos, n)
+    except (PyhvError, OSError) as e:
+        raise _CompareFailed(3, e) from e
+
+
+def _cmp_read(dev: BlockDevice, pos: int, n: int) -> bytes:
+    try:
+        return dev.read(pos, n)
+    except (PyhvError, OSError) as e:
+        raise _CompareFailed(4, e) from e
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
-    a = open_image(args.image1, args.fmt1)
+    """qemu-img compare: by block status, reading only where either side has data;
+    mismatches are reported at the start of the first differing sector. Exit statuses
+    as qemu-img's: 0 identical, 1 different, 2 an image could not be opened, 3 an error
+    reading block status, 4 an error reading data."""
     try:
-        b = open_image(args.image2, args.fmt2)
-    except BaseException:
-        a.close()
-        raise
+        a = _open(args.image1, args.fmt1, force_share=args.force_share)
+        try:
+            b = _open(args.image2, args.fmt2, force_share=args.force_share)
+        except BaseException:
+            a.close()
+            raise
+    except (PyhvError, OSError) as e:
+        _say_error(e)
+        return 2
     try:
-        if args.strict and a.size != b.size:
-            print("Strict mode: Image size mismatch!")
-            return 1
-        n = max(a.size, b.size)
-        prog = Progress(args.progress, n)
-        pos = 0
-        while pos < n:
-            m = min(CHUNK, n - pos)
-            x, y = _read_or_zero(a, pos, m), _read_or_zero(b, pos, m)
-            if x != y:
-                i = next(k for k in range(m) if x[k] != y[k])
-                print(f"Content mismatch at offset {pos + i}!")
-                return 1
-            pos += m
-            prog.update(pos)
-        prog.done()
+        return _compare(a, b, args)
+    except _CompareFailed as e:
+        _say_error(e.err)
+        return e.status
     finally:
         a.close()
         b.close()
-    if not args.quiet:
-        print("Images are identical.")
+
+
+def _compare(a: BlockDevice, b: BlockDevice, args: argparse.Namespace) -> int:
+    say = (lambda msg: None) if args.quiet else print
+    n1, n2 = a.size, b.size
+    if args.strict and n1 != n2:
+        say("Strict mode: Image size mismatch!")
+        return 1
+    common, total = min(n1, n2), max(n1, n2)
+    prog = Progress(args.progress, total)
+    pos = 0
+    while pos < common:
+        s1, s2 = _cmp_status(a, pos, common - pos), _cmp_status(b, pos, common - pos)
+        chunk = min(s1.length, s2.length)
+        if args.strict and _strict_flags(s1, pos, n1) != _strict_flags(s2, pos, n2):
+            say(f"Strict mode: Offset {pos} block status mismatch!")
+            return 1
+        if s1.zero and s2.zero:
+            pass
+        elif s1.allocated == s2.allocated:
+            if s1.allocated:
+                chunk = min(chunk, COMPARE_BUF)
+                i = _first_sector(_cmp_read(a, pos, chunk), _cmp_read(b, pos, chunk))
+                if i >= 0:
+                    say(f"Content mismatch at offset {pos + i}!")
+                    return 1
+        else:
+            chunk = min(chunk, COMPARE_BUF)
+            i = _first_sector(_cmp_read(a if s1.allocated else b, pos, chunk))
+            if i >= 0:
+                say(f"Content mismatch at offset {pos + i}!")
+                return 1
+        pos += chunk
+        prog.update(pos)
+    if n1 != n2:
+        say("Warning: Image size mismatch!")
+        over = a if n1 > n2 else b
+        while pos < total:
+            st = _cmp_status(over, pos, total - pos)
+            chunk = st.length
+            if st.allocated and not st.zero:
+                chunk = min(chunk, COMPARE_BUF)
+                i = _first_sector(_cmp_read(over, pos, chunk))
+                if i >= 0:
+                    say(f"Content mismatch at offset {pos + i}!")
+                    return 1
+            pos += chunk
+            prog.update(pos)
+    prog.done()
+    say("Images are identical.")
     return 0

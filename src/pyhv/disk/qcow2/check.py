@@ -8,6 +8,9 @@ refcounts:
     stored < expected   corruption  (a write could free live data) exit 2
     COPIED flag disagreeing with a stored refcount in the active tables: corruption
     entries that are unaligned, past the end of the file, or inside metadata: corruption
+    a v3 snapshot table entry without the disk size: corruption ("incomplete", as
+        qemu-img reports it; `incomplete_snapshots` counts them: every rewrite, and so
+        every snapshot operation and repair, writes complete entries)
 
 Repair (`-r leaks` or `-r all`) is the whole-metadata rewrite (rewrite.py): a recounted
 refcount structure and COPIED flags, committed by one header write.
@@ -40,6 +43,7 @@ class CheckResult:
     image_end_offset: int = 0
     corruptions_fixed: int = 0
     leaks_fixed: int = 0
+    incomplete_snapshots: int = 0
 
     @property
     def exit_status(self) -> int:
@@ -126,6 +130,7 @@ def expected_counts(img: Qcow2Image, res: CheckResult) -> Counts:
 def check(img: Qcow2Image, repair: str | None = None) -> CheckResult:
     """Check `img`; with repair "leaks" or "all", fix what was found (image opened rw)."""
     res = CheckResult()
+    img.writeback()  # the walk reads tables from the file: no entry may be pending
     counts = expected_counts(img, res)
     cs, cb = img.cs, img.cb
     per = img.refs.per_block
@@ -169,6 +174,12 @@ def check(img: Qcow2Image, repair: str | None = None) -> CheckResult:
                 res.corruptions += 1
                 res.messages.append(f"ERROR OFLAG_COPIED data cluster: l2_entry={e2:x} "
                                     f"refcount={rc}")
+    if img.h.version >= 3:
+        for i, sn in enumerate(img.snapshots):
+            if sn.disk_size is None:
+                res.corruptions += 1
+                res.incomplete_snapshots += 1
+                res.messages.append(f"ERROR snapshot table entry {i} is incomplete")
     res.total_clusters = -(-img.size // cs)
     res.image_end_offset = (highest + 1) * cs  # as qemu-img: past the last counted cluster
     if repair and (res.leaks or res.corruptions):

@@ -5,7 +5,10 @@
     then                 refcount blocks covering all of the above (b clusters)
     then                 L1 table, zeroed (covers the virtual size)
 
-The metadata clusters count 1 each; everything else is unallocated.
+The metadata clusters count 1 each; everything else is unallocated. The file is locked
+as its creator and the new image's bytes are reserved on it (lock.create_locked) before
+it is truncated: an image another process uses, or one the file system has no room to
+replace, is refused unchanged.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import os
 import struct
 
+from pyhv.disk.lock import create_locked
 from pyhv.disk.qcow2.header import (
     COMPAT_LAZY_REFCOUNTS,
     MAX_CLUSTER_BITS,
@@ -31,13 +35,13 @@ def create(path: str, size: int, *, cluster_size: int = 65536, version: int = 3,
            backing_format: str | None = None, lazy_refcounts: bool = False) -> None:
     """Write a new, empty qcow2 image at `path` (replacing any file there)."""
     cb = cluster_size.bit_length() - 1
-    if cluster_size != 1 << cb or not MIN_CLUSTER_BITS <= cb <= MAX_CLUSTER_BITS:
+    if cb < 0 or cluster_size != 1 << cb or not MIN_CLUSTER_BITS <= cb <= MAX_CLUSTER_BITS:
         raise ImageError(f"cluster size {cluster_size} must be a power of two between 512 "
                          "and 2M")
     if version not in (2, 3):
         raise ImageError(f"unsupported qcow2 version {version}")
     order = refcount_bits.bit_length() - 1
-    if refcount_bits != 1 << order or order > 6:
+    if order < 0 or refcount_bits != 1 << order or order > 6:
         raise ImageError(f"refcount_bits {refcount_bits} must be a power of two up to 64")
     if version == 2 and refcount_bits != 16:
         raise ImageError("version 2 (compat=0.10) images need refcount_bits=16")
@@ -72,11 +76,12 @@ def create(path: str, size: int, *, cluster_size: int = 65536, version: int = 3,
     counts = [1] * n_meta + [0] * (b * per - n_meta)
     out += encode_counts(counts, order)
     out += bytes(l1c * cluster_size)
+    fd = create_locked(path, len(out), reserve=True)  # nothing lost if it cannot fit
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, out)
-        finally:
-            os.close(fd)
+        view = memoryview(out)
+        while view:
+            view = view[os.write(fd, view):]
     except OSError as e:
         raise ImageError(f"cannot create {path}: {e.strerror}") from e
+    finally:
+        os.close(fd)

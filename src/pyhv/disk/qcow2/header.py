@@ -229,6 +229,9 @@ def parse_header(buf: bytes, file_size: int) -> Header:
         raise ImageError(f"unsupported compression type {h.compression_type} (only zlib)")
     if not h.incompatible_features & INCOMPAT_COMPRESSION and h.compression_type != 0:
         raise ImageError("compression_type set without the compression-type feature bit")
+    if h.incompatible_features & INCOMPAT_COMPRESSION and h.compression_type == 0:
+        raise ImageError("the compression-type feature bit is set with zlib compression "
+                         "(it must not be, as QEMU requires)")
     # Tables
     if h.l1_size * 8 > MAX_L1_BYTES:
         raise ImageError(f"L1 table too large ({h.l1_size} entries)")

@@ -18,13 +18,15 @@ last counted cluster). A free cluster is referenced by nothing, so reusing it is
 as appending.
 
 Crash-safety rules kept here:
-- a new refcount block is written (with its own count, if it covers itself) before the
-  table entry that points to it;
+- a new refcount block is written (with its own count, if it covers itself) and made
+  durable (a flush barrier) before the table entry that points to it;
 - counts are raised before any reference to a cluster is written and lowered after the
   last reference is removed, so an interrupted update leaves only leaks;
 - when the table is full, or when a whole new structure is wanted (snapshots, repair),
   `write_structure` writes a complete new table and blocks past the end of the file; the
-  caller switches to it with one atomic header write (header.pack_pointers).
+  caller switches to it with one atomic header write (header.pack_pointers), with a
+  barrier before it (the new structure durable first) and one after it (the switch
+  durable before the old structure's clusters, now free, are reused).
 """
 
 from __future__ import annotations
@@ -184,6 +186,7 @@ class Refcounts:
         else:
             self.update(rci, 1, +1)  # counted by a later block (created first if needed)
         self.f.pwrite(r, encode_counts(blk, self.order))  # block before table entry
+        self.f.barrier()
         self.f.pwrite(self.h.refcount_table_offset + bi * 8, struct.pack(">Q", r))
         self.table[bi] = r
         self._blocks[bi] = blk
@@ -279,7 +282,9 @@ class Refcounts:
         off, tc, end = write_structure(self.f, self.h, counts, start)
         self.h.refcount_table_offset = off
         self.h.refcount_table_clusters = tc
+        self.f.barrier()
         self.f.pwrite(36, self.h.pack_pointers())  # the atomic switch
+        self.f.barrier()
         self.load_table()
         self._next_free = end * self.cs
 

@@ -8,9 +8,13 @@
 
 Everything new goes past the current end of the file and is referenced by nothing until
 the commit, so a crash before it leaves the old image untouched, and a crash after it
-leaves the new one complete. Counts are recomputed from scratch (counts.py) for the new
-state, so the rewrite also repairs leaks and wrong refcounts; COPIED flags in the new
-active tables are set from the recomputed counts.
+leaves the new one complete. Flush barriers make that hold on the disk too: the image's
+pending table entries are written back first (a new snapshot keeps the old active L1
+and its L2 tables, which must be complete on disk), everything new is durable before the
+header switch, and the switch is durable before any cluster it released is reused.
+Counts are recomputed from scratch (counts.py) for the new state, so the rewrite also
+repairs leaks and wrong refcounts; COPIED flags in the new active tables are set from
+the recomputed counts.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from pyhv.disk.qcow2 import cluster as C
 from pyhv.disk.qcow2.counts import Counts, add_l2_refs
+from pyhv.disk.qcow2.fileio import InjectedFault
 from pyhv.disk.qcow2.refcount import write_structure
 from pyhv.disk.qcow2.snapshot import Snapshot
 
@@ -29,7 +34,38 @@ if TYPE_CHECKING:
 
 def rewrite(img: Qcow2Image, *, active_l1: list[int], snapshots: list[Snapshot],
             size: int) -> None:
-    """Make `active_l1` (its L2 tables copied) and `snapshots` the image's state."""
+    """Make `active_l1` (its L2 tables copied) and `snapshots` the image's state.
+
+    A failure before the commit (a refcount overflow in narrow refcounts, an I/O error)
+    cuts the file back to its old end: what was written past it is referenced by
+    nothing, so the image is left exactly as it was (a simulated crash, InjectedFault,
+    is left as a crash would leave it). Barriers: everything new is durable before the
+    header switch, and the switch before any cluster it released can be reused."""
+    img.writeback()  # pending entries first: they belong to the old state, kept intact
+    old_end = img.f.size
+    try:
+        l1_off, rt_off, rt_ncl, st_off = _write_new(img, active_l1, snapshots, size)
+    except InjectedFault:
+        raise
+    except BaseException:
+        if img.f.size > old_end:
+            img.f.truncate(old_end)
+        raise
+    h = img.h
+    h.size = size
+    h.l1_size, h.l1_table_offset = len(active_l1), l1_off
+    h.refcount_table_offset, h.refcount_table_clusters = rt_off, rt_ncl
+    h.nb_snapshots, h.snapshots_offset = len(snapshots), st_off
+    img.f.barrier()  # the new tables, snapshot table and refcounts before the switch
+    img.f.pwrite(24, struct.pack(">QI", size, 0) + h.pack_pointers())  # the commit
+    img.f.barrier()  # the switch before the old metadata's clusters are reused
+    img.reload()
+
+
+def _write_new(img: Qcow2Image, active_l1: list[int], snapshots: list[Snapshot],
+               size: int) -> tuple[int, int, int, int]:
+    """Write the new tables past the end of the file; return (L1 offset, refcount
+    table offset and clusters, snapshot table offset) for the commit."""
     cs, cb, f, h = img.cs, img.cb, img.f, img.h
     cursor = img.refs.next_free() // cs
     # 1. reserve: active L2 copies, active L1, snapshot table
@@ -82,9 +118,4 @@ def rewrite(img: Qcow2Image, *, active_l1: list[int], snapshots: list[Snapshot],
         f.pwrite(st_ci * cs, table.ljust(st_ncl * cs, b"\0"))
     # 4. a fresh refcount structure, then the one-write commit
     rt_off, rt_ncl, _end = write_structure(f, h, counts.a, cursor)
-    h.size = size
-    h.l1_size, h.l1_table_offset = len(active_l1), l1_ci * cs
-    h.refcount_table_offset, h.refcount_table_clusters = rt_off, rt_ncl
-    h.nb_snapshots, h.snapshots_offset = len(snapshots), st_ci * cs
-    f.pwrite(24, struct.pack(">QI", size, 0) + h.pack_pointers())
-    img.reload()
+    return l1_ci * cs, rt_off, rt_ncl, st_ci * cs

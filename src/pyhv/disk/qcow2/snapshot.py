@@ -11,6 +11,14 @@ Snapshot table entry (qcow2.txt "Snapshots"), each entry padded to 8 bytes:
 A snapshot owns an L1 table; its L2 tables and data clusters are shared with the active
 image and counted once per L1 that reaches them.
 
+Entries are written as QEMU writes them, in v2 images too: 24 bytes of extra data
+(vm_state_size_large, disk_size, icount; icount all ones when unknown) plus any unknown
+extra data kept. An entry read without disk_size means "the image's current size" (v2
+allowed that; in a v3 image it is an incomplete entry, which check reports and any
+rewrite completes). v2 images need not record the size per snapshot, so, as QEMU does,
+a v2 image with snapshots is never resized, and a snapshot whose recorded size differs
+from the image's cannot be applied to it.
+
 Every operation here is a whole-metadata rewrite (rewrite.py): the new active L1 and L2
 copies, the new snapshot table and a recounted refcount structure are written past the
 end of the file and switched in by one header write, so a crash leaves the old image
@@ -33,6 +41,7 @@ if TYPE_CHECKING:
 
 _ENTRY = struct.Struct(">QIHHIIQII")
 MAX_EXTRA = 1024
+MAX_NAME_BYTES = 255  # QEMU keeps names in a char[256]
 MAX_TABLE_BYTES = 64 << 20
 
 
@@ -51,10 +60,10 @@ class Snapshot:
     extra_rest: bytes = b""
 
     def pack(self, version: int, image_size: int) -> bytes:
-        extra = struct.pack(">QQ", self.vm_state_size,
-                            image_size if self.disk_size is None else self.disk_size)
-        if self.icount is not None:
-            extra += struct.pack(">Q", self.icount) + self.extra_rest
+        extra = struct.pack(">QQQ", self.vm_state_size,
+                            image_size if self.disk_size is None else self.disk_size,
+                            (1 << 64) - 1 if self.icount is None else self.icount)
+        extra += self.extra_rest
         ids, name = self.id_str.encode(), self.name.encode()
         out = _ENTRY.pack(self.l1_table_offset, self.l1_size, len(ids), len(name),
                           self.date_sec, self.date_nsec, self.vm_clock_nsec,
@@ -116,6 +125,8 @@ def create(img: Qcow2Image, name: str) -> Snapshot:
     """Make snapshot `name` of the active image (the old active L1 becomes its L1)."""
     from pyhv.disk.qcow2.rewrite import rewrite
 
+    if len(name.encode()) > MAX_NAME_BYTES:  # QEMU silently cuts names to 255 bytes
+        raise ImageError(f"snapshot names are limited to {MAX_NAME_BYTES} bytes")
     if any(sn.name == name for sn in img.snapshots):
         raise ImageError(f"a snapshot named {name!r} already exists")
     if len(img.snapshots) >= 65536:
@@ -135,6 +146,10 @@ def apply(img: Qcow2Image, key: str) -> None:
     sn = img.snapshots[find(img, key)]
     l1 = img.read_l1(sn.l1_table_offset, sn.l1_size)
     size = sn.disk_size if sn.disk_size is not None else img.size
+    if img.h.version < 3 and size != img.size:  # QEMU's goto would resize: refused in v2
+        raise ImageError(f"Can't resize a v2 image which has snapshots\nCould not apply "
+                         f"snapshot '{key}': Failed to load snapshot: Operation not "
+                         "supported")
     need = l1_entries_needed(size, img.h.cluster_bits)
     if size > MAX_VIRTUAL_SIZE or need * 8 > MAX_L1_BYTES:
         raise ImageError(f"snapshot {sn.id_str} records an impossible disk size {size}")
