@@ -57,10 +57,10 @@ from pyhv.devices.debugexit import DebugExit
 from pyhv.devices.deferred import DeferredCalls
 from pyhv.devices.fwcfg import FwCfg
 from pyhv.devices.i8042 import I8042
-from pyhv.devices.pci.host import PciHost
 from pyhv.devices.ioapic import IOAPIC_BASE_ADDR, IOAPIC_MMIO_SIZE, IoApic, isa_gsi
 from pyhv.devices.irq import FanOutLine, IrqLine
 from pyhv.devices.lapic import APIC_BASE_ADDR, APIC_MMIO_SIZE, LocalApic
+from pyhv.devices.pci.host import PciHost
 from pyhv.devices.pic8259 import PicPair
 from pyhv.devices.pit8254 import Pit8254, SystemControlPortB
 from pyhv.devices.rtc import Rtc
