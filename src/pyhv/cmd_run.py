@@ -35,11 +35,14 @@ from pathlib import Path
 
 from pyhv import runner as R
 from pyhv.console import Console
+from pyhv.devices.deferred import DeferredCalls
+from pyhv.devices.pci.function import PciFunction
 from pyhv.devices.serial16550 import IER_RDA
 from pyhv.errors import ConfigError
 from pyhv.exitmarker import ExitMarker
 from pyhv.loader import FORMATS
 from pyhv.machine import Machine, MachineConfig, StopRequest, check_memory, resolve_engine
+from pyhv.memory import GuestMemory
 from pyhv.outflow import OutputPump
 from pyhv.terminal import ESCAPE_NAME, InputGate, Terminal
 from pyhv.units import parse_size
@@ -81,6 +84,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="PATH[,format=raw|qcow2][,readonly=on][,serial=S]",
                    help="a virtio-blk disk backed by a raw or qcow2 image (repeatable: "
                         "vda, vdb, ... in order); locked against other writers")
+    p.add_argument("--rng", action="store_true",
+                   help="a virtio-rng device fed by the host's getrandom (the guest's "
+                        "entropy pool is ready early)")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="end the guest after S seconds (exit status 124)")
     p.add_argument("--stats", action="store_true",
@@ -148,7 +154,8 @@ def main(args: argparse.Namespace) -> int:
                            format=args.format, load_addr=args.load_addr, mem_size=mem,
                            engine=engine, strict_io=args.strict_io,
                            engine_options=engine_options,
-                           pci_devices=[make_function(d, i) for i, d in enumerate(disks)])
+                           pci_devices=[make_function(d, i) for i, d in enumerate(disks)]
+                           + ([_rng_function] if args.rng else []))
     pump = _output_pump()
     try:
         console = Console(pump.write, exit_marker=marker)
@@ -173,6 +180,12 @@ def main(args: argparse.Namespace) -> int:
     finally:
         pump.close()
     return _report(result, runner, machine, console, pump, args)
+
+
+def _rng_function(memory: GuestMemory, deferred: DeferredCalls) -> PciFunction:
+    from pyhv.devices.virtio.rng import VirtioRng
+    from pyhv.devices.virtio.transport import VirtioPciFunction
+    return VirtioPciFunction(VirtioRng(), memory, deferred)
 
 
 def _engine_options(pairs: list[str]) -> dict[str, str]:
