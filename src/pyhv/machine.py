@@ -40,8 +40,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyhv.arch.x86 import layout
+from pyhv.arch.x86 import acpi, layout, mptable
+from pyhv.arch.x86.cpuid import APIC, DEFAULT_MODEL
 from pyhv.clock import Clock, HostClock, TimerQueue, VirtualClock
+from pyhv.devices.acpipm import AcpiPm
 from pyhv.devices.apicbus import ApicBus
 from pyhv.devices.boottimer import BootTimer
 from pyhv.devices.bus import Bus
@@ -141,6 +143,7 @@ class Devices:
     pit: Pit8254
     rtc: Rtc
     i8042: I8042
+    acpi_pm: AcpiPm
     fwcfg: FwCfg
     debug_exit: DebugExit
     boot_timer: BootTimer
@@ -183,6 +186,11 @@ class Machine:
         check_memory(config.mem_size)
         self.memory = GuestMemory.with_layout(layout.ram_layout(config.mem_size))
 
+        # 2b. firmware tables (ACPI, MP) in the BIOS area, before the kernel, so that an
+        # image loaded over 0xe0000-0xfffff keeps its own bytes
+        if config.devices:
+            self._install_tables(config)
+
         # 3. the kernel, validated and written into RAM
         if config.setup is not None:
             self.guest: LoadedGuest = config.setup(self.memory)
@@ -213,6 +221,14 @@ class Machine:
             self.vcpu.set_interrupt_source(None)
         self.vcpu.set_state(self.guest.entry)
 
+    def _install_tables(self, config: MachineConfig) -> None:
+        assert self.memory is not None
+        ioapic_id = config.n_cpus
+        acpi.install(self.memory, acpi.AcpiConfig(n_cpus=config.n_cpus, ioapic_id=ioapic_id))
+        mptable.install(self.memory, config.n_cpus, ioapic_id,
+                        cpu_signature=DEFAULT_MODEL.signature(),
+                        cpu_features=DEFAULT_MODEL.features_edx | APIC)
+
     def _build_devices(self, config: MachineConfig, console: Callable[[bytes], None]) -> None:
         pic = PicPair()
         ioapic = IoApic(self.apic_bus, apic_id=config.n_cpus)
@@ -222,6 +238,7 @@ class Machine:
         def isa(n: int) -> IrqLine:
             return FanOutLine(pic.irq_line(n), ioapic.irq_line(isa_gsi(9 if n == 2 else n)))
 
+        pm = acpi.PmPorts()
         pit = Pit8254(self.clock, self.timers, isa(0))
         self._devices = Devices(
             pic=pic,
@@ -232,13 +249,21 @@ class Machine:
                     n_cpus=config.n_cpus),
             i8042=I8042(isa(1), isa(12),
                         lambda: self.request_stop(StopRequest("reset", 0, "i8042 reset"))),
+            acpi_pm=AcpiPm(self.clock, isa(pm.sci_irq),
+                           on_poweroff=lambda: self.request_stop(StopRequest(
+                               "poweroff", 0, "ACPI S5 through PM1a_CNT")),
+                           on_reset=lambda: self.request_stop(StopRequest(
+                               "reset", 0, "ACPI reset register")),
+                           evt=pm.pm1a_evt, cnt=pm.pm1a_cnt, tmr=pm.pm_tmr,
+                           reset=pm.reset, reset_value=pm.reset_value,
+                           s5_slp_typ=acpi.S5_SLP_TYP),
             fwcfg=FwCfg(config.mem_size, config.n_cpus),
             debug_exit=DebugExit(self._debug_exit),
             boot_timer=BootTimer(self.clock, self._booted),
         )
         d = self._devices
-        d.all = [pic, d.serial, pit, SystemControlPortB(pit), d.rtc, d.i8042, d.fwcfg,
-                 d.debug_exit]
+        d.all = [pic, d.serial, pit, SystemControlPortB(pit), d.rtc, d.i8042, d.acpi_pm,
+                 d.fwcfg, d.debug_exit]
         for dev in d.all:
             for base, length, device, name in dev.regions():  # type: ignore[attr-defined]
                 self.pio.register(base, length, device, name)
