@@ -10,13 +10,20 @@
                                       IRQ 0 on GSI 2; the 8259 reaches the vCPU through
                                       its local APIC's LINT0, the virtual wire)
     6. the devices, on the port bus  (16550, 8254 + port B, RTC, i8042, fw_cfg,
-                                      debug-exit, boot timer)
+                                      debug-exit, boot timer), and the PCI bus with
+                                      its host bridge and virtio devices (devices/pci,
+                                      devices/virtio: BARs on the MMIO bus)
     7. the engine, its vCPU, the entry state from the loader
 
 Design: the machine knows devices and engines only through their interfaces: a device
 offers `regions()` for the buses and IRQ lines from the PIC; an engine offers vCPUs that
 run and return exits (`pyhv.engines.base`). Nothing here depends on which engine runs,
 so the same machine serves KVM on a VT-x host and the software CPU here.
+
+Devices that work off the run-loop thread (a virtio disk's I/O thread) hand their
+results back through `deferred` (devices/deferred.py), which `poll_devices` runs; the
+runner makes posting kick the vCPU. `close()` closes the devices (a disk completes its
+in-flight writes, flushes and releases its image lock) before guest RAM goes away.
 
 Devices that end the run (debug-exit, the i8042's reset line) call `request_stop`, which
 records why and kicks the vCPU; the run loop (pyhv.runner) acts on it. Everything a run
@@ -39,6 +46,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyhv.arch.x86 import acpi, layout, mptable
 from pyhv.arch.x86.cpuid import APIC, DEFAULT_MODEL
@@ -48,11 +56,13 @@ from pyhv.devices.apicbus import ApicBus
 from pyhv.devices.boottimer import BootTimer
 from pyhv.devices.bus import Bus
 from pyhv.devices.debugexit import DebugExit
+from pyhv.devices.deferred import DeferredCalls
 from pyhv.devices.fwcfg import FwCfg
 from pyhv.devices.i8042 import I8042
 from pyhv.devices.ioapic import IOAPIC_BASE_ADDR, IOAPIC_MMIO_SIZE, IoApic, isa_gsi
 from pyhv.devices.irq import FanOutLine, IrqLine
 from pyhv.devices.lapic import APIC_BASE_ADDR, APIC_MMIO_SIZE, LocalApic
+from pyhv.devices.pci.host import PCI_IRQS, PciHost
 from pyhv.devices.pic8259 import PicPair
 from pyhv.devices.pit8254 import Pit8254, SystemControlPortB
 from pyhv.devices.rtc import Rtc
@@ -62,6 +72,9 @@ from pyhv.engines.base import Engine, EngineVcpu
 from pyhv.errors import ConfigError, HostError
 from pyhv.loader import BootRequest, LoadedGuest, load
 from pyhv.memory import GuestMemory
+
+if TYPE_CHECKING:
+    from pyhv.devices.pci.function import PciFunction
 
 MAX_MEM = 1 << 40   # 1 TiB: beyond any host pyhv targets; the host check comes first
 
@@ -81,6 +94,10 @@ class MachineConfig:
     # Prepares RAM and returns the entry state, instead of loading `kernel`.
     setup: Callable[[GuestMemory], LoadedGuest] | None = None
     devices: bool = True              # False: a bare board (empty buses, no 8259)
+    # Extra PCI functions: each is called with (memory, deferred) and returns a
+    # PciFunction (virtio devices: see pyhv.devices.virtio), added in order, slots 1...
+    pci_devices: list[Callable[[GuestMemory, DeferredCalls], PciFunction]] = \
+        field(default_factory=list)
 
 
 @dataclass
@@ -147,6 +164,7 @@ class Devices:
     fwcfg: FwCfg
     debug_exit: DebugExit
     boot_timer: BootTimer
+    pci: PciHost
     all: list[object] = field(default_factory=list)
 
 
@@ -164,6 +182,8 @@ class Machine:
         self.engine: Engine | None = None
         self.vcpu: EngineVcpu | None = None
         self._devices: Devices | None = None
+        self.deferred = DeferredCalls()
+        self._pci_functions: list[PciFunction] = []
         self.apic_bus = ApicBus()
         self.lapics: list[LocalApic] = []
         self.current_cpu = 0
@@ -224,10 +244,12 @@ class Machine:
     def _install_tables(self, config: MachineConfig) -> None:
         assert self.memory is not None
         ioapic_id = config.n_cpus
-        acpi.install(self.memory, acpi.AcpiConfig(n_cpus=config.n_cpus, ioapic_id=ioapic_id))
+        routes = pci_routes()
+        acpi.install(self.memory, acpi.AcpiConfig(n_cpus=config.n_cpus, ioapic_id=ioapic_id,
+                                                  pci_routes=routes))
         mptable.install(self.memory, config.n_cpus, ioapic_id,
                         cpu_signature=DEFAULT_MODEL.signature(),
-                        cpu_features=DEFAULT_MODEL.features_edx | APIC)
+                        cpu_features=DEFAULT_MODEL.features_edx | APIC, pci_routes=routes)
 
     def _build_devices(self, config: MachineConfig, console: Callable[[bytes], None]) -> None:
         pic = PicPair()
@@ -260,6 +282,8 @@ class Machine:
             fwcfg=FwCfg(config.mem_size, config.n_cpus),
             debug_exit=DebugExit(self._debug_exit),
             boot_timer=BootTimer(self.clock, self._booted),
+            pci=PciHost(self.pio, self.mmio, self.memory, isa,
+                        lambda irq: _level_triggered(pic, irq)),
         )
         d = self._devices
         d.all = [pic, d.serial, pit, SystemControlPortB(pit), d.rtc, d.i8042, d.acpi_pm,
@@ -268,6 +292,13 @@ class Machine:
             for base, length, device, name in dev.regions():  # type: ignore[attr-defined]
                 self.pio.register(base, length, device, name)
         self.pio.register(layout.BOOT_TIMER_PORT, 1, d.boot_timer, "boot timer")
+        for base, length, device, name in d.pci.regions():
+            self.pio.register(base, length, device, name)
+        assert self.memory is not None
+        for make in config.pci_devices:
+            fn = make(self.memory, self.deferred)
+            self._pci_functions.append(fn)
+            d.pci.add(fn)
         self.mmio.register(APIC_BASE_ADDR, APIC_MMIO_SIZE, LapicWindow(self), "lapic")
         self.mmio.register(IOAPIC_BASE_ADDR, IOAPIC_MMIO_SIZE, ioapic, "ioapic")
 
@@ -281,7 +312,9 @@ class Machine:
     # ------------------------------------------------------------------ for the run loop
 
     def poll_devices(self) -> None:
-        """Device work the run-loop thread does between exits: host input into the UART."""
+        """Device work the run-loop thread does between exits: host input into the UART,
+        results other threads posted (disk completions)."""
+        self.deferred.run_pending()
         if self._devices is not None:
             self._devices.serial.poll()
 
@@ -308,6 +341,15 @@ class Machine:
             self.vcpu.kick()
 
     def close(self) -> None:
+        functions, self._pci_functions = self._pci_functions, []
+        errors: list[BaseException] = []
+        for fn in functions:
+            closer = getattr(fn, "close", None)
+            if closer is not None:
+                try:
+                    closer()
+                except Exception as e:  # noqa: BLE001 - close the rest, then report
+                    errors.append(e)
         if self.vcpu is not None:
             self.vcpu.close()
             self.vcpu = None
@@ -317,3 +359,19 @@ class Machine:
         if self.memory is not None:
             self.memory.close()
             self.memory = None
+        if errors:
+            raise errors[0]
+
+
+def pci_routes() -> dict[tuple[int, int], int]:
+    """(slot, INTx pin 0-3) -> GSI for every slot but the host bridge's: the host
+    bridge's swizzle onto PCI_IRQS, which reach the I/O APIC on GSI = IRQ (the ISA
+    fan-out), for the DSDT's _PRT and the MP table (docs/apic.md)."""
+    return {(slot, pin): PCI_IRQS[(slot + pin) % 4] for slot in range(1, 32)
+            for pin in range(4)}
+
+
+def _level_triggered(pic: PicPair, irq: int) -> None:
+    """What PC firmware does for a PCI interrupt: its ELCR bit makes it level-triggered."""
+    chip = irq >> 3
+    pic.elcr.write(chip, 1, pic.chips[chip].elcr | (1 << (irq & 7)))

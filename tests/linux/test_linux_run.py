@@ -92,10 +92,12 @@ def test_acpi_tables_and_the_io_apic_are_used(image: images.LinuxImage) -> None:
                  "ACPI: PM: (supports S0 S5)", "ACPI: Using IOAPIC for interrupt routing",
                  "INT_SRC_OVR (bus 0 bus_irq 0 global_irq 2",
                  "APIC: Switch to symmetric I/O mode setup",
-                 "clocksource: Switched to clocksource acpi_pm"):
+                 "clocksource: Switched to clocksource acpi_pm",
+                 "ACPI: PCI Root Bridge [PCI0]",
+                 "root bus resource [mem 0xc0000000-0xfebfffff window]"):
         assert want in out, want
     for bad in ("ACPI disabled", "ACPI BIOS Error", "ACPI Error", "MP-BIOS bug",
-                "Invalid checksum", "ACPI: Interpreter disabled"):
+                "Invalid checksum", "ACPI: Interpreter disabled", "[Firmware Bug]"):
         assert bad not in out, bad
     irqs = {ln.split(":")[0].strip(): ln for ln in out.splitlines() if "IO-APIC" in ln}
     assert "2-edge" in irqs.get("0", "") and "timer" in irqs["0"], out[-2000:]

@@ -58,6 +58,12 @@ def aml_value(data: bytes, i: int) -> tuple[object, int]:
         return struct.unpack_from("<H", data, i + 1)[0], i + 3
     if op == 0x0C:
         return struct.unpack_from("<I", data, i + 1)[0], i + 5
+    if op == 0x11:                               # Buffer: size, then the bytes
+        length, enc = aml_pkglen(data, i + 1)
+        end = i + 1 + length
+        size, j = aml_value(data, i + 1 + enc)
+        assert isinstance(size, int) and j + size == end, "buffer length mismatch"
+        return data[j:end], end
     if op == 0x12:
         length, enc = aml_pkglen(data, i + 1)
         end = i + 1 + length
@@ -176,6 +182,23 @@ def test_dsdt_pci_routing_table(mem: GuestMemory) -> None:
     prt = names["\\_SB_.PCI0._PRT"]
     assert prt == [[(slot << 16) | 0xFFFF, pin, 0, gsi]
                    for (slot, pin), gsi in sorted(routes.items())]
+    crs = names["\\_SB_.PCI0._CRS"]
+    assert isinstance(crs, bytes)
+    windows = []
+    i = 0
+    while crs[i] != 0x79:                         # large descriptors up to the end tag
+        kind, length = crs[i], struct.unpack_from("<H", crs, i + 1)[0]
+        if kind == 0x88:
+            rtype, _g, _t, _gran, lo, hi, _tra, ln = struct.unpack_from("<BBBHHHHH", crs, i + 3)
+        else:
+            assert kind == 0x87
+            rtype, _g, _t, _gran, lo, hi, _tra, ln = struct.unpack_from("<BBBIIIII", crs, i + 3)
+        assert ln == hi - lo + 1
+        windows.append((rtype, lo, hi))
+        i += 3 + length
+    assert crs[i:] == b"\x79\x00"
+    assert windows == [(2, 0, 0xFF), (1, 0, 0xCF7), (1, 0xD00, 0xFFFF), (0, 0xA0000, 0xBFFFF),
+                       (0, layout.PCI_MMIO_START, layout.PCI_MMIO_END - 1)]
 
 
 def test_mp_table(mem: GuestMemory) -> None:

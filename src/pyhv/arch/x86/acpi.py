@@ -22,9 +22,10 @@ active high, as QEMU's PC) and an NMI on every processor's LINT1.
 DSDT, hand-written AML (ACPI spec chapter 20): `Name(\\_S5, Package(4){5, 5, 0, 0})`,
 the SLP_TYP values OSPM writes to PM1a_CNT to power off. PCI interrupt routing (for the
 PCI devices of the virtio work, issue 11's note): `pci_routes` maps (slot, pin) to a GSI
-and adds `Device(\\_SB.PCI0){_HID PNP0A03, _UID 0, _BBN 0, _PRT}` with one static
-Package{address (slot << 16 | 0xffff), pin, 0, GSI} per route, which Linux reads with
-the I/O APIC on (docs/apic.md: "PCI interrupt routes").
+and adds `Device(\\_SB.PCI0){_HID PNP0A03, _UID 0, _BBN 0, _CRS, _PRT}`: _CRS gives bus
+0-255, I/O 0-0xcf7 and 0xd00-0xffff, the VGA window and the MMIO hole where pyhv places
+BARs; _PRT has one static Package{address (slot << 16 | 0xffff), pin, 0, GSI} per
+route, which Linux reads with the I/O APIC on (docs/apic.md: "PCI interrupt routes").
 
 Invariants: every table's checksum makes its bytes sum to 0 mod 256; the RSDP's first
 20 bytes and all 36 each sum to 0; nothing here reads guest memory back (a guest that
@@ -36,6 +37,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from pyhv.arch.x86 import layout
 from pyhv.memory import GuestMemory
 
 RSDP_ADDR = 0xE0000
@@ -72,6 +74,7 @@ class AcpiConfig:
     pm: PmPorts = field(default_factory=PmPorts)
     # (PCI slot, INTx pin 0..3) -> GSI: the _PRT of \_SB.PCI0 (empty: no PCI0 device)
     pci_routes: dict[tuple[int, int], int] = field(default_factory=dict)
+    pci_mmio: tuple[int, int] = (layout.PCI_MMIO_START, layout.PCI_MMIO_END)
 
 
 def checksum(data: bytes) -> int:
@@ -146,6 +149,34 @@ def aml_scope(name: bytes, body: bytes) -> bytes:
     return b"\x10" + _pkg_length(len(inner)) + inner
 
 
+def aml_buffer(data: bytes) -> bytes:
+    body = aml_int(len(data)) + data
+    return b"\x11" + _pkg_length(len(body)) + body
+
+
+def word_space(kind: int, type_flags: int, lo: int, hi: int) -> bytes:
+    """Word Address Space Descriptor (ACPI 6.4.3.5.3), a producer with fixed bounds."""
+    return struct.pack("<BHBBBHHHHH", 0x88, 13, kind, 0x0C, type_flags, 0, lo, hi, 0,
+                       hi - lo + 1)
+
+
+def dword_memory(lo: int, hi: int) -> bytes:
+    """DWord Address Space Descriptor (6.4.3.5.2): cacheable read-write memory window."""
+    return struct.pack("<BHBBBIIIII", 0x87, 23, 0, 0x0C, 0x03, 0, lo, hi, 0, hi - lo + 1)
+
+
+def pci0_crs(cfg: AcpiConfig) -> bytes:
+    """PCI0's _CRS: bus 0-255, I/O around the configuration ports, the VGA window and
+    the MMIO hole where pyhv places BARs."""
+    res = (word_space(2, 0, 0, 0xFF)
+           + word_space(1, 0x03, 0x0000, 0x0CF7)
+           + word_space(1, 0x03, 0x0D00, 0xFFFF)
+           + dword_memory(0xA0000, 0xBFFFF)
+           + dword_memory(cfg.pci_mmio[0], cfg.pci_mmio[1] - 1)
+           + b"\x79\x00")                                 # end tag
+    return aml_buffer(res)
+
+
 def dsdt_aml(cfg: AcpiConfig) -> bytes:
     aml = aml_name(b"\\_S5_", aml_package([aml_int(S5_SLP_TYP), aml_int(S5_SLP_TYP),
                                              aml_int(0), aml_int(0)]))
@@ -155,7 +186,7 @@ def dsdt_aml(cfg: AcpiConfig) -> bytes:
                            for (slot, pin), gsi in sorted(cfg.pci_routes.items())])
         pci0 = aml_device(b"PCI0", aml_name(b"_HID", aml_eisa_id("PNP0A03"))
                           + aml_name(b"_UID", aml_int(0)) + aml_name(b"_BBN", aml_int(0))
-                          + aml_name(b"_PRT", prt))
+                          + aml_name(b"_CRS", pci0_crs(cfg)) + aml_name(b"_PRT", prt))
         aml += aml_scope(b"\\_SB_", pci0)
     return aml
 
