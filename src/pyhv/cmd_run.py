@@ -51,7 +51,11 @@ from pyhv.units import parse_size
 # (README "Linux workarounds" repeats this table).
 LINUX_WORKAROUNDS: dict[str, list[tuple[str, str]]] = {
     "emu": [("tsc=unstable", "the software CPU's TSC runs at the emulation's pace, not at a "
-             "constant rate, so Linux must not use it as its clocksource")],
+             "constant rate, so Linux must not use it as its clocksource"),
+            ("no_timer_check", "Linux checks the I/O APIC timer route by waiting a fixed "
+             "number of TSC cycles for 4 ticks; the TSC is the host's while the PIT runs "
+             "on virtual time, so the wait ends too early in guest time and Linux wrongly "
+             "reports the route broken (\"MP-BIOS bug: 8254 timer not connected\")")],
     "kvm": [],
 }
 RESET_LOOP_LIMIT = 20        # resets in a row, each soon after its start: a reset loop
@@ -278,7 +282,8 @@ def _report(result: R.RunResult, runner: R.Runner, machine: Machine, console: Co
                                             " (the guest printed nothing)"))
         _tail(console)
     elif result.reason == "reset":
-        _stderr("pyhv: the guest reset; --on-reboot exit ends the run")
+        _stderr(f"pyhv: the guest reset ({result.detail or 'reset'}); --on-reboot exit "
+                "ends the run")
     elif result.reason == "reset-loop":
         _stderr(f"pyhv: {result.detail}")
         _tail(console)
@@ -294,7 +299,7 @@ def _report(result: R.RunResult, runner: R.Runner, machine: Machine, console: Co
         else:
             status = console.exit_status
     if args.stats:
-        _print_stats(runner, machine)
+        _print_stats(runner, machine, result)
     return status
 
 
@@ -320,7 +325,7 @@ def _tail(console: Console) -> None:
         _stderr(f"  | {line}")
 
 
-def _print_stats(runner: R.Runner, machine: Machine) -> None:
+def _print_stats(runner: R.Runner, machine: Machine, result: R.RunResult) -> None:
     from rich.console import Console as RichConsole
     from rich.table import Table
 
@@ -354,3 +359,6 @@ def _print_stats(runner: R.Runner, machine: Machine) -> None:
         t.add_row(f"{machine.engine_name}: {key}",
                   f"{value:.3f}" if isinstance(value, float) else str(value))
     out.print(t)
+    # what ended the run, outside the table (a long detail would make rich wrap its rows)
+    _stderr(f"pyhv: the run ended by {result.reason}"
+            + (f": {result.detail}" if result.detail else ""))

@@ -48,8 +48,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pyhv.arch.x86 import layout
+from pyhv.arch.x86 import acpi, layout, mptable
+from pyhv.arch.x86.cpuid import APIC, DEFAULT_MODEL
 from pyhv.clock import Clock, HostClock, TimerQueue, VirtualClock
+from pyhv.devices.acpipm import AcpiPm
 from pyhv.devices.apicbus import ApicBus
 from pyhv.devices.boottimer import BootTimer
 from pyhv.devices.bus import Bus
@@ -60,7 +62,7 @@ from pyhv.devices.i8042 import I8042
 from pyhv.devices.ioapic import IOAPIC_BASE_ADDR, IOAPIC_MMIO_SIZE, IoApic, isa_gsi
 from pyhv.devices.irq import FanOutLine, IrqLine
 from pyhv.devices.lapic import APIC_BASE_ADDR, APIC_MMIO_SIZE, LocalApic
-from pyhv.devices.pci.host import PciHost
+from pyhv.devices.pci.host import PCI_IRQS, PciHost
 from pyhv.devices.pic8259 import PicPair
 from pyhv.devices.pit8254 import Pit8254, SystemControlPortB
 from pyhv.devices.rtc import Rtc
@@ -158,6 +160,7 @@ class Devices:
     pit: Pit8254
     rtc: Rtc
     i8042: I8042
+    acpi_pm: AcpiPm
     fwcfg: FwCfg
     debug_exit: DebugExit
     boot_timer: BootTimer
@@ -203,6 +206,11 @@ class Machine:
         check_memory(config.mem_size)
         self.memory = GuestMemory.with_layout(layout.ram_layout(config.mem_size))
 
+        # 2b. firmware tables (ACPI, MP) in the BIOS area, before the kernel, so that an
+        # image loaded over 0xe0000-0xfffff keeps its own bytes
+        if config.devices:
+            self._install_tables(config)
+
         # 3. the kernel, validated and written into RAM
         if config.setup is not None:
             self.guest: LoadedGuest = config.setup(self.memory)
@@ -233,6 +241,16 @@ class Machine:
             self.vcpu.set_interrupt_source(None)
         self.vcpu.set_state(self.guest.entry)
 
+    def _install_tables(self, config: MachineConfig) -> None:
+        assert self.memory is not None
+        ioapic_id = config.n_cpus
+        routes = pci_routes()
+        acpi.install(self.memory, acpi.AcpiConfig(n_cpus=config.n_cpus, ioapic_id=ioapic_id,
+                                                  pci_routes=routes))
+        mptable.install(self.memory, config.n_cpus, ioapic_id,
+                        cpu_signature=DEFAULT_MODEL.signature(),
+                        cpu_features=DEFAULT_MODEL.features_edx | APIC, pci_routes=routes)
+
     def _build_devices(self, config: MachineConfig, console: Callable[[bytes], None]) -> None:
         pic = PicPair()
         ioapic = IoApic(self.apic_bus, apic_id=config.n_cpus)
@@ -242,6 +260,7 @@ class Machine:
         def isa(n: int) -> IrqLine:
             return FanOutLine(pic.irq_line(n), ioapic.irq_line(isa_gsi(9 if n == 2 else n)))
 
+        pm = acpi.PmPorts()
         pit = Pit8254(self.clock, self.timers, isa(0))
         self._devices = Devices(
             pic=pic,
@@ -252,15 +271,23 @@ class Machine:
                     n_cpus=config.n_cpus),
             i8042=I8042(isa(1), isa(12),
                         lambda: self.request_stop(StopRequest("reset", 0, "i8042 reset"))),
+            acpi_pm=AcpiPm(self.clock, isa(pm.sci_irq),
+                           on_poweroff=lambda: self.request_stop(StopRequest(
+                               "poweroff", 0, "ACPI S5 through PM1a_CNT")),
+                           on_reset=lambda: self.request_stop(StopRequest(
+                               "reset", 0, "ACPI reset register")),
+                           evt=pm.pm1a_evt, cnt=pm.pm1a_cnt, tmr=pm.pm_tmr,
+                           reset=pm.reset, reset_value=pm.reset_value,
+                           s5_slp_typ=acpi.S5_SLP_TYP),
             fwcfg=FwCfg(config.mem_size, config.n_cpus),
             debug_exit=DebugExit(self._debug_exit),
             boot_timer=BootTimer(self.clock, self._booted),
-            pci=PciHost(self.pio, self.mmio, self.memory, pic.irq_line,
+            pci=PciHost(self.pio, self.mmio, self.memory, isa,
                         lambda irq: _level_triggered(pic, irq)),
         )
         d = self._devices
-        d.all = [pic, d.serial, pit, SystemControlPortB(pit), d.rtc, d.i8042, d.fwcfg,
-                 d.debug_exit]
+        d.all = [pic, d.serial, pit, SystemControlPortB(pit), d.rtc, d.i8042, d.acpi_pm,
+                 d.fwcfg, d.debug_exit]
         for dev in d.all:
             for base, length, device, name in dev.regions():  # type: ignore[attr-defined]
                 self.pio.register(base, length, device, name)
@@ -334,6 +361,14 @@ class Machine:
             self.memory = None
         if errors:
             raise errors[0]
+
+
+def pci_routes() -> dict[tuple[int, int], int]:
+    """(slot, INTx pin 0-3) -> GSI for every slot but the host bridge's: the host
+    bridge's swizzle onto PCI_IRQS, which reach the I/O APIC on GSI = IRQ (the ISA
+    fan-out), for the DSDT's _PRT and the MP table (docs/apic.md)."""
+    return {(slot, pin): PCI_IRQS[(slot + pin) % 4] for slot in range(1, 32)
+            for pin in range(4)}
 
 
 def _level_triggered(pic: PicPair, irq: int) -> None:
