@@ -34,6 +34,9 @@ BTEDGE = ("btedge: start\n"
           "blocks: 1500\n"
           "#PF err=0000 cr2=00007f8000181000\n"
           "#PF err=0002 cr2=00007f8000181000\n"
+          "int 0x2f: rip ok cs=0008 frame IF=1 handler IF=0 after IF=1\n"
+          "#PF err=0002 cr2=ffffff8000000000\n"
+          "r11 after the fault: 1234\n"
           "btedge: done\n")
 
 
@@ -55,6 +58,7 @@ def test_teach_runs_on_bt(bt_guest: Callable[[str], Path]) -> None:
     assert _stat(r.stderr, "bt: bt jumps chained") > 0, r.explain()
     assert _stat(r.stderr, "bt: interrupts reflected") >= 10, r.explain()
     assert "trap sti" not in r.stderr and "trap cli" not in r.stderr   # never a trap
+    assert "call-out iretq" not in r.stderr           # its handlers return inline
 
 
 def test_sensitive_wrong_on_trap_right_on_bt(bt_guest: Callable[[str], Path]) -> None:
@@ -84,6 +88,10 @@ def test_btedge_same_as_emu(bt_guest: Callable[[str], Path]) -> None:
     assert _stat(r.stderr, "bt: bt smc: store emulated") >= 1, r.explain()
     assert _stat(r.stderr, "bt: bt blocks invalidated") >= 1, r.explain()
     assert _stat(r.stderr, "bt: trap call-out lookup miss") >= 1, r.explain()
+    # INT n and IRETQ took their inline paths: no call-out to the emulator for them
+    assert _stat(r.stderr, "bt: bt translated int 0x2f") >= 1, r.explain()
+    assert _stat(r.stderr, "bt: bt translated iretq") >= 1, r.explain()
+    assert "call-out int" not in r.stderr and "call-out iretq" not in r.stderr, r.explain()
 
 
 def test_hidden_and_bad_tables_on_bt(bt_guest: Callable[[str], Path]) -> None:
@@ -133,3 +141,48 @@ def test_bad_tc_option_is_refused() -> None:
                      "/nonexistent", timeout=20)
         assert r.status == 2 and "tc=" in r.stderr, r.explain()
         assert "Traceback" not in r.stderr
+
+
+def test_interrupts_taken_while_translated_code_computes(bt_guest: Callable[[str], Path]
+                                                         ) -> None:
+    """A loop of chained translations with no call-out: the timer's interrupts are taken
+    at guest instruction boundaries when the timer kicks the vCPU."""
+    r = run_pyhv("--engine", "bt", "--kernel", bt_guest("btirq"), "--stats", timeout=20)
+    assert (r.status, r.stdout) == (81, "btirq: computing with interrupts on\n"
+                                        "ticks: 5, the loop ran\n"), r.explain()
+    assert _stat(r.stderr, "bt: interrupts reflected") == 5, r.explain()
+
+
+def test_trace_bt_shows_each_block_next_to_its_translation(
+        bt_guest: Callable[[str], Path]) -> None:
+    r = run_pyhv("--engine", "bt", "--kernel", bt_guest("sensitive"), "--trace-bt",
+                 timeout=20)
+    assert r.status == 69, r.explain()
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith("bt: block 0x100000 ("), r.explain()
+    # a guest instruction on the left, what it became on the right
+    cli = [ln for ln in lines if "| " in ln and ln.split("|")[0].strip().endswith(" cli")]
+    assert cli and "S.VIF" in cli[0], r.explain()
+    sgdt = [ln for ln in lines if ln.split("|")[0].strip().split()[1:2] == ["sgdt"]]
+    assert sgdt, r.explain()
+    assert any("call-out: emulate" in ln for ln in lines), r.explain()       # LGDT
+    assert any("exit to guest 0x" in ln for ln in lines), r.explain()        # a branch
+    assert any("; COMMON" in ln for ln in lines), r.explain()
+
+
+def test_trace_bt_needs_bt() -> None:
+    r = run_pyhv("--engine", "trap", "--trace-bt", "--kernel", "/nonexistent", timeout=20)
+    assert r.status == 2 and "--trace-bt needs --engine bt" in r.stderr, r.explain()
+
+
+def test_stats_keys(bt_guest: Callable[[str], Path]) -> None:
+    r = run_pyhv("--engine", "bt", "--kernel", bt_guest("paging"), "--stats", timeout=20)
+    assert r.status == 77, r.explain()
+    for key in ("bt: bt blocks translated", "bt: bt tc bytes written", "bt: bt tc bytes peak",
+                "bt: bt jumps chained", "bt: bt flushes (mov cr3)", "bt: bt flushes ",
+                "bt: trap call-out mov cr3", "bt: trap call-out invlpg",
+                "bt: trap call-out lookup miss", "bt: trap call-out branch exit",
+                "bt: trap shadow fill",
+                "bt: trap reflect #PF", "bt: us per trap (round trip)",
+                "bt: bt translated call-out out", "bt: bt translated cli"):
+        assert key in r.stderr, f"{key!r} missing" + r.explain()

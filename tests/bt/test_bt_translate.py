@@ -181,3 +181,25 @@ def test_cache_chains_invalidates_and_flushes() -> None:
         assert not b0.valid and all(b.valid for b in tc.blocks.values())
     finally:
         bt.close()
+
+
+def test_ret_imm16_pops_its_bytes() -> None:
+    out, _, _, sites = translate(bytes.fromhex("c21000"))      # ret 16
+    t = text(out)
+    assert "pop r11" in t and "lea rsp,[rsp+10h]" in t
+    assert sites[0].kind == "lookup" and sites[0].undo_rsp == -24
+
+
+def test_iretq_and_int_n_are_inline_with_an_emulator_slow_path() -> None:
+    out, _, locs, sites = translate(bytes.fromhex("48cf"))      # iretq
+    assert [s.kind for s in sites] == ["emulate", "lookup"]      # slow path, then lookup
+    t = text(out)
+    assert any(x == "popfq" for x in t)                         # flags from the frame
+    assert sum(1 for loc in locs.values() if loc.fixups) == 6    # 5 frame loads + pushfq
+    out, _, locs, sites = translate(bytes.fromhex("cd80"))      # int 0x80
+    assert [s.kind for s in sites] == ["emulate", "lookup"]
+    t = text(out)
+    assert "mov rcx,[r11+800h]" in t and "mov r10,[r11+808h]" in t   # the gate
+    assert any(x.startswith("mov rcx,10000") and x.endswith("2h") for x in t)  # return RIP
+    flag_fix = [loc for loc in locs.values() if any(f[1] == 2 for f in loc.fixups)]
+    assert len(flag_fix) == 7                                   # gate reads + 5 frame stores

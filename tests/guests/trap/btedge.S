@@ -17,6 +17,9 @@
  *   blocks: 1500                              (1500 blocks: overflows a small TC)
  *   #PF err=0000 cr2=00007f8000181000         (a jump to where bt keeps its TC: unmapped)
  *   #PF err=0002 cr2=00007f8000181000         (a store there)
+ *   int 0x2f: rip ok cs=0008 frame IF=1 handler IF=0 after IF=1   (INT n, IRETQ)
+ *   #PF err=0002 cr2=ffffff8000000000         (SGDT to an unmapped page...)
+ *   r11 after the fault: 1234                 (...with the guest's registers)
  *   btedge: done
  *
  * then debug-exit with 0x27 (status 79). (Not for kvm on KVM-PVM: LAR at CPL 0 is one of
@@ -204,6 +207,36 @@ start:
 7:  lea r15, [rip + 8f]
     mov qword ptr [rax], 0
 8:
+    /* INT n through its own IDT, IRETQ back: the frame a CPU at CPL 0 pushes */
+    lea rax, [rip + int_handler]
+    mov ecx, 0x2f
+    call set_gate
+    lea rsi, [rip + msg_int]
+    call puts
+    lea r14, [rip + 9f]
+    sti
+    int 0x2f
+9:  pushfq
+    pop rax
+    cli
+    shr rax, 9
+    and eax, 1
+    call putdec
+    mov al, '\n'
+    call putc
+
+    /* a fault inside a rewritten instruction: the guest's registers, its RIP */
+    mov rax, 0xffffff8000000000
+    mov r11, 0x1234
+    lea r15, [rip + 10f]
+    sgdt [rax]
+10: lea rsi, [rip + msg_r11]
+    call puts
+    mov rax, r11
+    call puthex16
+    mov al, '\n'
+    call putc
+
     lea rsi, [rip + msg_done]
     call puts
     DEBUG_EXIT_WITH(0x27)
@@ -257,6 +290,36 @@ puthex8:
     pop rax
     ret
 
+/* INT 0x2f: checks the frame's RIP against R14, prints CS, the frame's IF, its own IF */
+int_handler:
+    push rsi
+    push rax
+    lea rsi, [rip + msg_ripok]
+    cmp [rsp + 16], r14
+    je 1f
+    lea rsi, [rip + msg_ripbad]
+1:  call puts
+    mov rax, [rsp + 24]
+    call puthex16
+    lea rsi, [rip + msg_fif]
+    call puts
+    mov rax, [rsp + 32]
+    shr rax, 9
+    and eax, 1
+    call putdec
+    lea rsi, [rip + msg_hif]
+    call puts
+    pushfq
+    pop rax
+    shr rax, 9
+    and eax, 1
+    call putdec
+    lea rsi, [rip + msg_after]
+    call puts
+    pop rax
+    pop rsi
+    iretq
+
 /* #UD: prints the offset of the faulting RIP from R14, resumes at R15 */
 ud_handler:
     push rsi
@@ -297,6 +360,13 @@ msg_iopl:     .asciz "iopl: "
 msg_then:     .asciz " then "
 msg_blocks:   .asciz "blocks: "
 msg_done:     .asciz "btedge: done\n"
+msg_int:      .asciz "int 0x2f: "
+msg_ripok:    .asciz "rip ok cs="
+msg_ripbad:   .asciz "rip BAD cs="
+msg_fif:      .asciz " frame IF="
+msg_hif:      .asciz " handler IF="
+msg_after:    .asciz " after IF="
+msg_r11:      .asciz "r11 after the fault: "
     .align 8
 fptr43: .quad f43
 fptr44: .quad f44

@@ -38,6 +38,8 @@ S page layout (byte offsets), shared by the translator's code and pyhv:
     0x0b8  VCS, 0x0c0 VSS, 0x0c8 VTR, 0x0d0 VLDTR (selectors), 0x0d8 VCR0
     0x0e0  VGDTR (limit, base: 10 bytes), 0x0f0 VIDTR
     0x100  saved RCX, 0x108 saved R10, 0x110 saved R11 (lookups), 0x118 SCRATCH
+    0x120  IRET: the 5-qword frame inline IRETQ copied (RIP, CS, RFLAGS, RSP, SS)
+    0x148  GATE: the IDT gate inline INT n read (low qword)
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ S_JUMP, S_TARGET, S_VIF, S_VIOPL = 0x98, 0xA0, 0xA8, 0xB0
 S_VCS, S_VSS, S_VTR, S_VLDTR, S_VCR0 = 0xB8, 0xC0, 0xC8, 0xD0, 0xD8
 S_VGDTR, S_VIDTR = 0xE0, 0xF0
 S_SAVE_RCX, S_SAVE_R10, S_SAVE_R11, S_SCRATCH = 0x100, 0x108, 0x110, 0x118
+S_IRET, S_GATE = 0x120, 0x148
 
 _P, _RW, _US = 0x1, 0x2, 0x4
 _XD = 1 << 63

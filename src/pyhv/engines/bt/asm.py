@@ -122,6 +122,11 @@ class Emitter:
         self.raw(bytes((0x0F, 0x80 | cc)) + struct.pack("<i", rel))
         return start + 2
 
+    def patch(self, rel_at: int, target: int) -> None:
+        """Point the rel32 field at TC address `rel_at` (in this emitter) to `target`."""
+        off = rel_at - self.at
+        self.code[off:off + 4] = struct.pack("<i", target - (rel_at + 4))
+
     def jmp_s(self, off: int) -> int:
         """jmp qword [S+off]"""
         return self.ins(ix.Instruction.create_mem(ix.Code.JMP_RM64, s_mem(off)))

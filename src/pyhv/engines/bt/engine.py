@@ -56,7 +56,7 @@ from pyhv.engines.bt.cache import TranslationCache
 from pyhv.engines.bt.sensitive import lar_family
 from pyhv.engines.bt.state import SHeld
 from pyhv.engines.bt.trace import trace_block
-from pyhv.engines.bt.translate import ADD, RESTORE, Block, Loc, Site
+from pyhv.engines.bt.translate import ADD, FLAGS, RESTORE, Block, Loc, Site
 from pyhv.engines.trap import descriptors, guestmem
 from pyhv.engines.trap import monitor as MON
 from pyhv.engines.trap.context import Held
@@ -71,6 +71,7 @@ from pyhv.kvm.vcpu import Vcpu
 from pyhv.memory import GuestMemory
 
 SEL_UCODE, SEL_UDATA = MON.SEL_UCODE, MON.SEL_UDATA
+ARITH_FLAGS = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x400 | 0x800 | 0x40000   # CF PF AF ZF SF DF OF AC
 
 
 class BtVcpu(TrapVcpu):
@@ -303,6 +304,9 @@ class BtVcpu(TrapVcpu):
                 h.set_gpr(reg, self.bt.s_get(value))
             elif how == ADD:
                 h.set_gpr(reg, h.gpr(reg) + value)
+            elif how == FLAGS:                    # the arithmetic flags saved in S
+                keep = ARITH_FLAGS
+                h.rflags = (h.rflags & ~keep) | (self.bt.s_get(value) & keep)
         h.rip = loc.guest
         self.guest_held = True
 

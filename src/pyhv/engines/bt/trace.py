@@ -25,7 +25,9 @@ S_NAMES = {A.S_RSP: "S.RSP", A.S_RFLAGS: "S.RFLAGS", A.S_RESUME: "S.RESUME",
            A.S_VGDTR: "S.VGDTR", A.S_VGDTR + 8: "S.VGDTR+8", A.S_VIDTR: "S.VIDTR",
            A.S_VIDTR + 8: "S.VIDTR+8", A.S_SAVE_RCX: "S.SAVE_RCX",
            A.S_SAVE_R10: "S.SAVE_R10", A.S_SAVE_R11: "S.SAVE_R11",
-           A.S_SCRATCH: "S.SCRATCH"}
+           A.S_SCRATCH: "S.SCRATCH", A.S_GATE: "S.GATE",
+           **{A.S_IRET + 8 * k: f"S.IRET+{8 * k}" for k in range(5)},
+           **{A.S_VIDTR + 2: "S.VIDTR+2"}}
 
 
 def _fmt() -> ix.Formatter:

@@ -15,11 +15,16 @@ in the translation cache (asm.Emitter). Each guest instruction becomes one of:
                    MOV r/m, CS|SS     the virtual selector (RPL 0) from S
                    SGDT/SIDT          the virtual GDTR/IDTR image from S
                    SLDT/STR/SMSW      the virtual LDTR/TR selectors, CR0 from S
+                   IRETQ              to the same CS/SS: the frame popped onto the
+                                      virtual IF/IOPL, RFLAGS, RSP, then a lookup
+                   INT n              through the guest's IDT gate: the CPL 0 frame,
+                                      the virtual IF cleared, then a lookup
+                 (IRETQ and INT n fall back to a call-out for anything unusual)
     call-out     `mov dword [S.SITE], id; jmp COMMON`: COMMON spills the registers into
                  S and stores to the CALLOUT page (an MMIO exit to pyhv), which handles
                  site `id` and says where to go on in S.RESUME. Privileged instructions
                  (port I/O, CR/DR/MSR access, LGDT..., HLT, INVLPG), LAR/LSL/VERR/VERW,
-                 IRET/RETF, INT n, SYSCALL, UD2 and undecodable bytes. A call-out whose
+                 RETF, IRETD, INT3, SYSCALL, UD2 and undecodable bytes. A call-out whose
                  instruction falls through lets the block go on after it.
     branches     direct JMP/Jcc/LOOP/JRCXZ/CALL end the block with rel32 jumps to exit
                  stubs (call-outs naming the guest target); pyhv translates the target
@@ -72,7 +77,7 @@ R = ix.Register
 C = ix.Code
 GP, UD = 13, 6
 MAX_INSNS = 48
-RESTORE, ADD = 0, 1
+RESTORE, ADD, FLAGS = 0, 1, 2
 RFLAGS_IF_IOPL = 0x3200
 
 # Privileged instructions that fall through: call out, then the block goes on.
@@ -92,7 +97,8 @@ class Loc:
     """Where a TC address stands in the guest's program."""
 
     guest: int                                    # guest RIP of its instruction
-    fixups: tuple[tuple[int, int, int], ...] = ()  # (gpr, RESTORE, S off) | (gpr, ADD, delta)
+    fixups: tuple[tuple[int, int, int], ...] = ()  # (gpr, RESTORE, S off) | (gpr, ADD,
+    #                                                delta) | (0, FLAGS, S off of RFLAGS)
     boundary: bool = False                        # an interrupt may be taken here
 
 
@@ -223,6 +229,12 @@ class Translator:
         if i.code == C.INVALID or mn in UD_END:
             self._callout(e, b, sites, i, raw, "emulate", UD)
             return True
+        if i.code == C.IRETQ:
+            self._iretq(e, b, i, raw, locs, sites)
+            return True
+        if mn == M.INT and i.op0_kind == ix.OpKind.IMMEDIATE8:
+            self._int_n(e, b, i, raw, locs, sites)
+            return True
         if mn in PRIV_END or (fc in (ix.FlowControl.UNCONDITIONAL_BRANCH, ix.FlowControl.CALL,
                                      ix.FlowControl.INDIRECT_BRANCH,
                                      ix.FlowControl.INDIRECT_CALL)
@@ -349,7 +361,7 @@ class Translator:
             if extra:
                 e.ins(ix.Instruction.create_reg_mem(C.LEA_R64_M, R.RSP,
                                                     ix.MemoryOperand(R.RSP, displ=extra,
-                                                                     displ_size=4)))
+                                                                     displ_size=1)))
             s.undo_rsp = -(8 + extra)
         else:
             if i.op0_kind == ix.OpKind.REGISTER:
@@ -374,6 +386,10 @@ class Translator:
                     at = e.ins(ix.Instruction.create_reg(C.PUSH_R64, R.RCX))
                 locs[at] = Loc(g, (fix_r11, fix_rcx))
                 s.undo_rsp = 8
+        self._lookup_tail(e)
+
+    def _lookup_tail(self, e: Emitter) -> None:
+        """The lookup proper: target in R11, guest RCX/R10/R11 saved in S, S.SITE set."""
         e.store(R11, A.S_TARGET)
         e.ins(ix.Instruction.create_reg_reg(C.MOVZX_R32_RM16, R.R10D, R.R11W))
         e.ins(ix.Instruction.create_reg_mem(C.LEA_R64_M, R.RCX,
@@ -394,6 +410,167 @@ class Translator:
         e.load(R10, A.S_SAVE_R10)
         e.load(R11, A.S_SAVE_R11)
         e.jmp_s(A.S_JUMP)
+
+    # ------------------------------------------------------------------ IRETQ, INT n
+
+    def _slow(self, e: Emitter, slow: Site, jumps: list[int]) -> None:
+        """The slow path of an inline IRETQ/INT n: the guest's flags and RCX/R10/R11
+        back (they were saved before anything changed), then the emulator's call-out."""
+        for at in jumps:
+            e.patch(at, e.here)
+        e.ins(ix.Instruction.create_mem(C.PUSH_RM64, s_mem(A.S_SCRATCH)))
+        e.raw(b"\x9d")                                      # popfq: the guest's flags
+        e.load(RCX, A.S_SAVE_RCX)
+        e.load(R10, A.S_SAVE_R10)
+        e.load(R11, A.S_SAVE_R11)
+        e.callout(slow.id, self.common)
+
+    def _save3_and_flags(self, e: Emitter, g: int, locs: dict[int, Loc]) -> None:
+        e.store(RCX, A.S_SAVE_RCX)
+        e.store(R10, A.S_SAVE_R10)
+        e.store(R11, A.S_SAVE_R11)
+        at = e.raw_at(b"\x9c")                             # pushfq (below RSP, a moment)
+        locs[at] = Loc(g)
+        e.ins(ix.Instruction.create_mem(C.POP_RM64, s_mem(A.S_SCRATCH)))
+
+    def _canonical_r11(self, e: Emitter, jumps: list[int]) -> None:
+        """jump to the slow path unless R11 is canonical (RCX clobbered)."""
+        e.ins(ix.Instruction.create_reg_reg(C.MOV_R64_RM64, R.RCX, R.R11))
+        e.ins(ix.Instruction.create_reg_i32(C.SAR_RM64_IMM8, R.RCX, 47))
+        e.ins(ix.Instruction.create_reg(C.INC_RM64, R.RCX))
+        e.ins(ix.Instruction.create_reg_i32(C.CMP_RM64_IMM8, R.RCX, 1))
+        jumps.append(e.jcc(0x7, None))                        # ja: not canonical
+
+    def _iretq(self, e: Emitter, b: Block, i: ix.Instruction, raw: bytes,
+               locs: dict[int, Loc], sites: list[Site]) -> None:
+        """IRETQ to the same CS and SS (a kernel returning from its own interrupt or
+        exception handler) inline: the frame copied to S, the virtual IF/IOPL from its
+        RFLAGS, the rest by popfq, RSP from it, then the lookup of its RIP. Anything else
+        (another CS/SS, NT, a non-canonical RIP) takes the emulator's call-out."""
+        g = i.ip
+        slow = self._site(sites, b, kind="emulate", guest=g, next=i.next_ip, insn=raw,
+                          vector=GP)
+        look = self._site(sites, b, kind="lookup", guest=g, next=i.next_ip)
+        fix = ((RCX, RESTORE, A.S_SAVE_RCX), (R10, RESTORE, A.S_SAVE_R10),
+               (R11, RESTORE, A.S_SAVE_R11))
+        e.store(RCX, A.S_SAVE_RCX)
+        e.store(R10, A.S_SAVE_R10)
+        e.store(R11, A.S_SAVE_R11)
+        for k in range(5):                                   # the frame, read once
+            at = e.ins(ix.Instruction.create_reg_mem(
+                C.MOV_R64_RM64, R.R11, ix.MemoryOperand(R.RSP, displ=8 * k,
+                                                        displ_size=1 if k else 0)))
+            locs[at] = Loc(g, fix)
+            e.store(R11, A.S_IRET + 8 * k)
+        at = e.raw_at(b"\x9c")
+        locs[at] = Loc(g, fix)
+        e.ins(ix.Instruction.create_mem(C.POP_RM64, s_mem(A.S_SCRATCH)))
+        jumps: list[int] = []
+        e.load(R11, A.S_IRET + 8)
+        e.ins(ix.Instruction.create_reg_mem(C.CMP_R16_RM16, R.R11W, s_mem(A.S_VCS)))
+        jumps.append(e.jcc(0x5, None))                        # jne: another CS
+        e.load(R11, A.S_IRET + 32)
+        e.ins(ix.Instruction.create_reg_mem(C.CMP_R16_RM16, R.R11W, s_mem(A.S_VSS)))
+        jumps.append(e.jcc(0x5, None))                        # jne: another SS
+        e.ins(ix.Instruction.create_mem_i32(C.TEST_RM64_IMM32, s_mem(A.S_IRET + 16), 0x4000))
+        jumps.append(e.jcc(0x5, None))                        # NT: #GP in 64-bit mode
+        e.load(R11, A.S_IRET)
+        self._canonical_r11(e, jumps)
+        for off, mask in ((A.S_VIF, 0x200), (A.S_VIOPL, 0x3000)):
+            e.load(R11, A.S_IRET + 16)
+            e.ins(ix.Instruction.create_reg_i32(C.AND_RM64_IMM32, R.R11, mask))
+            e.store(R11, off)
+        e.load(R11, A.S_IRET)                                 # the target
+        e.ins(ix.Instruction.create_reg_mem(C.LEA_R64_M, R.RSP, s_mem(A.S_IRET + 16)))
+        e.raw(b"\x9d")                                      # popfq: the frame's flags
+        e.load(4, A.S_IRET + 24)                              # the frame's RSP
+        e.store_imm32(A.S_SITE, look.id)
+        self._lookup_tail(e)
+        self._slow(e, slow, jumps)
+        b.inline["iretq"] = b.inline.get("iretq", 0) + 1
+
+    def _int_n(self, e: Emitter, b: Block, i: ix.Instruction, raw: bytes,
+               locs: dict[int, Loc], sites: list[Site]) -> None:
+        """INT n through the guest's own IDT, inline, as a CPU at CPL 0 delivers it: the
+        gate read from the guest's IDT (through S.VIDTR), a present 64-bit interrupt or
+        trap gate on the current CS with IST 0 and a canonical target, the frame (RIP
+        after INT n, CS, RFLAGS with the virtual IF/IOPL, RSP, SS) pushed on the 16-byte
+        aligned stack, the virtual IF cleared for an interrupt gate, TF/NT cleared, then
+        the lookup of the handler. Anything else takes the emulator's call-out, which
+        reflects it with every check (reflect.py)."""
+        g, n = i.ip, i.immediate8
+        slow = self._site(sites, b, kind="emulate", guest=g, next=i.next_ip, insn=raw,
+                          vector=GP)
+        look = self._site(sites, b, kind="lookup", guest=g, next=i.next_ip)
+        self._save3_and_flags(e, g, locs)
+        fix = ((RCX, RESTORE, A.S_SAVE_RCX), (R10, RESTORE, A.S_SAVE_R10),
+               (R11, RESTORE, A.S_SAVE_R11), (0, FLAGS, A.S_SCRATCH))
+        jumps: list[int] = []
+        e.ins(ix.Instruction.create_mem_i32(C.CMP_RM16_IMM16, s_mem(A.S_VIDTR), n * 16 + 15))
+        jumps.append(e.jcc(0x2, None))                        # jb: beyond the IDT limit
+        e.load(R11, A.S_VIDTR + 2)
+        at = e.ins(ix.Instruction.create_reg_mem(C.MOV_R64_RM64, R.RCX, ix.MemoryOperand(
+            R.R11, displ=n * 16, displ_size=1)))
+        locs[at] = Loc(g, fix)
+        at = e.ins(ix.Instruction.create_reg_mem(C.MOV_R64_RM64, R.R10, ix.MemoryOperand(
+            R.R11, displ=n * 16 + 8, displ_size=1)))
+        locs[at] = Loc(g, fix)
+        e.store(RCX, A.S_GATE)
+        e.ins(ix.Instruction.create_reg_reg(C.MOV_R64_RM64, R.R11, R.RCX))   # P, type
+        e.ins(ix.Instruction.create_reg_i32(C.SHR_RM64_IMM8, R.R11, 40))
+        e.ins(ix.Instruction.create_reg_i32(C.AND_RM32_IMM32, R.R11D, 0x9E))
+        e.ins(ix.Instruction.create_reg_i32(C.CMP_RM32_IMM32, R.R11D, 0x8E))
+        jumps.append(e.jcc(0x5, None))
+        e.ins(ix.Instruction.create_reg_reg(C.MOV_R64_RM64, R.R11, R.RCX))   # selector
+        e.ins(ix.Instruction.create_reg_i32(C.SHR_RM64_IMM8, R.R11, 16))
+        e.ins(ix.Instruction.create_reg_mem(C.CMP_R16_RM16, R.R11W, s_mem(A.S_VCS)))
+        jumps.append(e.jcc(0x5, None))
+        e.ins(ix.Instruction.create_reg_reg(C.MOV_R64_RM64, R.R11, R.RCX))   # IST
+        e.ins(ix.Instruction.create_reg_i32(C.SHR_RM64_IMM8, R.R11, 32))
+        e.ins(ix.Instruction.create_reg_i32(C.TEST_RM8_IMM8, R.R11L, 7))
+        jumps.append(e.jcc(0x5, None))
+        e.ins(ix.Instruction.create_reg_reg(C.MOV_R64_RM64, R.R11, R.RCX))   # the target
+        e.ins(ix.Instruction.create_reg_i32(C.SHR_RM64_IMM8, R.R11, 48))
+        e.ins(ix.Instruction.create_reg_i32(C.SHL_RM64_IMM8, R.R11, 16))
+        e.ins(ix.Instruction.create_reg_reg(C.MOVZX_R32_RM16, R.ECX, R.CX))
+        e.ins(ix.Instruction.create_reg_reg(C.OR_R64_RM64, R.R11, R.RCX))
+        e.ins(ix.Instruction.create_reg_i32(C.SHL_RM64_IMM8, R.R10, 32))
+        e.ins(ix.Instruction.create_reg_reg(C.OR_R64_RM64, R.R11, R.R10))
+        self._canonical_r11(e, jumps)
+        # the frame, on the aligned stack; nothing is committed until RSP moves
+        e.ins(ix.Instruction.create_reg_reg(C.MOV_R64_RM64, R.R10, R.RSP))
+        e.ins(ix.Instruction.create_reg_i32(C.AND_RM64_IMM8, R.R10, -16))
+        e.ins(ix.Instruction.create_reg_mem(C.LEA_R64_M, R.R10, ix.MemoryOperand(
+            R.R10, displ=-40, displ_size=1)))
+        e.load(RCX, A.S_SCRATCH)
+        e.ins(ix.Instruction.create_reg_i32(C.AND_RM64_IMM32, R.RCX, ~0x3200))
+        e.ins(ix.Instruction.create_reg_mem(C.OR_R64_RM64, R.RCX, s_mem(A.S_VIF)))
+        e.ins(ix.Instruction.create_reg_mem(C.OR_R64_RM64, R.RCX, s_mem(A.S_VIOPL)))
+        slots: list[tuple[int, int | None]] = [(16, None), (24, -1), (32, A.S_VSS),
+                                               (8, A.S_VCS), (0, -2)]
+        for disp, src in slots:
+            if src == -1:
+                e.ins(ix.Instruction.create_reg_reg(C.MOV_R64_RM64, R.RCX, R.RSP))
+            elif src == -2:
+                e.movabs(RCX, i.next_ip)
+            elif src is not None:
+                e.ins(ix.Instruction.create_reg_mem(C.MOVZX_R32_RM16, R.ECX, s_mem(src)))
+            at = e.ins(ix.Instruction.create_mem_reg(C.MOV_RM64_R64, ix.MemoryOperand(
+                R.R10, displ=disp, displ_size=1 if disp else 0), R.RCX))
+            locs[at] = Loc(g, fix)
+        e.ins(ix.Instruction.create_reg_reg(C.MOV_R64_RM64, R.RSP, R.R10))   # committed
+        e.ins(ix.Instruction.create_mem_i32(C.BT_RM64_IMM8, s_mem(A.S_GATE), 40))
+        e.raw(b"\x72\x0b")                                  # jc: a trap gate keeps IF
+        e.store_imm64(A.S_VIF, 0)                             # (11 bytes)
+        e.ins(ix.Instruction.create_mem_i32(C.AND_RM64_IMM32, s_mem(A.S_SCRATCH), ~0x4100))
+        e.store(4, A.S_IRET + 24)
+        e.ins(ix.Instruction.create_reg_mem(C.LEA_R64_M, R.RSP, s_mem(A.S_SCRATCH)))
+        e.raw(b"\x9d")                                      # popfq: flags, TF/NT clear
+        e.load(4, A.S_IRET + 24)
+        e.store_imm32(A.S_SITE, look.id)
+        self._lookup_tail(e)
+        self._slow(e, slow, jumps)
+        b.inline[f"int {n:#x}"] = b.inline.get(f"int {n:#x}", 0) + 1
 
     # ------------------------------------------------------------------ inline
 
