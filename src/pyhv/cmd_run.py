@@ -75,15 +75,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="flat images: guest-physical load address (default 0x7c00)")
     p.add_argument("--mem", default="128M", metavar="SIZE",
                    help="guest RAM, e.g. 64M, 1G (a plain number is MiB; default 128M)")
-    p.add_argument("--engine", default="auto", metavar="{auto,kvm,emu,trap}",
+    p.add_argument("--engine", default="auto", metavar="{auto,kvm,emu,trap,bt}",
                    help="how guest code runs (default auto: kvm with VT-x/AMD-V, else emu; "
-                        "trap: trap-and-emulate of a 64-bit kernel at CPL 3 on /dev/kvm)")
+                        "trap: trap-and-emulate of a 64-bit kernel at CPL 3 on /dev/kvm; "
+                        "bt: binary translation of that kernel, run at CPL 3 on /dev/kvm)")
     p.add_argument("--engine-opt", action="append", default=[], metavar="NAME=VALUE",
                    help="an option of the chosen engine, checked by it (repeatable). "
                         "trap: umip=on|off, CR4.UMIP for the deprivileged kernel: "
                         "SGDT/SIDT/SLDT/STR/SMSW trap and are emulated with its own "
                         "values (needs a CPU with UMIP; default off: they show the "
-                        "monitor's). kvm and emu take none")
+                        "monitor's). bt: tc=SIZE, the translation cache (64K..64M, "
+                        "default 4M); bt: trace=off|FILE, each translated block next to "
+                        "its translation (as --trace-bt). kvm and emu take none")
+    p.add_argument("--trace-bt", nargs="?", const="-", default=None, metavar="FILE",
+                   help="bt: print each guest block next to its translation as it is "
+                        "translated (to stderr, or FILE)")
     p.add_argument("--disk", action="append", default=[],
                    metavar="PATH[,format=raw|qcow2][,readonly=on][,serial=S]",
                    help="a virtio-blk disk backed by a raw or qcow2 image (repeatable: "
@@ -136,6 +142,10 @@ def main(args: argparse.Namespace) -> int:
     from pyhv.diskspec import make_function, parse_disk
     disks = [parse_disk(d) for d in args.disk]
     engine_options = _engine_options(args.engine_opt)
+    if args.trace_bt is not None:
+        if engine != "bt":
+            raise ConfigError("--trace-bt needs --engine bt")
+        engine_options.setdefault("trace", args.trace_bt)
     engine_class(engine).parse_options(engine_options)     # refused before any download
     cmdline = args.append
     kernel, initrd = args.kernel, args.initrd
