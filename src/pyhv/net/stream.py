@@ -18,8 +18,9 @@ What the socket does not take at once is kept, with the frames after it, in a tr
 queue of at most TX_MAX_BYTES that the I/O thread flushes when the socket is writable;
 `writable` is False while the queue holds more than TX_MAX_BYTES - one frame, and
 `on_writable` fires when it has drained below half after a `writable` that said False
-or a refused `send` (so a device that looked and stopped is always called back). A frame is never split between the
-queue and a later frame: the stream stays in step whatever the socket takes.
+or a refused `send` (so a device that looked and stopped is always called back). A
+frame is never split between the queue and a later frame: the stream stays in step
+whatever the socket takes.
 
 Receive: the I/O thread reads up to READ_CHUNK bytes at a time into one reused buffer and
 feeds a Deframer; a lost connection drops the partial frame (the next connection starts
