@@ -285,3 +285,23 @@ def test_reset_then_reuse(nic: Nic) -> None:
     nic.txq.add([(_hdr() + f, False)])
     nic.d.notify(1)
     assert _peer_frame(nic) == f
+
+
+def test_receive_buffers_republished_without_return_is_needs_reset() -> None:
+    """A driver that keeps re-publishing a 1-byte receive buffer the device still holds
+    cannot make the device hold more chains than the ring has entries."""
+    n = Nic(rx_size=8)
+    try:
+        head, _ = n.rxq.add([(1, True)])
+        for _ in range(7):
+            n.rxq.publish(head)
+        n.d.notify(0)
+        n.peer.send(frame(60, 1))
+        n.pump(lambda: n.dev._frame is not None and len(n.dev._chains) == 8)
+        assert not n.needs_reset
+        for _ in range(8):
+            n.rxq.publish(head)
+        n.d.notify(0)
+        assert n.needs_reset and not n.dev._chains
+    finally:
+        n.close()

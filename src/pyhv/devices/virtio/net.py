@@ -36,7 +36,8 @@ buffers or a receive chain with device-readable ones puts the device in NEEDS_RE
 header plus the back end's max_frame is dropped, counted in `stats.tx_bad`, and returned;
 without MRG_RXBUF a receive chain too small for a frame costs the frame (counted in
 `stats.rx_too_small`), never the chain. Memory is bounded: one pending frame and at most
-a queue's worth of popped receive chains.
+a queue's worth of popped receive chains (a driver that makes more available without
+getting them back, re-using heads, is NEEDS_RESET).
 """
 
 from __future__ import annotations
@@ -232,6 +233,13 @@ class VirtioNet(VirtioDevice):
                     return
                 self._chains.append(chain)
                 have += chain.writable_len
+                if len(self._chains) > ctx.queue(RX).size:
+                    # more buffers held than the ring has entries: the driver re-made
+                    # available chains the device never returned
+                    ctx.fail("virtio-net: more receive buffers in flight than the queue "
+                             "holds")
+                    self._chains.clear()
+                    return
             if have < need:                      # no MRG_RXBUF: one buffer, too small
                 self.stats.rx_too_small += 1     # lose the frame, keep the buffer
                 self._frame = None
