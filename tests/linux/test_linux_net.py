@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import os
 import re
 import shutil
 import socket
@@ -169,3 +170,51 @@ def test_net_user_reference_on_qemu(debian_image: images.LinuxImage, http_port: 
         ours.close()
         passt.terminate()
         passt.wait(10)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(BOOT_TIMEOUT + 60)
+def test_net_tap(debian_image: images.LinuxImage, uploads: Uploads) -> None:
+    """`--net tap=NAME` on a persistent tap with a host address (root only): the guest
+    pings the host and sends it 512 KiB with nc on the tap's private subnet."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
+        pytest.skip("a tap with a host address needs root and /dev/net/tun")
+    name = f"pyhvn{os.getpid() % 100000}"
+    sh = ["ip", "tuntap", "add", name, "mode", "tap"]
+    subprocess.run(sh, check=True, timeout=10)
+    try:
+        for cmd in (["ip", "addr", "add", "10.211.0.1/24", "dev", name],
+                    ["ip", "link", "set", name, "up"]):
+            subprocess.run(cmd, check=True, timeout=10)
+        sink = socket.create_server(("10.211.0.1", 0))
+        port = sink.getsockname()[1]
+        got: list[bytes] = []
+
+        def serve() -> None:
+            c, _ = sink.accept()
+            with c:
+                data = bytearray()
+                while chunk := c.recv(1 << 20):
+                    data += chunk
+                got.append(bytes(data))
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        cmd = ("ip link set eth0 up && ip addr add 10.211.0.2/24 dev eth0; "
+               "for i in $(seq 30); do ping -c 1 -W 1 10.211.0.1 >/dev/null && break; done; "
+               "ping -c 1 -W 2 10.211.0.1 | grep -c 'bytes from'; "
+               "dd if=/dev/urandom of=/tmp/up bs=1024 count=512 2>/dev/null; md5sum < /tmp/up; "
+               f"nc -w 2 10.211.0.1 {port} < /tmp/up")
+        r = subprocess.run([sys.executable, "-m", "pyhv", "run", "--engine", "emu",
+                            "--timeout", str(BOOT_TIMEOUT), "--net", f"tap={name}",
+                            "--command", cmd], stdin=subprocess.DEVNULL,
+                           capture_output=True, timeout=BOOT_TIMEOUT + 30)
+        out = r.stdout.decode(errors="replace")
+        assert r.returncode == 0, (out, r.stderr.decode()[-2000:])
+        t.join(10)
+        sink.close()
+        lines = [ln.strip() for ln in out.replace("\r", "").splitlines()]
+        assert "1" in lines, out
+        assert got and f"{hashlib.md5(got[0]).hexdigest()}  -" in lines, out
+        assert len(got[0]) == 512 * 1024
+    finally:
+        subprocess.run(["ip", "tuntap", "del", name, "mode", "tap"], timeout=10)
