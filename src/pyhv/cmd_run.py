@@ -97,6 +97,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rng", action="store_true",
                    help="a virtio-rng device fed by the host's getrandom (the guest's "
                         "entropy pool is ready early)")
+    p.add_argument("--net", default=None, metavar="user|tap=NAME|socket=...|none",
+                   help="a virtio-net NIC on a network back end: user (passt: DHCP, DNS, "
+                        "the gateway address reaches the host), tap=NAME, "
+                        "socket=listen:ADDR, socket=connect:ADDR, socket=udp:LOCAL@REMOTE "
+                        "(ADDR: HOST:PORT or a Unix socket path; docs/net.md)")
+    p.add_argument("--mac", default=None, metavar="MAC",
+                   help="the NIC's MAC address (default 52:54:00 and 3 random octets)")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="end the guest after S seconds (exit status 124)")
     p.add_argument("--stats", action="store_true",
@@ -141,6 +148,17 @@ def main(args: argparse.Namespace) -> int:
     engine = resolve_engine(args.engine)
     from pyhv.diskspec import make_function, parse_disk
     disks = [parse_disk(d) for d in args.disk]
+    from pyhv.net.spec import parse_mac, parse_net
+    from pyhv.nic import DHCP_WORD, make_nic, wants_dhcp
+    net = parse_net(args.net or "none")
+    mac = parse_mac(args.mac)
+    pci_devices = [make_function(d, i) for i, d in enumerate(disks)]
+    if args.rng:
+        pci_devices.append(_rng_function)
+    if net.kind != "none":
+        pci_devices.append(make_nic(net, mac))
+    elif args.mac is not None:
+        raise ConfigError("--mac needs a NIC: add --net")
     engine_options = _engine_options(args.engine_opt)
     if args.trace_bt is not None:
         if engine != "bt":
@@ -158,6 +176,8 @@ def main(args: argparse.Namespace) -> int:
             words = [img.cmdline_default] + [w for w, _ in LINUX_WORKAROUNDS.get(engine, [])]
             if args.command is not None:
                 words.append("loglevel=1")   # only emergencies (a panic) between outputs
+            if wants_dhcp(net):
+                words.append(DHCP_WORD)
             cmdline = " ".join(words)
     marker: ExitMarker | None = None
     if args.command is not None:
@@ -168,8 +188,7 @@ def main(args: argparse.Namespace) -> int:
                            format=args.format, load_addr=args.load_addr, mem_size=mem,
                            engine=engine, strict_io=args.strict_io,
                            engine_options=engine_options,
-                           pci_devices=[make_function(d, i) for i, d in enumerate(disks)]
-                           + ([_rng_function] if args.rng else []))
+                           pci_devices=pci_devices)
     pump = _output_pump()
     try:
         console = Console(pump.write, exit_marker=marker)
