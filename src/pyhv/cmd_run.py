@@ -75,6 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="flat images: guest-physical load address (default 0x7c00)")
     p.add_argument("--mem", default="128M", metavar="SIZE",
                    help="guest RAM, e.g. 64M, 1G (a plain number is MiB; default 128M)")
+    p.add_argument("--cpus", type=int, default=1, metavar="N",
+                   help="vCPUs, 1 to 16 (default 1); several need the emu engine; the APs "
+                        "wait for the guest's INIT/SIPI, as on a PC")
     p.add_argument("--engine", default="auto", metavar="{auto,kvm,emu,trap,bt}",
                    help="how guest code runs (default auto: kvm with VT-x/AMD-V, else emu; "
                         "trap: trap-and-emulate of a 64-bit kernel at CPL 3 on /dev/kvm; "
@@ -187,7 +190,7 @@ def main(args: argparse.Namespace) -> int:
     config = MachineConfig(kernel=kernel, cmdline=cmdline or "", initrd=initrd,
                            format=args.format, load_addr=args.load_addr, mem_size=mem,
                            engine=engine, strict_io=args.strict_io,
-                           engine_options=engine_options,
+                           engine_options=engine_options, n_cpus=args.cpus,
                            pci_devices=pci_devices)
     pump = _output_pump()
     try:
@@ -378,6 +381,9 @@ def _print_stats(runner: R.Runner, machine: Machine, result: R.RunResult) -> Non
     t.add_row("unhandled port reads/writes",
               f"{machine.pio.unhandled_reads}/{machine.pio.unhandled_writes}")
     t.add_row("timers fired", str(machine.timers.fired))
+    if len(runner.vcpus) > 1:
+        per = [runner.slices[i] for i in range(len(runner.vcpus))]
+        t.add_row("vCPU slices", f"{min(per)}-{max(per)} on each of {len(per)}")
     boot_ns = machine.devices.boot_timer.boot_ns
     if boot_ns is not None:
         host = machine.boot_host_s
