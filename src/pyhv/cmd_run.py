@@ -78,10 +78,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", type=int, default=1, metavar="N",
                    help="vCPUs, 1 to 16 (default 1); several need the emu engine; the APs "
                         "wait for the guest's INIT/SIPI, as on a PC")
-    p.add_argument("--engine", default="auto", metavar="{auto,kvm,emu,trap,bt}",
+    p.add_argument("--engine", default="auto", metavar="{auto,kvm,emu,trap,bt,pv}",
                    help="how guest code runs (default auto: kvm with VT-x/AMD-V, else emu; "
                         "trap: trap-and-emulate of a 64-bit kernel at CPL 3 on /dev/kvm; "
-                        "bt: binary translation of that kernel, run at CPL 3 on /dev/kvm)")
+                        "bt: binary translation of that kernel, run at CPL 3 on /dev/kvm; "
+                        "pv: a kernel using pyhv's hypercall ABI, on the trap monitor)")
     p.add_argument("--engine-opt", action="append", default=[], metavar="NAME=VALUE",
                    help="an option of the chosen engine, checked by it (repeatable). "
                         "trap: umip=on|off, CR4.UMIP for the deprivileged kernel: "
@@ -89,7 +90,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "values (needs a CPU with UMIP; default off: they show the "
                         "monitor's). bt: tc=SIZE, the translation cache (64K..64M, "
                         "default 4M); bt: trace=off|FILE, each translated block next to "
-                        "its translation (as --trace-bt). kvm and emu take none")
+                        "its translation (as --trace-bt). kvm, emu and pv take none")
     p.add_argument("--trace-bt", nargs="?", const="-", default=None, metavar="FILE",
                    help="bt: print each guest block next to its translation as it is "
                         "translated (to stderr, or FILE)")
