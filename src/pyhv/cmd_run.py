@@ -77,6 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "SGDT/SIDT/SLDT/STR/SMSW trap and are emulated with its own "
                         "values (needs a CPU with UMIP; default off: they show the "
                         "monitor's). kvm and emu take none")
+    p.add_argument("--disk", action="append", default=[],
+                   metavar="PATH[,format=raw|qcow2][,readonly=on][,serial=S]",
+                   help="a virtio-blk disk backed by a raw or qcow2 image (repeatable: "
+                        "vda, vdb, ... in order); locked against other writers")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="end the guest after S seconds (exit status 124)")
     p.add_argument("--stats", action="store_true",
@@ -119,6 +123,8 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown engine {args.engine!r} (choose from auto, "
                           f"{', '.join(ENGINES)})")
     engine = resolve_engine(args.engine)
+    from pyhv.diskspec import make_function, parse_disk
+    disks = [parse_disk(d) for d in args.disk]
     engine_options = _engine_options(args.engine_opt)
     engine_class(engine).parse_options(engine_options)     # refused before any download
     cmdline = args.append
@@ -141,7 +147,8 @@ def main(args: argparse.Namespace) -> int:
     config = MachineConfig(kernel=kernel, cmdline=cmdline or "", initrd=initrd,
                            format=args.format, load_addr=args.load_addr, mem_size=mem,
                            engine=engine, strict_io=args.strict_io,
-                           engine_options=engine_options)
+                           engine_options=engine_options,
+                           pci_devices=[make_function(d, i) for i, d in enumerate(disks)])
     pump = _output_pump()
     try:
         console = Console(pump.write, exit_marker=marker)

@@ -6,13 +6,20 @@
     4. time                          (host clock for hardware engines, virtual for emu)
     5. the interrupt controller      (the 8259 pair: the vCPU's interrupt source)
     6. the devices, on the port bus  (16550, 8254 + port B, RTC, i8042, fw_cfg,
-                                      debug-exit, boot timer)
+                                      debug-exit, boot timer), and the PCI bus with
+                                      its host bridge and virtio devices (devices/pci,
+                                      devices/virtio: BARs on the MMIO bus)
     7. the engine, its vCPU, the entry state from the loader
 
 Design: the machine knows devices and engines only through their interfaces: a device
 offers `regions()` for the buses and IRQ lines from the PIC; an engine offers vCPUs that
 run and return exits (`pyhv.engines.base`). Nothing here depends on which engine runs,
 so the same machine serves KVM on a VT-x host and the software CPU here.
+
+Devices that work off the run-loop thread (a virtio disk's I/O thread) hand their
+results back through `deferred` (devices/deferred.py), which `poll_devices` runs; the
+runner makes posting kick the vCPU. `close()` closes the devices (a disk completes its
+in-flight writes, flushes and releases its image lock) before guest RAM goes away.
 
 Devices that end the run (debug-exit, the i8042's reset line) call `request_stop`, which
 records why and kicks the vCPU; the run loop (pyhv.runner) acts on it. Everything a run
@@ -35,14 +42,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyhv.arch.x86 import layout
 from pyhv.clock import Clock, HostClock, TimerQueue, VirtualClock
 from pyhv.devices.boottimer import BootTimer
 from pyhv.devices.bus import Bus
 from pyhv.devices.debugexit import DebugExit
+from pyhv.devices.deferred import DeferredCalls
 from pyhv.devices.fwcfg import FwCfg
 from pyhv.devices.i8042 import I8042
+from pyhv.devices.pci.host import PciHost
 from pyhv.devices.pic8259 import PicPair
 from pyhv.devices.pit8254 import Pit8254, SystemControlPortB
 from pyhv.devices.rtc import Rtc
@@ -52,6 +62,9 @@ from pyhv.engines.base import Engine, EngineVcpu
 from pyhv.errors import ConfigError, HostError
 from pyhv.loader import BootRequest, LoadedGuest, load
 from pyhv.memory import GuestMemory
+
+if TYPE_CHECKING:
+    from pyhv.devices.pci.function import PciFunction
 
 MAX_MEM = 1 << 40   # 1 TiB: beyond any host pyhv targets; the host check comes first
 
@@ -71,6 +84,10 @@ class MachineConfig:
     # Prepares RAM and returns the entry state, instead of loading `kernel`.
     setup: Callable[[GuestMemory], LoadedGuest] | None = None
     devices: bool = True              # False: a bare board (empty buses, no 8259)
+    # Extra PCI functions: each is called with (memory, deferred) and returns a
+    # PciFunction (virtio devices: see pyhv.devices.virtio), added in order, slots 1...
+    pci_devices: list[Callable[[GuestMemory, DeferredCalls], PciFunction]] = \
+        field(default_factory=list)
 
 
 @dataclass
@@ -121,6 +138,7 @@ class Devices:
     fwcfg: FwCfg
     debug_exit: DebugExit
     boot_timer: BootTimer
+    pci: PciHost
     all: list[object] = field(default_factory=list)
 
 
@@ -138,6 +156,8 @@ class Machine:
         self.engine: Engine | None = None
         self.vcpu: EngineVcpu | None = None
         self._devices: Devices | None = None
+        self.deferred = DeferredCalls()
+        self._pci_functions: list[PciFunction] = []
         try:
             self._build(config, console)
         except BaseException:
@@ -197,6 +217,8 @@ class Machine:
             fwcfg=FwCfg(config.mem_size, config.n_cpus),
             debug_exit=DebugExit(self._debug_exit),
             boot_timer=BootTimer(self.clock, self._booted),
+            pci=PciHost(self.pio, self.mmio, self.memory, pic.irq_line,
+                        lambda irq: _level_triggered(pic, irq)),
         )
         d = self._devices
         d.all = [pic, d.serial, pit, SystemControlPortB(pit), d.rtc, d.i8042, d.fwcfg,
@@ -205,6 +227,13 @@ class Machine:
             for base, length, device, name in dev.regions():  # type: ignore[attr-defined]
                 self.pio.register(base, length, device, name)
         self.pio.register(layout.BOOT_TIMER_PORT, 1, d.boot_timer, "boot timer")
+        for base, length, device, name in d.pci.regions():
+            self.pio.register(base, length, device, name)
+        assert self.memory is not None
+        for make in config.pci_devices:
+            fn = make(self.memory, self.deferred)
+            self._pci_functions.append(fn)
+            d.pci.add(fn)
 
     @property
     def devices(self) -> Devices:
@@ -216,7 +245,9 @@ class Machine:
     # ------------------------------------------------------------------ for the run loop
 
     def poll_devices(self) -> None:
-        """Device work the run-loop thread does between exits: host input into the UART."""
+        """Device work the run-loop thread does between exits: host input into the UART,
+        results other threads posted (disk completions)."""
+        self.deferred.run_pending()
         if self._devices is not None:
             self._devices.serial.poll()
 
@@ -243,6 +274,15 @@ class Machine:
             self.vcpu.kick()
 
     def close(self) -> None:
+        functions, self._pci_functions = self._pci_functions, []
+        errors: list[BaseException] = []
+        for fn in functions:
+            closer = getattr(fn, "close", None)
+            if closer is not None:
+                try:
+                    closer()
+                except Exception as e:  # noqa: BLE001 - close the rest, then report
+                    errors.append(e)
         if self.vcpu is not None:
             self.vcpu.close()
             self.vcpu = None
@@ -252,3 +292,11 @@ class Machine:
         if self.memory is not None:
             self.memory.close()
             self.memory = None
+        if errors:
+            raise errors[0]
+
+
+def _level_triggered(pic: PicPair, irq: int) -> None:
+    """What PC firmware does for a PCI interrupt: its ELCR bit makes it level-triggered."""
+    chip = irq >> 3
+    pic.elcr.write(chip, 1, pic.chips[chip].elcr | (1 << (irq & 7)))

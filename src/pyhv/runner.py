@@ -43,7 +43,8 @@ InternalError's own fields), and devices a caller registers on the machine's bus
 part like any other (a device that calls `request_stop` ends the run with its reason).
 
 Invariants: only the thread that calls `run()` touches the vCPU, devices and timers
-(other threads only kick the vCPU, feed the UART and set events); every exit path stops
+(other threads only kick the vCPU, feed the UART, post to `machine.deferred` and set
+events); every exit path stops
 the ticker thread; a run always ends with a `RunResult`, never an exception (a hostile
 guest gets status 4 with the reason, a pyhv bug status 70).
 """
@@ -143,6 +144,7 @@ class Runner:
         self._t0 = 0.0
         self.virtual = isinstance(machine.clock, VirtualClock)
         self.vcpu.attach_io(self._pio, self._mmio)
+        machine.deferred.waker = self.kick    # a device I/O thread finished something
         if isinstance(machine.clock, VirtualClock):
             self.vcpu.attach_clock(machine.clock, machine.timers)
 
