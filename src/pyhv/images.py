@@ -179,6 +179,7 @@ if [ -n "$root" ]; then
         # modules the kernel asks for come from the root disk's own tree
         echo /bin/pyhv-modprobe > /proc/sys/kernel/modprobe
         chroot="chroot {ROOT_MOUNT}"
+        [ -s {ROOT_MOUNT}/etc/hostname ] && hostname -F {ROOT_MOUNT}/etc/hostname
         # the console's shell is the root disk's (busybox init respawns it)
         echo "::respawn:/bin/cttyhack /bin/pyhv-rootshell" > /etc/inittab
         echo "::ctrlaltdel:/sbin/reboot" >> /etc/inittab
@@ -214,6 +215,7 @@ exec /sbin/init
 
 ROOT_SHELL = f"""#!/bin/sh
 # The console's login shell with a root disk: bash (else sh) inside {ROOT_MOUNT}.
+export HOME=/root TERM="${{TERM:-linux}}"
 exec chroot {ROOT_MOUNT} /bin/sh -c \
     'cd /root 2>/dev/null; [ -x /bin/bash ] && exec /bin/bash -l; exec /bin/sh -l'
 """
