@@ -38,11 +38,14 @@ from typing import TYPE_CHECKING
 
 from pyhv import runner as R
 from pyhv.console import Console
+from pyhv.devices.deferred import DeferredCalls
+from pyhv.devices.pci.function import PciFunction
 from pyhv.devices.serial16550 import IER_RDA
 from pyhv.errors import ConfigError
 from pyhv.exitmarker import ExitMarker
 from pyhv.loader import FORMATS
 from pyhv.machine import Machine, MachineConfig, StopRequest, check_memory, resolve_engine
+from pyhv.memory import GuestMemory
 from pyhv.outflow import OutputPump
 from pyhv.overlay import Overlay, disk_option
 from pyhv.terminal import ESCAPE_NAME, InputGate, Terminal
@@ -55,7 +58,11 @@ if TYPE_CHECKING:
 # (README "Linux workarounds" repeats this table).
 LINUX_WORKAROUNDS: dict[str, list[tuple[str, str]]] = {
     "emu": [("tsc=unstable", "the software CPU's TSC runs at the emulation's pace, not at a "
-             "constant rate, so Linux must not use it as its clocksource")],
+             "constant rate, so Linux must not use it as its clocksource"),
+            ("no_timer_check", "Linux checks the I/O APIC timer route by waiting a fixed "
+             "number of TSC cycles for 4 ticks; the TSC is the host's while the PIT runs "
+             "on virtual time, so the wait ends too early in guest time and Linux wrongly "
+             "reports the route broken (\"MP-BIOS bug: 8254 timer not connected\")")],
     "kvm": [],
 }
 IMAGES = ("linux", "debian")
@@ -81,19 +88,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="flat images: guest-physical load address (default 0x7c00)")
     p.add_argument("--mem", default="128M", metavar="SIZE",
                    help="guest RAM, e.g. 64M, 1G (a plain number is MiB; default 128M)")
-    p.add_argument("--engine", default="auto", metavar="{auto,kvm,emu,trap}",
+    p.add_argument("--engine", default="auto", metavar="{auto,kvm,emu,trap,bt}",
                    help="how guest code runs (default auto: kvm with VT-x/AMD-V, else emu; "
-                        "trap: trap-and-emulate of a 64-bit kernel at CPL 3 on /dev/kvm)")
+                        "trap: trap-and-emulate of a 64-bit kernel at CPL 3 on /dev/kvm; "
+                        "bt: binary translation of that kernel, run at CPL 3 on /dev/kvm)")
     p.add_argument("--engine-opt", action="append", default=[], metavar="NAME=VALUE",
                    help="an option of the chosen engine, checked by it (repeatable). "
                         "trap: umip=on|off, CR4.UMIP for the deprivileged kernel: "
                         "SGDT/SIDT/SLDT/STR/SMSW trap and are emulated with its own "
                         "values (needs a CPU with UMIP; default off: they show the "
-                        "monitor's). kvm and emu take none")
+                        "monitor's). bt: tc=SIZE, the translation cache (64K..64M, "
+                        "default 4M); bt: trace=off|FILE, each translated block next to "
+                        "its translation (as --trace-bt). kvm and emu take none")
+    p.add_argument("--trace-bt", nargs="?", const="-", default=None, metavar="FILE",
+                   help="bt: print each guest block next to its translation as it is "
+                        "translated (to stderr, or FILE)")
     p.add_argument("--disk", action="append", default=[],
                    metavar="PATH[,format=raw|qcow2][,readonly=on][,serial=S]",
                    help="a virtio-blk disk backed by a raw or qcow2 image (repeatable: "
                         "vda, vdb, ... in order); locked against other writers")
+    p.add_argument("--rng", action="store_true",
+                   help="a virtio-rng device fed by the host's getrandom (the guest's "
+                        "entropy pool is ready early)")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="end the guest after S seconds (exit status 124)")
     p.add_argument("--stats", action="store_true",
@@ -148,6 +164,10 @@ def _main(args: argparse.Namespace, overlays: list[Overlay]) -> int:
     from pyhv.diskspec import make_function, parse_disk
     disks = [parse_disk(d) for d in args.disk]
     engine_options = _engine_options(args.engine_opt)
+    if args.trace_bt is not None:
+        if engine != "bt":
+            raise ConfigError("--trace-bt needs --engine bt")
+        engine_options.setdefault("trace", args.trace_bt)
     engine_class(engine).parse_options(engine_options)     # refused before any download
     cmdline = args.append
     kernel, initrd = args.kernel, args.initrd
@@ -179,7 +199,8 @@ def _main(args: argparse.Namespace, overlays: list[Overlay]) -> int:
                            format=args.format, load_addr=args.load_addr, mem_size=mem,
                            engine=engine, strict_io=args.strict_io,
                            engine_options=engine_options,
-                           pci_devices=[make_function(d, i) for i, d in enumerate(disks)])
+                           pci_devices=[make_function(d, i) for i, d in enumerate(disks)]
+                           + ([_rng_function] if args.rng else []))
     pump = _output_pump()
     try:
         console = Console(pump.write, exit_marker=marker)
@@ -216,6 +237,12 @@ def _debian_root_disk(overlays: list[Overlay]
     overlay = Overlay(disk.disk_path)
     overlays.append(overlay)
     return disk.linux, disk.cmdline_words, disk_option(overlay.path)
+
+
+def _rng_function(memory: GuestMemory, deferred: DeferredCalls) -> PciFunction:
+    from pyhv.devices.virtio.rng import VirtioRng
+    from pyhv.devices.virtio.transport import VirtioPciFunction
+    return VirtioPciFunction(VirtioRng(), memory, deferred)
 
 
 def _engine_options(pairs: list[str]) -> dict[str, str]:
@@ -308,7 +335,8 @@ def _report(result: R.RunResult, runner: R.Runner, machine: Machine, console: Co
                                             " (the guest printed nothing)"))
         _tail(console)
     elif result.reason == "reset":
-        _stderr("pyhv: the guest reset; --on-reboot exit ends the run")
+        _stderr(f"pyhv: the guest reset ({result.detail or 'reset'}); --on-reboot exit "
+                "ends the run")
     elif result.reason == "reset-loop":
         _stderr(f"pyhv: {result.detail}")
         _tail(console)
@@ -324,7 +352,7 @@ def _report(result: R.RunResult, runner: R.Runner, machine: Machine, console: Co
         else:
             status = console.exit_status
     if args.stats:
-        _print_stats(runner, machine)
+        _print_stats(runner, machine, result)
     return status
 
 
@@ -350,7 +378,7 @@ def _tail(console: Console) -> None:
         _stderr(f"  | {line}")
 
 
-def _print_stats(runner: R.Runner, machine: Machine) -> None:
+def _print_stats(runner: R.Runner, machine: Machine, result: R.RunResult) -> None:
     from rich.console import Console as RichConsole
     from rich.table import Table
 
@@ -384,3 +412,6 @@ def _print_stats(runner: R.Runner, machine: Machine) -> None:
         t.add_row(f"{machine.engine_name}: {key}",
                   f"{value:.3f}" if isinstance(value, float) else str(value))
     out.print(t)
+    # what ended the run, outside the table (a long detail would make rich wrap its rows)
+    _stderr(f"pyhv: the run ended by {result.reason}"
+            + (f": {result.detail}" if result.detail else ""))

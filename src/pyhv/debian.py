@@ -162,8 +162,8 @@ def _read(directory: Path, linux: images.LinuxImage | None) -> DebianDisk | None
     if not disk.is_file():
         return None
     if linux is None:
-        linux = next((i for i in images.cached_images(directory.parent)
-                      if i.version == d.get("kernel_release")
+        linux = next((i for i in images.cached_images(directory.parent) if i.current
+                      and i.version == d.get("kernel_release")
                       and i.package_version == d.get("kernel_package_version")), None)
         if linux is None:
             return None

@@ -26,6 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "engines": {"pyhv.errors", "pyhv.exits", "pyhv.memory", "pyhv.arch", "pyhv.kvm",
                 "pyhv.clock"},
     "disk": {"pyhv.errors", "pyhv.units"},
+    "net": {"pyhv.errors"},
 }
 
 
