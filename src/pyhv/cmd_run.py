@@ -4,7 +4,9 @@ With `--kernel`, any image the loaders know (flat, multiboot, ELF64, Linux bzIma
 vmlinux). Without it, Debian's Linux kernel and pyhv's busybox initramfs from the image
 cache (`pyhv guest fetch linux`, run on demand): the main job, a Linux shell on the
 console. `--command CMD` runs CMD in that Linux instead of a shell, prints its output and
-exits with its status.
+exits with its status. `--image debian` boots the same kernel with the Debian root disk
+(pyhv.debian) as the first virtio-blk disk, /dev/vda, through a throwaway overlay
+(pyhv.overlay) removed when the run ends, and `pyhv.root=/dev/vda` on the command line.
 
 Flow: parse and check every option, build the Machine (which validates the image before
 any guest code runs), attach the terminal, run until the guest ends, report. The
@@ -32,6 +34,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyhv import runner as R
 from pyhv.console import Console
@@ -44,8 +47,12 @@ from pyhv.loader import FORMATS
 from pyhv.machine import Machine, MachineConfig, StopRequest, check_memory, resolve_engine
 from pyhv.memory import GuestMemory
 from pyhv.outflow import OutputPump
+from pyhv.overlay import Overlay, disk_option
 from pyhv.terminal import ESCAPE_NAME, InputGate, Terminal
 from pyhv.units import parse_size
+
+if TYPE_CHECKING:
+    from pyhv import images
 
 # Kernel command-line words pyhv adds for its own Linux, per engine, each with its reason
 # (README "Linux workarounds" repeats this table).
@@ -58,6 +65,7 @@ LINUX_WORKAROUNDS: dict[str, list[tuple[str, str]]] = {
              "reports the route broken (\"MP-BIOS bug: 8254 timer not connected\")")],
     "kvm": [],
 }
+IMAGES = ("linux", "debian")
 RESET_LOOP_LIMIT = 20        # resets in a row, each soon after its start: a reset loop
 RESET_LOOP_WINDOW_S = 10.0   # a run shorter than this before its reset is "soon"
 STATUS_OUTPUT_CLOSED = 128 + signal.SIGPIPE   # 141: what a shell reports for SIGPIPE
@@ -66,6 +74,11 @@ STATUS_OUTPUT_CLOSED = 128 + signal.SIGPIPE   # 141: what a shell reports for SI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", type=Path, metavar="IMG",
                    help="kernel image (default: Debian's Linux from pyhv's image cache)")
+    p.add_argument("--image", choices=IMAGES, default=None,
+                   help="pyhv's cached guest (instead of --kernel): linux (the default: "
+                        "Debian's kernel + pyhv's busybox initramfs) or debian (the same, "
+                        "with a Debian root disk as /dev/vda: apt, bc, python3; `pyhv "
+                        "guest fetch debian`; the guest writes to a throwaway overlay)")
     p.add_argument("--initrd", type=Path, metavar="FILE",
                    help="initial ramdisk (Linux) or module 0 (multiboot)")
     p.add_argument("--append", default=None, metavar="CMDLINE", help="kernel command line")
@@ -141,6 +154,15 @@ def _output_pump() -> OutputPump:
 
 
 def main(args: argparse.Namespace) -> int:
+    overlays: list[Overlay] = []      # --image debian's throwaway disk, removed at the end
+    try:
+        return _main(args, overlays)
+    finally:
+        for overlay in overlays:
+            overlay.close()
+
+
+def _main(args: argparse.Namespace, overlays: list[Overlay]) -> int:
     mem = parse_size(args.mem, default_unit="M")
     check_memory(mem)
     if args.timeout is not None and not args.timeout > 0:
@@ -171,10 +193,18 @@ def main(args: argparse.Namespace) -> int:
     engine_class(engine).parse_options(engine_options)     # refused before any download
     cmdline = args.append
     kernel, initrd = args.kernel, args.initrd
+    if args.image is not None and kernel is not None:
+        raise ConfigError("--image and --kernel exclude each other (--image boots pyhv's "
+                          "cached Debian kernel)")
     pyhv_linux = kernel is None
     if pyhv_linux:
         from pyhv import images
-        img = images.ensure_linux_image(quiet=False)
+        root_words: tuple[str, ...] = ()
+        if args.image == "debian":
+            img, root_words, vda = _debian_root_disk(overlays)
+            disks.insert(0, parse_disk(vda))
+        else:
+            img = images.ensure_linux_image(quiet=False)
         kernel, initrd = img.kernel_path, (initrd or img.initrd_path)
         if cmdline is None:
             words = [img.cmdline_default] + [w for w, _ in LINUX_WORKAROUNDS.get(engine, [])]
@@ -183,6 +213,7 @@ def main(args: argparse.Namespace) -> int:
             if wants_dhcp(net):
                 words.append(DHCP_WORD)
             cmdline = " ".join(words)
+        cmdline = " ".join([cmdline, *(w for w in root_words if w not in cmdline.split())])
     marker: ExitMarker | None = None
     if args.command is not None:
         from pyhv import images
@@ -217,6 +248,18 @@ def main(args: argparse.Namespace) -> int:
     finally:
         pump.close()
     return _report(result, runner, machine, console, pump, args)
+
+
+def _debian_root_disk(overlays: list[Overlay]
+                      ) -> tuple[images.LinuxImage, tuple[str, ...], str]:
+    """--image debian: the cached Debian disk (built on first use) behind a throwaway
+    overlay, to be the first virtio-blk disk (/dev/vda). Returns the kernel image that
+    boots it, the command-line words it needs and the overlay's --disk option."""
+    from pyhv import debian
+    disk = debian.ensure_debian_disk(quiet=False)
+    overlay = Overlay(disk.disk_path)
+    overlays.append(overlay)
+    return disk.linux, disk.cmdline_words, disk_option(overlay.path)
 
 
 def _rng_function(memory: GuestMemory, deferred: DeferredCalls) -> PciFunction:

@@ -8,7 +8,7 @@ with `dpkg-deb -x`, and builds an initramfs. The cache:
 
     $PYHV_CACHE (default ~/.cache/pyhv/images)/
       debs/                         the .deb files as apt-get downloaded them
-      linux-6.1.0-56-cloud-amd64.v3/  one directory per kernel release and image
+      linux-6.1.0-56-cloud-amd64.v5/  one directory per kernel release and image
                                     format (IMAGE_FORMAT: other formats are built
                                     beside, never over, so other pyhv versions keep theirs)
         vmlinuz                     Debian's bzImage, unmodified
@@ -84,13 +84,16 @@ DEFAULT_CMDLINE = "console=ttyS0"
 CMD_PARAM = "pyhv.cmd"
 MODULES_PARAM = "pyhv.modules"
 NET_PARAM = "pyhv.net"
+ROOT_PARAM = "pyhv.root"
+ROOT_MOUNT = "/newroot"
+ROOT_WAIT_TENTHS = 100      # /init waits up to 10 s for the root disk's device node
 BOOT_TIMER_VALUE = 123
 VIRTIO_VENDOR = "0x1af4"
 # The virtio modules the guest needs for disks and network (docs/host.md: all =m in Debian).
 VIRTIO_MODULES = ("virtio", "virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
                   "virtio_pci", "virtio_blk", "virtio_net", "net_failover", "failover",
                   "virtio_rng")
-IMAGE_FORMAT = 4           # 4: virtio_rng, udhcpc's script, pyhv.net=dhcp
+IMAGE_FORMAT = 5           # 5: pyhv.root= (a root disk), virtio_rng, udhcpc's script, pyhv.net=dhcp
 APT_TIMEOUT = 600
 
 
@@ -145,12 +148,13 @@ hostname pyhv
 ip link set lo up 2>/dev/null
 
 set -f   # the command line is split into words below, never globbed
-cmd= modules=auto net=
+cmd= modules=auto net= root=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         {CMD_PARAM}=*) cmd=${{arg#{CMD_PARAM}=}} ;;
         {NET_PARAM}=*) net=${{arg#{NET_PARAM}=}} ;;
         {MODULES_PARAM}=*) modules=${{arg#{MODULES_PARAM}=}} ;;
+        {ROOT_PARAM}=*) root=${{arg#{ROOT_PARAM}=}} modules=all ;;
     esac
 done
 set +f
@@ -173,10 +177,47 @@ if [ "$net" = dhcp ]; then
         echo "pyhv: no DHCP lease on eth0" >&2
 fi
 
+# A root disk ({ROOT_PARAM}=DEV): mount it on {ROOT_MOUNT}; commands and the shell run
+# chrooted into it, this busybox stays PID 1 (poweroff, reaping).
+chroot=
+if [ -n "$root" ]; then
+    i=0
+    while [ ! -b "$root" ] && [ $i -lt {ROOT_WAIT_TENTHS} ]; do sleep 0.1; i=$((i + 1)); done
+    mkdir -p {ROOT_MOUNT}
+    if [ ! -b "$root" ]; then
+        echo "pyhv: the root disk $root did not appear (no virtio-blk disk?)" >&2
+    elif ! mount -o rw "$root" {ROOT_MOUNT}; then
+        echo "pyhv: cannot mount the root disk $root" >&2
+    elif [ ! -x {ROOT_MOUNT}/bin/sh ]; then
+        echo "pyhv: the root disk $root has no /bin/sh" >&2
+        umount {ROOT_MOUNT}
+    else
+        mkdir -p {ROOT_MOUNT}/dev {ROOT_MOUNT}/proc {ROOT_MOUNT}/sys {ROOT_MOUNT}/run
+        mount -o rbind /dev {ROOT_MOUNT}/dev
+        mount -t proc -o nosuid,nodev,noexec proc {ROOT_MOUNT}/proc
+        mount -t sysfs -o nosuid,nodev,noexec sysfs {ROOT_MOUNT}/sys
+        mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs {ROOT_MOUNT}/run
+        # modules the kernel asks for come from the root disk's own tree
+        echo /bin/pyhv-modprobe > /proc/sys/kernel/modprobe
+        chroot="chroot {ROOT_MOUNT}"
+        [ -s {ROOT_MOUNT}/etc/hostname ] && hostname -F {ROOT_MOUNT}/etc/hostname
+        # the console's shell is the root disk's (busybox init respawns it)
+        echo "::respawn:/bin/cttyhack /bin/pyhv-rootshell" > /etc/inittab
+        echo "::ctrlaltdel:/sbin/reboot" >> /etc/inittab
+        echo "::shutdown:/bin/sync" >> /etc/inittab
+        echo "::shutdown:/bin/mount -o remount,ro {ROOT_MOUNT}" >> /etc/inittab
+    fi
+    if [ -z "$chroot" ] && [ -z "$cmd" ]; then
+        echo "pyhv: starting the initramfs's shell instead" >&2
+    fi
+fi
+
 if [ -n "$cmd" ]; then
     cd /root
-    if script=$(echo "$cmd" | base64 -d 2>/dev/null) && [ -n "$script" ]; then
-        sh -c "$script"
+    if [ -n "$root" ] && [ -z "$chroot" ]; then
+        status=127       # the command cannot run where it was asked to
+    elif script=$(echo "$cmd" | base64 -d 2>/dev/null) && [ -n "$script" ]; then
+        $chroot /bin/sh -c 'cd /root 2>/dev/null; exec /bin/sh -c "$1"' sh "$script"
         status=$?
     else
         echo "pyhv: {CMD_PARAM}= is not a base64-encoded command" >&2
@@ -184,11 +225,26 @@ if [ -n "$cmd" ]; then
     fi
     printf '{MARKER_WORD} %d@@\\n' "$status"
     sync
+    [ -n "$chroot" ] && mount -o remount,ro {ROOT_MOUNT} 2>/dev/null
     poweroff -f
     while :; do sleep 3600; done   # init must never exit
 fi
 
 exec /sbin/init
+"""
+
+
+ROOT_SHELL = f"""#!/bin/sh
+# The console's login shell with a root disk: bash (else sh) inside {ROOT_MOUNT}.
+export HOME=/root TERM="${{TERM:-linux}}"
+exec chroot {ROOT_MOUNT} /bin/sh -c \
+    'cd /root 2>/dev/null; [ -x /bin/bash ] && exec /bin/bash -l; exec /bin/sh -l'
+"""
+
+MODPROBE_HELPER = f"""#!/bin/sh
+# /proc/sys/kernel/modprobe with a root disk: the kernel's module requests are served by
+# the root disk's modprobe and module tree (pyhv.images).
+exec chroot {ROOT_MOUNT} /sbin/modprobe "$@"
 """
 
 
@@ -374,6 +430,8 @@ def build_initramfs(busybox: Path, *, release: str = "", modules: list[Module] |
         fs.add_symlink(path, "/bin/busybox")
     fs.add_file("bin/pyhv-boottimer", boottimer_elf(), 0o755)
     fs.add_file("init", init_script(release).encode(), 0o755)
+    fs.add_file("bin/pyhv-modprobe", MODPROBE_HELPER.encode(), 0o755)
+    fs.add_file("bin/pyhv-rootshell", ROOT_SHELL.encode(), 0o755)
     fs.add_file("etc/inittab", INITTAB.encode())
     fs.add_file("etc/profile", PROFILE.encode())
     fs.add_file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
@@ -429,6 +487,13 @@ def busybox_applets(busybox: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------- the cache
+
+def image_dir_name(release: str) -> str:
+    """The cache directory of one kernel release's image. Formats after the first carry
+    their number, so pyhv versions that share a cache (two checkouts, an upgrade) each
+    keep the image they can boot instead of rebuilding it over the other's."""
+    return f"linux-{release}" if IMAGE_FORMAT == 1 else f"linux-{release}.v{IMAGE_FORMAT}"
+
 
 def cache_dir() -> Path:
     """Where images live: $PYHV_CACHE, else ~/.cache/pyhv/images."""
@@ -598,7 +663,7 @@ def fetch_linux(*, force: bool = False, quiet: bool = False,
         kver = _apt_version(kpkg)
         bver = _apt_version(BUSYBOX_PACKAGE)
     release = kpkg.removeprefix("linux-image-").removesuffix("-unsigned")
-    outdir = root / f"linux-{release}.v{IMAGE_FORMAT}"
+    outdir = root / image_dir_name(release)
     existing = _read_image(outdir)
     if (existing is not None and not force and existing.package_version == kver
             and existing.busybox_version == bver and existing.current):
