@@ -4,7 +4,9 @@ With `--kernel`, any image the loaders know (flat, multiboot, ELF64, Linux bzIma
 vmlinux). Without it, Debian's Linux kernel and pyhv's busybox initramfs from the image
 cache (`pyhv guest fetch linux`, run on demand): the main job, a Linux shell on the
 console. `--command CMD` runs CMD in that Linux instead of a shell, prints its output and
-exits with its status.
+exits with its status. `--image debian` boots the same kernel with the Debian root disk
+(pyhv.debian) as the first virtio-blk disk, /dev/vda, through a throwaway overlay
+(pyhv.overlay) removed when the run ends, and `pyhv.root=/dev/vda` on the command line.
 
 Flow: parse and check every option, build the Machine (which validates the image before
 any guest code runs), attach the terminal, run until the guest ends, report. The
@@ -32,17 +34,25 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyhv import runner as R
 from pyhv.console import Console
+from pyhv.devices.deferred import DeferredCalls
+from pyhv.devices.pci.function import PciFunction
 from pyhv.devices.serial16550 import IER_RDA
 from pyhv.errors import ConfigError
 from pyhv.exitmarker import ExitMarker
 from pyhv.loader import FORMATS
 from pyhv.machine import Machine, MachineConfig, StopRequest, check_memory, resolve_engine
+from pyhv.memory import GuestMemory
 from pyhv.outflow import OutputPump
+from pyhv.overlay import Overlay, disk_option
 from pyhv.terminal import ESCAPE_NAME, InputGate, Terminal
 from pyhv.units import parse_size
+
+if TYPE_CHECKING:
+    from pyhv import images
 
 # Kernel command-line words pyhv adds for its own Linux, per engine, each with its reason
 # (README "Linux workarounds" repeats this table).
@@ -55,6 +65,7 @@ LINUX_WORKAROUNDS: dict[str, list[tuple[str, str]]] = {
              "reports the route broken (\"MP-BIOS bug: 8254 timer not connected\")")],
     "kvm": [],
 }
+IMAGES = ("linux", "debian")
 RESET_LOOP_LIMIT = 20        # resets in a row, each soon after its start: a reset loop
 RESET_LOOP_WINDOW_S = 10.0   # a run shorter than this before its reset is "soon"
 STATUS_OUTPUT_CLOSED = 128 + signal.SIGPIPE   # 141: what a shell reports for SIGPIPE
@@ -63,6 +74,11 @@ STATUS_OUTPUT_CLOSED = 128 + signal.SIGPIPE   # 141: what a shell reports for SI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", type=Path, metavar="IMG",
                    help="kernel image (default: Debian's Linux from pyhv's image cache)")
+    p.add_argument("--image", choices=IMAGES, default=None,
+                   help="pyhv's cached guest (instead of --kernel): linux (the default: "
+                        "Debian's kernel + pyhv's busybox initramfs) or debian (the same, "
+                        "with a Debian root disk as /dev/vda: apt, bc, python3; `pyhv "
+                        "guest fetch debian`; the guest writes to a throwaway overlay)")
     p.add_argument("--initrd", type=Path, metavar="FILE",
                    help="initial ramdisk (Linux) or module 0 (multiboot)")
     p.add_argument("--append", default=None, metavar="CMDLINE", help="kernel command line")
@@ -75,15 +91,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus", type=int, default=1, metavar="N",
                    help="vCPUs, 1 to 16 (default 1); several need the emu engine; the APs "
                         "wait for the guest's INIT/SIPI, as on a PC")
-    p.add_argument("--engine", default="auto", metavar="{auto,kvm,emu,trap}",
+    p.add_argument("--engine", default="auto", metavar="{auto,kvm,emu,trap,bt,pv}",
                    help="how guest code runs (default auto: kvm with VT-x/AMD-V, else emu; "
-                        "trap: trap-and-emulate of a 64-bit kernel at CPL 3 on /dev/kvm)")
+                        "trap: trap-and-emulate of a 64-bit kernel at CPL 3 on /dev/kvm; "
+                        "bt: binary translation of that kernel, run at CPL 3 on /dev/kvm; "
+                        "pv: a kernel using pyhv's hypercall ABI, on the trap monitor)")
     p.add_argument("--engine-opt", action="append", default=[], metavar="NAME=VALUE",
                    help="an option of the chosen engine, checked by it (repeatable). "
                         "trap: umip=on|off, CR4.UMIP for the deprivileged kernel: "
                         "SGDT/SIDT/SLDT/STR/SMSW trap and are emulated with its own "
                         "values (needs a CPU with UMIP; default off: they show the "
-                        "monitor's). kvm and emu take none")
+                        "monitor's). bt: tc=SIZE, the translation cache (64K..64M, "
+                        "default 4M); bt: trace=off|FILE, each translated block next to "
+                        "its translation (as --trace-bt). kvm, emu and pv take none")
+    p.add_argument("--trace-bt", nargs="?", const="-", default=None, metavar="FILE",
+                   help="bt: print each guest block next to its translation as it is "
+                        "translated (to stderr, or FILE)")
+    p.add_argument("--disk", action="append", default=[],
+                   metavar="PATH[,format=raw|qcow2][,readonly=on][,serial=S]",
+                   help="a virtio-blk disk backed by a raw or qcow2 image (repeatable: "
+                        "vda, vdb, ... in order); locked against other writers")
+    p.add_argument("--rng", action="store_true",
+                   help="a virtio-rng device fed by the host's getrandom (the guest's "
+                        "entropy pool is ready early)")
+    p.add_argument("--net", default=None, metavar="user|tap=NAME|socket=...|none",
+                   help="a virtio-net NIC on a network back end: user (passt: DHCP, DNS, "
+                        "the gateway address reaches the host), tap=NAME, "
+                        "socket=listen:ADDR, socket=connect:ADDR, socket=udp:LOCAL@REMOTE "
+                        "(ADDR: HOST:PORT or a Unix socket path; docs/net.md)")
+    p.add_argument("--mac", default=None, metavar="MAC",
+                   help="the NIC's MAC address (default 52:54:00 and 3 random octets)")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="end the guest after S seconds (exit status 124)")
     p.add_argument("--stats", action="store_true",
@@ -117,6 +154,15 @@ def _output_pump() -> OutputPump:
 
 
 def main(args: argparse.Namespace) -> int:
+    overlays: list[Overlay] = []      # --image debian's throwaway disk, removed at the end
+    try:
+        return _main(args, overlays)
+    finally:
+        for overlay in overlays:
+            overlay.close()
+
+
+def _main(args: argparse.Namespace, overlays: list[Overlay]) -> int:
     mem = parse_size(args.mem, default_unit="M")
     check_memory(mem)
     if args.timeout is not None and not args.timeout > 0:
@@ -126,20 +172,48 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown engine {args.engine!r} (choose from auto, "
                           f"{', '.join(ENGINES)})")
     engine = resolve_engine(args.engine)
+    from pyhv.diskspec import make_function, parse_disk
+    disks = [parse_disk(d) for d in args.disk]
+    from pyhv.net.spec import parse_mac, parse_net
+    from pyhv.nic import DHCP_WORD, make_nic, wants_dhcp
+    net = parse_net(args.net or "none")
+    mac = parse_mac(args.mac)
+    pci_devices = [make_function(d, i) for i, d in enumerate(disks)]
+    if args.rng:
+        pci_devices.append(_rng_function)
+    if net.kind != "none":
+        pci_devices.append(make_nic(net, mac))
+    elif args.mac is not None:
+        raise ConfigError("--mac needs a NIC: add --net")
     engine_options = _engine_options(args.engine_opt)
+    if args.trace_bt is not None:
+        if engine != "bt":
+            raise ConfigError("--trace-bt needs --engine bt")
+        engine_options.setdefault("trace", args.trace_bt)
     engine_class(engine).parse_options(engine_options)     # refused before any download
     cmdline = args.append
     kernel, initrd = args.kernel, args.initrd
+    if args.image is not None and kernel is not None:
+        raise ConfigError("--image and --kernel exclude each other (--image boots pyhv's "
+                          "cached Debian kernel)")
     pyhv_linux = kernel is None
     if pyhv_linux:
         from pyhv import images
-        img = images.ensure_linux_image(quiet=False)
+        root_words: tuple[str, ...] = ()
+        if args.image == "debian":
+            img, root_words, vda = _debian_root_disk(overlays)
+            disks.insert(0, parse_disk(vda))
+        else:
+            img = images.ensure_linux_image(quiet=False)
         kernel, initrd = img.kernel_path, (initrd or img.initrd_path)
         if cmdline is None:
             words = [img.cmdline_default] + [w for w, _ in LINUX_WORKAROUNDS.get(engine, [])]
             if args.command is not None:
                 words.append("loglevel=1")   # only emergencies (a panic) between outputs
+            if wants_dhcp(net):
+                words.append(DHCP_WORD)
             cmdline = " ".join(words)
+        cmdline = " ".join([cmdline, *(w for w in root_words if w not in cmdline.split())])
     marker: ExitMarker | None = None
     if args.command is not None:
         from pyhv import images
@@ -148,7 +222,8 @@ def main(args: argparse.Namespace) -> int:
     config = MachineConfig(kernel=kernel, cmdline=cmdline or "", initrd=initrd,
                            format=args.format, load_addr=args.load_addr, mem_size=mem,
                            engine=engine, strict_io=args.strict_io,
-                           engine_options=engine_options, n_cpus=args.cpus)
+                           engine_options=engine_options, n_cpus=args.cpus,
+                           pci_devices=pci_devices)
     pump = _output_pump()
     try:
         console = Console(pump.write, exit_marker=marker)
@@ -173,6 +248,24 @@ def main(args: argparse.Namespace) -> int:
     finally:
         pump.close()
     return _report(result, runner, machine, console, pump, args)
+
+
+def _debian_root_disk(overlays: list[Overlay]
+                      ) -> tuple[images.LinuxImage, tuple[str, ...], str]:
+    """--image debian: the cached Debian disk (built on first use) behind a throwaway
+    overlay, to be the first virtio-blk disk (/dev/vda). Returns the kernel image that
+    boots it, the command-line words it needs and the overlay's --disk option."""
+    from pyhv import debian
+    disk = debian.ensure_debian_disk(quiet=False)
+    overlay = Overlay(disk.disk_path)
+    overlays.append(overlay)
+    return disk.linux, disk.cmdline_words, disk_option(overlay.path)
+
+
+def _rng_function(memory: GuestMemory, deferred: DeferredCalls) -> PciFunction:
+    from pyhv.devices.virtio.rng import VirtioRng
+    from pyhv.devices.virtio.transport import VirtioPciFunction
+    return VirtioPciFunction(VirtioRng(), memory, deferred)
 
 
 def _engine_options(pairs: list[str]) -> dict[str, str]:

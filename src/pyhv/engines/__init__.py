@@ -15,6 +15,8 @@ ENGINES: dict[str, str] = {
     "kvm": "pyhv.engines.kvm:KvmEngine",
     "emu": "pyhv.engines.emu:EmuEngine",
     "trap": "pyhv.engines.trap:TrapEngine",
+    "bt": "pyhv.engines.bt:BtEngine",
+    "pv": "pyhv.engines.pv:PvEngine",
 }
 
 
