@@ -33,7 +33,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -179,11 +178,7 @@ def _main(args: argparse.Namespace, overlays: list[Overlay]) -> int:
     from pyhv.nic import DHCP_WORD, make_nic, wants_dhcp
     net = parse_net(args.net or "none")
     mac = parse_mac(args.mac)
-    other_devices: list[Callable[[GuestMemory, DeferredCalls], PciFunction]] = (
-        [_rng_function] if args.rng else [])         # after the disks, in this order
-    if net.kind != "none":
-        other_devices.append(make_nic(net, mac))
-    elif args.mac is not None:
+    if net.kind == "none" and args.mac is not None:
         raise ConfigError("--mac needs a NIC: add --net")
     engine_options = _engine_options(args.engine_opt)
     if args.trace_bt is not None:
@@ -219,8 +214,12 @@ def _main(args: argparse.Namespace, overlays: list[Overlay]) -> int:
         from pyhv import images
         marker = ExitMarker.fresh()
         cmdline = f"{cmdline or ''} {images.command_param(args.command, marker)}".strip()
-    # the disks first (--image debian's root disk is vda), then rng and the NIC
-    pci_devices = [make_function(d, i) for i, d in enumerate(disks)] + other_devices
+    # after --image debian put its root disk first (/dev/vda)
+    pci_devices = [make_function(d, i) for i, d in enumerate(disks)]
+    if args.rng:
+        pci_devices.append(_rng_function)
+    if net.kind != "none":
+        pci_devices.append(make_nic(net, mac))
     config = MachineConfig(kernel=kernel, cmdline=cmdline or "", initrd=initrd,
                            format=args.format, load_addr=args.load_addr, mem_size=mem,
                            engine=engine, strict_io=args.strict_io,
