@@ -35,11 +35,14 @@ from pathlib import Path
 
 from pyhv import runner as R
 from pyhv.console import Console
+from pyhv.devices.deferred import DeferredCalls
+from pyhv.devices.pci.function import PciFunction
 from pyhv.devices.serial16550 import IER_RDA
 from pyhv.errors import ConfigError
 from pyhv.exitmarker import ExitMarker
 from pyhv.loader import FORMATS
 from pyhv.machine import Machine, MachineConfig, StopRequest, check_memory, resolve_engine
+from pyhv.memory import GuestMemory
 from pyhv.outflow import OutputPump
 from pyhv.terminal import ESCAPE_NAME, InputGate, Terminal
 from pyhv.units import parse_size
@@ -48,7 +51,11 @@ from pyhv.units import parse_size
 # (README "Linux workarounds" repeats this table).
 LINUX_WORKAROUNDS: dict[str, list[tuple[str, str]]] = {
     "emu": [("tsc=unstable", "the software CPU's TSC runs at the emulation's pace, not at a "
-             "constant rate, so Linux must not use it as its clocksource")],
+             "constant rate, so Linux must not use it as its clocksource"),
+            ("no_timer_check", "Linux checks the I/O APIC timer route by waiting a fixed "
+             "number of TSC cycles for 4 ticks; the TSC is the host's while the PIT runs "
+             "on virtual time, so the wait ends too early in guest time and Linux wrongly "
+             "reports the route broken (\"MP-BIOS bug: 8254 timer not connected\")")],
     "kvm": [],
 }
 RESET_LOOP_LIMIT = 20        # resets in a row, each soon after its start: a reset loop
@@ -68,15 +75,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="flat images: guest-physical load address (default 0x7c00)")
     p.add_argument("--mem", default="128M", metavar="SIZE",
                    help="guest RAM, e.g. 64M, 1G (a plain number is MiB; default 128M)")
-    p.add_argument("--engine", default="auto", metavar="{auto,kvm,emu,trap}",
+    p.add_argument("--engine", default="auto", metavar="{auto,kvm,emu,trap,bt}",
                    help="how guest code runs (default auto: kvm with VT-x/AMD-V, else emu; "
-                        "trap: trap-and-emulate of a 64-bit kernel at CPL 3 on /dev/kvm)")
+                        "trap: trap-and-emulate of a 64-bit kernel at CPL 3 on /dev/kvm; "
+                        "bt: binary translation of that kernel, run at CPL 3 on /dev/kvm)")
     p.add_argument("--engine-opt", action="append", default=[], metavar="NAME=VALUE",
                    help="an option of the chosen engine, checked by it (repeatable). "
                         "trap: umip=on|off, CR4.UMIP for the deprivileged kernel: "
                         "SGDT/SIDT/SLDT/STR/SMSW trap and are emulated with its own "
                         "values (needs a CPU with UMIP; default off: they show the "
-                        "monitor's). kvm and emu take none")
+                        "monitor's). bt: tc=SIZE, the translation cache (64K..64M, "
+                        "default 4M); bt: trace=off|FILE, each translated block next to "
+                        "its translation (as --trace-bt). kvm and emu take none")
+    p.add_argument("--trace-bt", nargs="?", const="-", default=None, metavar="FILE",
+                   help="bt: print each guest block next to its translation as it is "
+                        "translated (to stderr, or FILE)")
     p.add_argument("--disk", action="append", default=[],
                    metavar="PATH[,format=raw|qcow2][,readonly=on][,serial=S]",
                    help="a virtio-blk disk backed by a raw or qcow2 image (repeatable: "
@@ -88,6 +101,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(ADDR: HOST:PORT or a Unix socket path; docs/net.md)")
     p.add_argument("--mac", default=None, metavar="MAC",
                    help="the NIC's MAC address (default 52:54:00 and 3 random octets)")
+    p.add_argument("--rng", action="store_true",
+                   help="a virtio-rng device fed by the host's getrandom (the guest's "
+                        "entropy pool is ready early)")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="end the guest after S seconds (exit status 124)")
     p.add_argument("--stats", action="store_true",
@@ -136,12 +152,14 @@ def main(args: argparse.Namespace) -> int:
     from pyhv.nic import DHCP_WORD, make_nic, wants_dhcp
     net = parse_net(args.net or "none")
     mac = parse_mac(args.mac)
-    pci_devices = [make_function(d, i) for i, d in enumerate(disks)]
-    if net.kind != "none":
-        pci_devices.append(make_nic(net, mac))
-    elif args.mac is not None:
+    nic = [make_nic(net, mac)] if net.kind != "none" else []
+    if args.mac is not None and not nic:
         raise ConfigError("--mac needs a NIC: add --net")
     engine_options = _engine_options(args.engine_opt)
+    if args.trace_bt is not None:
+        if engine != "bt":
+            raise ConfigError("--trace-bt needs --engine bt")
+        engine_options.setdefault("trace", args.trace_bt)
     engine_class(engine).parse_options(engine_options)     # refused before any download
     cmdline = args.append
     kernel, initrd = args.kernel, args.initrd
@@ -166,7 +184,8 @@ def main(args: argparse.Namespace) -> int:
                            format=args.format, load_addr=args.load_addr, mem_size=mem,
                            engine=engine, strict_io=args.strict_io,
                            engine_options=engine_options,
-                           pci_devices=pci_devices)
+                           pci_devices=[make_function(d, i) for i, d in enumerate(disks)]
+                           + ([_rng_function] if args.rng else []) + nic)
     pump = _output_pump()
     try:
         console = Console(pump.write, exit_marker=marker)
@@ -191,6 +210,12 @@ def main(args: argparse.Namespace) -> int:
     finally:
         pump.close()
     return _report(result, runner, machine, console, pump, args)
+
+
+def _rng_function(memory: GuestMemory, deferred: DeferredCalls) -> PciFunction:
+    from pyhv.devices.virtio.rng import VirtioRng
+    from pyhv.devices.virtio.transport import VirtioPciFunction
+    return VirtioPciFunction(VirtioRng(), memory, deferred)
 
 
 def _engine_options(pairs: list[str]) -> dict[str, str]:
@@ -283,7 +308,8 @@ def _report(result: R.RunResult, runner: R.Runner, machine: Machine, console: Co
                                             " (the guest printed nothing)"))
         _tail(console)
     elif result.reason == "reset":
-        _stderr("pyhv: the guest reset; --on-reboot exit ends the run")
+        _stderr(f"pyhv: the guest reset ({result.detail or 'reset'}); --on-reboot exit "
+                "ends the run")
     elif result.reason == "reset-loop":
         _stderr(f"pyhv: {result.detail}")
         _tail(console)
@@ -299,7 +325,7 @@ def _report(result: R.RunResult, runner: R.Runner, machine: Machine, console: Co
         else:
             status = console.exit_status
     if args.stats:
-        _print_stats(runner, machine)
+        _print_stats(runner, machine, result)
     return status
 
 
@@ -325,7 +351,7 @@ def _tail(console: Console) -> None:
         _stderr(f"  | {line}")
 
 
-def _print_stats(runner: R.Runner, machine: Machine) -> None:
+def _print_stats(runner: R.Runner, machine: Machine, result: R.RunResult) -> None:
     from rich.console import Console as RichConsole
     from rich.table import Table
 
@@ -359,3 +385,6 @@ def _print_stats(runner: R.Runner, machine: Machine) -> None:
         t.add_row(f"{machine.engine_name}: {key}",
                   f"{value:.3f}" if isinstance(value, float) else str(value))
     out.print(t)
+    # what ended the run, outside the table (a long detail would make rich wrap its rows)
+    _stderr(f"pyhv: the run ended by {result.reason}"
+            + (f": {result.detail}" if result.detail else ""))

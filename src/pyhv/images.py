@@ -88,7 +88,8 @@ BOOT_TIMER_VALUE = 123
 VIRTIO_VENDOR = "0x1af4"
 # The virtio modules the guest needs for disks and network (docs/host.md: all =m in Debian).
 VIRTIO_MODULES = ("virtio", "virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
-                  "virtio_pci", "virtio_blk", "virtio_net", "net_failover", "failover")
+                  "virtio_pci", "virtio_blk", "virtio_net", "net_failover", "failover",
+                  "virtio_rng")
 IMAGE_FORMAT = 3           # 3: udhcpc's script, pyhv.net=dhcp (2 is another branch's)
 APT_TIMEOUT = 600
 
@@ -105,6 +106,12 @@ class LinuxImage:
     package_version: str = ""   # e.g. "6.1.192-2"
     busybox_version: str = ""
     modules: tuple[str, ...] = ()
+    wanted_modules: tuple[str, ...] = ()    # VIRTIO_MODULES when it was built
+
+    @property
+    def current(self) -> bool:
+        """Built with every module this pyhv wants (an older pyhv's image is rebuilt)."""
+        return set(VIRTIO_MODULES) <= set(self.wanted_modules)
 
     @property
     def directory(self) -> Path:
@@ -443,7 +450,8 @@ def _read_image(directory: Path) -> LinuxImage | None:
                      package=str(d.get("package", "")),
                      package_version=str(d.get("package_version", "")),
                      busybox_version=str(d.get("busybox_version", "")),
-                     modules=tuple(d.get("modules", ())))
+                     modules=tuple(d.get("modules", ())),
+                     wanted_modules=tuple(d.get("wanted_modules", ())))
     if not (img.kernel_path.is_file() and img.initrd_path.is_file()):
         return None
     return img
@@ -593,7 +601,7 @@ def fetch_linux(*, force: bool = False, quiet: bool = False,
     outdir = root / f"linux-{release}.v{IMAGE_FORMAT}"
     existing = _read_image(outdir)
     if (existing is not None and not force and existing.package_version == kver
-            and existing.busybox_version == bver):
+            and existing.busybox_version == bver and existing.current):
         steps.say(f"Linux {release} is up to date in {outdir}")
         return existing
     kdeb, bdeb = _download(root / "debs", [(kpkg, kver), (BUSYBOX_PACKAGE, bver)], steps)
@@ -624,7 +632,7 @@ def fetch_linux(*, force: bool = False, quiet: bool = False,
     img = LinuxImage(kernel_path=outdir / "vmlinuz", initrd_path=outdir / "initramfs.cpio.gz",
                      version=release, cmdline_default=DEFAULT_CMDLINE, package=kpkg,
                      package_version=kver, busybox_version=bver,
-                     modules=tuple(m.name for m in modules))
+                     modules=tuple(m.name for m in modules), wanted_modules=VIRTIO_MODULES)
     meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(img).items()}
     meta["format"] = IMAGE_FORMAT
     meta["built"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -637,7 +645,7 @@ def ensure_linux_image(*, quiet: bool = False) -> LinuxImage:
     """A cached Linux image, fetching one only if the cache has none (so it works offline
     once fetched). What `pyhv run` with no --kernel boots."""
     images = cached_images()
-    if images:
+    if images and images[0].current:
         return images[0]
     return fetch_linux(quiet=quiet)
 

@@ -4,7 +4,11 @@
     2. guest RAM                     (layout.ram_layout: split around the MMIO hole)
     3. the kernel                    (loaders validate everything before writing RAM)
     4. time                          (host clock for hardware engines, virtual for emu)
-    5. the interrupt controller      (the 8259 pair: the vCPU's interrupt source)
+    5. the interrupt controllers     (the 8259 pair; the I/O APIC at 0xfec00000 and a local
+                                      APIC per vCPU at 0xfee00000, on one APIC bus; each
+                                      ISA IRQ goes to both the 8259 and the I/O APIC,
+                                      IRQ 0 on GSI 2; the 8259 reaches the vCPU through
+                                      its local APIC's LINT0, the virtual wire)
     6. the devices, on the port bus  (16550, 8254 + port B, RTC, i8042, fw_cfg,
                                       debug-exit, boot timer), and the PCI bus with
                                       its host bridge and virtio devices (devices/pci,
@@ -44,15 +48,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pyhv.arch.x86 import layout
+from pyhv.arch.x86 import acpi, layout, mptable
+from pyhv.arch.x86.cpuid import APIC, DEFAULT_MODEL
 from pyhv.clock import Clock, HostClock, TimerQueue, VirtualClock
+from pyhv.devices.acpipm import AcpiPm
+from pyhv.devices.apicbus import ApicBus
 from pyhv.devices.boottimer import BootTimer
 from pyhv.devices.bus import Bus
 from pyhv.devices.debugexit import DebugExit
 from pyhv.devices.deferred import DeferredCalls
 from pyhv.devices.fwcfg import FwCfg
 from pyhv.devices.i8042 import I8042
-from pyhv.devices.pci.host import PciHost
+from pyhv.devices.ioapic import IOAPIC_BASE_ADDR, IOAPIC_MMIO_SIZE, IoApic, isa_gsi
+from pyhv.devices.irq import FanOutLine, IrqLine
+from pyhv.devices.lapic import APIC_BASE_ADDR, APIC_MMIO_SIZE, LocalApic
+from pyhv.devices.pci.host import PCI_IRQS, PciHost
 from pyhv.devices.pic8259 import PicPair
 from pyhv.devices.pit8254 import Pit8254, SystemControlPortB
 from pyhv.devices.rtc import Rtc
@@ -128,13 +138,29 @@ def check_memory(size: int) -> None:
                           f"{host >> 20} MiB of RAM")
 
 
+class LapicWindow:
+    """The xAPIC page at 0xfee00000: each vCPU sees its own local APIC there, so accesses
+    go to the APIC of the vCPU the run loop is running (`machine.current_cpu`)."""
+
+    def __init__(self, machine: Machine) -> None:
+        self._m = machine
+
+    def read(self, offset: int, size: int) -> int:
+        return self._m.lapics[self._m.current_cpu].read(offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self._m.lapics[self._m.current_cpu].write(offset, size, value)
+
+
 @dataclass
 class Devices:
     pic: PicPair
+    ioapic: IoApic
     serial: Serial16550
     pit: Pit8254
     rtc: Rtc
     i8042: I8042
+    acpi_pm: AcpiPm
     fwcfg: FwCfg
     debug_exit: DebugExit
     boot_timer: BootTimer
@@ -158,6 +184,9 @@ class Machine:
         self._devices: Devices | None = None
         self.deferred = DeferredCalls()
         self._pci_functions: list[PciFunction] = []
+        self.apic_bus = ApicBus()
+        self.lapics: list[LocalApic] = []
+        self.current_cpu = 0
         try:
             self._build(config, console)
         except BaseException:
@@ -176,6 +205,11 @@ class Machine:
         # 2. guest RAM
         check_memory(config.mem_size)
         self.memory = GuestMemory.with_layout(layout.ram_layout(config.mem_size))
+
+        # 2b. firmware tables (ACPI, MP) in the BIOS area, before the kernel, so that an
+        # image loaded over 0xe0000-0xfffff keeps its own bytes
+        if config.devices:
+            self._install_tables(config)
 
         # 3. the kernel, validated and written into RAM
         if config.setup is not None:
@@ -200,29 +234,60 @@ class Machine:
         # 7. the engine, one vCPU, the loader's entry state
         self.engine = cls(self.memory, **engine_args)
         self.vcpu = self.engine.create_vcpu(0)
-        self.vcpu.set_interrupt_source(self._devices.pic if self._devices else None)
+        if self._devices is not None:
+            self.vcpu.set_interrupt_source(self.lapics[0])
+            self.vcpu.set_apic_present(True)
+        else:
+            self.vcpu.set_interrupt_source(None)
         self.vcpu.set_state(self.guest.entry)
+
+    def _install_tables(self, config: MachineConfig) -> None:
+        assert self.memory is not None
+        ioapic_id = config.n_cpus
+        routes = pci_routes()
+        acpi.install(self.memory, acpi.AcpiConfig(n_cpus=config.n_cpus, ioapic_id=ioapic_id,
+                                                  pci_routes=routes))
+        mptable.install(self.memory, config.n_cpus, ioapic_id,
+                        cpu_signature=DEFAULT_MODEL.signature(),
+                        cpu_features=DEFAULT_MODEL.features_edx | APIC, pci_routes=routes)
 
     def _build_devices(self, config: MachineConfig, console: Callable[[bytes], None]) -> None:
         pic = PicPair()
-        pit = Pit8254(self.clock, self.timers, pic.irq_line(0))
+        ioapic = IoApic(self.apic_bus, apic_id=config.n_cpus)
+        self.lapics = [LocalApic(0, self.apic_bus, self.clock, self.timers, bsp=True,
+                                 pic=pic)]
+
+        def isa(n: int) -> IrqLine:
+            return FanOutLine(pic.irq_line(n), ioapic.irq_line(isa_gsi(9 if n == 2 else n)))
+
+        pm = acpi.PmPorts()
+        pit = Pit8254(self.clock, self.timers, isa(0))
         self._devices = Devices(
             pic=pic,
-            serial=Serial16550(pic.irq_line(4), console),
+            ioapic=ioapic,
+            serial=Serial16550(isa(4), console),
             pit=pit,
-            rtc=Rtc(self.clock, self.timers, pic.irq_line(8), ram_size=config.mem_size,
+            rtc=Rtc(self.clock, self.timers, isa(8), ram_size=config.mem_size,
                     n_cpus=config.n_cpus),
-            i8042=I8042(pic.irq_line(1), pic.irq_line(12),
+            i8042=I8042(isa(1), isa(12),
                         lambda: self.request_stop(StopRequest("reset", 0, "i8042 reset"))),
+            acpi_pm=AcpiPm(self.clock, isa(pm.sci_irq),
+                           on_poweroff=lambda: self.request_stop(StopRequest(
+                               "poweroff", 0, "ACPI S5 through PM1a_CNT")),
+                           on_reset=lambda: self.request_stop(StopRequest(
+                               "reset", 0, "ACPI reset register")),
+                           evt=pm.pm1a_evt, cnt=pm.pm1a_cnt, tmr=pm.pm_tmr,
+                           reset=pm.reset, reset_value=pm.reset_value,
+                           s5_slp_typ=acpi.S5_SLP_TYP),
             fwcfg=FwCfg(config.mem_size, config.n_cpus),
             debug_exit=DebugExit(self._debug_exit),
             boot_timer=BootTimer(self.clock, self._booted),
-            pci=PciHost(self.pio, self.mmio, self.memory, pic.irq_line,
+            pci=PciHost(self.pio, self.mmio, self.memory, isa,
                         lambda irq: _level_triggered(pic, irq)),
         )
         d = self._devices
-        d.all = [pic, d.serial, pit, SystemControlPortB(pit), d.rtc, d.i8042, d.fwcfg,
-                 d.debug_exit]
+        d.all = [pic, d.serial, pit, SystemControlPortB(pit), d.rtc, d.i8042, d.acpi_pm,
+                 d.fwcfg, d.debug_exit]
         for dev in d.all:
             for base, length, device, name in dev.regions():  # type: ignore[attr-defined]
                 self.pio.register(base, length, device, name)
@@ -234,6 +299,8 @@ class Machine:
             fn = make(self.memory, self.deferred)
             self._pci_functions.append(fn)
             d.pci.add(fn)
+        self.mmio.register(APIC_BASE_ADDR, APIC_MMIO_SIZE, LapicWindow(self), "lapic")
+        self.mmio.register(IOAPIC_BASE_ADDR, IOAPIC_MMIO_SIZE, ioapic, "ioapic")
 
     @property
     def devices(self) -> Devices:
@@ -253,7 +320,7 @@ class Machine:
 
     def interrupt_pending(self) -> bool:
         """The interrupt controller's INTR pin (what wakes a guest halted with IF=1)."""
-        return self._devices is not None and self._devices.pic.pending()
+        return bool(self.lapics) and self.lapics[self.current_cpu].pending()
 
     def _booted(self, _guest_ns: int) -> None:
         self.boot_host_s = time.monotonic() - self.created_at
@@ -294,6 +361,14 @@ class Machine:
             self.memory = None
         if errors:
             raise errors[0]
+
+
+def pci_routes() -> dict[tuple[int, int], int]:
+    """(slot, INTx pin 0-3) -> GSI for every slot but the host bridge's: the host
+    bridge's swizzle onto PCI_IRQS, which reach the I/O APIC on GSI = IRQ (the ISA
+    fan-out), for the DSDT's _PRT and the MP table (docs/apic.md)."""
+    return {(slot, pin): PCI_IRQS[(slot + pin) % 4] for slot in range(1, 32)
+            for pin in range(4)}
 
 
 def _level_triggered(pic: PicPair, irq: int) -> None:

@@ -58,20 +58,21 @@ def info(r: subprocess.CompletedProcess[bytes]) -> str:
 @needs_qemu_img
 def test_file_system_round_trip(debian_image: images.LinuxImage, tmp_path: Path) -> None:
     """The issue's acceptance test: mke2fs + mount + write, then a second run reads it,
-    with a second (raw, read-only) disk as vdb and its serial visible in sysfs."""
+    with a second (raw, read-only) disk as vdb and its serial visible in sysfs, and
+    virtio-rng behind /dev/hwrng."""
     disk = new_qcow2(tmp_path / "d.qcow2")
     raw = tmp_path / "ro.raw"
     raw.write_bytes(b"RAWDISK!" + bytes(1 << 20))
     r = pyhv("--disk", str(disk), "--disk", f"{raw},format=raw,readonly=on,serial=ro-1",
-             "--command", "mke2fs /dev/vda >/dev/null && mount /dev/vda /mnt && "
+             "--rng", "--command", "mke2fs /dev/vda >/dev/null && mount /dev/vda /mnt && "
              "echo hello > /mnt/f && umount /mnt && cat /sys/block/vdb/serial && echo && "
              "cat /sys/block/vdb/ro && head -c 8 /dev/vdb && echo && "
              "if dd if=/dev/zero of=/dev/vdb count=1 conv=fsync 2>/dev/null; then echo WROTE;"
-             " else echo REFUSED; fi")
+             " else echo REFUSED; fi; head -c 16 /dev/hwrng | wc -c")
     out = info(r)
     assert r.returncode == 0, out
     lines = [ln.strip() for ln in r.stdout.decode().splitlines()]
-    assert lines[-4:] == ["ro-1", "1", "RAWDISK!", "REFUSED"], out
+    assert lines[-5:] == ["ro-1", "1", "RAWDISK!", "REFUSED", "16"], out
     check_clean(disk)
     assert raw.read_bytes()[:8] == b"RAWDISK!"
     r = pyhv("--disk", str(disk), "--command", "mount /dev/vda /mnt && cat /mnt/f")

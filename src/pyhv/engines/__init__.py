@@ -15,6 +15,7 @@ ENGINES: dict[str, str] = {
     "kvm": "pyhv.engines.kvm:KvmEngine",
     "emu": "pyhv.engines.emu:EmuEngine",
     "trap": "pyhv.engines.trap:TrapEngine",
+    "bt": "pyhv.engines.bt:BtEngine",
 }
 
 

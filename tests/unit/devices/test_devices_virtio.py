@@ -318,3 +318,21 @@ def test_arbitrary_rings_give_chains_in_ram_or_needs_reset(
             assert head < 8 and written <= 1 << 20
     finally:
         m.close()
+
+
+def test_rng_fills_writable_buffers_bounded(m: TestMachine) -> None:
+    from pyhv.devices.virtio.rng import MAX_REQUEST, VirtioRng
+    dev = VirtioRng()
+    slot, fn = m.add(dev)
+    d = Driver(m, slot)
+    assert m.cfg_read(slot, 0) == 0x1044_1AF4
+    assert d.init(T.F_VERSION_1)
+    q = d.setup_queue(0, 8, data_bytes=0x40000)
+    d.driver_ok()
+    h1, a1 = q.add([(64, True)])
+    h2, a2 = q.add([(b"ignored", False), (0x30000, True)])
+    h3, _ = q.add([(b"only readable", False)])
+    d.notify(0)
+    assert q.take_used() == [(h1, 64), (h2, MAX_REQUEST), (h3, 0)]
+    assert m.memory.read(a1[0], 64) != bytes(64)
+    assert m.memory.read(a2[1] + MAX_REQUEST, 16) == bytes(16)     # nothing past the cap

@@ -39,6 +39,7 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Callable
+from typing import ClassVar
 
 import iced_x86 as ix
 
@@ -473,7 +474,7 @@ class TrapEngine(Engine):
     """Trap-and-emulate on /dev/kvm: the guest kernel deprivileged to CPL 3."""
 
     name = "trap"
-    options = (EngineOption(
+    options: ClassVar[tuple[EngineOption, ...]] = (EngineOption(
         "umip", "on|off", on_off, False,
         "CR4.UMIP for the deprivileged guest: SGDT/SIDT/SLDT/STR/SMSW then trap and are "
         "emulated with the guest's own values (needs a CPU with UMIP; default off, so "

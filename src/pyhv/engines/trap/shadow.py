@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
+from collections.abc import Callable
 
 from pyhv.engines.trap.monitor import (
     MON_GPA,
@@ -89,11 +90,19 @@ class ShadowMmu:
     """The shadow tables of one vCPU, in the monitor's view (`area`: its 2 MiB)."""
 
     def __init__(self, mem: GuestMemory, area: memoryview, v: VirtualCpu, *,
-                 pages: int = SHADOW_POOL_PAGES) -> None:
+                 pages: int = SHADOW_POOL_PAGES, force_xd: bool = False,
+                 extra_slots: dict[int, int] | None = None,
+                 on_code_write: Callable[[int, int], None] | None = None) -> None:
         if not 3 <= pages <= SHADOW_POOL_PAGES:
             raise ValueError(f"shadow pool of {pages} pages")
         self.mem, self.area, self.v = mem, area, v
         self.pages = pages
+        # the binary translator (engines/bt): guest pages never executable, its own
+        # PML4 slot kept in every flush, translated code pages write-protected
+        self.force_xd = force_xd
+        self.extra_slots = dict(extra_slots or {})
+        self.protected: set[int] = set()
+        self.on_code_write = on_code_write
         self.free: list[int] = []
         self.tables: dict[tuple[int, int], int] = {}          # (level, VA prefix) -> off
         self.table_pages: dict[int, set[tuple[int, int]]] = {}  # guest table -> uses
@@ -144,6 +153,8 @@ class ShadowMmu:
         return self.walk(va, write=write).gpa
 
     def written(self, gpa: int, size: int) -> None:
+        if gpa & ~0xFFF in self.protected and self.on_code_write is not None:
+            self.on_code_write(gpa & ~0xFFF, size)
         uses = self.table_pages.get(gpa & ~0xFFF)
         if not uses:
             return
@@ -166,9 +177,9 @@ class ShadowMmu:
         engine emulates it. Raises GuestFault (#PF for the guest) or Refused."""
         write, fetch = bool(error_code & PF_W), bool(error_code & PF_I)
         vn = va & VA_MASK
-        if vn >> 39 == MONITOR_SLOT:
+        if vn >> 39 == MONITOR_SLOT or vn >> 39 in self.extra_slots:
             self.walk(va, write=write, fetch=fetch)      # absent for the guest: its #PF
-            raise Refused(f"the guest maps {va:#x} (PML4 slot 511), where the trap "
+            raise Refused(f"the guest maps {va:#x} (PML4 slot {vn >> 39}), where the "
                           "monitor lives; its shadow cannot give the guest that slot")
         w = self.walk(va, write=write, fetch=fetch)
         if w.size == 1 << 30:
@@ -177,9 +188,9 @@ class ShadowMmu:
             self.flush_all("pool full")
         self._note_tables(w)
         frame = w.frame
-        is_table = frame in self.table_pages
+        is_table = frame in self.table_pages or frame in self.protected
         rw = (w.writable or not self.wp) and w.dirty and not is_table
-        entry = frame | P | US | (RW if rw else 0) | (XD if w.nx else 0)
+        entry = frame | P | US | (RW if rw else 0) | (XD if w.nx or self.force_xd else 0)
         old = self._install(vn, entry)
         self.leaves.setdefault(frame, set()).add(vn >> 12)
         if write and is_table:
@@ -242,6 +253,26 @@ class ShadowMmu:
         self._put(slot, entry)
         return old
 
+    # ------------------------------------------------------------------ code pages
+
+    def protect(self, frame: int) -> None:
+        """Map guest page `frame` read-only from now on (translated code lives there)."""
+        if frame in self.protected:
+            return
+        self.protected.add(frame)
+        for vpn in self.leaves.get(frame, ()):
+            self._write_protect(vpn, frame)
+
+    def unprotect(self, frame: int) -> None:
+        """Its translations are gone: drop its read-only leaves (refilled on demand)."""
+        self.protected.discard(frame)
+        if frame in self.table_pages:
+            return
+        for vpn in self.leaves.get(frame, ()):
+            off = self.tables.get((1, vpn >> 9))
+            if off is not None and self._get(off + 8 * (vpn & 511)) & ADDR == frame:
+                self._clear(off + 8 * (vpn & 511))
+
     # ------------------------------------------------------------------ invalidation
 
     def invlpg(self, va: int) -> None:
@@ -260,7 +291,10 @@ class ShadowMmu:
     def flush_all(self, reason: str | None) -> None:
         """Empty the shadow (PML4 slots 0..510) and give every pool page back."""
         for i in range(MONITOR_SLOT):
-            self._clear(SHADOW_PML4_OFF + 8 * i)
+            if i not in self.extra_slots:
+                self._clear(SHADOW_PML4_OFF + 8 * i)
+        for i, entry in self.extra_slots.items():
+            self._put(SHADOW_PML4_OFF + 8 * i, entry)
         self.free = [SHADOW_POOL_OFF + 0x1000 * n for n in range(self.pages)][::-1]
         self.tables.clear()
         self.table_pages.clear()
