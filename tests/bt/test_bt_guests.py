@@ -128,6 +128,7 @@ def test_paging_upper_half_on_bt_is_a_clear_report(bt_guest: Callable[[str], Pat
 @pytest.mark.parametrize(("cmdline", "line"), [
     ("priv 10", "bench: priv 10 0000000000000000\n"),
     ("cpu 2", "bench: cpu 2 ea604e9fa167cdf0\n"),
+    ("flags 10", "bench: flags 10 0000000000000000\n"),
 ])
 def test_bench_kernel_on_bt(bt_guest: Callable[[str], Path], cmdline: str, line: str) -> None:
     r = run_pyhv("--engine", "bt", "--kernel", bt_guest("bench"), "--append", cmdline,

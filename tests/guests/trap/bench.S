@@ -4,6 +4,8 @@
  *
  *   "priv N"   N x { cli; sti; in al, 0x61; out 0x80, al }: four privileged
  *              instructions, each a trap under the trap engine
+ *   "flags N"  N x { cli; pushfq; sti; popfq }: the interrupt-flag half of a critical
+ *              section, no device (two traps under trap, none under bt)
  *   "cpu N"    N x 1000 rounds of { imul; add; xor; dec; jnz }: no privileged
  *              instruction at all (native at CPL 3 under trap, emulated at CPL 0 by
  *              KVM-PVM under kvm, software under emu)
@@ -44,6 +46,8 @@ start:
     je priv
     cmp bl, 'c'
     je cpu
+    cmp bl, 'f'
+    je flags
 bad:
     lea rsi, [rip + msg_bad]
     call puts
@@ -61,6 +65,21 @@ priv:
     jnz 1b
 2:  xor r13d, r13d
     lea rsi, [rip + msg_priv]
+    jmp report
+
+/* flags: the sensitive, non-I/O half of a kernel's critical sections */
+flags:
+    mov rcx, r12
+    test rcx, rcx
+    jz 2f
+1:  cli
+    pushfq
+    sti
+    popfq
+    dec rcx
+    jnz 1b
+2:  xor r13d, r13d
+    lea rsi, [rip + msg_flags]
     jmp report
 
 cpu:
@@ -96,6 +115,7 @@ report:
     .section .rodata
 msg_priv: .asciz "bench: priv "
 msg_cpu:  .asciz "bench: cpu "
+msg_flags: .asciz "bench: flags "
 msg_bad:  .asciz "bench: bad command line\n"
     .bss
     .align 16
