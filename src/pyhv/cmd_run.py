@@ -88,10 +88,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="flat images: guest-physical load address (default 0x7c00)")
     p.add_argument("--mem", default="128M", metavar="SIZE",
                    help="guest RAM, e.g. 64M, 1G (a plain number is MiB; default 128M)")
-    p.add_argument("--engine", default="auto", metavar="{auto,kvm,emu,trap,bt}",
+    p.add_argument("--cpus", type=int, default=1, metavar="N",
+                   help="vCPUs, 1 to 16 (default 1); several need the emu engine; the APs "
+                        "wait for the guest's INIT/SIPI, as on a PC")
+    p.add_argument("--engine", default="auto", metavar="{auto,kvm,emu,trap,bt,pv}",
                    help="how guest code runs (default auto: kvm with VT-x/AMD-V, else emu; "
                         "trap: trap-and-emulate of a 64-bit kernel at CPL 3 on /dev/kvm; "
-                        "bt: binary translation of that kernel, run at CPL 3 on /dev/kvm)")
+                        "bt: binary translation of that kernel, run at CPL 3 on /dev/kvm; "
+                        "pv: a kernel using pyhv's hypercall ABI, on the trap monitor)")
     p.add_argument("--engine-opt", action="append", default=[], metavar="NAME=VALUE",
                    help="an option of the chosen engine, checked by it (repeatable). "
                         "trap: umip=on|off, CR4.UMIP for the deprivileged kernel: "
@@ -99,7 +103,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "values (needs a CPU with UMIP; default off: they show the "
                         "monitor's). bt: tc=SIZE, the translation cache (64K..64M, "
                         "default 4M); bt: trace=off|FILE, each translated block next to "
-                        "its translation (as --trace-bt). kvm and emu take none")
+                        "its translation (as --trace-bt). kvm, emu and pv take none")
     p.add_argument("--trace-bt", nargs="?", const="-", default=None, metavar="FILE",
                    help="bt: print each guest block next to its translation as it is "
                         "translated (to stderr, or FILE)")
@@ -110,6 +114,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rng", action="store_true",
                    help="a virtio-rng device fed by the host's getrandom (the guest's "
                         "entropy pool is ready early)")
+    p.add_argument("--net", default=None, metavar="user|tap=NAME|socket=...|none",
+                   help="a virtio-net NIC on a network back end: user (passt: DHCP, DNS, "
+                        "the gateway address reaches the host), tap=NAME, "
+                        "socket=listen:ADDR, socket=connect:ADDR, socket=udp:LOCAL@REMOTE "
+                        "(ADDR: HOST:PORT or a Unix socket path; docs/net.md)")
+    p.add_argument("--mac", default=None, metavar="MAC",
+                   help="the NIC's MAC address (default 52:54:00 and 3 random octets)")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="end the guest after S seconds (exit status 124)")
     p.add_argument("--stats", action="store_true",
@@ -163,6 +174,17 @@ def _main(args: argparse.Namespace, overlays: list[Overlay]) -> int:
     engine = resolve_engine(args.engine)
     from pyhv.diskspec import make_function, parse_disk
     disks = [parse_disk(d) for d in args.disk]
+    from pyhv.net.spec import parse_mac, parse_net
+    from pyhv.nic import DHCP_WORD, make_nic, wants_dhcp
+    net = parse_net(args.net or "none")
+    mac = parse_mac(args.mac)
+    pci_devices = [make_function(d, i) for i, d in enumerate(disks)]
+    if args.rng:
+        pci_devices.append(_rng_function)
+    if net.kind != "none":
+        pci_devices.append(make_nic(net, mac))
+    elif args.mac is not None:
+        raise ConfigError("--mac needs a NIC: add --net")
     engine_options = _engine_options(args.engine_opt)
     if args.trace_bt is not None:
         if engine != "bt":
@@ -188,6 +210,8 @@ def _main(args: argparse.Namespace, overlays: list[Overlay]) -> int:
             words = [img.cmdline_default] + [w for w, _ in LINUX_WORKAROUNDS.get(engine, [])]
             if args.command is not None:
                 words.append("loglevel=1")   # only emergencies (a panic) between outputs
+            if wants_dhcp(net):
+                words.append(DHCP_WORD)
             cmdline = " ".join(words)
         cmdline = " ".join([cmdline, *(w for w in root_words if w not in cmdline.split())])
     marker: ExitMarker | None = None
@@ -198,9 +222,8 @@ def _main(args: argparse.Namespace, overlays: list[Overlay]) -> int:
     config = MachineConfig(kernel=kernel, cmdline=cmdline or "", initrd=initrd,
                            format=args.format, load_addr=args.load_addr, mem_size=mem,
                            engine=engine, strict_io=args.strict_io,
-                           engine_options=engine_options,
-                           pci_devices=[make_function(d, i) for i, d in enumerate(disks)]
-                           + ([_rng_function] if args.rng else []))
+                           engine_options=engine_options, n_cpus=args.cpus,
+                           pci_devices=pci_devices)
     pump = _output_pump()
     try:
         console = Console(pump.write, exit_marker=marker)
@@ -402,6 +425,9 @@ def _print_stats(runner: R.Runner, machine: Machine, result: R.RunResult) -> Non
     t.add_row("unhandled port reads/writes",
               f"{machine.pio.unhandled_reads}/{machine.pio.unhandled_writes}")
     t.add_row("timers fired", str(machine.timers.fired))
+    if len(runner.vcpus) > 1:
+        per = [runner.slices[i] for i in range(len(runner.vcpus))]
+        t.add_row("vCPU slices", f"{min(per)}-{max(per)} on each of {len(per)}")
     boot_ns = machine.devices.boot_timer.boot_ns
     if boot_ns is not None:
         host = machine.boot_host_s

@@ -8,7 +8,9 @@ with `dpkg-deb -x`, and builds an initramfs. The cache:
 
     $PYHV_CACHE (default ~/.cache/pyhv/images)/
       debs/                         the .deb files as apt-get downloaded them
-      linux-6.1.0-56-cloud-amd64.v2/  one directory per kernel release and image format
+      linux-6.1.0-56-cloud-amd64.v5/  one directory per kernel release and image
+                                    format (IMAGE_FORMAT: other formats are built
+                                    beside, never over, so other pyhv versions keep theirs)
         vmlinuz                     Debian's bzImage, unmodified
         config, System.map          from the same package, for reference
         initramfs.cpio.gz           busybox + /init + the virtio modules
@@ -27,6 +29,7 @@ The initramfs:
     /bin/pyhv-boottimer   49-byte static ELF: ioperm(0x440); outb(123, 0x440); exit
     /dev/console (c 5 1), /dev/null (c 1 3), /dev/ttyS0 (c 4 64)
     /etc/inittab          busybox init: a shell on the console, respawned
+    /etc/udhcpc/default.script   udhcpc's hook: address, MTU, route, resolv.conf
     /lib/modules/<release>/kernel/...   virtio, virtio_ring, virtio_pci(+_modern_dev,
                           _legacy_dev), virtio_blk, virtio_net, net_failover, failover
                           and their dependencies, uncompressed, with modules.dep
@@ -37,6 +40,9 @@ The /init protocol (also in docs/linux.md):
 - it mounts devtmpfs, proc, sysfs, devpts and tmpfs (/tmp, /run), and loads the virtio
   modules when the PCI bus shows a virtio device (vendor 0x1af4; `pyhv.modules=all` or
   `none` on the kernel command line overrides);
+- with `pyhv.net=dhcp` (what `pyhv run --net user` adds), it configures eth0 by DHCP
+  (`udhcpc -q`: one lease, then udhcpc exits; the lease's MTU is applied) before the
+  command or the shell;
 - with `pyhv.cmd=<base64 of a shell command>` on the command line it runs that command
   with `sh -c` (so pipes and $((...)) work), then prints `@@PYHV-EXIT <status>@@\n` right
   after the command's output (on the output's last line if that lacks a newline) and
@@ -77,6 +83,7 @@ BUSYBOX_PACKAGE = "busybox-static"
 DEFAULT_CMDLINE = "console=ttyS0"
 CMD_PARAM = "pyhv.cmd"
 MODULES_PARAM = "pyhv.modules"
+NET_PARAM = "pyhv.net"
 ROOT_PARAM = "pyhv.root"
 ROOT_MOUNT = "/newroot"
 ROOT_WAIT_TENTHS = 100      # /init waits up to 10 s for the root disk's device node
@@ -86,7 +93,7 @@ VIRTIO_VENDOR = "0x1af4"
 VIRTIO_MODULES = ("virtio", "virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
                   "virtio_pci", "virtio_blk", "virtio_net", "net_failover", "failover",
                   "virtio_rng")
-IMAGE_FORMAT = 2           # 2: /init can run from a root disk (pyhv.root=)
+IMAGE_FORMAT = 5           # 5: pyhv.root= (a root disk), virtio_rng, udhcpc's script, pyhv.net=dhcp
 APT_TIMEOUT = 600
 
 
@@ -141,10 +148,11 @@ hostname pyhv
 ip link set lo up 2>/dev/null
 
 set -f   # the command line is split into words below, never globbed
-cmd= modules=auto root=
+cmd= modules=auto net= root=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         {CMD_PARAM}=*) cmd=${{arg#{CMD_PARAM}=}} ;;
+        {NET_PARAM}=*) net=${{arg#{NET_PARAM}=}} ;;
         {MODULES_PARAM}=*) modules=${{arg#{MODULES_PARAM}=}} ;;
         {ROOT_PARAM}=*) root=${{arg#{ROOT_PARAM}=}} modules=all ;;
     esac
@@ -161,6 +169,12 @@ if [ "$modules" = all ] && [ -r {moddir}/pyhv-load-order ]; then
     while read -r m; do
         insmod {moddir}/"$m" 2>/dev/null
     done < {moddir}/pyhv-load-order
+fi
+
+if [ "$net" = dhcp ]; then
+    ip link set eth0 up 2>/dev/null
+    udhcpc -i eth0 -q -n -t 10 -T 1 -O mtu >/dev/null 2>&1 ||
+        echo "pyhv: no DHCP lease on eth0" >&2
 fi
 
 # A root disk ({ROOT_PARAM}=DEV): mount it on {ROOT_MOUNT}; commands and the shell run
@@ -239,6 +253,33 @@ INITTAB = """\
 ::respawn:/bin/cttyhack /bin/sh -l
 ::ctrlaltdel:/sbin/reboot
 ::shutdown:/bin/sync
+"""
+
+# udhcpc's hook (busybox runs it with deconfig, bound, renew, leasefail, nak): apply
+# the lease: address/prefix, MTU (option 26, asked for with -O mtu), default route, DNS.
+UDHCPC_SCRIPT = """\
+#!/bin/sh
+# udhcpc hook of pyhv's initramfs (pyhv.images)
+case "$1" in
+    deconfig)
+        ip -4 addr flush dev "$interface"
+        ip link set "$interface" up
+        ;;
+    bound|renew)
+        ip -4 addr flush dev "$interface"
+        ip addr add "$ip/${mask:-24}" dev "$interface"
+        [ -n "$mtu" ] && ip link set "$interface" mtu "$mtu"
+        if [ -n "$router" ]; then
+            while ip route del default dev "$interface" 2>/dev/null; do :; done
+            set -- $router
+            ip route add default via "$1" dev "$interface"
+        fi
+        : > /etc/resolv.conf
+        [ -n "$domain" ] && echo "search $domain" >> /etc/resolv.conf
+        for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done
+        ;;
+esac
+exit 0
 """
 
 PROFILE = """\
@@ -396,6 +437,7 @@ def build_initramfs(busybox: Path, *, release: str = "", modules: list[Module] |
     fs.add_file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     fs.add_file("etc/group", b"root:x:0:\ntty:x:5:\n")
     fs.add_file("etc/hostname", b"pyhv\n")
+    fs.add_file("etc/udhcpc/default.script", UDHCPC_SCRIPT.encode(), 0o755)
     if modules and release:
         base = f"lib/modules/{release}"
         fs.add_dir(base)

@@ -48,8 +48,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pyhv.arch.x86 import acpi, layout, mptable
+from pyhv.arch.x86 import acpi, boot, layout, mptable
 from pyhv.arch.x86.cpuid import APIC, DEFAULT_MODEL
+from pyhv.arch.x86.cpustate import CpuState
 from pyhv.clock import Clock, HostClock, TimerQueue, VirtualClock
 from pyhv.devices.acpipm import AcpiPm
 from pyhv.devices.apicbus import ApicBus
@@ -77,6 +78,8 @@ if TYPE_CHECKING:
     from pyhv.devices.pci.function import PciFunction
 
 MAX_MEM = 1 << 40   # 1 TiB: beyond any host pyhv targets; the host check comes first
+MAX_CPUS = 16
+SMP_ENGINES = ("emu",)   # engines whose vCPUs the run loop can schedule (docs/apic.md)
 
 
 @dataclass
@@ -149,7 +152,11 @@ class LapicWindow:
         return self._m.lapics[self._m.current_cpu].read(offset, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        self._m.lapics[self._m.current_cpu].write(offset, size, value)
+        m = self._m
+        m.lapics[m.current_cpu].write(offset, size, value)
+        if offset == 0x300 and len(m.vcpus) > 1:
+            # an IPI went out: end the sender's slice, so the target runs next
+            m.vcpus[m.current_cpu].kick()
 
 
 @dataclass
@@ -180,7 +187,12 @@ class Machine:
         self._stop_lock = threading.Lock()
         self.memory: GuestMemory | None = None
         self.engine: Engine | None = None
-        self.vcpu: EngineVcpu | None = None
+        self.vcpu: EngineVcpu | None = None      # vCPU 0, the bootstrap processor
+        self.vcpus: list[EngineVcpu] = []
+        # per vCPU: waiting for a SIPI (an AP before its start, or after an INIT)
+        self.wait_sipi: list[bool] = []
+        self.restarted: list[bool] = []   # INIT or SIPI changed the vCPU's state
+        self.sipi_count = 0
         self._devices: Devices | None = None
         self.deferred = DeferredCalls()
         self._pci_functions: list[PciFunction] = []
@@ -203,6 +215,13 @@ class Machine:
         engine_args = cls.parse_options(config.engine_options)
 
         # 2. guest RAM
+        if not 1 <= config.n_cpus <= MAX_CPUS:
+            raise ConfigError(f"--cpus {config.n_cpus}: pyhv runs 1 to {MAX_CPUS} vCPUs")
+        if config.n_cpus > 1 and self.engine_name not in SMP_ENGINES:
+            raise ConfigError(f"--cpus {config.n_cpus}: engine {self.engine_name!r} runs one "
+                              f"vCPU (several: {', '.join(SMP_ENGINES)})")
+        if config.n_cpus > 1 and not config.devices:
+            raise ConfigError("several vCPUs need the machine's APICs (devices=True)")
         check_memory(config.mem_size)
         self.memory = GuestMemory.with_layout(layout.ram_layout(config.mem_size))
 
@@ -231,14 +250,20 @@ class Machine:
         if config.devices:
             self._build_devices(config, console)
 
-        # 7. the engine, one vCPU, the loader's entry state
+        # 7. the engine, its vCPUs, the loader's entry state on the BSP; the APs wait for
+        # INIT/SIPI from the guest, as on a PC
         self.engine = cls(self.memory, **engine_args)
-        self.vcpu = self.engine.create_vcpu(0)
-        if self._devices is not None:
-            self.vcpu.set_interrupt_source(self.lapics[0])
-            self.vcpu.set_apic_present(True)
-        else:
-            self.vcpu.set_interrupt_source(None)
+        for i in range(config.n_cpus):
+            v = self.engine.create_vcpu(i)
+            self.vcpus.append(v)
+            self.wait_sipi.append(i > 0)
+            self.restarted.append(False)
+            if self._devices is not None:
+                v.set_interrupt_source(self.lapics[i])
+                v.set_apic_present(True)
+            else:
+                v.set_interrupt_source(None)
+        self.vcpu = self.vcpus[0]
         self.vcpu.set_state(self.guest.entry)
 
     def _install_tables(self, config: MachineConfig) -> None:
@@ -254,8 +279,12 @@ class Machine:
     def _build_devices(self, config: MachineConfig, console: Callable[[bytes], None]) -> None:
         pic = PicPair()
         ioapic = IoApic(self.apic_bus, apic_id=config.n_cpus)
-        self.lapics = [LocalApic(0, self.apic_bus, self.clock, self.timers, bsp=True,
-                                 pic=pic)]
+        self.lapics = [LocalApic(i, self.apic_bus, self.clock, self.timers, bsp=(i == 0),
+                                 pic=pic if i == 0 else None)
+                       for i in range(config.n_cpus)]
+        for i, lapic in enumerate(self.lapics):
+            lapic.on_init = lambda i=i: self._init_cpu(i)            # type: ignore[misc]
+            lapic.on_sipi = lambda v, i=i: self._start_cpu(i, v)     # type: ignore[misc]
 
         def isa(n: int) -> IrqLine:
             return FanOutLine(pic.irq_line(n), ioapic.irq_line(isa_gsi(9 if n == 2 else n)))
@@ -322,10 +351,41 @@ class Machine:
         """The interrupt controller's INTR pin (what wakes a guest halted with IF=1)."""
         return bool(self.lapics) and self.lapics[self.current_cpu].pending()
 
+    def runnable(self, i: int, halted: bool, interrupts_enabled: bool) -> bool:
+        """Whether vCPU i has anything to do: not waiting for a SIPI and, if halted,
+        an interrupt it can take (IF=1) is pending."""
+        if self.wait_sipi[i]:
+            return False
+        if not halted:
+            return True
+        return interrupts_enabled and self.lapics[i].pending()
+
     def _booted(self, _guest_ns: int) -> None:
         self.boot_host_s = time.monotonic() - self.created_at
 
     # ------------------------------------------------------------------ stopping
+
+    def _init_cpu(self, i: int) -> None:
+        """INIT to vCPU i: an AP goes back to wait-for-SIPI with its reset state. INIT to
+        the BSP is ignored (on a PC it would restart the firmware, which pyhv has not)."""
+        if i == 0:
+            return
+        self.wait_sipi[i] = True
+        self.restarted[i] = True
+        self.lapics[i].reset()
+        self.vcpus[i].set_state(CpuState())
+
+    def _start_cpu(self, i: int, vector: int) -> None:
+        """SIPI with vector vv to vCPU i: if it waits for one, it starts in real mode at
+        vv00:0000 (physical vv000); otherwise the SIPI is ignored, as on hardware."""
+        if i >= len(self.vcpus) or not self.wait_sipi[i]:
+            return
+        st = boot.real_mode(vector << 8, 0)
+        st.rdx = DEFAULT_MODEL.signature()
+        self.vcpus[i].set_state(st)
+        self.wait_sipi[i] = False
+        self.restarted[i] = True
+        self.sipi_count += 1
 
     def _debug_exit(self, status: int) -> None:
         """The device computed QEMU's (v << 1) | 1; a process status keeps 8 bits."""
@@ -337,8 +397,8 @@ class Machine:
         with self._stop_lock:
             if self.stop_request is None:
                 self.stop_request = req
-        if self.vcpu is not None:
-            self.vcpu.kick()
+        for v in self.vcpus:
+            v.kick()
 
     def close(self) -> None:
         functions, self._pci_functions = self._pci_functions, []
@@ -350,9 +410,10 @@ class Machine:
                     closer()
                 except Exception as e:  # noqa: BLE001 - close the rest, then report
                     errors.append(e)
-        if self.vcpu is not None:
-            self.vcpu.close()
-            self.vcpu = None
+        for v in self.vcpus:
+            v.close()
+        self.vcpus = []
+        self.vcpu = None
         if self.engine is not None:
             self.engine.close()
             self.engine = None

@@ -219,3 +219,33 @@ def test_qemu_stream_socket_dgram_interop(qemu_hub: QemuHub) -> None:
     finally:
         for x in (a, b, c):
             x.close()
+
+
+def test_writable_false_is_always_called_back(tmp_path: Path) -> None:
+    """A device that stops when `writable` says False (without a refused send) is told
+    when it may go on."""
+    path = str(tmp_path / "s.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+    b = StreamBackend("connect", path)
+    woke: list[int] = []
+    b.start(on_writable=lambda: woke.append(1))
+    peer, _ = srv.accept()
+    try:
+        f = frame(MAX_FRAME, 1)
+        sent = 0
+        while b.writable:
+            assert b.send(f)
+            sent += 1
+        assert b.stats.tx_dropped == 0 and not woke
+        d = Deframer()
+        got = 0
+        peer.settimeout(10)
+        while got < sent:
+            got += len(d.feed(peer.recv(1 << 20)))
+        wait_for(lambda: bool(woke))
+    finally:
+        peer.close()
+        srv.close()
+        b.close()

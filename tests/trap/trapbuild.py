@@ -42,10 +42,12 @@ def _run(cmd: list[str]) -> None:
 
 
 def build(name: str, out: Path) -> Path:
-    """Build tests/guests/trap/<name>.S into `out`; returns the ELF64 image."""
+    """Build tests/guests/trap/<name>.S into `out`; returns the ELF64 image. A name
+    ending in `-pv` is the PV build of that source (-DPV, pvops.h)."""
+    src, defs = (name[:-3], ["-DPV"]) if name.endswith("-pv") else (name, [])
     obj, img = out / f"{name}.o", out / f"{name}.elf"
-    _run(["gcc", "-c", f"-I{TRAP_GUESTS}", f"-I{CORE}", "-o", str(obj),
-          str(TRAP_GUESTS / f"{name}.S")])
+    _run(["gcc", "-c", *defs, f"-I{TRAP_GUESTS}", f"-I{CORE}", "-o", str(obj),
+          str(TRAP_GUESTS / f"{src}.S")])
     _run(["ld", "-m", "elf_x86_64", *LD_ELF, "-o", str(img), str(obj)])
     return img
 

@@ -145,6 +145,7 @@ class LocalApic:
         self.on_wake: Callable[[], None] = lambda: None
         self.timer_fired = 0
         self.received: dict[int, int] = {}      # messages accepted, by delivery mode
+        self.ipis_from_others = 0               # IPIs accepted from other local APICs
         self._timer_handle: int | None = None
         self.reset(power_on=True)
         bus.attach(self)
@@ -261,6 +262,8 @@ class LocalApic:
         """A message for this APIC; False when it was dropped (illegal vector)."""
         mode = msg.mode
         self.received[mode] = self.received.get(mode, 0) + 1
+        if msg.source is not None and msg.source != self.index:
+            self.ipis_from_others += 1
         if mode in (FIXED, LOWEST):
             if msg.vector < 16:
                 self._error(ESR_RECV_ILLEGAL)

@@ -16,6 +16,7 @@ ENGINES: dict[str, str] = {
     "emu": "pyhv.engines.emu:EmuEngine",
     "trap": "pyhv.engines.trap:TrapEngine",
     "bt": "pyhv.engines.bt:BtEngine",
+    "pv": "pyhv.engines.pv:PvEngine",
 }
 
 

@@ -17,8 +17,10 @@ Transmit: `send` (device thread) writes header and frame with one non-blocking s
 What the socket does not take at once is kept, with the frames after it, in a transmit
 queue of at most TX_MAX_BYTES that the I/O thread flushes when the socket is writable;
 `writable` is False while the queue holds more than TX_MAX_BYTES - one frame, and
-`on_writable` fires when it has drained below half. A frame is never split between the
-queue and a later frame: the stream stays in step whatever the socket takes.
+`on_writable` fires when it has drained below half after a `writable` that said False
+or a refused `send` (so a device that looked and stopped is always called back). A
+frame is never split between the queue and a later frame: the stream stays in step
+whatever the socket takes.
 
 Receive: the I/O thread reads up to READ_CHUNK bytes at a time into one reused buffer and
 feeds a Deframer; a lost connection drops the partial frame (the next connection starts
@@ -125,7 +127,12 @@ class StreamBackend(NetBackend):
 
     @property
     def writable(self) -> bool:
-        return self._txq_bytes <= TX_MAX_BYTES - (self.max_frame + 4)
+        """Room for one more frame of any size; False owes an `on_writable` later."""
+        with self._tx_lock:
+            if self._txq_bytes <= TX_MAX_BYTES - (self.max_frame + 4):
+                return True
+            self._tx_blocked = True
+            return False
 
     def _send(self, frame: Buffer) -> bool:
         s = self._sock

@@ -22,9 +22,14 @@
  *   teach: done
  *
  * Any other exception: "unexpected exception" and status 251.
+ *
+ * One source, two kernels (pvops.h): built with -DPV, the interrupt flag, the sleep, the
+ * timer and the console go through pyhv's hypercalls (docs/pv.md) and timer ticks
+ * arrive at pv_callback; the output is the same (`pyhv run --engine pv`).
  */
 #include "guest.h"
 #include "kernel64.h"
+#include "pvops.h"
     .intel_syntax noprefix
     .code64
 
@@ -36,6 +41,7 @@
 start:
     lea rsp, [rip + stack_top]
     call kinit
+    PV_INIT                       /* PV build: shared page and event callback */
     lea rsi, [rip + msg_hello]
     call puts
 
@@ -76,9 +82,8 @@ start:
     /* the PIT through the PIC: TICKS interrupts, sleeping in between */
     call pic_init
     call pit_init
-3:  sti
-    hlt
-    cli
+3:  PV_SAFE_HALT                  /* sti; hlt */
+    PV_CLI
     cmp qword ptr [rip + ticks], TICKS
     jb 3b
     mov al, 0xff                  /* mask IRQ 0 again */
@@ -169,7 +174,11 @@ gp_handler:
     add rsp, 8
     iretq
 
+#ifdef PV
+#include "pvserial64.inc"
+#else
 #include "serial64.inc"
+#endif
 #include "kernel64.inc"
 
     .section .rodata

@@ -26,8 +26,10 @@ With EVENT_IDX the device always asks to be notified of every new buffer
 (avail_event = its next index), so it never sleeps on a queue with work.
 
 Every access goes through GuestMemory (bounds-checked): a guest address can never reach
-host memory outside guest RAM. Work is bounded: a chain walk visits at most N (or
-MAX_INDIRECT) descriptors, and `pop` takes at most N heads per avail index window.
+host memory outside guest RAM. An indirect table is copied once before it is walked, so
+a driver rewriting it meanwhile cannot change a chain half-way through its checks. Work
+is bounded: a chain walk visits at most N (or MAX_INDIRECT) descriptors, and `pop` takes
+at most N heads per avail index window.
 
 Threading: the run-loop thread only (the transport and the device's run-loop side);
 devices hand the `Chain` (plain data) to their I/O threads.
@@ -35,6 +37,7 @@ devices hand the `Chain` (plain data) to their I/O threads.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 
 from pyhv.errors import GuestMemoryError
@@ -46,6 +49,7 @@ F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
 MAX_QUEUE_SIZE = 32768
 MAX_INDIRECT = 1024          # entries in one indirect table (Linux never uses more)
+_DESC = struct.Struct("<QIHH")   # addr, len, flags, next
 
 
 class QueueError(Exception):
@@ -181,11 +185,9 @@ class Virtqueue:
 
     def _desc(self, table: int, i: int) -> tuple[int, int, int, int]:
         try:
-            raw = self.memory.read(table + 16 * i, 16)
+            return _DESC.unpack_from(self.memory.view(table + 16 * i, 16))
         except GuestMemoryError as e:
             raise QueueError(str(e)) from e
-        return (int.from_bytes(raw[0:8], "little"), int.from_bytes(raw[8:12], "little"),
-                int.from_bytes(raw[12:14], "little"), int.from_bytes(raw[14:16], "little"))
 
     def _walk(self, head: int) -> Chain:
         if head >= self.size:
@@ -193,28 +195,33 @@ class Virtqueue:
         chain = Chain(head)
         table, limit, i = self.desc, self.size, head
         count = 0
-        indirect = False
+        indirect: bytes | None = None     # the indirect table, copied once
+        contains = self.memory.contains
         while True:
             count += 1
             if count > limit:
                 raise QueueError(f"queue {self.index}: descriptor chain longer than "
                                  f"{limit} (a loop?)")
-            addr, length, flags, nxt = self._desc(table, i)
+            if indirect is None:
+                addr, length, flags, nxt = self._desc(table, i)
+            else:
+                addr, length, flags, nxt = _DESC.unpack_from(indirect, 16 * i)
             if flags & F_INDIRECT:
-                if indirect:
+                if indirect is not None:
                     raise QueueError(f"queue {self.index}: indirect table inside an "
                                      "indirect table")
                 if flags & F_NEXT:
                     raise QueueError(f"queue {self.index}: indirect descriptor with NEXT")
                 if length == 0 or length % 16 or length // 16 > MAX_INDIRECT:
                     raise QueueError(f"queue {self.index}: indirect table of {length} bytes")
-                if not self.memory.contains(addr, length):
+                if not contains(addr, length):
                     raise QueueError(f"queue {self.index}: indirect table at {addr:#x} "
                                      f"(+{length:#x}) is outside guest RAM")
-                table, limit, i, count, indirect = addr, length // 16, 0, 0, True
+                indirect = self.memory.read(addr, length)
+                limit, i, count = length // 16, 0, 0
                 continue
             if length:
-                if not self.memory.contains(addr, length):
+                if not contains(addr, length):
                     raise QueueError(f"queue {self.index}: buffer at {addr:#x} "
                                      f"(+{length:#x}) is outside guest RAM")
                 if flags & F_WRITE:

@@ -192,11 +192,17 @@ def mem_operand(i: ix.Instruction, scratch: int | None = None, extra: int = 0
         if target < 1 << 32 or fits32(target):
             # a 64-bit [disp32] is sign-extended: below 2 GiB or in the top 2 GiB
             if fits32(target):
-                return ix.MemoryOperand(R.NONE, displ=target, displ_size=8, seg=seg)
+                return ix.MemoryOperand(R.NONE, displ=_signed(target), displ_size=8, seg=seg)
             return ix.MemoryOperand(R.NONE, displ=target, displ_size=4, seg=seg)
         assert scratch is not None
         return ix.MemoryOperand(GPR64[scratch], displ=extra, displ_size=1 if extra else 0,
                                 seg=seg)
     return ix.MemoryOperand(i.memory_base, i.memory_index, i.memory_index_scale,
-                            i.memory_displacement + extra,
+                            _signed(i.memory_displacement + extra),
                             i.memory_displ_size or (1 if extra else 0), False, seg)
+
+
+def _signed(value: int) -> int:
+    """A 64-bit displacement as the signed value MemoryOperand takes."""
+    value &= 0xFFFF_FFFF_FFFF_FFFF
+    return value - (1 << 64) if value >> 63 else value

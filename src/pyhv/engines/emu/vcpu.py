@@ -245,6 +245,13 @@ class EmuVcpu(EngineVcpu):
         self._pio = pio
         self._mmio = mmio
 
+    def invalidate_code(self) -> None:
+        """Another vCPU may have written code this one has translated (each unicorn
+        instance has its own translation cache and sees only its own stores)."""
+        if self.uc is not None:
+            self.uc.ctl_flush_tb()
+            self.counters["code flushes"] = self.counters.get("code flushes", 0) + 1
+
     def set_apic_present(self, present: bool) -> None:
         """CPUID.1:EDX.APIC follows the machine. Only the xAPIC (MMIO) exists here:
         unicorn 2.1.4 cannot hook RDMSR/WRMSR (UC_HOOK_INSN refuses them), so the x2APIC
