@@ -16,17 +16,22 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from test_linux_qemu import qemu
 
-from pyhv import cli, debian
+from pyhv import cli, debian, images
+from pyhv.cmd_run import LINUX_WORKAROUNDS
+from pyhv.disk.qcow2.create import create
+from pyhv.exitmarker import ExitMarker
 
 BOOT_TIMEOUT = 120
 PI_100 = ("3.141592653589793238462643383279502884197169399375105820974944592307\\\r\n"
           "8164062862089986280348253421170676\r\n")
 
 
-def pyhv(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+def pyhv(*args: str, stdin: bytes | None = None,
+         image: tuple[str, ...] = ("--image", "debian")) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([sys.executable, "-m", "pyhv", "run", "--engine", "emu",
-                           "--timeout", str(BOOT_TIMEOUT), "--image", "debian", *args],
+                           "--timeout", str(BOOT_TIMEOUT), *image, *args],
                           input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
                           capture_output=True, timeout=BOOT_TIMEOUT + 30)
 
@@ -74,3 +79,32 @@ def test_image_and_kernel_exclude_each_other(tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["run", "--image", "debian", "--kernel", str(tmp_path / "k")]) == 2
     assert "--image and --kernel exclude each other" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3 * BOOT_TIMEOUT + 120)
+def test_pyhv_and_qemu_share_a_debian_disk(debian_disk: debian.DebianDisk,
+                                           tmp_path: Path) -> None:
+    """Differential, both directions: a file Debian writes on pyhv's virtio-blk is read
+    under QEMU, and one written under QEMU is read on pyhv; qemu-img check is clean after
+    each writer. The disk is the user's own overlay of the cached disk (README)."""
+    mine = tmp_path / "mine.qcow2"
+    create(str(mine), debian_disk.disk_size, backing_file=str(debian_disk.disk_path),
+           backing_format="qcow2")
+    append = " ".join(["console=ttyS0", *(w for w, _ in LINUX_WORKAROUNDS["emu"]),
+                       "loglevel=1", *debian_disk.cmdline_words])
+    on_pyhv = ("--disk", f"{mine},format=qcow2", "--append", append)
+    r = pyhv("--command", 'python3 -c "print(2**64)" > /root/from-pyhv', image=on_pyhv)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    check = subprocess.run(["qemu-img", "check", str(mine)], capture_output=True, timeout=60)
+    assert check.returncode == 0, check.stdout
+    cmd = "echo; cat /root/from-pyhv; echo scale=5\\;1/7 | bc > /root/from-qemu"
+    rc, out, _ = qemu(debian_disk.linux, " ".join(debian_disk.cmdline_words) + " quiet "
+                      + images.command_param(cmd),
+                      "-drive", f"file={mine},if=virtio,format=qcow2")
+    assert str(2**64) in out.splitlines(), out[-2000:]
+    assert ExitMarker().parse(out.encode()) == 0 and rc == 0
+    check = subprocess.run(["qemu-img", "check", str(mine)], capture_output=True, timeout=60)
+    assert check.returncode == 0, check.stdout
+    r = pyhv("--command", "cat /root/from-qemu", image=on_pyhv)
+    assert r.returncode == 0 and r.stdout == b".14285\r\n", r.stderr.decode()[-2000:]
