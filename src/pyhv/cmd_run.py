@@ -178,12 +178,7 @@ def _main(args: argparse.Namespace, overlays: list[Overlay]) -> int:
     from pyhv.nic import DHCP_WORD, make_nic, wants_dhcp
     net = parse_net(args.net or "none")
     mac = parse_mac(args.mac)
-    pci_devices = [make_function(d, i) for i, d in enumerate(disks)]
-    if args.rng:
-        pci_devices.append(_rng_function)
-    if net.kind != "none":
-        pci_devices.append(make_nic(net, mac))
-    elif args.mac is not None:
+    if net.kind == "none" and args.mac is not None:
         raise ConfigError("--mac needs a NIC: add --net")
     engine_options = _engine_options(args.engine_opt)
     if args.trace_bt is not None:
@@ -214,6 +209,12 @@ def _main(args: argparse.Namespace, overlays: list[Overlay]) -> int:
                 words.append(DHCP_WORD)
             cmdline = " ".join(words)
         cmdline = " ".join([cmdline, *(w for w in root_words if w not in cmdline.split())])
+    # after the image: --image debian's root disk comes first (vda)
+    pci_devices = [make_function(d, i) for i, d in enumerate(disks)]
+    if args.rng:
+        pci_devices.append(_rng_function)
+    if net.kind != "none":
+        pci_devices.append(make_nic(net, mac))
     marker: ExitMarker | None = None
     if args.command is not None:
         from pyhv import images
