@@ -1,7 +1,8 @@
 """Two VMs on one L2 segment over `--net socket`: Debian's Linux in each, static
 addresses, 64 KiB frames (MTU 65535, ping -s 65000: one 65042-byte frame each way) and a
 TCP transfer with nc. pyhv with pyhv, and pyhv with QEMU TCG in both roles (QEMU's
-`-netdev stream` listening for pyhv, pyhv listening for QEMU's `-netdev socket`).
+`-netdev stream` listening for pyhv, pyhv listening for QEMU's `-netdev socket`), and
+two pyhv VMs on taps on a host bridge (root only).
 """
 
 from __future__ import annotations
@@ -151,3 +152,38 @@ def test_pyhv_and_qemu_on_a_socket_network(debian_image: images.LinuxImage,
             rc_a, out_a = _wait(a)
         assert rc_a == 0 and marker.parse(out_b.encode()) == 0, (out_a, out_b)
     check(out_a, out_b)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(BOOT_TIMEOUT * 2 + 60)
+def test_two_pyhv_vms_on_a_bridge(debian_image: images.LinuxImage) -> None:
+    """`--net tap=NAME` as meant for root: two persistent taps on a host bridge, one pyhv
+    VM on each; the same pings (65042-byte frames through the bridge) and transfer."""
+    import os
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
+        pytest.skip("a bridge with taps needs root and /dev/net/tun")
+    tag = os.getpid() % 10000
+    br, taps = f"pyhvbr{tag}", [f"pyhvta{tag}", f"pyhvtb{tag}"]
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, timeout=10)
+    try:
+        ip("link", "add", br, "type", "bridge")
+        for t in taps:
+            ip("tuntap", "add", t, "mode", "tap")
+            ip("link", "set", t, "mtu", "65521", "master", br, "up")
+        ip("link", "set", br, "up")
+        cmd_a = CMD_A.replace("mtu 65535", "mtu 65521")
+        cmd_b = CMD_B.replace("mtu 65535", "mtu 65521")
+        a = _start(pyhv_argv(f"tap={taps[0]}", MAC_A, cmd_a))
+        try:
+            b = _start(pyhv_argv(f"tap={taps[1]}", MAC_B, cmd_b))
+            rc_b, out_b = _wait(b)
+        finally:
+            rc_a, out_a = _wait(a)
+        assert rc_a == 0 and rc_b == 0, (out_a, out_b)
+        check(out_a, out_b)
+    finally:
+        for t in taps:
+            subprocess.run(["ip", "tuntap", "del", t, "mode", "tap"], timeout=10)
+        subprocess.run(["ip", "link", "del", br], timeout=10)
