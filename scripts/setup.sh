@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Install what pyhv and its tests need on a fresh Debian 12 machine:
 # Debian packages (assembler/compiler for test guests, QEMU's tools as interop and
-# performance peers, busybox for the Linux guest's initramfs) and a virtualenv.
+# performance peers, busybox for the Linux guest's initramfs, mmdebstrap for the Debian
+# root disk of `pyhv guest fetch debian`) and a virtualenv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PKGS="gcc binutils qemu-utils qemu-system-x86 busybox-static cpio"
+PKGS="gcc binutils qemu-utils qemu-system-x86 busybox-static cpio mmdebstrap"
 missing=""
 for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

@@ -4,7 +4,9 @@ With `--kernel`, any image the loaders know (flat, multiboot, ELF64, Linux bzIma
 vmlinux). Without it, Debian's Linux kernel and pyhv's busybox initramfs from the image
 cache (`pyhv guest fetch linux`, run on demand): the main job, a Linux shell on the
 console. `--command CMD` runs CMD in that Linux instead of a shell, prints its output and
-exits with its status.
+exits with its status. `--image debian` boots the same kernel with the Debian root disk
+(pyhv.debian) as the first virtio-blk disk, /dev/vda, through a throwaway overlay
+(pyhv.overlay) removed when the run ends, and `pyhv.root=/dev/vda` on the command line.
 
 Flow: parse and check every option, build the Machine (which validates the image before
 any guest code runs), attach the terminal, run until the guest ends, report. The
@@ -32,25 +34,38 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyhv import runner as R
 from pyhv.console import Console
+from pyhv.devices.deferred import DeferredCalls
+from pyhv.devices.pci.function import PciFunction
 from pyhv.devices.serial16550 import IER_RDA
 from pyhv.errors import ConfigError
 from pyhv.exitmarker import ExitMarker
 from pyhv.loader import FORMATS
 from pyhv.machine import Machine, MachineConfig, StopRequest, check_memory, resolve_engine
+from pyhv.memory import GuestMemory
 from pyhv.outflow import OutputPump
+from pyhv.overlay import Overlay, disk_option
 from pyhv.terminal import ESCAPE_NAME, InputGate, Terminal
 from pyhv.units import parse_size
+
+if TYPE_CHECKING:
+    from pyhv import images
 
 # Kernel command-line words pyhv adds for its own Linux, per engine, each with its reason
 # (README "Linux workarounds" repeats this table).
 LINUX_WORKAROUNDS: dict[str, list[tuple[str, str]]] = {
     "emu": [("tsc=unstable", "the software CPU's TSC runs at the emulation's pace, not at a "
-             "constant rate, so Linux must not use it as its clocksource")],
+             "constant rate, so Linux must not use it as its clocksource"),
+            ("no_timer_check", "Linux checks the I/O APIC timer route by waiting a fixed "
+             "number of TSC cycles for 4 ticks; the TSC is the host's while the PIT runs "
+             "on virtual time, so the wait ends too early in guest time and Linux wrongly "
+             "reports the route broken (\"MP-BIOS bug: 8254 timer not connected\")")],
     "kvm": [],
 }
+IMAGES = ("linux", "debian")
 RESET_LOOP_LIMIT = 20        # resets in a row, each soon after its start: a reset loop
 RESET_LOOP_WINDOW_S = 10.0   # a run shorter than this before its reset is "soon"
 STATUS_OUTPUT_CLOSED = 128 + signal.SIGPIPE   # 141: what a shell reports for SIGPIPE
@@ -59,6 +74,11 @@ STATUS_OUTPUT_CLOSED = 128 + signal.SIGPIPE   # 141: what a shell reports for SI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", type=Path, metavar="IMG",
                    help="kernel image (default: Debian's Linux from pyhv's image cache)")
+    p.add_argument("--image", choices=IMAGES, default=None,
+                   help="pyhv's cached guest (instead of --kernel): linux (the default: "
+                        "Debian's kernel + pyhv's busybox initramfs) or debian (the same, "
+                        "with a Debian root disk as /dev/vda: apt, bc, python3; `pyhv "
+                        "guest fetch debian`; the guest writes to a throwaway overlay)")
     p.add_argument("--initrd", type=Path, metavar="FILE",
                    help="initial ramdisk (Linux) or module 0 (multiboot)")
     p.add_argument("--append", default=None, metavar="CMDLINE", help="kernel command line")
@@ -68,6 +88,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="flat images: guest-physical load address (default 0x7c00)")
     p.add_argument("--mem", default="128M", metavar="SIZE",
                    help="guest RAM, e.g. 64M, 1G (a plain number is MiB; default 128M)")
+    p.add_argument("--cpus", type=int, default=1, metavar="N",
+                   help="vCPUs, 1 to 16 (default 1); several need the emu engine; the APs "
+                        "wait for the guest's INIT/SIPI, as on a PC")
     p.add_argument("--engine", default="auto", metavar="{auto,kvm,emu,trap,bt,pv}",
                    help="how guest code runs (default auto: kvm with VT-x/AMD-V, else emu; "
                         "trap: trap-and-emulate of a 64-bit kernel at CPL 3 on /dev/kvm; "
@@ -84,6 +107,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace-bt", nargs="?", const="-", default=None, metavar="FILE",
                    help="bt: print each guest block next to its translation as it is "
                         "translated (to stderr, or FILE)")
+    p.add_argument("--disk", action="append", default=[],
+                   metavar="PATH[,format=raw|qcow2][,readonly=on][,serial=S]",
+                   help="a virtio-blk disk backed by a raw or qcow2 image (repeatable: "
+                        "vda, vdb, ... in order); locked against other writers")
+    p.add_argument("--rng", action="store_true",
+                   help="a virtio-rng device fed by the host's getrandom (the guest's "
+                        "entropy pool is ready early)")
+    p.add_argument("--net", default=None, metavar="user|tap=NAME|socket=...|none",
+                   help="a virtio-net NIC on a network back end: user (passt: DHCP, DNS, "
+                        "the gateway address reaches the host), tap=NAME, "
+                        "socket=listen:ADDR, socket=connect:ADDR, socket=udp:LOCAL@REMOTE "
+                        "(ADDR: HOST:PORT or a Unix socket path; docs/net.md)")
+    p.add_argument("--mac", default=None, metavar="MAC",
+                   help="the NIC's MAC address (default 52:54:00 and 3 random octets)")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="end the guest after S seconds (exit status 124)")
     p.add_argument("--stats", action="store_true",
@@ -117,6 +154,15 @@ def _output_pump() -> OutputPump:
 
 
 def main(args: argparse.Namespace) -> int:
+    overlays: list[Overlay] = []      # --image debian's throwaway disk, removed at the end
+    try:
+        return _main(args, overlays)
+    finally:
+        for overlay in overlays:
+            overlay.close()
+
+
+def _main(args: argparse.Namespace, overlays: list[Overlay]) -> int:
     mem = parse_size(args.mem, default_unit="M")
     check_memory(mem)
     if args.timeout is not None and not args.timeout > 0:
@@ -126,6 +172,14 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown engine {args.engine!r} (choose from auto, "
                           f"{', '.join(ENGINES)})")
     engine = resolve_engine(args.engine)
+    from pyhv.diskspec import make_function, parse_disk
+    disks = [parse_disk(d) for d in args.disk]
+    from pyhv.net.spec import parse_mac, parse_net
+    from pyhv.nic import DHCP_WORD, make_nic, wants_dhcp
+    net = parse_net(args.net or "none")
+    mac = parse_mac(args.mac)
+    if net.kind == "none" and args.mac is not None:
+        raise ConfigError("--mac needs a NIC: add --net")
     engine_options = _engine_options(args.engine_opt)
     if args.trace_bt is not None:
         if engine != "bt":
@@ -134,25 +188,43 @@ def main(args: argparse.Namespace) -> int:
     engine_class(engine).parse_options(engine_options)     # refused before any download
     cmdline = args.append
     kernel, initrd = args.kernel, args.initrd
+    if args.image is not None and kernel is not None:
+        raise ConfigError("--image and --kernel exclude each other (--image boots pyhv's "
+                          "cached Debian kernel)")
     pyhv_linux = kernel is None
     if pyhv_linux:
         from pyhv import images
-        img = images.ensure_linux_image(quiet=False)
+        root_words: tuple[str, ...] = ()
+        if args.image == "debian":
+            img, root_words, vda = _debian_root_disk(overlays)
+            disks.insert(0, parse_disk(vda))
+        else:
+            img = images.ensure_linux_image(quiet=False)
         kernel, initrd = img.kernel_path, (initrd or img.initrd_path)
         if cmdline is None:
             words = [img.cmdline_default] + [w for w, _ in LINUX_WORKAROUNDS.get(engine, [])]
             if args.command is not None:
                 words.append("loglevel=1")   # only emergencies (a panic) between outputs
+            if wants_dhcp(net):
+                words.append(DHCP_WORD)
             cmdline = " ".join(words)
+        cmdline = " ".join([cmdline, *(w for w in root_words if w not in cmdline.split())])
     marker: ExitMarker | None = None
     if args.command is not None:
         from pyhv import images
         marker = ExitMarker.fresh()
         cmdline = f"{cmdline or ''} {images.command_param(args.command, marker)}".strip()
+    # after --image debian put its root disk first (/dev/vda)
+    pci_devices = [make_function(d, i) for i, d in enumerate(disks)]
+    if args.rng:
+        pci_devices.append(_rng_function)
+    if net.kind != "none":
+        pci_devices.append(make_nic(net, mac))
     config = MachineConfig(kernel=kernel, cmdline=cmdline or "", initrd=initrd,
                            format=args.format, load_addr=args.load_addr, mem_size=mem,
                            engine=engine, strict_io=args.strict_io,
-                           engine_options=engine_options)
+                           engine_options=engine_options, n_cpus=args.cpus,
+                           pci_devices=pci_devices)
     pump = _output_pump()
     try:
         console = Console(pump.write, exit_marker=marker)
@@ -177,6 +249,24 @@ def main(args: argparse.Namespace) -> int:
     finally:
         pump.close()
     return _report(result, runner, machine, console, pump, args)
+
+
+def _debian_root_disk(overlays: list[Overlay]
+                      ) -> tuple[images.LinuxImage, tuple[str, ...], str]:
+    """--image debian: the cached Debian disk (built on first use) behind a throwaway
+    overlay, to be the first virtio-blk disk (/dev/vda). Returns the kernel image that
+    boots it, the command-line words it needs and the overlay's --disk option."""
+    from pyhv import debian
+    disk = debian.ensure_debian_disk(quiet=False)
+    overlay = Overlay(disk.disk_path)
+    overlays.append(overlay)
+    return disk.linux, disk.cmdline_words, disk_option(overlay.path)
+
+
+def _rng_function(memory: GuestMemory, deferred: DeferredCalls) -> PciFunction:
+    from pyhv.devices.virtio.rng import VirtioRng
+    from pyhv.devices.virtio.transport import VirtioPciFunction
+    return VirtioPciFunction(VirtioRng(), memory, deferred)
 
 
 def _engine_options(pairs: list[str]) -> dict[str, str]:
@@ -269,7 +359,8 @@ def _report(result: R.RunResult, runner: R.Runner, machine: Machine, console: Co
                                             " (the guest printed nothing)"))
         _tail(console)
     elif result.reason == "reset":
-        _stderr("pyhv: the guest reset; --on-reboot exit ends the run")
+        _stderr(f"pyhv: the guest reset ({result.detail or 'reset'}); --on-reboot exit "
+                "ends the run")
     elif result.reason == "reset-loop":
         _stderr(f"pyhv: {result.detail}")
         _tail(console)
@@ -285,7 +376,7 @@ def _report(result: R.RunResult, runner: R.Runner, machine: Machine, console: Co
         else:
             status = console.exit_status
     if args.stats:
-        _print_stats(runner, machine)
+        _print_stats(runner, machine, result)
     return status
 
 
@@ -311,7 +402,7 @@ def _tail(console: Console) -> None:
         _stderr(f"  | {line}")
 
 
-def _print_stats(runner: R.Runner, machine: Machine) -> None:
+def _print_stats(runner: R.Runner, machine: Machine, result: R.RunResult) -> None:
     from rich.console import Console as RichConsole
     from rich.table import Table
 
@@ -335,6 +426,9 @@ def _print_stats(runner: R.Runner, machine: Machine) -> None:
     t.add_row("unhandled port reads/writes",
               f"{machine.pio.unhandled_reads}/{machine.pio.unhandled_writes}")
     t.add_row("timers fired", str(machine.timers.fired))
+    if len(runner.vcpus) > 1:
+        per = [runner.slices[i] for i in range(len(runner.vcpus))]
+        t.add_row("vCPU slices", f"{min(per)}-{max(per)} on each of {len(per)}")
     boot_ns = machine.devices.boot_timer.boot_ns
     if boot_ns is not None:
         host = machine.boot_host_s
@@ -345,3 +439,6 @@ def _print_stats(runner: R.Runner, machine: Machine) -> None:
         t.add_row(f"{machine.engine_name}: {key}",
                   f"{value:.3f}" if isinstance(value, float) else str(value))
     out.print(t)
+    # what ended the run, outside the table (a long detail would make rich wrap its rows)
+    _stderr(f"pyhv: the run ended by {result.reason}"
+            + (f": {result.detail}" if result.detail else ""))

@@ -8,7 +8,9 @@ with `dpkg-deb -x`, and builds an initramfs. The cache:
 
     $PYHV_CACHE (default ~/.cache/pyhv/images)/
       debs/                         the .deb files as apt-get downloaded them
-      linux-6.1.0-56-cloud-amd64/   one directory per kernel release
+      linux-6.1.0-56-cloud-amd64.v5/  one directory per kernel release and image
+                                    format (IMAGE_FORMAT: other formats are built
+                                    beside, never over, so other pyhv versions keep theirs)
         vmlinuz                     Debian's bzImage, unmodified
         config, System.map          from the same package, for reference
         initramfs.cpio.gz           busybox + /init + the virtio modules
@@ -27,6 +29,7 @@ The initramfs:
     /bin/pyhv-boottimer   49-byte static ELF: ioperm(0x440); outb(123, 0x440); exit
     /dev/console (c 5 1), /dev/null (c 1 3), /dev/ttyS0 (c 4 64)
     /etc/inittab          busybox init: a shell on the console, respawned
+    /etc/udhcpc/default.script   udhcpc's hook: address, MTU, route, resolv.conf
     /lib/modules/<release>/kernel/...   virtio, virtio_ring, virtio_pci(+_modern_dev,
                           _legacy_dev), virtio_blk, virtio_net, net_failover, failover
                           and their dependencies, uncompressed, with modules.dep
@@ -37,6 +40,9 @@ The /init protocol (also in docs/linux.md):
 - it mounts devtmpfs, proc, sysfs, devpts and tmpfs (/tmp, /run), and loads the virtio
   modules when the PCI bus shows a virtio device (vendor 0x1af4; `pyhv.modules=all` or
   `none` on the kernel command line overrides);
+- with `pyhv.net=dhcp` (what `pyhv run --net user` adds), it configures eth0 by DHCP
+  (`udhcpc -q`: one lease, then udhcpc exits; the lease's MTU is applied) before the
+  command or the shell;
 - with `pyhv.cmd=<base64 of a shell command>` on the command line it runs that command
   with `sh -c` (so pipes and $((...)) work), then prints `@@PYHV-EXIT <status>@@\n` right
   after the command's output (on the output's last line if that lacks a newline) and
@@ -77,12 +83,17 @@ BUSYBOX_PACKAGE = "busybox-static"
 DEFAULT_CMDLINE = "console=ttyS0"
 CMD_PARAM = "pyhv.cmd"
 MODULES_PARAM = "pyhv.modules"
+NET_PARAM = "pyhv.net"
+ROOT_PARAM = "pyhv.root"
+ROOT_MOUNT = "/newroot"
+ROOT_WAIT_TENTHS = 100      # /init waits up to 10 s for the root disk's device node
 BOOT_TIMER_VALUE = 123
 VIRTIO_VENDOR = "0x1af4"
 # The virtio modules the guest needs for disks and network (docs/host.md: all =m in Debian).
 VIRTIO_MODULES = ("virtio", "virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
-                  "virtio_pci", "virtio_blk", "virtio_net", "net_failover", "failover")
-IMAGE_FORMAT = 1
+                  "virtio_pci", "virtio_blk", "virtio_net", "net_failover", "failover",
+                  "virtio_rng")
+IMAGE_FORMAT = 5           # 5: pyhv.root= (a root disk), virtio_rng, udhcpc's script, pyhv.net=dhcp
 APT_TIMEOUT = 600
 
 
@@ -98,6 +109,12 @@ class LinuxImage:
     package_version: str = ""   # e.g. "6.1.192-2"
     busybox_version: str = ""
     modules: tuple[str, ...] = ()
+    wanted_modules: tuple[str, ...] = ()    # VIRTIO_MODULES when it was built
+
+    @property
+    def current(self) -> bool:
+        """Built with every module this pyhv wants (an older pyhv's image is rebuilt)."""
+        return set(VIRTIO_MODULES) <= set(self.wanted_modules)
 
     @property
     def directory(self) -> Path:
@@ -131,11 +148,13 @@ hostname pyhv
 ip link set lo up 2>/dev/null
 
 set -f   # the command line is split into words below, never globbed
-cmd= modules=auto
+cmd= modules=auto net= root=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         {CMD_PARAM}=*) cmd=${{arg#{CMD_PARAM}=}} ;;
+        {NET_PARAM}=*) net=${{arg#{NET_PARAM}=}} ;;
         {MODULES_PARAM}=*) modules=${{arg#{MODULES_PARAM}=}} ;;
+        {ROOT_PARAM}=*) root=${{arg#{ROOT_PARAM}=}} modules=all ;;
     esac
 done
 set +f
@@ -152,10 +171,53 @@ if [ "$modules" = all ] && [ -r {moddir}/pyhv-load-order ]; then
     done < {moddir}/pyhv-load-order
 fi
 
+if [ "$net" = dhcp ]; then
+    ip link set eth0 up 2>/dev/null
+    udhcpc -i eth0 -q -n -t 10 -T 1 -O mtu >/dev/null 2>&1 ||
+        echo "pyhv: no DHCP lease on eth0" >&2
+fi
+
+# A root disk ({ROOT_PARAM}=DEV): mount it on {ROOT_MOUNT}; commands and the shell run
+# chrooted into it, this busybox stays PID 1 (poweroff, reaping).
+chroot=
+if [ -n "$root" ]; then
+    i=0
+    while [ ! -b "$root" ] && [ $i -lt {ROOT_WAIT_TENTHS} ]; do sleep 0.1; i=$((i + 1)); done
+    mkdir -p {ROOT_MOUNT}
+    if [ ! -b "$root" ]; then
+        echo "pyhv: the root disk $root did not appear (no virtio-blk disk?)" >&2
+    elif ! mount -o rw "$root" {ROOT_MOUNT}; then
+        echo "pyhv: cannot mount the root disk $root" >&2
+    elif [ ! -x {ROOT_MOUNT}/bin/sh ]; then
+        echo "pyhv: the root disk $root has no /bin/sh" >&2
+        umount {ROOT_MOUNT}
+    else
+        mkdir -p {ROOT_MOUNT}/dev {ROOT_MOUNT}/proc {ROOT_MOUNT}/sys {ROOT_MOUNT}/run
+        mount -o rbind /dev {ROOT_MOUNT}/dev
+        mount -t proc -o nosuid,nodev,noexec proc {ROOT_MOUNT}/proc
+        mount -t sysfs -o nosuid,nodev,noexec sysfs {ROOT_MOUNT}/sys
+        mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs {ROOT_MOUNT}/run
+        # modules the kernel asks for come from the root disk's own tree
+        echo /bin/pyhv-modprobe > /proc/sys/kernel/modprobe
+        chroot="chroot {ROOT_MOUNT}"
+        [ -s {ROOT_MOUNT}/etc/hostname ] && hostname -F {ROOT_MOUNT}/etc/hostname
+        # the console's shell is the root disk's (busybox init respawns it)
+        echo "::respawn:/bin/cttyhack /bin/pyhv-rootshell" > /etc/inittab
+        echo "::ctrlaltdel:/sbin/reboot" >> /etc/inittab
+        echo "::shutdown:/bin/sync" >> /etc/inittab
+        echo "::shutdown:/bin/mount -o remount,ro {ROOT_MOUNT}" >> /etc/inittab
+    fi
+    if [ -z "$chroot" ] && [ -z "$cmd" ]; then
+        echo "pyhv: starting the initramfs's shell instead" >&2
+    fi
+fi
+
 if [ -n "$cmd" ]; then
     cd /root
-    if script=$(echo "$cmd" | base64 -d 2>/dev/null) && [ -n "$script" ]; then
-        sh -c "$script"
+    if [ -n "$root" ] && [ -z "$chroot" ]; then
+        status=127       # the command cannot run where it was asked to
+    elif script=$(echo "$cmd" | base64 -d 2>/dev/null) && [ -n "$script" ]; then
+        $chroot /bin/sh -c 'cd /root 2>/dev/null; exec /bin/sh -c "$1"' sh "$script"
         status=$?
     else
         echo "pyhv: {CMD_PARAM}= is not a base64-encoded command" >&2
@@ -163,6 +225,7 @@ if [ -n "$cmd" ]; then
     fi
     printf '{MARKER_WORD} %d@@\\n' "$status"
     sync
+    [ -n "$chroot" ] && mount -o remount,ro {ROOT_MOUNT} 2>/dev/null
     poweroff -f
     while :; do sleep 3600; done   # init must never exit
 fi
@@ -171,11 +234,52 @@ exec /sbin/init
 """
 
 
+ROOT_SHELL = f"""#!/bin/sh
+# The console's login shell with a root disk: bash (else sh) inside {ROOT_MOUNT}.
+export HOME=/root TERM="${{TERM:-linux}}"
+exec chroot {ROOT_MOUNT} /bin/sh -c \
+    'cd /root 2>/dev/null; [ -x /bin/bash ] && exec /bin/bash -l; exec /bin/sh -l'
+"""
+
+MODPROBE_HELPER = f"""#!/bin/sh
+# /proc/sys/kernel/modprobe with a root disk: the kernel's module requests are served by
+# the root disk's modprobe and module tree (pyhv.images).
+exec chroot {ROOT_MOUNT} /sbin/modprobe "$@"
+"""
+
+
 INITTAB = """\
 # busybox init: a shell on the console (cttyhack gives it job control), respawned.
 ::respawn:/bin/cttyhack /bin/sh -l
 ::ctrlaltdel:/sbin/reboot
 ::shutdown:/bin/sync
+"""
+
+# udhcpc's hook (busybox runs it with deconfig, bound, renew, leasefail, nak): apply
+# the lease: address/prefix, MTU (option 26, asked for with -O mtu), default route, DNS.
+UDHCPC_SCRIPT = """\
+#!/bin/sh
+# udhcpc hook of pyhv's initramfs (pyhv.images)
+case "$1" in
+    deconfig)
+        ip -4 addr flush dev "$interface"
+        ip link set "$interface" up
+        ;;
+    bound|renew)
+        ip -4 addr flush dev "$interface"
+        ip addr add "$ip/${mask:-24}" dev "$interface"
+        [ -n "$mtu" ] && ip link set "$interface" mtu "$mtu"
+        if [ -n "$router" ]; then
+            while ip route del default dev "$interface" 2>/dev/null; do :; done
+            set -- $router
+            ip route add default via "$1" dev "$interface"
+        fi
+        : > /etc/resolv.conf
+        [ -n "$domain" ] && echo "search $domain" >> /etc/resolv.conf
+        for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done
+        ;;
+esac
+exit 0
 """
 
 PROFILE = """\
@@ -326,11 +430,14 @@ def build_initramfs(busybox: Path, *, release: str = "", modules: list[Module] |
         fs.add_symlink(path, "/bin/busybox")
     fs.add_file("bin/pyhv-boottimer", boottimer_elf(), 0o755)
     fs.add_file("init", init_script(release).encode(), 0o755)
+    fs.add_file("bin/pyhv-modprobe", MODPROBE_HELPER.encode(), 0o755)
+    fs.add_file("bin/pyhv-rootshell", ROOT_SHELL.encode(), 0o755)
     fs.add_file("etc/inittab", INITTAB.encode())
     fs.add_file("etc/profile", PROFILE.encode())
     fs.add_file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     fs.add_file("etc/group", b"root:x:0:\ntty:x:5:\n")
     fs.add_file("etc/hostname", b"pyhv\n")
+    fs.add_file("etc/udhcpc/default.script", UDHCPC_SCRIPT.encode(), 0o755)
     if modules and release:
         base = f"lib/modules/{release}"
         fs.add_dir(base)
@@ -381,6 +488,13 @@ def busybox_applets(busybox: Path) -> list[str]:
 
 # ---------------------------------------------------------------- the cache
 
+def image_dir_name(release: str) -> str:
+    """The cache directory of one kernel release's image. Formats after the first carry
+    their number, so pyhv versions that share a cache (two checkouts, an upgrade) each
+    keep the image they can boot instead of rebuilding it over the other's."""
+    return f"linux-{release}" if IMAGE_FORMAT == 1 else f"linux-{release}.v{IMAGE_FORMAT}"
+
+
 def cache_dir() -> Path:
     """Where images live: $PYHV_CACHE, else ~/.cache/pyhv/images."""
     env = os.environ.get(CACHE_ENV)
@@ -401,7 +515,8 @@ def _read_image(directory: Path) -> LinuxImage | None:
                      package=str(d.get("package", "")),
                      package_version=str(d.get("package_version", "")),
                      busybox_version=str(d.get("busybox_version", "")),
-                     modules=tuple(d.get("modules", ())))
+                     modules=tuple(d.get("modules", ())),
+                     wanted_modules=tuple(d.get("wanted_modules", ())))
     if not (img.kernel_path.is_file() and img.initrd_path.is_file()):
         return None
     return img
@@ -548,10 +663,10 @@ def fetch_linux(*, force: bool = False, quiet: bool = False,
         kver = _apt_version(kpkg)
         bver = _apt_version(BUSYBOX_PACKAGE)
     release = kpkg.removeprefix("linux-image-").removesuffix("-unsigned")
-    outdir = root / f"linux-{release}"
+    outdir = root / image_dir_name(release)
     existing = _read_image(outdir)
     if (existing is not None and not force and existing.package_version == kver
-            and existing.busybox_version == bver):
+            and existing.busybox_version == bver and existing.current):
         steps.say(f"Linux {release} is up to date in {outdir}")
         return existing
     kdeb, bdeb = _download(root / "debs", [(kpkg, kver), (BUSYBOX_PACKAGE, bver)], steps)
@@ -582,7 +697,7 @@ def fetch_linux(*, force: bool = False, quiet: bool = False,
     img = LinuxImage(kernel_path=outdir / "vmlinuz", initrd_path=outdir / "initramfs.cpio.gz",
                      version=release, cmdline_default=DEFAULT_CMDLINE, package=kpkg,
                      package_version=kver, busybox_version=bver,
-                     modules=tuple(m.name for m in modules))
+                     modules=tuple(m.name for m in modules), wanted_modules=VIRTIO_MODULES)
     meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(img).items()}
     meta["format"] = IMAGE_FORMAT
     meta["built"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -595,7 +710,7 @@ def ensure_linux_image(*, quiet: bool = False) -> LinuxImage:
     """A cached Linux image, fetching one only if the cache has none (so it works offline
     once fetched). What `pyhv run` with no --kernel boots."""
     images = cached_images()
-    if images:
+    if images and images[0].current:
         return images[0]
     return fetch_linux(quiet=quiet)
 

@@ -43,7 +43,8 @@ InternalError's own fields), and devices a caller registers on the machine's bus
 part like any other (a device that calls `request_stop` ends the run with its reason).
 
 Invariants: only the thread that calls `run()` touches the vCPU, devices and timers
-(other threads only kick the vCPU, feed the UART and set events); every exit path stops
+(other threads only kick the vCPU, feed the UART, post to `machine.deferred` and set
+events); every exit path stops
 the ticker thread; a run always ends with a `RunResult`, never an exception (a hostile
 guest gets status 4 with the reason, a pyhv bug status 70).
 """
@@ -84,6 +85,8 @@ STATUS_TIMEOUT = 124
 STATUS_INTERRUPTED = 130
 IDLE_SLICE_S = 0.05          # longest sleep before re-checking stop requests
 TICK_MIN_S = 0.0002
+SMP_SLICE_NS = 1_000_000     # a vCPU's time slice among several, in guest time
+CODE_SYNC_MIN_NS = 50_000_000  # least guest time between two IPI-driven code flushes
 
 
 class VmState(enum.Enum):
@@ -142,9 +145,13 @@ class Runner:
         self._timed_out = False
         self._t0 = 0.0
         self.virtual = isinstance(machine.clock, VirtualClock)
-        self.vcpu.attach_io(self._pio, self._mmio)
-        if isinstance(machine.clock, VirtualClock):
-            self.vcpu.attach_clock(machine.clock, machine.timers)
+        self.vcpus = list(machine.vcpus) or [self.vcpu]
+        for v in self.vcpus:
+            v.attach_io(self._pio, self._mmio)
+            if isinstance(machine.clock, VirtualClock):
+                v.attach_clock(machine.clock, machine.timers)
+        machine.deferred.waker = self.kick    # a device I/O thread finished something
+        self.slices: Counter[int] = Counter()  # slices run per vCPU (several vCPUs)
 
     # ------------------------------------------------------------------ control (any thread)
 
@@ -152,7 +159,7 @@ class Runner:
         if self.state is VmState.RUNNING:
             self._resume.clear()
             self.state = VmState.PAUSED
-            self.vcpu.kick()
+            self._kick_vcpus()
 
     def resume(self) -> None:
         if self.state is VmState.PAUSED:
@@ -167,7 +174,11 @@ class Runner:
     def kick(self) -> None:
         """Input arrived: wake an idle loop and make a running vCPU look at it."""
         self.wake.set()
-        self.vcpu.kick()
+        self._kick_vcpus()
+
+    def _kick_vcpus(self) -> None:
+        for v in self.vcpus:
+            v.kick()
 
     # ------------------------------------------------------------------ the loop
 
@@ -231,7 +242,7 @@ class Runner:
                     continue
                 if any(n in wanted for n in data):
                     self.wake.set()
-                    self.vcpu.kick()
+                    self._kick_vcpus()
 
         t = threading.Thread(target=watch, name="pyhv-signals", daemon=True)
         t.start()
@@ -247,6 +258,8 @@ class Runner:
 
     def _loop(self) -> RunResult:
         m = self.m
+        if len(self.vcpus) > 1:
+            return self._smp_loop()
         vcpu = self.vcpu
         st = self.stats
         timers = m.timers
@@ -274,6 +287,104 @@ class Runner:
             result = self._handle(ex)
             if result is not None:
                 return result
+            timers.fire_due()
+            m.poll_devices()
+            self.on_turn()
+
+    def _smp_loop(self) -> RunResult:
+        """Several vCPUs on this one thread (the software CPU: LOCK-prefixed
+        instructions stay atomic because only one vCPU executes at a time).
+
+        Round robin over the vCPUs that have something to do: not waiting for a SIPI,
+        and not halted unless an interrupt they can take is pending (an idle vCPU costs
+        nothing). Each runs until its next exit or the end of its slice, SMP_SLICE_NS of
+        guest time (a timer on the queue; a vCPU that sends an IPI ends its slice at
+        once, so the target runs next). Guest time is the machine's one clock, so the
+        order and length of slices do not depend on the host: deterministic. When no
+        vCPU can run, the loop idles as for one vCPU; when none can ever run again
+        (every one halted with IF=0 or waiting for a SIPI) the run ends with status 0.
+        Cross-modifying code: each software vCPU has its own translation cache and sees
+        only its own stores to code. A vCPU restarted by INIT/SIPI drops its translated
+        code before it runs; one that accepted an IPI from another drops it before it
+        next runs, at most once per CODE_SYNC_MIN_NS of guest time (a flush costs tens
+        of milliseconds of retranslation), so code another vCPU changed and announced
+        with an IPI (Linux's text_poke_sync) is seen within that bound, not at once.
+        """
+        m = self.m
+        st = self.stats
+        timers = m.timers
+        n = len(self.vcpus)
+        halted = [False] * n
+        if_on = [True] * n
+        ipis_seen = [0] * n
+        stale = [False] * n              # an IPI arrived since the last code flush
+        flushed_at = [0] * n
+        nxt = 0
+
+        def noop() -> None:
+            pass
+
+        def ready() -> bool:
+            return any(m.runnable(i, halted[i], if_on[i]) for i in range(n))
+
+        while True:
+            if m.stop_request is not None:
+                return self._stopped(m.stop_request)
+            if self._expired():
+                return self._timeout()
+            if self.state is VmState.PAUSED:
+                self._resume.wait(IDLE_SLICE_S)
+                continue
+            for i in range(n):
+                if m.restarted[i]:
+                    m.restarted[i] = False
+                    halted[i], if_on[i] = False, True
+                    self.vcpus[i].invalidate_code()
+            runnable = [j % n for j in range(nxt, nxt + n)
+                        if m.runnable(j % n, halted[j % n], if_on[j % n])]
+            if not runnable:
+                if all(m.wait_sipi[i] or not if_on[i] for i in range(n)):
+                    return RunResult(STATUS_OK, "halt",
+                                     "every vCPU halted with interrupts off", rip=self._rip())
+                self._idle(ready)
+                continue
+            i = runnable[0]
+            nxt = (i + 1) % n
+            vcpu = self.vcpus[i]
+            self.vcpu = vcpu
+            m.current_cpu = i
+            lapic = m.lapics[i]
+            now = m.clock.now_ns()
+            if lapic.ipis_from_others != ipis_seen[i]:
+                ipis_seen[i] = lapic.ipis_from_others
+                stale[i] = True
+            if stale[i] and now - flushed_at[i] >= CODE_SYNC_MIN_NS:
+                stale[i] = False
+                flushed_at[i] = now
+                vcpu.invalidate_code()
+            handle = (timers.schedule(m.clock.now_ns() + SMP_SLICE_NS, noop)
+                      if len(runnable) > 1 else None)
+            t = time.perf_counter()
+            try:
+                ex = vcpu.run()
+            finally:
+                if handle is not None:
+                    timers.cancel(handle)
+            st.t_guest += time.perf_counter() - t
+            self.slices[i] += 1
+            kind = type(ex).__name__
+            st.exits[kind] += 1
+            self.last_exit = ex
+            if self.max_exits is not None and st.exits.total() > self.max_exits:
+                return RunResult(STATUS_TIMEOUT, "exit-limit",
+                                 f"no result after {self.max_exits} exits", rip=self._rip())
+            if isinstance(ex, Halt):
+                halted[i], if_on[i] = True, ex.interrupts_enabled
+            else:
+                halted[i] = False
+                result = self._handle(ex)
+                if result is not None:
+                    return result
             timers.fire_due()
             m.poll_devices()
             self.on_turn()
@@ -312,16 +423,18 @@ class Runner:
                              insn=ex.insn or self._insn(ex.rip))
         return None              # Interrupted: timers and input are looked at by the loop
 
-    def _idle(self) -> None:
-        """HLT with IF=1: wait for an interrupt (timer, input) or a stop."""
+    def _idle(self, ready: Callable[[], bool] | None = None) -> None:
+        """HLT with IF=1: wait for an interrupt (timer, input) or a stop (`ready`: the
+        wake condition, by default the vCPU's interrupt controller)."""
         m = self.m
+        wake_up = ready or m.interrupt_pending
         timers = m.timers
         t_start = time.perf_counter()
         try:
             while True:
                 timers.fire_due()
                 m.poll_devices()
-                if m.interrupt_pending() or m.stop_request is not None or self._expired():
+                if wake_up() or m.stop_request is not None or self._expired():
                     return
                 if self.state is VmState.PAUSED:
                     return
@@ -368,7 +481,7 @@ class Runner:
                     if due <= 0:
                         if nxt != last_kicked:
                             last_kicked = nxt
-                            self.vcpu.kick()
+                            self._kick_vcpus()
                         sleep = TICK_MIN_S * 5
                     else:
                         sleep = min(sleep, max(due, TICK_MIN_S))

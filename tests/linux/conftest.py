@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from linuxfakes import new_memory
 
-from pyhv import images
+from pyhv import debian, images
 from pyhv.errors import HostError
 from pyhv.memory import GuestMemory
 
@@ -32,6 +32,28 @@ def debian_image() -> images.LinuxImage:
         return images.fetch_linux(quiet=True)
     except HostError as e:
         pytest.skip(f"cannot fetch Debian's kernel here: {e}")
+
+
+@pytest.fixture(scope="session")
+def debian_disk(debian_image: images.LinuxImage, request: pytest.FixtureRequest
+                ) -> debian.DebianDisk:
+    """The Debian root disk of `pyhv guest fetch debian` for that kernel. The default run
+    downloads no Debian system: it uses a disk already in the cache and skips otherwise;
+    a run that selects the slow tests (-m slow) builds one (mmdebstrap, about 40 s and
+    100 MB from a fast mirror)."""
+    found = [d for d in debian.cached_disks() if d.linux == debian_image]
+    if found:
+        return found[0]
+    words = (request.config.option.markexpr or "").replace("(", " ").replace(")", " ").split()
+    if not any(w == "slow" and (i == 0 or words[i - 1] != "not") for i, w in enumerate(words)):
+        pytest.skip("no Debian disk is cached (pyhv guest fetch debian builds one; "
+                    "-m slow builds it for the tests)")
+    if shutil.which("mmdebstrap") is None:
+        pytest.skip("needs mmdebstrap to build the Debian disk")
+    try:
+        return debian.fetch_debian(quiet=True, linux=debian_image)
+    except HostError as e:
+        pytest.skip(f"cannot build the Debian disk here: {e}")
 
 
 @pytest.fixture(scope="session")

@@ -113,7 +113,7 @@ def test_initramfs_contents(debian_image: images.LinuxImage) -> None:
     order = entries[base + "pyhv-load-order"].data.decode().split()
     names = [Path(p).name for p in order]
     for m in ("virtio.ko", "virtio_ring.ko", "virtio_pci.ko", "virtio_blk.ko", "virtio_net.ko",
-              "net_failover.ko", "failover.ko"):
+              "net_failover.ko", "failover.ko", "virtio-rng.ko"):
         assert m in names
         assert entries[base + order[names.index(m)]].data[:4] == b"\x7fELF"
     assert names.index("virtio_ring.ko") < names.index("virtio.ko") < names.index(

@@ -46,7 +46,8 @@ def test_init_script() -> None:
     text = images.init_script("6.1.0-test")
     assert text.startswith("#!/bin/sh\n/bin/pyhv-boottimer") or \
         text.splitlines()[2].startswith("/bin/pyhv-boottimer")
-    for needle in ("mount -t proc", "mount -t sysfs", "mount -t devtmpfs", 'sh -c "$script"',
+    for needle in ("mount -t proc", "mount -t sysfs", "mount -t devtmpfs",
+                   'exec /bin/sh -c "$1"\' sh "$script"',
                    "@@PYHV-EXIT %d@@", "poweroff -f", "exec /sbin/init",
                    "/lib/modules/6.1.0-test/pyhv-load-order", "0x1af4"):
         assert needle in text

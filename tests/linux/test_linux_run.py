@@ -45,7 +45,9 @@ def test_command_output_and_status(image: images.LinuxImage) -> None:
     assert [ln.strip() for ln in lines[1:4]] == ["written", str(12345 * 6789), "2"]
     assert "@@PYHV-EXIT" not in out            # the marker is pyhv's, not the user's
     err = r.stderr.decode()
-    assert "guest /init started (boot timer)" in err and "exits: Halt" in err
+    assert "guest /init started (boot timer)" in err
+    # /init's `poweroff -f` after the command goes through ACPI (the DSDT's \_S5)
+    assert "pyhv: the run ended by poweroff: ACPI S5 through PM1a_CNT" in err, err[-3000:]
 
 
 def test_command_output_without_newline_and_marker_lookalikes(
@@ -75,8 +77,31 @@ def test_kernel_panic_ends_the_run(image: images.LinuxImage) -> None:
 def test_reboot_restarts_then_exit_flag_ends(image: images.LinuxImage, tmp_path: Path) -> None:
     r = pyhv("--on-reboot", "exit", stdin=b"reboot -f\n")
     assert r.returncode == 0, r.stderr.decode()
-    assert "the guest reset" in r.stderr.decode()
+    assert "the guest reset (ACPI reset register)" in r.stderr.decode()
     assert b"reboot: Restarting system" in r.stdout
+
+
+def test_acpi_tables_and_the_io_apic_are_used(image: images.LinuxImage) -> None:
+    """Linux takes pyhv's ACPI tables (no "ACPI disabled", no table or AML errors), its
+    MADT (symmetric I/O mode, the IRQ 0 -> GSI 2 override) and routes the PIT, the UART
+    and the keyboard through the I/O APIC."""
+    r = pyhv("--command", "dmesg; cat /proc/interrupts")
+    out = r.stdout.decode(errors="replace")
+    assert r.returncode == 0, (out[-3000:], r.stderr.decode()[-2000:])
+    for want in ("ACPI: RSDP 0x00000000000E0000", "ACPI: Interpreter enabled",
+                 "ACPI: PM: (supports S0 S5)", "ACPI: Using IOAPIC for interrupt routing",
+                 "INT_SRC_OVR (bus 0 bus_irq 0 global_irq 2",
+                 "APIC: Switch to symmetric I/O mode setup",
+                 "clocksource: Switched to clocksource acpi_pm",
+                 "ACPI: PCI Root Bridge [PCI0]",
+                 "root bus resource [mem 0xc0000000-0xfebfffff window]"):
+        assert want in out, want
+    for bad in ("ACPI disabled", "ACPI BIOS Error", "ACPI Error", "MP-BIOS bug",
+                "Invalid checksum", "ACPI: Interpreter disabled", "[Firmware Bug]"):
+        assert bad not in out, bad
+    irqs = {ln.split(":")[0].strip(): ln for ln in out.splitlines() if "IO-APIC" in ln}
+    assert "2-edge" in irqs.get("0", "") and "timer" in irqs["0"], out[-2000:]
+    assert "4-edge" in irqs.get("4", "") and "ttyS0" in irqs["4"]
 
 
 def test_too_little_memory_is_refused_before_boot(image: images.LinuxImage) -> None:

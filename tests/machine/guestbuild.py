@@ -51,6 +51,7 @@ KINDS: dict[str, str] = {
     "stuck": "multiboot",
     "ioprobe": "multiboot",
     "bigbss": "multiboot",
+    "smp": "c32",
 }
 
 C_FLAGS = ["-m32", "-ffreestanding", "-fno-pic", "-mgeneral-regs-only", "-nostdlib", "-O2",

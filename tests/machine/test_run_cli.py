@@ -306,7 +306,8 @@ def test_reset_with_on_reboot_exit_ends_the_run(tmp_path: Path) -> None:
     r = run_pyhv("--kernel", _image(tmp_path, "reset.bin", RESET), "--format", "flat",
                  "--engine", "emu", "--on-reboot", "exit", timeout=HOST_GUARD_S)
     assert r.status == 0, r.explain()
-    assert "pyhv: the guest reset; --on-reboot exit ends the run" in r.stderr, r.explain()
+    assert ("pyhv: the guest reset (i8042 reset); --on-reboot exit ends the run"
+            in r.stderr), r.explain()
 
 
 # ---------------------------------------------------------------------- --format auto

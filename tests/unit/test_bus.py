@@ -164,3 +164,20 @@ def test_property_find_agrees_with_a_linear_scan(
     want = [(b, name) for b, n, name in accepted if b <= probe < b + n]
     hit = bus.find(probe)
     assert ([(hit[0], hit[2])] if hit else []) == want
+
+
+def test_unregister_and_is_free() -> None:
+    """PCI BARs move: a range can be withdrawn (only by its owner) and checked first."""
+    bus = Bus("mmio")
+    a, b = Recorder(), Recorder()
+    bus.register(0x1000, 0x100, a, "a")
+    assert not bus.is_free(0x10FF, 1) and not bus.is_free(0x0F00, 0x101)
+    assert bus.is_free(0x1100, 0x100) and bus.is_free(0x0F00, 0x100)
+    with pytest.raises(KeyError):
+        bus.unregister(0x1000, b)
+    with pytest.raises(KeyError):
+        bus.unregister(0x1010, a)
+    bus.unregister(0x1000, a)
+    assert bus.find(0x1000) is None and bus.is_free(0x1000, 0x100)
+    bus.register(0x1080, 0x100, b, "b")
+    assert bus.read(0x1080, 1) == b.value & 0xFF

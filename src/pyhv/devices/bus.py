@@ -12,6 +12,9 @@ are also counted one by one (`unhandled_addrs`), later ones only in `unhandled_o
 a guest sweeping the MMIO space cannot grow the counter without bound; in strict mode
 they raise `UnhandledIo` instead, which ends the run with the address named (`--strict-io`).
 
+Ranges may also be withdrawn (`unregister`): PCI BARs come and go as the guest moves them
+or turns decoding off (devices/pci), and `is_free` lets such an owner check a range first.
+
 Invariants: ranges never overlap (registration refuses it); a device only ever sees
 offsets inside its own range; values passed to `write` are masked to `size` bytes.
 """
@@ -69,6 +72,24 @@ class Bus:
         label = name or type(device).__name__
         self._starts.insert(i, base)
         self._ranges.insert(i, (base, end, device, label))
+
+    def is_free(self, base: int, length: int) -> bool:
+        """True when no registered range meets [base, base + length)."""
+        end = base + length
+        i = bisect.bisect_right(self._starts, base)
+        if i > 0 and self._ranges[i - 1][1] > base:
+            return False
+        return not (i < len(self._ranges) and self._ranges[i][0] < end)
+
+    def unregister(self, base: int, device: BusDevice) -> None:
+        """Withdraw the range registered at `base` for `device` (KeyError if none)."""
+        i = bisect.bisect_left(self._starts, base)
+        if i < len(self._ranges) and self._ranges[i][0] == base \
+                and self._ranges[i][2] is device:
+            del self._starts[i]
+            del self._ranges[i]
+            return
+        raise KeyError(f"{self.name}: nothing registered at {base:#x} for that device")
 
     def find(self, addr: int) -> tuple[int, BusDevice, str] | None:
         """(base, device, name) owning addr, or None."""

@@ -2,8 +2,9 @@
 
 Design (after rust-vmm's `Trigger`): a device is handed an `IrqLine` and only ever calls
 `set_level(high)`. Edge-triggered users raise then lower it (`pulse`). Whether the line
-ends at the Python 8259 model or at a test recorder (`RecordingIrq`) is decided by
-whoever builds the machine; the device cannot tell.
+ends at the Python 8259 model, at both the 8259 and the I/O APIC (`FanOutLine`) or at a
+test recorder (`RecordingIrq`) is decided by whoever builds the machine; the device
+cannot tell.
 """
 
 from __future__ import annotations
@@ -13,6 +14,18 @@ from typing import Protocol
 
 class IrqLine(Protocol):
     def set_level(self, high: bool) -> None: ...
+
+
+class FanOutLine:
+    """One device output wired to several controller inputs (a PC's ISA IRQ reaches both
+    the 8259 and the I/O APIC)."""
+
+    def __init__(self, *lines: IrqLine) -> None:
+        self.lines = lines
+
+    def set_level(self, high: bool) -> None:
+        for line in self.lines:
+            line.set_level(high)
 
 
 def pulse(line: IrqLine) -> None:

@@ -98,6 +98,15 @@ class EngineVcpu(ABC):
         """Where external interrupts come from (None: no interrupt controller)."""
         self.interrupt_source = source
 
+    def invalidate_code(self) -> None:  # noqa: B027
+        """Code in RAM may have been changed by another vCPU: drop any translation of
+        it this vCPU keeps (a software CPU's translation cache). Called between runs."""
+
+    def set_apic_present(self, present: bool) -> None:  # noqa: B027
+        """The machine has a local APIC for this vCPU (xAPIC MMIO at 0xfee00000): an
+        engine whose CPUID can say so truthfully sets CPUID.1:EDX.APIC. Engines that
+        cannot route the APIC's accesses keep the bit clear."""
+
     def attach_io(self, pio: IoHandler | None, mmio: IoHandler | None) -> None:  # noqa: B027
         """Synchronous I/O handlers, `f(addr, size, value|None) -> int` (None: a read).
 

@@ -38,11 +38,29 @@ IDENTITY_MAP_ADDR = 0xFFFBC000
 
 
 class KvmVcpu(EngineVcpu):
-    def __init__(self, vcpu: Vcpu, index: int) -> None:
+    def __init__(self, vcpu: Vcpu, index: int,
+                 cpuid: list[ks.KvmCpuidEntry2] | None = None) -> None:
         self.v = vcpu
         self.index = index
         self.interrupt_source: InterruptSource | None = None
         self.injected = 0
+        self._cpuid = cpuid or []
+
+    def set_apic_present(self, present: bool) -> None:
+        """CPUID.1:EDX.APIC for pyhv's user-space local APIC, reached through MMIO exits
+        at 0xfee00000 (KVM itself keeps IA32_APIC_BASE without an in-kernel APIC). The
+        x2APIC and TSC-deadline bits stay clear: those MSRs would need KVM's in-kernel
+        APIC or user-space MSR exits, which this engine does not use (docs/apic.md)."""
+        entries = [ks.KvmCpuidEntry2.from_buffer_copy(e) for e in self._cpuid]
+        for e in entries:
+            if e.function == 1:
+                e.edx = (e.edx | CPUID1_EDX_APIC) if present else \
+                    (e.edx & ~CPUID1_EDX_APIC & 0xFFFFFFFF)
+        self.v.set_cpuid(entries)
+        # KVM derives CPUID.1:EDX.APIC from IA32_APIC_BASE.EN at run time: a machine
+        # without a local APIC gets the MSR's disabled state, so the bit stays clear.
+        base = APIC_BASE_ON | (APIC_BASE_BSP if self.index == 0 else 0)
+        self.v.set_msrs({MSR_APIC_BASE: base if present else 0})
 
     def run(self) -> Exit:
         v = self.v
@@ -149,11 +167,15 @@ def _fxsave_to_fpu(img: bytes) -> ks.KvmFpu:
     return f
 
 
-# CPUID.1 bits for devices pyhv's machine does not have: the local APIC (EDX 9), x2APIC
-# (ECX 21) and the APIC's TSC-deadline timer (ECX 24). The interrupt controller is the
-# 8259 in user space, so the CPU model says "no APIC", as the emu engine's model does;
-# a kernel then uses the 8259 and the PIT instead of probing an APIC that is not there.
+# CPUID.1 bits of the APIC: the local APIC (EDX 9), x2APIC (ECX 21) and the APIC's
+# TSC-deadline timer (ECX 24). The interrupt controllers are pyhv's, in user space: the
+# base table says "no APIC" (a bare board has none); `KvmVcpu.set_apic_present` sets
+# EDX 9 when the machine gives the vCPU its local APIC (xAPIC MMIO). x2APIC and
+# TSC-deadline stay clear: their MSRs do not reach pyhv on this engine.
 CPUID1_EDX_APIC = 1 << 9
+MSR_APIC_BASE = 0x1B
+APIC_BASE_ON = 0xFEE00800          # 0xfee00000, enabled
+APIC_BASE_BSP = 0x100
 CPUID1_ECX_X2APIC = 1 << 21
 CPUID1_ECX_TSC_DEADLINE = 1 << 24
 
@@ -209,7 +231,8 @@ class KvmEngine(Engine):
     def create_vcpu(self, index: int) -> KvmVcpu:
         v = self.vm.create_vcpu(index)
         v.set_cpuid(self._cpuid)
-        kv = KvmVcpu(v, index)
+        kv = KvmVcpu(v, index, self._cpuid)
+        kv.set_apic_present(False)            # until the machine gives it one
         self.vcpus.append(kv)
         return kv
 

@@ -6,9 +6,10 @@ processor. Its feature set is the conservative one both engines can honour:
 
 - the software engine (unicorn 2.1.4, QEMU 5 TCG) implements every feature listed;
 - deliberately absent: XSAVE/AVX (unicorn's XSAVE support is partial and KVM-PVM cannot
-  hide it consistently, docs/host.md), the local APIC and x2APIC (pyhv has no APIC model: the
-  guest uses the 8259 PIC), FSGSBASE, SMEP/SMAP, PCID, 1 GiB pages, RDTSCP, TSC-deadline,
-  MONITOR/MWAIT, performance counters;
+  hide it consistently, docs/host.md), x2APIC (no engine routes its MSRs; the
+  local APIC bit is added by the engine when the machine has one: `set_apic_present`),
+  FSGSBASE, SMEP/SMAP, PCID, 1 GiB pages, RDTSCP, TSC-deadline, MONITOR/MWAIT,
+  performance counters;
 - KVM may present the same table intersected with what the host supports
   (`CpuModel.intersect`).
 

@@ -17,6 +17,7 @@
     0x0010_0000 +--------------------------------+ 1 MiB: kernels load here and above
                 | RAM ...                        |
     MMIO_START  +--------------------------------+ 3 GiB: PCI MMIO hole, IOAPIC, LAPIC
+                | PCI memory BARs (PCI_MMIO_*)   |  pyhv assigns them from the bottom up
     0xfec0_0000 | IOAPIC                         |
     0xfee0_0000 | local APIC                     |
     4 GiB       +--------------------------------+
@@ -55,6 +56,15 @@ LAPIC_BASE = 0xFEE0_0000
 HIGH_RAM_START = 0x1_0000_0000
 
 MIN_RAM = 2 * MIB
+
+# PCI (devices/pci): where pyhv, acting as the firmware, places BARs, and the ports of
+# configuration mechanism #1. Memory BARs go in the MMIO hole below the IOAPIC; I/O BARs
+# above every ISA port, where PC firmware puts them.
+PCI_MMIO_START = MMIO_START
+PCI_MMIO_END = IOAPIC_BASE
+PCI_IO_START = 0xC000
+PCI_IO_END = 0x10000
+PCI_CONFIG_PORT = 0xCF8   # CONFIG_ADDRESS 0xcf8, CONFIG_DATA 0xcfc-0xcff
 
 # I/O ports pyhv's own paravirtual devices claim (free on a PC; QEMU puts nothing there).
 BOOT_TIMER_PORT = 0x440   # guest /init writes 123 here: pyhv timestamps boot (boottimer.py)

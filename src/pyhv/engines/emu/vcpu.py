@@ -42,13 +42,14 @@ policy (pyhv.runner: internal error, status 70).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from pyhv.arch.x86.cpuid import DEFAULT_MODEL, CpuModel
+from pyhv.arch.x86.cpuid import APIC, DEFAULT_MODEL, CpuModel
 from pyhv.arch.x86.cpustate import CpuState
 from pyhv.engines.base import EngineVcpu, InterruptSource
 from pyhv.engines.emu import cpu as C
@@ -243,6 +244,21 @@ class EmuVcpu(EngineVcpu):
         """Synchronous port-I/O and MMIO handlers: f(addr, size, value|None) -> int."""
         self._pio = pio
         self._mmio = mmio
+
+    def invalidate_code(self) -> None:
+        """Another vCPU may have written code this one has translated (each unicorn
+        instance has its own translation cache and sees only its own stores)."""
+        if self.uc is not None:
+            self.uc.ctl_flush_tb()
+            self.counters["code flushes"] = self.counters.get("code flushes", 0) + 1
+
+    def set_apic_present(self, present: bool) -> None:
+        """CPUID.1:EDX.APIC follows the machine. Only the xAPIC (MMIO) exists here:
+        unicorn 2.1.4 cannot hook RDMSR/WRMSR (UC_HOOK_INSN refuses them), so the x2APIC
+        MSRs and IA32_TSC_DEADLINE are unreachable and their CPUID bits stay clear."""
+        edx = self.model.features_edx
+        edx = edx | APIC if present else edx & ~APIC
+        self.model = dataclasses.replace(self.model, features_edx=edx)
 
     def attach_clock(self, clock: VirtualClock, timers: TimerQueue) -> None:
         """Advance `clock` with guest progress; return Interrupted at timers' deadlines."""

@@ -1,0 +1,53 @@
+"""The smp guest (tests/guests/core/smp.c) through `pyhv run --cpus N` on emu: AP start-up
+by INIT/SIPI with an exact `lock xadd` total, IPIs both ways and a broadcast, the APIC
+timer (one-shot, periodic; TSC-deadline is not offered on emu), the PIT and the UART
+through the I/O APIC with the 8259 masked, and power-off through ACPI (status 0, ended
+by S5). Plus the bounds of --cpus and the engines that run one vCPU only."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from guestbuild import GuestBuilder, engine_unavailable, run_pyhv, run_pyhv_raw
+
+
+def expected(n: int) -> str:
+    pings = 5 * (n - 1)
+    return (f"cpus: {n}\n"
+            f"aps: {n - 1} started, counter={n * 200000} (exact)\n"
+            f"ipi: {pings} pings, {pings} pongs, broadcast {n - 1}\n"
+            "timer: one-shot 1, periodic 20, tsc-deadline not offered\n"
+            "ioapic: pit 20, uart 1\n"
+            "acpi: S5 SLP_TYP=5 PM1a_CNT=0x604\n")
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 4, pytest.param(16, marks=pytest.mark.slow)])
+def test_smp_guest(guests: GuestBuilder, cpus: int) -> None:
+    why = engine_unavailable("emu")
+    if why:
+        pytest.skip(why)
+    r = run_pyhv("--engine", "emu", "--cpus", str(cpus), "--kernel", guests("smp"),
+                 "--stats", timeout=60)
+    assert (r.status, r.stdout) == (0, expected(cpus)), r.explain()
+    assert "the run ended by poweroff: ACPI S5 through PM1a_CNT" in r.stderr, r.explain()
+    assert "Traceback" not in r.stderr
+    if cpus > 1:
+        m = re.search(r"vCPU slices\D*(\d+)-(\d+) on each of (\d+)", r.stderr)
+        assert m, r.explain()
+        least, _most, n = map(int, m.groups())
+        assert n == cpus and least > 0, m.group(0)       # every vCPU ran
+
+
+@pytest.mark.parametrize("cpus", ["0", "17", "x"])
+def test_cpus_out_of_range_is_refused(guests: GuestBuilder, cpus: str) -> None:
+    r = run_pyhv_raw("--engine", "emu", "--cpus", cpus, "--kernel", guests("smp"))
+    assert r.status == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.explain()
+
+
+def test_one_vcpu_engines_refuse_several(guests: GuestBuilder) -> None:
+    why = engine_unavailable("kvm")
+    if why:
+        pytest.skip(why)
+    r = run_pyhv_raw("--engine", "kvm", "--cpus", "2", "--kernel", guests("smp"))
+    assert r.status == 2 and "runs one vCPU" in r.stderr, r.explain()
