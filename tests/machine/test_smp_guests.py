@@ -2,11 +2,14 @@
 by INIT/SIPI with an exact `lock xadd` total, IPIs both ways and a broadcast, the APIC
 timer (one-shot, periodic; TSC-deadline is not offered on emu), the PIT and the UART
 through the I/O APIC with the 8259 masked, and power-off through ACPI (status 0, ended
-by S5). Plus the bounds of --cpus and the engines that run one vCPU only."""
+by S5). Plus the bounds of --cpus, the engines that run one vCPU only, and the same
+image on QEMU's TCG with the same results (differential)."""
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 
 import pytest
 from guestbuild import GuestBuilder, engine_unavailable, run_pyhv, run_pyhv_raw
@@ -51,3 +54,22 @@ def test_one_vcpu_engines_refuse_several(guests: GuestBuilder) -> None:
         pytest.skip(why)
     r = run_pyhv_raw("--engine", "kvm", "--cpus", "2", "--kernel", guests("smp"))
     assert r.status == 2 and "runs one vCPU" in r.stderr, r.explain()
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("cpus", [1, 4])
+def test_smp_guest_on_qemu_tcg_gives_the_same_results(guests: GuestBuilder, cpus: int
+                                                      ) -> None:
+    """The same image on QEMU's PC (TCG, one thread, SeaBIOS's ACPI tables): the same
+    lines, but for the SLP_TYP QEMU's DSDT gives \\_S5 (0); QEMU powers off too."""
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 not installed")
+    argv = ["qemu-system-x86_64", "-accel", "tcg,thread=single", "-smp", str(cpus),
+            "-M", "pc", "-m", "128", "-display", "none", "-serial", "stdio", "-no-reboot",
+            "-kernel", str(guests("smp")), "-append", "x",
+            "-device", "isa-debug-exit,iobase=0xf4,iosize=1"]
+    p = subprocess.run(argv, capture_output=True, timeout=300, stdin=subprocess.DEVNULL)
+    out = p.stdout.decode("latin-1").replace("\r", "")
+    lines = out[out.index("cpus: "):] if "cpus: " in out else out
+    assert p.returncode == 0, (p.returncode, out[-2000:], p.stderr[-2000:])
+    assert lines == expected(cpus).replace("SLP_TYP=5", "SLP_TYP=0"), out[-2000:]
