@@ -16,8 +16,8 @@ IPI round trip and APIC-timer interrupt cost.
    20 us of guest time, HLT between them). Host CPU time (user + system, os.wait4) of
    a run with K_BIG and one with K_SMALL, divided by the difference, is the cost of one
    round trip plus one timer interrupt; a run with only ticks (bench=1) separates them.
-   Peers: pyhv emu --cpus 2, QEMU TCG -smp 2 thread=single. The kvm engine runs one
-   vCPU, and KVM-PVM cannot run this 32-bit guest's IRETD: not measured there.
+   Peers: pyhv emu --cpus 2, QEMU TCG -smp 2 thread=single. Not measured on kvm here:
+   KVM-PVM cannot run this 32-bit guest's IRETD (tests/machine/test_smp_guests.py).
 Each figure is printed with its ratio to QEMU's; the date, host and command line come
 first, as in every pyhv bench. Every process runs under a timeout.
 """
@@ -169,7 +169,7 @@ def main() -> int:
           f"{prt / qrt if qrt > 0 else float('nan'):.1f}x")
     print(f"  timer interrupt  pyhv emu {ptm:8.1f} us   QEMU TCG {qtm:8.1f} us   "
           f"{ptm / qtm if qtm > 0 else float('nan'):.1f}x")
-    print("  kvm: not measured (one vCPU on kvm; KVM-PVM cannot run the guest's IRETD)")
+    print("  kvm: not measured (KVM-PVM cannot run the guest's 32-bit IRETD)")
     return 0
 
 
