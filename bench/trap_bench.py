@@ -1,10 +1,14 @@
-"""Trap-and-emulate vs hardware assist vs software CPU, on the same guest kernel.
+"""Trap-and-emulate vs binary translation vs hardware assist vs software CPU, on the
+same guest kernel.
 
 Runs tests/guests/trap/bench.S (an ELF64 kernel entered at CPL 0) through the real
-`pyhv run` on the trap, kvm and emu engines, in one run:
+`pyhv run` on the trap, bt, kvm and emu engines, in one run:
 
     priv   a loop of CLI; STI; IN; OUT: four privileged instructions per iteration,
-           four traps under the trap engine
+           four traps under the trap engine, two call-outs under bt (IN, OUT)
+    flags  a loop of CLI; PUSHFQ; STI; POPFQ: two traps under trap, none under bt
+    sys    a loop of INT 0x2f to a handler that returns with IRETQ: two traps under
+           trap, none under bt (not on kvm: KVM-PVM does not emulate INT n at CPL 0)
     cpu    a loop of 1000 multiply/add/xor rounds per iteration: no privileged
            instruction (native CPL 3 under trap, KVM-PVM's instruction emulator at
            CPL 0 under kvm, unicorn under emu)
@@ -15,7 +19,7 @@ machine build and guest boot cancel out. Each pair is repeated (--repeat, defaul
 and the median is reported, with the ratios against trap. Numbers are only comparable
 within one run (docs/host.md: shared, noisy machines).
 
-    python bench/trap_bench.py [--repeat N] [--engines trap,kvm,emu] [--quick]
+    python bench/trap_bench.py [--repeat N] [--engines trap,bt,kvm,emu] [--quick]
 """
 
 from __future__ import annotations
@@ -31,15 +35,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GUESTS = ROOT / "tests" / "guests"
-ENGINES = ("trap", "kvm", "emu")
+ENGINES = ("trap", "bt", "kvm", "emu")
 # (n1, n2) iteration counts per loop and engine: each run a fraction of a second to a
 # few seconds on this host (kvm's CPL 0 code is emulated, ~2,500x slower than native);
 # the difference must be well above Python's start-up noise (~50 ms): emu's priv loop
 # (~5 us an iteration) needs 100,000 more iterations for that.
 COUNTS: dict[str, dict[str, tuple[int, int]]] = {
-    "priv": {"trap": (200, 2200), "kvm": (200, 4200), "emu": (200, 100_200)},
-    "cpu": {"trap": (1000, 200_000), "kvm": (5, 45), "emu": (1000, 30_000)},
+    "priv": {"trap": (200, 2200), "bt": (200, 4200), "kvm": (200, 4200),
+             "emu": (200, 100_200)},
+    "flags": {"trap": (200, 4200), "bt": (1000, 20_000_000), "kvm": (200, 4200),
+              "emu": (200, 200_200)},
+    "sys": {"trap": (200, 4200), "bt": (1000, 4_000_000), "emu": (200, 100_200)},
+    "cpu": {"trap": (1000, 200_000), "bt": (1000, 200_000), "kvm": (5, 45),
+            "emu": (1000, 30_000)},
 }
+LOOPS = ("priv", "flags", "sys", "cpu")
 STATUS_OK = 75
 TIMEOUT_S = 120.0
 
@@ -115,13 +125,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="trap-bench-") as tmp:
         img = build(Path(tmp))
         results: dict[tuple[str, str], float] = {}
-        for loop in ("priv", "cpu"):
+        for loop in LOOPS:
             for e in engines:
-                results[(loop, e)] = per_iteration(img, e, loop, args.repeat)
+                if e in COUNTS[loop]:
+                    results[(loop, e)] = per_iteration(img, e, loop, args.repeat)
     print(f"\n{'loop':6} {'engine':6} {'per iteration':>14} {'vs trap':>9}   counts")
-    for loop in ("priv", "cpu"):
+    for loop in LOOPS:
         base = results.get((loop, "trap"))
         for e in engines:
+            if (loop, e) not in results:
+                continue
             t = results[(loop, e)]
             ratio = f"{t / base:8.2f}x" if base else "        -"
             n1, n2 = COUNTS[loop][e]

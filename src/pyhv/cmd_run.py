@@ -210,6 +210,12 @@ def _main(args: argparse.Namespace, overlays: list[Overlay]) -> int:
                 words.append(DHCP_WORD)
             cmdline = " ".join(words)
         cmdline = " ".join([cmdline, *(w for w in root_words if w not in cmdline.split())])
+    # after the image: --image debian's root disk comes first (vda)
+    pci_devices = [make_function(d, i) for i, d in enumerate(disks)]
+    if args.rng:
+        pci_devices.append(_rng_function)
+    if net.kind != "none":
+        pci_devices.append(make_nic(net, mac))
     marker: ExitMarker | None = None
     if args.command is not None:
         from pyhv import images

@@ -4,6 +4,7 @@
         --customize-hook=<pyhv's hook> <suite> /dev/null <the host's apt sources>
         -> the hook: pyhv's files into the tree, then `mke2fs -t ext4 -d TREE disk.raw`
     pyhv's block layer: disk.raw -> disk.qcow2 (zero clusters left out), then checked
+        by pyhv's qcow2 checker and by `qemu-img check` (when installed)
 
 The kernel is the one `pyhv guest fetch linux` caches (pyhv.images): the disk gets the
 same `linux-image-<release>` package at the same version, so its /lib/modules matches
@@ -297,6 +298,20 @@ def raw_to_qcow2(raw: Path, dest: Path, *, progress: bool = False) -> None:
     os.sync()
 
 
+def qemu_img_check(disk: Path) -> None:
+    """`qemu-img check` as a second opinion on a disk pyhv wrote (skipped, as a check that
+    cannot run, when qemu-img is not installed: pyhv's own check has run already)."""
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        return
+    proc = subprocess.run([qemu_img, "check", "-q", str(disk)], capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines()
+                or [f"exit status {proc.returncode}"])[-1]
+        raise ImageError(f"qemu-img check finds the converted disk {disk} damaged: {last}")
+
+
 def mke2fs_dir(tree: Path, raw: Path, size: int) -> None:
     """`mke2fs -t ext4 -d tree` into a new sparse raw file of `size` bytes (for trees that
     need no namespace: the caller owns every file in them)."""
@@ -352,6 +367,7 @@ def fetch_debian(*, force: bool = False, quiet: bool = False, root: Path | None 
         used = int((work / "used_kib").read_text().split()[0]) * 1024
         with steps.step(f"converting the {used >> 20} MiB file system to qcow2"):
             raw_to_qcow2(raw, work / "disk.qcow2")
+            qemu_img_check(work / "disk.qcow2")
         outdir.mkdir(parents=True, exist_ok=True)
         (outdir / "image.json").unlink(missing_ok=True)      # incomplete until rewritten
         (work / "disk.qcow2").replace(outdir / "disk.qcow2")

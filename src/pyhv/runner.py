@@ -539,6 +539,10 @@ class Runner:
         t_start = time.perf_counter()
         try:
             while True:
+                # cleared before the devices are polled, never after: a device thread that
+                # posts while they are polled then leaves the event set and the wait below
+                # returns at once (clearing later lost such a wake-up for a whole slice)
+                self.wake.clear()
                 timers.fire_due()
                 m.poll_devices()
                 if wake_up() or m.stop_request is not None or self._expired():
@@ -546,7 +550,6 @@ class Runner:
                 if self.state is VmState.PAUSED:
                     return
                 self.on_turn()
-                self.wake.clear()
                 nxt = timers.next_deadline()
                 now = m.clock.now_ns()
                 if self.virtual:

@@ -128,6 +128,8 @@ def test_paging_upper_half_on_bt_is_a_clear_report(bt_guest: Callable[[str], Pat
 @pytest.mark.parametrize(("cmdline", "line"), [
     ("priv 10", "bench: priv 10 0000000000000000\n"),
     ("cpu 2", "bench: cpu 2 ea604e9fa167cdf0\n"),
+    ("flags 10", "bench: flags 10 0000000000000000\n"),
+    ("sys 10", "bench: sys 10 0000000000000000\n"),
 ])
 def test_bench_kernel_on_bt(bt_guest: Callable[[str], Path], cmdline: str, line: str) -> None:
     r = run_pyhv("--engine", "bt", "--kernel", bt_guest("bench"), "--append", cmdline,
@@ -145,8 +147,9 @@ def test_bad_tc_option_is_refused() -> None:
 
 def test_interrupts_taken_while_translated_code_computes(bt_guest: Callable[[str], Path]
                                                          ) -> None:
-    """A loop of chained translations with no call-out: the timer's interrupts are taken
-    at guest instruction boundaries when the timer kicks the vCPU."""
+    """A loop of chained translations with no call-out (and a RET, whose inline lookup
+    is where kicks often land): the timer's interrupts are taken at guest instruction
+    boundaries, retried shortly when a kick stops the vCPU inside a rewritten sequence."""
     r = run_pyhv("--engine", "bt", "--kernel", bt_guest("btirq"), "--stats", timeout=20)
     assert (r.status, r.stdout) == (81, "btirq: computing with interrupts on\n"
                                         "ticks: 5, the loop ran\n"), r.explain()

@@ -19,7 +19,7 @@ import pytest
 from test_linux_qemu import qemu
 
 from pyhv import cli, debian, images
-from pyhv.errors import HostError
+from pyhv.errors import HostError, ImageError
 from pyhv.exitmarker import ExitMarker
 from pyhv.loader.initramfs import read_newc
 
@@ -246,3 +246,15 @@ def test_fetch_debian_builds_a_disk_that_boots_and_computes_pi(
     assert "42" in lines and "1" in lines
     assert any(line.startswith("apt ") for line in lines)
     assert ExitMarker().parse(out.encode()) == 0 and rc == 0
+
+
+@needs_qemu
+def test_qemu_img_check_rejects_a_damaged_disk(tmp_path: Path) -> None:
+    disk = tmp_path / "d.qcow2"
+    assert _qemu_img("create", "-f", "qcow2", str(disk), "16M").returncode == 0
+    debian.qemu_img_check(disk)                        # clean: no error
+    data = bytearray(disk.read_bytes())
+    data[0x30:0x38] = (1 << 40).to_bytes(8, "big")     # refcount table beyond the file
+    disk.write_bytes(bytes(data))
+    with pytest.raises(ImageError, match="qemu-img check finds the converted disk"):
+        debian.qemu_img_check(disk)

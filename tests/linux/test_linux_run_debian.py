@@ -1,34 +1,45 @@
 """`pyhv run --image debian` end to end on the software engine: Debian's kernel, pyhv's
 initramfs and the Debian root disk (pyhv.debian) as /dev/vda on pyhv's virtio-blk.
 
-Each test is one boot (about 7 s here). They need the cached Debian disk: the default
-run uses it when `pyhv guest fetch debian` has built it and skips otherwise, `-m slow`
-builds it (conftest.debian_disk).
+Each test is one boot (about 7 s here). The first runs everywhere, on a small busybox
+root disk put in a temporary cache in the Debian disk's place; the others need the real
+cached Debian disk: the default run uses it when `pyhv guest fetch debian` has built it
+and skips otherwise, `-m slow` builds it (conftest.debian_disk).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from test_linux_qemu import qemu
+from test_linux_rootdisk import _busybox_tree
 
-from pyhv import cli, debian
+from pyhv import cli, debian, images
+from pyhv.cmd_run import LINUX_WORKAROUNDS
+from pyhv.disk.qcow2.create import create
+from pyhv.exitmarker import ExitMarker
 
 BOOT_TIMEOUT = 120
+needs_mke2fs = pytest.mark.skipif(shutil.which("mke2fs") is None, reason="needs mke2fs")
 PI_100 = ("3.141592653589793238462643383279502884197169399375105820974944592307\\\r\n"
           "8164062862089986280348253421170676\r\n")
 
 
-def pyhv(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+def pyhv(*args: str, stdin: bytes | None = None, image: tuple[str, ...] = ("--image", "debian"),
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([sys.executable, "-m", "pyhv", "run", "--engine", "emu",
-                           "--timeout", str(BOOT_TIMEOUT), "--image", "debian", *args],
+                           "--timeout", str(BOOT_TIMEOUT), *image, *args],
                           input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
-                          capture_output=True, timeout=BOOT_TIMEOUT + 30)
+                          capture_output=True, timeout=BOOT_TIMEOUT + 30,
+                          env={**os.environ, **(env or {})})
 
 
 def _overlays() -> set[str]:
@@ -37,6 +48,35 @@ def _overlays() -> set[str]:
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@needs_mke2fs
+def test_image_debian_boots_the_cached_disk_as_vda(debian_image: images.LinuxImage,
+                                                   tmp_path: Path) -> None:
+    """The CLI path without the real disk (so it runs in every default run): a cache whose
+    Debian disk is a small busybox tree. --image debian must attach it (through an
+    overlay) as vda and root the command in it, and leave it and the temp dir as found."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / debian_image.directory.name).symlink_to(debian_image.directory)
+    suite = debian.host_suite()
+    ddir = cache / f"debian-{suite}-{debian_image.version}"
+    ddir.mkdir()
+    tree = tmp_path / "tree"
+    _busybox_tree(debian_image, tree, "tiny-root")
+    debian.mke2fs_dir(tree, tmp_path / "root.raw", 32 << 20)
+    debian.raw_to_qcow2(tmp_path / "root.raw", ddir / "disk.qcow2")
+    (ddir / "image.json").write_text(json.dumps({
+        "format": debian.DISK_FORMAT, "suite": suite, "packages": ["busybox"],
+        "kernel_release": debian_image.version,
+        "kernel_package_version": debian_image.package_version,
+        "used_bytes": 0, "disk_size": 32 << 20}))
+    before, overlays = _digest(ddir / "disk.qcow2"), _overlays()
+    r = pyhv("--command", "cat /etc/marker; echo changed > /etc/marker; ls /dev | grep vd",
+             env={images.CACHE_ENV: str(cache)})
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    assert r.stdout.decode().replace("\r", "").splitlines() == ["tiny-root", "vda"]
+    assert _digest(ddir / "disk.qcow2") == before and _overlays() == overlays
 
 
 def test_bc_prints_pi(debian_disk: debian.DebianDisk) -> None:
@@ -74,3 +114,32 @@ def test_image_and_kernel_exclude_each_other(tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["run", "--image", "debian", "--kernel", str(tmp_path / "k")]) == 2
     assert "--image and --kernel exclude each other" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3 * BOOT_TIMEOUT + 120)
+def test_pyhv_and_qemu_share_a_debian_disk(debian_disk: debian.DebianDisk,
+                                           tmp_path: Path) -> None:
+    """Differential, both directions: a file Debian writes on pyhv's virtio-blk is read
+    under QEMU, and one written under QEMU is read on pyhv; qemu-img check is clean after
+    each writer. The disk is the user's own overlay of the cached disk (README)."""
+    mine = tmp_path / "mine.qcow2"
+    create(str(mine), debian_disk.disk_size, backing_file=str(debian_disk.disk_path),
+           backing_format="qcow2")
+    append = " ".join(["console=ttyS0", *(w for w, _ in LINUX_WORKAROUNDS["emu"]),
+                       "loglevel=1", *debian_disk.cmdline_words])
+    on_pyhv = ("--disk", f"{mine},format=qcow2", "--append", append)
+    r = pyhv("--command", 'python3 -c "print(2**64)" > /root/from-pyhv', image=on_pyhv)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    check = subprocess.run(["qemu-img", "check", str(mine)], capture_output=True, timeout=60)
+    assert check.returncode == 0, check.stdout
+    cmd = "echo; cat /root/from-pyhv; echo scale=5\\;1/7 | bc > /root/from-qemu"
+    rc, out, _ = qemu(debian_disk.linux, " ".join(debian_disk.cmdline_words) + " quiet "
+                      + images.command_param(cmd),
+                      "-drive", f"file={mine},if=virtio,format=qcow2")
+    assert str(2**64) in out.splitlines(), out[-2000:]
+    assert ExitMarker().parse(out.encode()) == 0 and rc == 0
+    check = subprocess.run(["qemu-img", "check", str(mine)], capture_output=True, timeout=60)
+    assert check.returncode == 0, check.stdout
+    r = pyhv("--command", "cat /root/from-qemu", image=on_pyhv)
+    assert r.returncode == 0 and r.stdout == b".14285\r\n", r.stderr.decode()[-2000:]

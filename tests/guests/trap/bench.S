@@ -4,6 +4,10 @@
  *
  *   "priv N"   N x { cli; sti; in al, 0x61; out 0x80, al }: four privileged
  *              instructions, each a trap under the trap engine
+ *   "flags N"  N x { cli; pushfq; sti; popfq }: the interrupt-flag half of a critical
+ *              section, no device (two traps under trap, none under bt)
+ *   "sys N"    N x { int 0x2f } to a handler that is one IRETQ: a kernel-mode system
+ *              call round trip (two traps under trap, none under bt)
  *   "cpu N"    N x 1000 rounds of { imul; add; xor; dec; jnz }: no privileged
  *              instruction at all (native at CPL 3 under trap, emulated at CPL 0 by
  *              KVM-PVM under kvm, software under emu)
@@ -44,6 +48,10 @@ start:
     je priv
     cmp bl, 'c'
     je cpu
+    cmp bl, 'f'
+    je flags
+    cmp bl, 's'
+    je sys
 bad:
     lea rsi, [rip + msg_bad]
     call puts
@@ -62,6 +70,40 @@ priv:
 2:  xor r13d, r13d
     lea rsi, [rip + msg_priv]
     jmp report
+
+/* flags: the sensitive, non-I/O half of a kernel's critical sections */
+flags:
+    mov rcx, r12
+    test rcx, rcx
+    jz 2f
+1:  cli
+    pushfq
+    sti
+    popfq
+    dec rcx
+    jnz 1b
+2:  xor r13d, r13d
+    lea rsi, [rip + msg_flags]
+    jmp report
+
+/* sys: a kernel-mode system call round trip, INT n through its own IDT and IRETQ back
+ * (the trap and bt engines run no guest user mode: the kernel calls itself) */
+sys:
+    call kinit
+    lea rax, [rip + sys_handler]
+    mov ecx, 0x2f
+    call set_gate
+    mov rcx, r12
+    test rcx, rcx
+    jz 2f
+1:  int 0x2f
+    dec rcx
+    jnz 1b
+2:  xor r13d, r13d
+    lea rsi, [rip + msg_sys]
+    jmp report
+sys_handler:
+    iretq
 
 cpu:
     mov rcx, r12
@@ -92,10 +134,13 @@ report:
     DEBUG_EXIT_WITH(0x25)
 
 #include "serial64.inc"
+#include "kernel64.inc"
 
     .section .rodata
 msg_priv: .asciz "bench: priv "
 msg_cpu:  .asciz "bench: cpu "
+msg_flags: .asciz "bench: flags "
+msg_sys:  .asciz "bench: sys "
 msg_bad:  .asciz "bench: bad command line\n"
     .bss
     .align 16

@@ -28,7 +28,8 @@ start:
     sti
 1:  inc rcx                        /* no call-out here: only chained translations */
     imul rax, rcx, 3
-    cmp qword ptr [rip + ticks], 5
+    call 3f                        /* and a RET: the inline lookup, where a kick often */
+    cmp qword ptr [rip + ticks], 5 /* lands inside a rewritten sequence (deferred) */
     jb 1b
     cli
     mov al, 0xff
@@ -43,6 +44,7 @@ start:
     jz 2f
     DEBUG_EXIT_WITH(0x28)
 2:  DEBUG_EXIT_WITH(0x29)
+3:  ret
 
 #include "serial64.inc"
 #include "kernel64.inc"

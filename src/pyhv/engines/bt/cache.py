@@ -32,10 +32,9 @@ is marked invalid, so no stale continuation address can be used.
 
 from __future__ import annotations
 
-import struct
 from collections import Counter
 
-import iced_x86 as ix  # noqa: I001 (kept after the local imports: one block of code)
+import iced_x86 as ix
 
 from pyhv.engines.bt import area as A
 from pyhv.engines.bt.asm import GPR64, R10, R11, RCX, Emitter, rel32_patch
@@ -221,7 +220,3 @@ class TranslationCache:
         for k, n in sorted(self.inline.items()):
             out[f"bt translated {k}"] = n
         return out
-
-
-def pack_u64(value: int) -> bytes:
-    return struct.pack("<Q", value & 0xFFFF_FFFF_FFFF_FFFF)

@@ -43,6 +43,7 @@ block runs as translated (counted as `bt smc: rest of block stale`).
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from collections import Counter
 from typing import TextIO
@@ -71,6 +72,7 @@ from pyhv.kvm.vcpu import Vcpu
 from pyhv.memory import GuestMemory
 
 SEL_UCODE, SEL_UDATA = MON.SEL_UCODE, MON.SEL_UDATA
+REKICK_S = 0.0005          # how soon a deferred interrupt is retried
 ARITH_FLAGS = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x400 | 0x800 | 0x40000   # CF PF AF ZF SF DF OF AC
 
 
@@ -86,6 +88,7 @@ class BtVcpu(TrapVcpu):
         self.guest_held = False
         self.bt_count: Counter[str] = Counter()
         self.trace = trace
+        self.rekick: threading.Timer | None = None
         super().__init__(kv, index, mem, area, umip=False)
 
     # ------------------------------------------------------------------ virtual CPU <-> S
@@ -358,7 +361,7 @@ class BtVcpu(TrapVcpu):
         if not self.guest_held:
             loc = self.tc.loc(h.rip)
             if loc is None or not loc.boundary or loc.fixups:
-                self.bt_count["interrupts deferred"] += 1
+                self._defer()
                 return None                       # not at a guest instruction: later
             h.rip = loc.guest
             self.guest_held = True
@@ -367,6 +370,18 @@ class BtVcpu(TrapVcpu):
             return None
         self.trap_stats.interrupts += 1
         return self._deliver(h, Event(vector, Kind.EXTERNAL))
+
+    def _defer(self) -> None:
+        """The vCPU stopped inside a rewritten sequence with an interrupt due: kick it
+        again shortly, so the interrupt is taken at the next boundary even if no
+        call-out or timer comes (one timer thread at a time, cancelled at close)."""
+        self.bt_count["interrupts deferred"] += 1
+        t = self.rekick
+        if t is None or not t.is_alive():
+            t = threading.Timer(REKICK_S, self.kv.kick)
+            t.daemon = True
+            t.start()
+            self.rekick = t
 
     # ------------------------------------------------------------------ holding
 
@@ -537,6 +552,13 @@ class BtVcpu(TrapVcpu):
         if self.guest_held:
             st.rip = h.rip
         return st
+
+    def close(self) -> None:
+        t = self.rekick
+        if t is not None:
+            t.cancel()
+            t.join(timeout=1.0)
+        super().close()
 
     def stats(self) -> dict[str, int | float]:
         out = super().stats()
