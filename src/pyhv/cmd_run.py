@@ -89,8 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mem", default="128M", metavar="SIZE",
                    help="guest RAM, e.g. 64M, 1G (a plain number is MiB; default 128M)")
     p.add_argument("--cpus", type=int, default=1, metavar="N",
-                   help="vCPUs, 1 to 16 (default 1); several need the emu engine; the APs "
-                        "wait for the guest's INIT/SIPI, as on a PC")
+                   help="vCPUs, 1 to 16 (default 1); several on emu (round robin on one "
+                        "thread) or kvm (a thread each); the APs wait for the guest's "
+                        "INIT/SIPI, as on a PC")
     p.add_argument("--engine", default="auto", metavar="{auto,kvm,emu,trap,bt,pv}",
                    help="how guest code runs (default auto: kvm with VT-x/AMD-V, else emu; "
                         "trap: trap-and-emulate of a 64-bit kernel at CPL 3 on /dev/kvm; "

@@ -79,7 +79,7 @@ if TYPE_CHECKING:
 
 MAX_MEM = 1 << 40   # 1 TiB: beyond any host pyhv targets; the host check comes first
 MAX_CPUS = 16
-SMP_ENGINES = ("emu",)   # engines whose vCPUs the run loop can schedule (docs/apic.md)
+SMP_ENGINES = ("emu", "kvm")   # engines whose vCPUs the run loop can run (docs/apic.md)
 
 
 @dataclass
@@ -176,7 +176,7 @@ class Devices:
 
 
 class Machine:
-    """One guest: memory, devices on buses, an engine with one vCPU, a loaded kernel
+    """One guest: memory, devices on buses, an engine with its vCPUs, a loaded kernel
     (or, with `setup` and `devices=False`, whatever guest and devices the caller adds)."""
 
     def __init__(self, config: MachineConfig, console: Callable[[bytes], None]) -> None:
@@ -193,6 +193,8 @@ class Machine:
         self.wait_sipi: list[bool] = []
         self.restarted: list[bool] = []   # INIT or SIPI changed the vCPU's state
         self.sipi_count = 0
+        # several vCPUs on threads (kvm): devices, timers and APICs under this lock
+        self.lock = threading.RLock()
         self._devices: Devices | None = None
         self.deferred = DeferredCalls()
         self._pci_functions: list[PciFunction] = []
@@ -259,7 +261,9 @@ class Machine:
             self.wait_sipi.append(i > 0)
             self.restarted.append(False)
             if self._devices is not None:
-                v.set_interrupt_source(self.lapics[i])
+                v.set_interrupt_source(self.lapics[i] if config.n_cpus == 1 or
+                                       cls.virtual_time else
+                                       _Locked(self.lapics[i], self.lock))
                 v.set_apic_present(True)
             else:
                 v.set_interrupt_source(None)
@@ -422,6 +426,23 @@ class Machine:
             self.memory = None
         if errors:
             raise errors[0]
+
+
+class _Locked:
+    """A local APIC as the interrupt source of a vCPU on its own thread: INTR and INTA
+    under the machine lock, as every other device access."""
+
+    def __init__(self, lapic: LocalApic, lock: threading.RLock) -> None:
+        self._lapic = lapic
+        self._lock = lock
+
+    def pending(self) -> bool:
+        with self._lock:
+            return self._lapic.pending()
+
+    def acknowledge(self) -> int | None:
+        with self._lock:
+            return self._lapic.acknowledge()
 
 
 def pci_routes() -> dict[tuple[int, int], int]:

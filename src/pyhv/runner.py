@@ -42,9 +42,14 @@ exits routed in one run, `last_exit` keeps the exit that ended it (a Shutdown's 
 InternalError's own fields), and devices a caller registers on the machine's buses take
 part like any other (a device that calls `request_stop` ends the run with its reason).
 
+Several vCPUs (`--cpus N`): on a software engine they take turns on this thread
+(`_smp_loop`, round robin in guest-time slices); on a hardware engine each runs on its own
+thread and everything but KVM_RUN happens under the machine's lock (`_threaded_loop`).
+
 Invariants: only the thread that calls `run()` touches the vCPU, devices and timers
 (other threads only kick the vCPU, feed the UART, post to `machine.deferred` and set
-events); every exit path stops
+events), except that with several vCPUs on threads each vCPU's thread runs its vCPU and,
+holding the machine lock, touches the devices and timers; every exit path stops
 the ticker thread; a run always ends with a `RunResult`, never an exception (a hostile
 guest gets status 4 with the reason, a pyhv bug status 70).
 """
@@ -259,7 +264,7 @@ class Runner:
     def _loop(self) -> RunResult:
         m = self.m
         if len(self.vcpus) > 1:
-            return self._smp_loop()
+            return self._smp_loop() if self.virtual else self._threaded_loop()
         vcpu = self.vcpu
         st = self.stats
         timers = m.timers
@@ -388,6 +393,108 @@ class Runner:
             timers.fire_due()
             m.poll_devices()
             self.on_turn()
+
+    def _threaded_loop(self) -> RunResult:
+        """Several vCPUs of a hardware engine (kvm): one host thread per vCPU around
+        `run()` (KVM_RUN releases the GIL, so guest code runs in parallel), everything
+        else under one machine lock: exits are routed to the devices, timers fired and
+        interrupts acknowledged by one thread at a time (the devices' one-thread rule
+        holds because the lock serialises them). A vCPU thread waits on the lock's
+        condition while its vCPU is halted without an interrupt it can take or waits for
+        a SIPI; an IPI or an I/O APIC message wakes it (the local APIC's `on_wake` kicks
+        the vCPU out of KVM_RUN and notifies the condition). This thread fires timers
+        at their deadlines (the ticker kicks the vCPUs) and watches stops and --timeout.
+        """
+        m = self.m
+        n = len(self.vcpus)
+        lock = m.lock
+        cond = threading.Condition(lock)
+        halted = [False] * n
+        if_on = [True] * n
+        results: list[RunResult] = []
+        errors: list[BaseException] = []
+        done = threading.Event()
+
+        def finish(r: RunResult) -> None:
+            if not results:
+                results.append(r)
+            done.set()
+            self._kick_vcpus()
+            cond.notify_all()
+
+        def wake(i: int) -> None:
+            self.vcpus[i].kick()
+            cond.notify_all()
+
+        for i, lapic in enumerate(m.lapics):
+            lapic.on_wake = lambda i=i: wake(i)             # type: ignore[misc]
+
+        def worker(i: int) -> None:
+            v = self.vcpus[i]
+            try:
+                while not done.is_set():
+                    with lock:
+                        while not done.is_set() and not m.runnable(i, halted[i], if_on[i]):
+                            cond.wait(IDLE_SLICE_S)
+                        if done.is_set():
+                            return
+                        if m.restarted[i]:
+                            m.restarted[i] = False
+                            halted[i], if_on[i] = False, True
+                    ex = v.run()
+                    with lock:
+                        m.current_cpu = i
+                        self.stats.exits[type(ex).__name__] += 1
+                        self.slices[i] += 1
+                        if isinstance(ex, Halt):
+                            halted[i], if_on[i] = True, ex.interrupts_enabled
+                            if all(m.wait_sipi[j] or (halted[j] and not if_on[j])
+                                   for j in range(n)):
+                                finish(RunResult(STATUS_OK, "halt", "every vCPU halted "
+                                                 "with interrupts off"))
+                        else:
+                            halted[i] = False
+                            self.vcpu = v
+                            r = self._handle(ex)
+                            if r is not None:
+                                finish(r)
+                        m.timers.fire_due()
+                        m.poll_devices()
+                        cond.notify_all()
+            except BaseException as e:  # noqa: BLE001 - reported by the main thread
+                with lock:
+                    errors.append(e)
+                    finish(RunResult(STATUS_INTERNAL, "internal", str(e)))
+
+        threads = [threading.Thread(target=worker, args=(i,), name=f"pyhv-vcpu{i}",
+                                    daemon=True) for i in range(n)]
+        for t in threads:
+            t.start()
+        try:
+            while not done.is_set():
+                with lock:
+                    m.timers.fire_due()
+                    m.poll_devices()
+                    if m.stop_request is not None:
+                        finish(self._stopped(m.stop_request))
+                    elif self._expired():
+                        finish(self._timeout())
+                    else:
+                        cond.notify_all()
+                nxt = m.timers.next_deadline()
+                wait = IDLE_SLICE_S if nxt is None else \
+                    max(0.0, min(IDLE_SLICE_S, (nxt - m.clock.now_ns()) / 1e9))
+                done.wait(max(wait, TICK_MIN_S))
+        finally:
+            done.set()
+            self._kick_vcpus()
+            with lock:
+                cond.notify_all()
+            for t in threads:
+                t.join(timeout=5.0)
+        if errors:
+            raise errors[0]
+        return results[0]
 
     def _handle(self, ex: Exit) -> RunResult | None:
         m = self.m

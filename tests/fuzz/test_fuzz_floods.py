@@ -4,7 +4,8 @@ Each guest is a real-mode loop of port accesses that runs until the timeout: ser
 output (the console sink only counts), i8042 commands whose replies are never read,
 fw_cfg selector writes and data reads (including rep insb), RTC register writes that
 re-arm its timers, PIT reprogramming, UART loopback bytes never read, accesses to
-unclaimed ports, and (in 32-bit mode) rep stos/lods sweeps over the MMIO hole. After the run the
+unclaimed ports, (in 32-bit mode) rep stos/lods sweeps over the MMIO hole, and APIC
+storms (self-IPIs, SIPIs, a timer re-armed at count 1, I/O APIC EOIs). After the run the
 devices' queues (UART FIFO, i8042 buffer, timer heap, bus miss counters) must be within
 their bounds, and the Python heap may not have grown by more than FLOOD_HEAP_MAX while
 the guest ran (tracemalloc, so only pyhv's own allocations count).
@@ -12,6 +13,7 @@ the guest ran (tracemalloc, so only pyhv's own allocations count).
 
 from __future__ import annotations
 
+import struct
 import tracemalloc
 from pathlib import Path
 
@@ -20,7 +22,8 @@ from fuzzkit import Asm, engines, image, run_guest
 
 TIMEOUT = 1.0
 # the default run floods these; the `slow` variant floods every entry of FLOODS
-QUICK = ["serial-out", "i8042-cmd", "fwcfg-rep-insb", "rtc-rearm", "mmio-sweep"]
+QUICK = ["serial-out", "i8042-cmd", "fwcfg-rep-insb", "rtc-rearm", "mmio-sweep",
+         "apic-storm"]
 FLOOD_HEAP_MAX = 8 << 20
 
 
@@ -83,6 +86,28 @@ def _mmio_sweep() -> bytes:
 
 
 FLOODS["mmio-sweep"] = _mmio_sweep()
+
+
+def _apic_storm() -> bytes:
+    """32-bit, IF=0: self-IPIs (and illegal vector 5), SIPI/INIT to every other CPU (there
+    are none), the local APIC timer re-armed with count 1 in periodic mode, the error
+    LVT, and an I/O APIC entry rewritten to level + EOI'd through its EOI register,
+    forever (issue 11: IPI storms, bad vectors, entries pointing nowhere stay bounded)."""
+    def mov(addr: int, value: int) -> bytes:          # mov dword [addr], imm32
+        return b"\xc7\x05" + struct.pack("<II", addr, value)
+    lapic, ioapic = 0xFEE00000, 0xFEC00000
+    body = b"".join([
+        mov(lapic + 0xF0, 0x1FF), mov(lapic + 0x370, 0xFE),
+        mov(lapic + 0x300, 0x00040040), mov(lapic + 0x300, 0x00040005),
+        mov(lapic + 0x300, 0x000C4608), mov(lapic + 0x300, 0x000C4500),
+        mov(lapic + 0x320, 0x20041), mov(lapic + 0x380, 1), mov(lapic + 0x280, 0),
+        mov(ioapic, 0x14), mov(ioapic + 0x10, 0x0000A042), mov(ioapic + 0x40, 0x42),
+        mov(ioapic, 0x15), mov(ioapic + 0x10, 0xFF000000),
+    ])
+    return image("pm32", body + b"\xe9" + struct.pack("<i", -(len(body) + 5)))  # jmp back
+
+
+FLOODS["apic-storm"] = _apic_storm()
 
 
 @pytest.mark.parametrize("name", QUICK)

@@ -21,6 +21,11 @@
  *       SLP_TYP; writes SLP_TYP | SLP_EN to PM1a_CNT, which powers the machine off:
  *   acpi: S5 SLP_TYP=5 PM1a_CNT=0x604
  *
+ * With `bench=N ticks=M` on the multiboot command line (bench/smp_bench.py) it starts
+ * the APs, then runs N IPI round trips with AP 1 and M periodic APIC timer interrupts
+ * (every 20 us), prints "bench: N round trips, M timer interrupts" and powers off; the
+ * host CPU time of two sizes gives the cost of one of each.
+ *
  * Any failure prints "FAIL: ..." and exits through debug-exit with 0x33 (status 103);
  * an exception exits with 0x7d (status 251). Success never returns from (d): pyhv ends
  * the run with status 0 ("poweroff").
@@ -237,13 +242,57 @@ static u32 acpi_poweroff(void)
     return fail("still running after S5");
 }
 
-u32 smp_main(void)
+static u32 cmdline_value(u32 mbi, const char *key, int len)
 {
+    if (!(rd(mbi) & (1 << 2)))
+        return 0;
+    const char *s = (const char *)rd(mbi + 16);
+    for (; *s; s++)
+        if (memeq(s, key, len)) {
+            u32 v = 0;
+            for (s += len; *s >= '0' && *s <= '9'; s++)
+                v = v * 10 + (u32)(*s - '0');
+            return v;
+        }
+    return 0;
+}
+
+static u32 bench(u32 n, u32 ticks)
+{
+    if (ncpus < 2) return fail("bench needs 2 CPUs");
+    __asm__ volatile("sti");
+    for (u32 k = 1; k <= n; k++) {
+        send_ipi(1, 0x40);
+        while (pongs < k)
+            pause();
+    }
+    __asm__ volatile("cli");
+    timer_ticks = 0;
+    wr(LAPIC + 0x3e0, 0xb);
+    wr(LAPIC + 0x320, 0x20050);      /* periodic, 20 us */
+    wr(LAPIC + 0x380, 20000);
+    while (timer_ticks < ticks)
+        __asm__ volatile("sti; hlt; cli");
+    wr(LAPIC + 0x320, 0x10050);
+    puts("bench: ");
+    putdec(pongs);
+    puts(" round trips, ");
+    putdec(timer_ticks >= ticks ? ticks : timer_ticks);
+    puts(" timer interrupts\n");
+    return acpi_poweroff();
+}
+
+u32 smp_main(u32 mbi)
+{
+    u32 bench_n = cmdline_value(mbi, "bench=", 6);
+    u32 bench_ticks = cmdline_value(mbi, "ticks=", 6);
     ncpus = fw_cfg_cpus();
     puts("cpus: ");
     putdec(ncpus);
     putc('\n');
     if (ncpus < 1 || ncpus > 16) return fail("cpu count");
+    outb(0x21, 0xff);                /* mask the 8259s (a BIOS may have left the PIT on) */
+    outb(0xa1, 0xff);
     setup_idt();
     load_idt_and_enable_apic();
     if (apic_id() != 0) return fail("BSP APIC ID");
@@ -266,6 +315,8 @@ u32 smp_main(void)
     putdec(counter);
     puts(counter == ncpus * COUNT ? " (exact)\n" : " (WRONG)\n");
     if (counter != ncpus * COUNT || aps_started != ncpus - 1) return fail("counter");
+    if (bench_n)
+        return bench(bench_n, bench_ticks);
 
     /* (b) IPIs both ways, then a broadcast */
     __asm__ volatile("sti");

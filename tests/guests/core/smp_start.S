@@ -35,6 +35,7 @@ start:
     mov gs, ax
     mov ss, ax
     cld
+    push ebx                         /* the multiboot info: smp_main(info) */
     call smp_main
     out DEBUG_EXIT, al
     cli
