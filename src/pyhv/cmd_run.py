@@ -221,12 +221,6 @@ def _main(args: argparse.Namespace, overlays: list[Overlay]) -> int:
         from pyhv import images
         marker = ExitMarker.fresh()
         cmdline = f"{cmdline or ''} {images.command_param(args.command, marker)}".strip()
-    # after --image debian put its root disk first (/dev/vda)
-    pci_devices = [make_function(d, i) for i, d in enumerate(disks)]
-    if args.rng:
-        pci_devices.append(_rng_function)
-    if net.kind != "none":
-        pci_devices.append(make_nic(net, mac))
     config = MachineConfig(kernel=kernel, cmdline=cmdline or "", initrd=initrd,
                            format=args.format, load_addr=args.load_addr, mem_size=mem,
                            engine=engine, strict_io=args.strict_io,
