@@ -20,6 +20,11 @@ slow or absent reader never blocks the run loop; output that cannot be buffered 
 dropped, with one warning and a count at the end. A closed stdout (`| head -c 10`) ends
 the run quietly with status 141, as a tool killed by SIGPIPE.
 
+Control: `--name NAME` claims NAME in the run directory (pyhv.rundir) and `--api-sock`
+(or the name's socket) serves the control API (pyhv.vmapi) from a thread until the run
+ends; each machine of the run (a reset builds a new one) is attached to the VmControl
+while it runs. A hard stop from the API ends the run with status 0 ("destroy").
+
 Statuses: see pyhv.runner; bad options and images give 2 with one `pyhv:` line; an
 internal error (a pyhv bug) 70, with one line and the traceback in a log file (or on
 stderr with --debug).
