@@ -1,4 +1,5 @@
-"""`pyhv info`: what this host offers for virtualization (the seed's exercise 1)."""
+"""`pyhv info`: what this host offers for virtualization (the seed's exercise 1); with a
+VM (a name or a control socket), that running VM instead (pyhv.cmd_vm)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,16 @@ KEY_CAPS = ("KVM_CAP_IRQCHIP", "KVM_CAP_USER_MEMORY", "KVM_CAP_SET_TSS_ADDR", "K
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("vm", nargs="?", metavar="VM", default=None,
+                   help="a running VM (its --name or control socket): show it instead")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--kvm-device", default="/dev/kvm", help="path of the KVM device node")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.vm is not None:
+        from pyhv.cmd_vm import info
+        return info(args.vm, args.json)
     r = probe_host(args.kvm_device)
     if args.json:
         print(json.dumps(r.to_dict(), indent=2))

@@ -20,6 +20,11 @@ slow or absent reader never blocks the run loop; output that cannot be buffered 
 dropped, with one warning and a count at the end. A closed stdout (`| head -c 10`) ends
 the run quietly with status 141, as a tool killed by SIGPIPE.
 
+Control: `--name NAME` claims NAME in the run directory (pyhv.rundir) and `--api-sock`
+(or the name's socket) serves the control API (pyhv.vmapi) from a thread until the run
+ends; each machine of the run (a reset builds a new one) is attached to the VmControl
+while it runs. A hard stop from the API ends the run with status 0 ("destroy").
+
 Statuses: see pyhv.runner; bad options and images give 2 with one `pyhv:` line; an
 internal error (a pyhv bug) 70, with one line and the traceback in a log file (or on
 stderr with --debug).
@@ -28,6 +33,7 @@ stderr with --debug).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import tempfile
@@ -50,6 +56,7 @@ from pyhv.outflow import OutputPump
 from pyhv.overlay import Overlay, disk_option
 from pyhv.terminal import ESCAPE_NAME, InputGate, Terminal
 from pyhv.units import parse_size
+from pyhv.vmcontrol import VmControl
 
 if TYPE_CHECKING:
     from pyhv import images
@@ -133,6 +140,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "with its status")
     p.add_argument("--on-reboot", choices=("restart", "exit"), default="restart",
                    help="what a guest reboot does (default restart)")
+    p.add_argument("--name", default=None, metavar="NAME",
+                   help="name the VM: its control API socket is NAME.sock in the per-user "
+                        "run directory ($XDG_RUNTIME_DIR/pyhv, ...; docs/api.md), so "
+                        "`pyhv list/info/suspend/resume/shutdown/destroy NAME` reach it; "
+                        "a name a live VM holds is refused")
+    p.add_argument("--api-sock", type=Path, default=None, metavar="PATH",
+                   help="serve the VM's control API (HTTP/JSON, docs/api.md) on this UNIX "
+                        "socket (mode 0600; with --name, instead of the run directory's)")
     p.add_argument("--debug", action="store_true",
                    help="on an internal error (a pyhv bug), print the traceback instead "
                         "of writing it to a log file")
@@ -156,14 +171,36 @@ def _output_pump() -> OutputPump:
 
 def main(args: argparse.Namespace) -> int:
     overlays: list[Overlay] = []      # --image debian's throwaway disk, removed at the end
-    try:
-        return _main(args, overlays)
-    finally:
-        for overlay in overlays:
-            overlay.close()
+    with contextlib.ExitStack() as stack:   # the control API, closed when the run ends
+        try:
+            return _main(args, overlays, stack)
+        finally:
+            for overlay in overlays:
+                overlay.close()
 
 
-def _main(args: argparse.Namespace, overlays: list[Overlay]) -> int:
+def _start_control(args: argparse.Namespace, stack: contextlib.ExitStack
+                   ) -> VmControl | None:
+    """--name / --api-sock: claim the name, serve the control API until the run ends."""
+    if args.name is None and args.api_sock is None:
+        return None
+    from pyhv import rundir
+    from pyhv.vmapi import ApiServer
+    sock = args.api_sock
+    if args.name is not None:
+        claim = rundir.claim(args.name)
+        stack.callback(claim.release)
+        sock = sock or claim.sock
+    assert sock is not None
+    control = VmControl(args.name, str(sock))
+    stack.callback(control.end)
+    server = ApiServer(sock, control)
+    stack.callback(server.close)
+    return control
+
+
+def _main(args: argparse.Namespace, overlays: list[Overlay],
+          stack: contextlib.ExitStack) -> int:
     mem = parse_size(args.mem, default_unit="M")
     check_memory(mem)
     if args.timeout is not None and not args.timeout > 0:
@@ -226,6 +263,7 @@ def _main(args: argparse.Namespace, overlays: list[Overlay]) -> int:
                            engine=engine, strict_io=args.strict_io,
                            engine_options=engine_options, n_cpus=args.cpus,
                            pci_devices=pci_devices)
+    control = _start_control(args, stack)
     pump = _output_pump()
     try:
         console = Console(pump.write, exit_marker=marker)
@@ -234,7 +272,8 @@ def _main(args: argparse.Namespace, overlays: list[Overlay]) -> int:
         while True:
             timeout = None if t_end is None else max(0.001, t_end - time.monotonic())
             t_run = time.monotonic()
-            result, runner, machine = _run_once(config, console, pump, args, timeout)
+            result, runner, machine = _run_once(config, console, pump, args, timeout,
+                                                control)
             if result.reason != "reset" or args.on_reboot != "restart" or console.panic:
                 break
             quick = time.monotonic() - t_run < RESET_LOOP_WINDOW_S
@@ -282,13 +321,15 @@ def _engine_options(pairs: list[str]) -> dict[str, str]:
 
 
 def _run_once(config: MachineConfig, console: Console, pump: OutputPump,
-              args: argparse.Namespace, timeout: float | None
+              args: argparse.Namespace, timeout: float | None, control: VmControl | None
               ) -> tuple[R.RunResult, R.Runner, Machine]:
     machine = Machine(config, console.write)
     terminal: Terminal | None = None
     gate: InputGate | None = None
     try:
         runner = R.Runner(machine, timeout=timeout)
+        if control is not None:
+            control.attach(runner, machine)
         console.on_panic = lambda line: runner.stop(StopRequest("panic", R.STATUS_CRASH, line))
         _stop_on_signals(runner)
 
@@ -320,6 +361,8 @@ def _run_once(config: MachineConfig, console: Console, pump: OutputPump,
             terminal.open()
         result = runner.run()
     finally:
+        if control is not None:
+            control.detach()
         if terminal is not None:
             terminal.close()
         if gate is not None:
@@ -365,6 +408,8 @@ def _report(result: R.RunResult, runner: R.Runner, machine: Machine, console: Co
     elif result.reason == "reset-loop":
         _stderr(f"pyhv: {result.detail}")
         _tail(console)
+    elif result.reason == "destroy":
+        _stderr(f"pyhv: {result.detail}")
     elif result.reason in ("interrupted", "signal"):
         _stderr(f"pyhv: {result.detail or 'interrupted'}")
     if pump.dropped and not pump.closed_by_reader:

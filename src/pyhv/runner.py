@@ -42,6 +42,12 @@ exits routed in one run, `last_exit` keeps the exit that ended it (a Shutdown's 
 InternalError's own fields), and devices a caller registers on the machine's buses take
 part like any other (a device that calls `request_stop` ends the run with its reason).
 
+Pause (the control API, pyhv.vmcontrol): `pause()` from any thread kicks the vCPUs;
+each loop stops them at its next safe point (between two exits, never inside a device
+access), sets `_parked` and waits for `resume()`; stop requests and --timeout are still
+honoured while paused. Guest state, counters and the virtual clock do not move while
+parked.
+
 Several vCPUs (`--cpus N`): on a software engine they take turns on this thread
 (`_smp_loop`, round robin in guest-time slices); on a hardware engine each runs on its own
 thread and everything but KVM_RUN happens under the machine's lock (`_threaded_loop`).
@@ -145,6 +151,7 @@ class Runner:
         self.wake = threading.Event()         # input arrived / stop requested
         self._resume = threading.Event()
         self._resume.set()
+        self._parked = threading.Event()      # paused, and no vCPU is in guest code
         self._done = threading.Event()
         self._deadline: float | None = None
         self._timed_out = False
@@ -161,15 +168,34 @@ class Runner:
     # ------------------------------------------------------------------ control (any thread)
 
     def pause(self) -> None:
+        """Ask the vCPUs to stop at their next safe point (between exits); the run loop
+        then waits. `wait_parked` tells when they have stopped."""
         if self.state is VmState.RUNNING:
             self._resume.clear()
+            self._parked.clear()
             self.state = VmState.PAUSED
+            self.wake.set()
             self._kick_vcpus()
+
+    def wait_parked(self, timeout: float) -> bool:
+        """After `pause()`: True once no vCPU runs guest code (until `resume()`); also
+        True when the run has ended."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._done.is_set() or self._parked.wait(IDLE_SLICE_S):
+                return True
+        return False
 
     def resume(self) -> None:
         if self.state is VmState.PAUSED:
+            self._parked.clear()
             self.state = VmState.RUNNING
             self._resume.set()
+
+    @property
+    def t_start(self) -> float:
+        """time.monotonic() when `run()` began (0 before)."""
+        return self._t0
 
     def stop(self, req: StopRequest) -> None:
         self.m.request_stop(req)
@@ -274,6 +300,7 @@ class Runner:
             if self._expired():
                 return self._timeout()
             if self.state is VmState.PAUSED:
+                self._parked.set()
                 self._resume.wait(IDLE_SLICE_S)
                 continue
             t = time.perf_counter()
@@ -338,6 +365,7 @@ class Runner:
             if self._expired():
                 return self._timeout()
             if self.state is VmState.PAUSED:
+                self._parked.set()
                 self._resume.wait(IDLE_SLICE_S)
                 continue
             for i in range(n):
@@ -411,6 +439,7 @@ class Runner:
         cond = threading.Condition(lock)
         halted = [False] * n
         if_on = [True] * n
+        in_guest = [False] * n          # inside v.run() (set and cleared under the lock)
         results: list[RunResult] = []
         errors: list[BaseException] = []
         done = threading.Event()
@@ -434,14 +463,20 @@ class Runner:
             try:
                 while not done.is_set():
                     with lock:
-                        while not done.is_set() and not m.runnable(i, halted[i], if_on[i]):
+                        while not done.is_set() and (self.state is VmState.PAUSED or
+                                                     not m.runnable(i, halted[i], if_on[i])):
                             cond.wait(IDLE_SLICE_S)
                         if done.is_set():
                             return
                         if m.restarted[i]:
                             m.restarted[i] = False
                             halted[i], if_on[i] = False, True
-                    ex = v.run()
+                        in_guest[i] = True
+                    try:
+                        ex = v.run()
+                    finally:
+                        with lock:
+                            in_guest[i] = False
                     with lock:
                         m.current_cpu = i
                         self.stats.exits[type(ex).__name__] += 1
@@ -480,6 +515,8 @@ class Runner:
                     elif self._expired():
                         finish(self._timeout())
                     else:
+                        if self.state is VmState.PAUSED and not any(in_guest):
+                            self._parked.set()
                         cond.notify_all()
                 nxt = m.timers.next_deadline()
                 wait = IDLE_SLICE_S if nxt is None else \

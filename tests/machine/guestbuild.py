@@ -52,6 +52,7 @@ KINDS: dict[str, str] = {
     "ioprobe": "multiboot",
     "bigbss": "multiboot",
     "smp": "c32",
+    "counter": "multiboot",
 }
 
 C_FLAGS = ["-m32", "-ffreestanding", "-fno-pic", "-mgeneral-regs-only", "-nostdlib", "-O2",

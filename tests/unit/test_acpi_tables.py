@@ -140,6 +140,7 @@ def test_acpi_tables(mem: GuestMemory, n_cpus: int) -> None:
     assert tuple(fadt[88:92]) == (4, 2, 0, 4)
     flags = struct.unpack_from("<I", fadt, 112)[0]
     assert flags & (1 << 10) and flags & (1 << 8)                # RESET_REG_SUP, TMR_VAL_EXT
+    assert not flags & (1 << 4)        # PWR_BUTTON clear: the fixed-feature power button
     space, width, _off, _acc, addr = struct.unpack_from("<BBBBQ", fadt, 116)
     assert (space, width, addr, fadt[128]) == (1, 8, pm.reset, pm.reset_value)
     assert struct.unpack_from("<H", fadt, 109)[0] & 2            # 8042 present

@@ -17,7 +17,10 @@ Design: writing SLP_EN with SLP_TYP = 5 (the DSDT's \\_S5) powers the machine of
 timer is computed from the machine's clock when read; TMR_STS is set when bit 31 of the
 timer has changed since the last clear, and the SCI (level, ISA IRQ 9) follows
 PM1_STS & PM1_EN, evaluated on every access (the overflow happens every ~20 minutes of
-guest time, so no timer is armed for it). No power button exists, so PWRBTN_STS stays 0.
+guest time, so no timer is armed for it). The power button is the fixed-feature one
+(the FADT's PWR_BUTTON flag is clear): `press_power_button()` sets PWRBTN_STS, which
+raises the SCI when the guest's OSPM enabled PWRBTN_EN (Linux's button driver does; it
+then tells user space, whose handler powers off through S5).
 
 Invariants: a handful of integers; no write raises; a wrong reset value is ignored.
 """
@@ -32,6 +35,7 @@ from pyhv.devices.irq import IrqLine
 
 PM_TIMER_HZ = 3_579_545
 STS_TMR = 1 << 0
+STS_PWRBTN = 1 << 8
 STS_WAK = 1 << 15
 STS_WRITABLE = STS_TMR | (1 << 5) | (1 << 8) | (1 << 9) | (1 << 10) | (1 << 11) | STS_WAK
 EN_WRITABLE = STS_TMR | (1 << 5) | (1 << 8) | (1 << 9) | (1 << 10)
@@ -66,6 +70,17 @@ class AcpiPm:
                 (cnt, 2, _Block(self, 1), "acpi-pm1-cnt"),
                 (tmr, 4, _Block(self, 2), "acpi-pm-timer"),
                 (reset, 1, _Block(self, 3), "acpi-reset")]
+
+    def press_power_button(self) -> None:
+        """Run-loop thread: the user pressed the power button (PWRBTN_STS; the SCI
+        follows if the guest enabled PWRBTN_EN)."""
+        self.sts |= STS_PWRBTN
+        self._update()
+
+    @property
+    def power_button_enabled(self) -> bool:
+        """Whether the guest's OSPM listens to the power button (PWRBTN_EN)."""
+        return bool(self.en & STS_PWRBTN)
 
     def timer(self) -> int:
         return (self.clock.now_ns() * PM_TIMER_HZ // 1_000_000_000) & 0xFFFFFFFF

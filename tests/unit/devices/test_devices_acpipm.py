@@ -32,6 +32,21 @@ def test_pm_timer_runs_at_3_579545_mhz() -> None:
     assert r.bus.read(0x608, 4) == 3_579_545
 
 
+def test_power_button_sets_pwrbtn_sts_and_raises_the_sci_only_when_enabled() -> None:
+    r = Rig()
+    r.pm.press_power_button()                    # the guest does not listen yet
+    assert r.bus.read(0x600, 2) & 0x100 and not r.sci.level
+    assert not r.pm.power_button_enabled
+    r.bus.write(0x600, 2, 0x100)                 # write 1 to clear
+    assert r.bus.read(0x600, 2) & 0x100 == 0
+    r.bus.write(0x602, 2, 0x100)                 # PWRBTN_EN (as Linux's button driver)
+    assert r.pm.power_button_enabled and not r.sci.level
+    r.pm.press_power_button()
+    assert r.bus.read(0x600, 2) & 0x100 and r.sci.level
+    r.bus.write(0x600, 2, 0x100)                 # the OSPM acknowledges: the SCI drops
+    assert not r.sci.level
+
+
 def test_s5_powers_off_other_sleep_types_do_nothing() -> None:
     r = Rig()
     assert r.bus.read(0x604, 2) & 1              # SCI_EN: always in ACPI mode

@@ -11,8 +11,10 @@ always in ACPI mode: PM1 control reads SCI_EN = 1); PM1a event block (4 bytes), 
 control block (2 bytes) and the 32-bit PM timer at the `PmPorts` given; no GPE blocks;
 C2/C3 latencies "not supported"; the reset register (flag RESET_REG_SUP) in I/O space;
 IAPC_BOOT_ARCH: legacy devices and an 8042 present (Linux then probes the i8042 without
-PNP); the century byte at CMOS 0x32; flags WBINVD, PROC_C1, PWR_BUTTON and SLP_BUTTON
-as control methods (no fixed buttons), TMR_VAL_EXT (32-bit timer), RESET_REG_SUP.
+PNP); the century byte at CMOS 0x32; flags WBINVD, PROC_C1, SLP_BUTTON (no sleep
+button), TMR_VAL_EXT (32-bit timer), RESET_REG_SUP; PWR_BUTTON clear: the power button
+is the fixed-feature one (PM1 PWRBTN_STS/EN, devices/acpipm.py), which the control API's
+shutdown presses (pyhv.vmcontrol).
 
 MADT: the local APIC address, PCAT_COMPAT (an 8259 pair is present), one processor
 local APIC entry per vCPU (UID = APIC ID = index, enabled), the I/O APIC (GSI base 0),
@@ -49,7 +51,7 @@ OEM_ID = b"PYHV  "
 OEM_TABLE_ID = b"PYHVMACH"
 CREATOR_ID = b"PYHV"
 
-FADT_FLAGS = (1 << 0) | (1 << 2) | (1 << 4) | (1 << 5) | (1 << 8) | (1 << 10)
+FADT_FLAGS = (1 << 0) | (1 << 2) | (1 << 5) | (1 << 8) | (1 << 10)
 S5_SLP_TYP = 5
 
 

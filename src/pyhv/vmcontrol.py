@@ -1,0 +1,182 @@
+"""The operations on a running VM that its control API offers, engine-neutral.
+
+`VmControl` is what the API server (pyhv.vmapi) calls, from its own threads; it speaks
+to the run loop (pyhv.runner) only through the runner's thread-safe controls: `pause()`
+and `wait_parked()`, `resume()`, `stop()`, and `machine.deferred` for work that must run
+on the run-loop thread (pressing the ACPI power button touches a device). A `pyhv run`
+may build several machines in a row (a guest reset restarts it): the run command
+`attach`es each runner and `detach`es it when it ends; between the two the VM answers
+"restarting" (ControlError 503).
+
+Operations:
+    info()                 name, engine, cpus, memory, state, uptime, devices, pid
+    set_state("paused")    the vCPUs stop at a safe point (between two exits, never inside
+                           a device access) and the run loop waits; returns only once every
+                           vCPU has stopped, so counters read afterwards cannot move until
+                           resume. The console's output and input buffering keep working.
+    set_state("running")   resume
+    action("shutdown")     press the ACPI power button (the guest's OSPM decides: Linux with
+                           a user-space handler powers off through S5); a machine without
+                           ACPI PM (a bare board) is stopped instead
+    action("stop")         hard stop: the run ends at once (status 0, reason "destroy")
+    stats()                exits by reason, busiest ports, guest/pyhv/idle time, guest
+                           clock, timers fired, the engine's own counters
+
+Errors are `ControlError(status, message)`: the API maps them to HTTP statuses (409 for
+an operation the VM's state does not allow). Snapshots and migration will be further
+operations here (they pause through the same `set_state` path).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from pyhv.machine import StopRequest
+
+if TYPE_CHECKING:
+    from pyhv.machine import Machine
+    from pyhv.runner import Runner
+
+PARK_TIMEOUT_S = 10.0       # longest wait for the vCPUs to reach a safe point
+STATES = ("paused", "running")
+ACTIONS = ("shutdown", "stop")
+
+
+class ControlError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class VmControl:
+    def __init__(self, name: str | None, socket_path: str) -> None:
+        self.name = name
+        self.socket_path = socket_path
+        self.started = time.monotonic()
+        self.pid = os.getpid()
+        self._lock = threading.Lock()      # one state change at a time
+        self._runner: Runner | None = None
+        self._machine: Machine | None = None
+        self._ended = False
+
+    # ------------------------------------------------------------------ the run command
+
+    def attach(self, runner: Runner, machine: Machine) -> None:
+        with self._lock:
+            self._runner, self._machine = runner, machine
+
+    def detach(self) -> None:
+        with self._lock:
+            self._runner = self._machine = None
+
+    def end(self) -> None:
+        with self._lock:
+            self._ended = True
+            self._runner = self._machine = None
+
+    # ------------------------------------------------------------------ operations
+
+    def _current(self) -> tuple[Runner, Machine]:
+        if self._runner is None or self._machine is None:
+            if self._ended:
+                raise ControlError(503, "the VM has stopped")
+            raise ControlError(503, "the VM is restarting (guest reset); try again")
+        return self._runner, self._machine
+
+    def state(self) -> str:
+        if self._ended:
+            return "stopped"
+        runner = self._runner
+        return "restarting" if runner is None else runner.state.value
+
+    def info(self) -> dict[str, Any]:
+        runner, m = self._current()
+        devices = sorted({name for _, _, name in m.pio.devices()}
+                         | {name for _, _, name in m.mmio.devices()})
+        return {
+            "name": self.name,
+            "pid": self.pid,
+            "socket": self.socket_path,
+            "engine": m.engine_name,
+            "cpus": len(runner.vcpus),
+            "memory_bytes": m.config.mem_size,
+            "memory_mib": m.config.mem_size >> 20,
+            "state": runner.state.value,
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "guest": m.guest.description if m.guest is not None else None,
+            "acpi_power_button": self._has_acpi(m),
+            "devices": devices,
+        }
+
+    def set_state(self, state: str) -> dict[str, Any]:
+        if state not in STATES:
+            raise ControlError(400, f"state must be one of {', '.join(STATES)} "
+                                    f"(got {state!r})")
+        with self._lock:
+            runner, _ = self._current()
+            if state == "paused":
+                if runner.state.value not in ("running", "paused"):
+                    raise ControlError(409, f"cannot pause a VM that is "
+                                            f"{runner.state.value}")
+                runner.pause()
+                if not runner.wait_parked(PARK_TIMEOUT_S):
+                    runner.resume()
+                    raise ControlError(504, "the vCPUs did not reach a safe point within "
+                                            f"{PARK_TIMEOUT_S:g} s; the VM keeps running")
+            else:
+                if runner.state.value not in ("running", "paused"):
+                    raise ControlError(409, f"cannot resume a VM that is "
+                                            f"{runner.state.value}")
+                runner.resume()
+            return {"state": runner.state.value}
+
+    def action(self, action: str) -> dict[str, Any]:
+        if action not in ACTIONS:
+            raise ControlError(400, f"action must be one of {', '.join(ACTIONS)} "
+                                    f"(got {action!r})")
+        with self._lock:
+            runner, m = self._current()
+            if action == "stop":
+                runner.stop(StopRequest("destroy", 0, "stopped through the control API"))
+                if runner.state.value == "paused":
+                    runner.resume()          # let the loop reach the stop request
+                return {"action": "stop", "result": "stopping"}
+            if not self._has_acpi(m):
+                runner.stop(StopRequest("destroy", 0, "shutdown through the control API "
+                                                      "(no ACPI PM: stopped)"))
+                return {"action": "shutdown", "result": "stopping (no ACPI power button)"}
+            if runner.state.value == "paused":
+                raise ControlError(409, "the VM is paused: resume it so that the guest "
+                                        "can act on the power button, or stop it")
+            pm = m.devices.acpi_pm
+            m.deferred.post(pm.press_power_button)
+            return {"action": "shutdown", "result": "ACPI power button pressed",
+                    "guest_listens": pm.power_button_enabled}
+
+    def stats(self) -> dict[str, Any]:
+        runner, m = self._current()
+        st = runner.stats
+        exits = dict(st.exits)             # a C-level copy: safe against the loop's updates
+        ports = dict(st.io_ports)
+        now = time.monotonic()
+        total = now - runner.t_start if runner.t_start else 0.0
+        return {
+            "state": runner.state.value,
+            "exits": exits,
+            "exits_total": sum(exits.values()),
+            "io_ports": {f"{p:#06x}": n for p, n in
+                         sorted(ports.items(), key=lambda kv: -kv[1])[:8]},
+            "guest_clock_ns": m.clock.now_ns(),
+            "time_s": {"wall": round(total, 6), "in_guest": round(st.t_guest, 6),
+                       "idle": round(st.t_idle, 6)},
+            "timers_fired": m.timers.fired,
+            "engine": {k: v for k, v in runner.vcpu.stats().items()},
+        }
+
+    @staticmethod
+    def _has_acpi(m: Machine) -> bool:
+        return bool(m.config.devices)
