@@ -88,7 +88,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "guest fetch debian`; the guest writes to a throwaway overlay)")
     p.add_argument("--initrd", type=Path, metavar="FILE",
                    help="initial ramdisk (Linux) or module 0 (multiboot)")
-    p.add_argument("--append", default=None, metavar="CMDLINE", help="kernel command line")
+    p.add_argument("--append", default=None, metavar="CMDLINE",
+                   help="kernel command line (with pyhv's Linux image it replaces pyhv's, "
+                        "but the engine's workarounds are kept: on emu tsc=unstable and "
+                        "no_timer_check, unless CMDLINE sets those keys itself)")
     p.add_argument("--format", choices=FORMATS, default="auto",
                    help="image format (default: detected from the content)")
     p.add_argument("--load-addr", type=lambda s: int(s, 0), default=None, metavar="ADDR",
@@ -246,6 +249,13 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
             if wants_dhcp(net):
                 words.append(DHCP_WORD)
             cmdline = " ".join(words)
+        else:
+            # --append replaces pyhv's command line but not the engine's workarounds: without
+            # them Linux misjudges emu's clocks (a panic, "IO-APIC + timer doesn't work!",
+            # when the host is loaded). A word whose key the user gave is left to the user.
+            keys = {w.split("=", 1)[0] for w in cmdline.split()}
+            cmdline = " ".join([cmdline, *(w for w, _ in LINUX_WORKAROUNDS.get(engine, [])
+                                           if w.split("=", 1)[0] not in keys)])
         cmdline = " ".join([cmdline, *(w for w in root_words if w not in cmdline.split())])
     # after the image: --image debian's root disk comes first (vda)
     pci_devices = [make_function(d, i) for i, d in enumerate(disks)]

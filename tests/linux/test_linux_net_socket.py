@@ -30,16 +30,19 @@ def _setup(ip: str) -> str:
     return f"ip link set eth0 mtu 65535 up && ip addr add {ip}/24 dev eth0; "
 
 
-# A: listens for one TCP connection, prints the md5 of what it got.
-CMD_A = (_setup("10.0.0.1") + "nc -l -p 5000 > /tmp/got; echo got $(wc -c < /tmp/got) "
+# A: listens until a TCP connection brings data, prints the md5 of what it got. (On a
+# loaded host B's nc can give up on a connection A already accepted: A then saw an empty
+# one and must listen again rather than end the test.)
+CMD_A = (_setup("10.0.0.1") + "for i in $(seq 30); do nc -l -p 5000 > /tmp/got; "
+         "[ -s /tmp/got ] && break; done; echo got $(wc -c < /tmp/got) "
          "$(md5sum < /tmp/got)")
 # B: waits until A answers, pings it with 65000-byte payloads, sends 256 KiB with nc.
 CMD_B = (_setup("10.0.0.2")
          + "for i in $(seq 60); do ping -c 1 -W 1 10.0.0.1 >/dev/null 2>&1 && break; done; "
-         "echo pings $(ping -c 2 -s 65000 10.0.0.1 | grep -c 'bytes from'); "
+         "echo pings $(ping -c 2 -W 30 -s 65000 10.0.0.1 | grep -c 'bytes from'); "
          f"dd if=/dev/urandom of=/tmp/u bs=1024 count={SIZE_KIB} 2>/dev/null; "
          "echo sent $(wc -c < /tmp/u) $(md5sum < /tmp/u); "
-         "for i in $(seq 30); do nc -w 2 10.0.0.1 5000 < /tmp/u && break; sleep 1; done")
+         "for i in $(seq 30); do nc -w 30 10.0.0.1 5000 < /tmp/u && break; sleep 1; done")
 
 
 def pyhv_argv(net: str, mac: bytes, cmd: str) -> list[str]:

@@ -50,6 +50,16 @@ def test_command_output_and_status(image: images.LinuxImage) -> None:
     assert "pyhv: the run ended by poweroff: ACPI S5 through PM1a_CNT" in err, err[-3000:]
 
 
+def test_append_keeps_the_engines_workarounds(image: images.LinuxImage) -> None:
+    """--append replaces pyhv's words but not emu's clock workarounds; a key the user
+    gives (tsc=) is the user's."""
+    r = pyhv("--append", "console=ttyS0 tsc=reliable quiet", "--command", "cat /proc/cmdline")
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    words = r.stdout.decode().split()
+    assert {"console=ttyS0", "tsc=reliable", "quiet", "no_timer_check"} <= set(words), words
+    assert "tsc=unstable" not in words
+
+
 def test_command_output_without_newline_and_marker_lookalikes(
         image: images.LinuxImage) -> None:
     """Output ending mid-line still ends the run with the command's status, and a
