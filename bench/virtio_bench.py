@@ -61,10 +61,11 @@ PHASES = ("seqwrite", "seqread", "randread", "randwrite")
 def script(seq_mib: int, rand_ops: int) -> str:
     span = seq_mib << 20
     d = "/bin/diskio"
-    return (f"echo PH seqwrite; {d} seqwrite /dev/vda {seq_mib} 1048576 {span}; "
-            f"echo PH seqread; {d} seqread /dev/vda {seq_mib} 1048576 {span}; "
-            f"echo PH randread; {d} randread /dev/vda {rand_ops} 4096 {span}; "
-            f"echo PH randwrite; {d} randwrite /dev/vda {rand_ops} 4096 {span}; "
+    fail = "|| echo PH failed"
+    return (f"echo PH seqwrite; {d} seqwrite /dev/vda {seq_mib} 1048576 {span} {fail}; "
+            f"echo PH seqread; {d} seqread /dev/vda {seq_mib} 1048576 {span} {fail}; "
+            f"echo PH randread; {d} randread /dev/vda {rand_ops} 4096 {span} {fail}; "
+            f"echo PH randwrite; {d} randwrite /dev/vda {rand_ops} 4096 {span} {fail}; "
             "echo PH end")
 
 
@@ -75,7 +76,11 @@ def build_initrd(base: Path, work: Path) -> Path:
     extra = Initramfs()
     extra.add_file("bin/diskio", exe.read_bytes(), 0o755)
     out = work / "initrd"
-    out.write_bytes(base.read_bytes() + extra.to_bytes(compress="none"))
+    # The kernel takes a following cpio archive only at a 4-byte aligned offset (zero
+    # bytes between archives are skipped): without the padding, a compressed base
+    # whose length is not a multiple of 4 hides diskio ("invalid magic").
+    head = base.read_bytes()
+    out.write_bytes(head + bytes(-len(head) % 4) + extra.to_bytes(compress="none"))
     return out
 
 
@@ -117,7 +122,7 @@ def run(argv: list[str]) -> tuple[dict[str, float], int, bytes]:
 
 def figures(seen: dict[str, float], seq_mib: int, rand_ops: int) -> dict[str, float] | None:
     order = [*PHASES, "end"]
-    if not all(k in seen for k in order):
+    if "failed" in seen or not all(k in seen for k in order):
         return None
     out = {}
     for a, b in zip(order, order[1:], strict=False):
