@@ -7,7 +7,9 @@ command line picks a loop and an iteration count N (see LOOPS); it prints
 "modes: <loop> <N> <checksum>" and exits with status 75. Every run is a real
 `python -m pyhv run` subprocess with a timeout. The compute loop also runs as a Linux
 process (tests/guests/trap/modes_native.S: the "native" column); the other loops are
-privileged and cannot run in a process.
+privileged and cannot run in a process. QEMU's TCG ("qemu") runs the native build behind
+a 32-bit multiboot shim (tests/guests/trap/modes_qemu.S, converted to ELF32 with
+objcopy), as QEMU's -kernel does not load a long-mode ELF64.
 
 Invariants:
 - A cost is host-measured: for counts n1 < n2, (wall(n2) - wall(n1)) / (n2 - n1) /
@@ -36,7 +38,10 @@ from pyhv.errors import HostError
 
 ROOT = Path(__file__).resolve().parents[2]
 GUESTS = ROOT / "tests" / "guests"
-ENGINES = ("trap", "bt", "pv", "kvm", "emu", "native")
+ENGINES = ("trap", "bt", "pv", "kvm", "emu", "qemu", "native")
+QEMU = ["qemu-system-x86_64", "-accel", "tcg", "-M", "pc", "-m", "128", "-nodefaults",
+        "-display", "none", "-no-reboot", "-serial", "stdio",
+        "-device", "isa-debug-exit,iobase=0xf4,iosize=4"]
 STATUS_OK = 75
 
 
@@ -53,16 +58,17 @@ class Loop:
 LOOPS: tuple[Loop, ...] = (
     Loop("priv", 4, "CLI, STI, IN or OUT",
          {"trap": (10, 510), "bt": (10, 1010), "pv": (10, 1010), "kvm": (10, 3010),
-          "emu": (10, 50_010)}),
+          "emu": (10, 50_010), "qemu": (10, 20_000_010)}),
     Loop("pt", 32, "page-table update (native: store + INVLPG; pv: 1/32 of a batch)",
          {"trap": (1, 101), "bt": (1, 201), "pv": (1, 3001), "kvm": (1, 3001),
-          "emu": (1, 20_001)}),
+          "emu": (1, 20_001), "qemu": (1, 200_001)}),
     Loop("sys", 1, "INT 0x2f + IRETQ round trip (kernel mode)",
          {"trap": (10, 1010), "bt": (1000, 5_000_000), "pv": (10, 1010), "kvm": (1, 11),
-          "emu": (10, 10_010)}),
+          "emu": (10, 10_010), "qemu": (10, 5_000_010)}),
     Loop("cpu", 1000, "imul/add/xor/dec/jnz round",
          {"trap": (1000, 400_000), "bt": (1000, 400_000), "pv": (1000, 400_000),
-          "kvm": (5, 45), "emu": (1000, 30_000), "native": (1000, 1_000_000)}),
+          "kvm": (5, 45), "emu": (1000, 30_000), "qemu": (1, 300_001),
+          "native": (1000, 1_000_000)}),
 )
 
 LOOP_NAMES = tuple(lp.name for lp in LOOPS)
@@ -83,23 +89,28 @@ def _run(cmd: list[str], timeout: float) -> None:
 
 
 def build(out: Path) -> dict[str, Path]:
-    """Build the native and PV kernels and the native program into `out`:
-    {"native-kernel", "pv-kernel", "native-program"}."""
-    for tool in ("gcc", "ld"):
+    """Build the native and PV kernels, QEMU's multiboot kernel and the native program
+    into `out`: {"native-kernel", "pv-kernel", "qemu-kernel", "native-program"}."""
+    for tool in ("gcc", "ld", "objcopy"):
         if shutil.which(tool) is None:
             raise HostError(f"bench modes: {tool} is not installed (scripts/setup.sh)")
     src = GUESTS / "trap" / "modes.S"
     if not src.is_file():
         raise HostError(f"bench modes: {src} not found: run it from a pyhv checkout")
     paths: dict[str, Path] = {}
-    for key, defs in (("native-kernel", []), ("pv-kernel", ["-DPV"])):
+    for key, defs, name, entry in (("native-kernel", [], "modes.S", "start"),
+                                   ("pv-kernel", ["-DPV"], "modes.S", "start"),
+                                   ("qemu-kernel", [], "modes_qemu.S", "qemu_start")):
         obj, img = out / f"{key}.o", out / f"{key}.elf"
         _run(["gcc", "-c", *defs, f"-I{GUESTS / 'trap'}", f"-I{GUESTS / 'core'}", "-o",
-              str(obj), str(src)], 60)
-        _run(["ld", "-m", "elf_x86_64", "-T", str(GUESTS / "core" / "guest.ld"), "-z",
-              "max-page-size=0x1000", "-z", "noexecstack", "--build-id=none", "-o",
-              str(img), str(obj)], 60)
+              str(obj), str(GUESTS / "trap" / name)], 60)
+        _run(["ld", "-m", "elf_x86_64", "-T", str(GUESTS / "core" / "guest.ld"), "-e",
+              entry, "-z", "max-page-size=0x1000", "-z", "noexecstack", "--build-id=none",
+              "-o", str(img), str(obj)], 60)
         paths[key] = img
+    _run(["objcopy", "-O", "elf32-i386", str(paths["qemu-kernel"]),
+          str(out / "qemu-kernel32.elf")], 60)
+    paths["qemu-kernel"] = out / "qemu-kernel32.elf"
     prog = out / "modes_native"
     _run(["gcc", "-o", str(prog), str(GUESTS / "trap" / "modes_native.S")], 60)
     paths["native-program"] = prog
@@ -111,6 +122,8 @@ def argv_for(engine: str, loop: str, n: int, paths: dict[str, Path],
     """The command line of one run (what a person types to reproduce one point)."""
     if engine == "native":
         return [str(paths["native-program"]), str(n)]
+    if engine == "qemu":
+        return [*QEMU, "-kernel", str(paths["qemu-kernel"]), "-append", f"{loop} {n}"]
     kernel = paths["pv-kernel" if engine == "pv" else "native-kernel"]
     return [sys.executable, "-m", "pyhv", "run", "--engine", engine, "--kernel",
             str(kernel), "--append", f"{loop} {n}", "--timeout", str(timeout)]
@@ -124,6 +137,8 @@ def run_once(engine: str, loop: str, n: int, paths: dict[str, Path],
              timeout: float) -> float:
     """Wall seconds of one run; RunFailed with pyhv's reason unless it echoes N."""
     argv = argv_for(engine, loop, n, paths, timeout)
+    if shutil.which(argv[0]) is None and not Path(argv[0]).is_file():
+        raise RunFailed(f"{argv[0]} is not installed")
     t0 = time.perf_counter()
     try:
         p = subprocess.run(argv, capture_output=True, timeout=timeout + 30,

@@ -1,5 +1,5 @@
 """`pyhv bench`: pyhv's built-in benchmarks. Today one: `pyhv bench modes` (issue 13),
-the comparison of trap, bt, pv, kvm, emu and native on the same small kernels; the
+the comparison of trap, bt, pv, kvm, emu, QEMU TCG and native on the same small kernels; the
 measuring is pyhv.benchmodes, the chart pyhv.benchchart. This file parses and prints.
 
 The benchmark lives in the package (not bench/) so that `pyhv bench modes` is a real

@@ -24,7 +24,8 @@ from guestbuild import engine_unavailable  # noqa: E402
 
 TOOLS = [t for t in ("gcc", "ld") if shutil.which(t) is None]
 KVM = engine_unavailable("kvm") is None
-ENGINES = (["trap", "bt", "pv", "kvm"] if KVM else []) + ["emu", "native"]
+ENGINES = ((["trap", "bt", "pv", "kvm"] if KVM else []) + ["emu"]
+           + (["qemu"] if shutil.which("qemu-system-x86_64") else []) + ["native"])
 
 
 @pytest.mark.skipif(bool(TOOLS) or engine_unavailable("emu") is not None,
