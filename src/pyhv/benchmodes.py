@@ -58,17 +58,20 @@ class Loop:
 LOOPS: tuple[Loop, ...] = (
     Loop("priv", 4, "CLI, STI, IN or OUT",
          {"trap": (10, 510), "bt": (10, 1010), "pv": (10, 1010), "kvm": (10, 3010),
-          "emu": (10, 50_010), "qemu": (10, 20_000_010)}),
+          "emu": (10, 50_010), "qemu": (10, 10_000_010)}),
     Loop("pt", 32, "page-table update (native: store + INVLPG; pv: 1/32 of a batch)",
          {"trap": (1, 101), "bt": (1, 201), "pv": (1, 3001), "kvm": (1, 3001),
           "emu": (1, 20_001), "qemu": (1, 200_001)}),
-    Loop("sys", 1, "INT 0x2f + IRETQ round trip (kernel mode)",
+    Loop("sys", 1, "INT 0x2f + IRETQ round trip, kernel to kernel",
          {"trap": (10, 1010), "bt": (1000, 5_000_000), "pv": (10, 1010), "kvm": (1, 11),
           "emu": (10, 10_010), "qemu": (10, 5_000_010)}),
+    Loop("usys", 1, "INT 0x2e from user mode (CPL 3) + IRETQ back",
+         {"trap": (10, 1010), "bt": (1, 11), "pv": (10, 1010), "kvm": (1, 11),
+          "emu": (10, 5010), "qemu": (10, 5_000_010)}),
     Loop("cpu", 1000, "imul/add/xor/dec/jnz round",
-         {"trap": (1000, 400_000), "bt": (1000, 400_000), "pv": (1000, 400_000),
-          "kvm": (5, 45), "emu": (1000, 30_000), "qemu": (1, 300_001),
-          "native": (1000, 1_000_000)}),
+         {"trap": (1000, 1_500_000), "bt": (1000, 1_500_000), "pv": (1000, 1_500_000),
+          "kvm": (5, 45), "emu": (1000, 300_000), "qemu": (1, 300_001),
+          "native": (1000, 1_500_000)}),
 )
 
 LOOP_NAMES = tuple(lp.name for lp in LOOPS)
@@ -150,8 +153,9 @@ def run_once(engine: str, loop: str, n: int, paths: dict[str, Path],
     want_rc = 0 if engine == "native" else STATUS_OK
     if p.returncode != want_rc or not out.startswith(f"modes: {loop} {n} "):
         err = (p.stderr.decode("latin-1", "replace").strip().splitlines()
-               or out.strip().splitlines() or [f"status {p.returncode}"])
-        raise RunFailed(err[-1].removeprefix("pyhv: ")[:160])
+               or out.strip().splitlines() or ["no output"])
+        raise RunFailed(f"status {p.returncode}: "
+                        + err[-1].removeprefix("pyhv: ")[:200])
     return dt
 
 

@@ -10,9 +10,13 @@
  *              every iteration). Native build: a store to the entry and INVLPG of its
  *              address, 32 times. PV build: the 32 (entry, value) pairs written to a
  *              list and one batched MMU_UPDATE hypercall (docs/pv.md)
- *   "sys N"    N x { int 0x2f } to a handler that is one IRETQ: a kernel-mode system
- *              call round trip (the kernel calls itself: trap/bt/pv run no guest user
- *              mode; see docs/modes.md)
+ *   "sys N"    N x { int 0x2f } to a handler that is one IRETQ: the kernel calls
+ *              itself (what every engine but kvm runs; see docs/modes.md)
+ *   "usys N"   N x { int 0x2e } from guest user mode (CPL 3) to a DPL 3 gate whose
+ *              handler is one IRETQ: a real user/kernel system call round trip. The
+ *              kernel loads its own GDT (user code/data, a TSS with RSP0), LTR, sets
+ *              U/S on the mapping of its first 2 MiB and IRETQs to CPL 3; the user code
+ *              returns to the kernel with int 0x2d
  *   "cpu N"    N x 1000 rounds of { imul; add; xor; dec; jnz }, bench.S's compute loop
  *
  * It prints "modes: <loop> <N> <result>" and ends through debug-exit with 0x25
@@ -63,6 +67,8 @@ start:
     je pt
     cmp bl, 'c'
     je cpu
+    cmp bx, 0x7375                /* "us" */
+    je usys
     cmp bl, 's'
     je sys
 bad:
@@ -147,6 +153,63 @@ sys:
 sys_handler:
     iretq
 
+usys:
+    lgdt [rip + ugdtr]
+    lea rax, [rip + tss]          /* the TSS descriptor's base */
+    lea rdx, [rip + ugdt_tss]
+    mov [rdx + 2], ax
+    shr rax, 16
+    mov [rdx + 4], al
+    mov [rdx + 7], ah
+    shr rax, 16
+    mov [rdx + 8], eax
+    lea rax, [rip + stack_top]
+    mov [rip + tss + 4], rax      /* RSP0 */
+    mov ax, 0x28
+    ltr ax
+    mov rax, cr3                  /* U/S on PML4[0], PDPT[0], PD[0] (0..2 MiB), */
+    mov ecx, 3                    /* each a load and a MOV store (what shadow */
+1:  and rax, ~0xfff               /* paging emulates) */
+    mov rdx, [rax]
+    or rdx, 4
+    mov [rax], rdx
+    mov rax, rdx
+    dec ecx
+    jnz 1b
+    mov rax, cr3
+    mov cr3, rax
+    lea rax, [rip + usys_handler]
+    mov ecx, 0x2e
+    call set_gate
+    lea rax, [rip + usys_done]
+    mov ecx, 0x2d
+    call set_gate
+    or byte ptr [rip + kidt + 0x2e * 16 + 5], 0x60   /* DPL 3 */
+    or byte ptr [rip + kidt + 0x2d * 16 + 5], 0x60
+    push 0x1b                     /* SS: user data, RPL 3 */
+    lea rax, [rip + ustack_top]
+    push rax
+    push 0x2                      /* RFLAGS: IF 0 */
+    push 0x23                     /* CS: user code, RPL 3 */
+    lea rax, [rip + uloop]
+    push rax
+    iretq
+uloop:
+    mov rcx, r12
+    test rcx, rcx
+    jz 2f
+1:  int 0x2e
+    dec rcx
+    jnz 1b
+2:  int 0x2d
+usys_handler:
+    iretq
+usys_done:
+    lea rsp, [rip + stack_top]
+    xor r13d, r13d
+    lea rsi, [rip + msg_usys]
+    jmp report
+
 cpu:
     mov rcx, r12
     mov rax, 1
@@ -187,11 +250,30 @@ msg_priv: .asciz "modes: priv "
 msg_pt:   .asciz "modes: pt "
 msg_cpu:  .asciz "modes: cpu "
 msg_sys:  .asciz "modes: sys "
+msg_usys: .asciz "modes: usys "
 msg_bad:  .asciz "modes: bad command line\n"
     .data
     .align 16
 batch: .skip 16 * BATCH
+    .align 16
+ugdt:
+    .quad 0
+    .quad 0x00af9a000000ffff      /* 0x08 kernel code64 */
+    .quad 0x00cf92000000ffff      /* 0x10 kernel data */
+    .quad 0x00cff2000000ffff      /* 0x18 user data, DPL 3 */
+    .quad 0x00affa000000ffff      /* 0x20 user code64, DPL 3 */
+ugdt_tss:
+    .quad 0x0000890000000067      /* 0x28 64-bit TSS, limit 0x67, base filled in */
+    .quad 0
+ugdt_end:
+ugdtr:
+    .word ugdt_end - ugdt - 1
+    .quad ugdt
+    .align 16
+tss: .skip 0x68
     .bss
     .align 16
     .skip 8192
 stack_top:
+    .skip 4096
+ustack_top:

@@ -5,7 +5,7 @@
  * tables for the low 4 GiB (2 MiB pages: PML4[0] -> PDPT[0..3] -> four PDs, so modes.S's
  * pt loop finds the 1..2 GiB directory at CR3 -> PML4[0] -> PDPT[1] as under pyhv),
  * PAE, EFER.LME, paging, a 64-bit code segment, and RDI = the multiboot info; it also
- * drops the kernel's path that QEMU puts before the -append text. Linked
+ * masks the 8259s and drops the kernel's path that QEMU puts before the -append text. Linked
  * as ELF64 with this entry, then converted with `objcopy -O elf32-i386`.
  */
 #include "guest.h"
@@ -16,6 +16,9 @@
     .globl qemu_start
 qemu_start:
     mov esi, ebx                  /* multiboot info */
+    mov al, 0xff                  /* mask both 8259s: QEMU's BIOS left the PIT's IRQ 0 */
+    out 0x21, al                  /* on at vector 8, which the loops' STI would take */
+    out 0xa1, al                  /* (pyhv's loader hands over a quiet machine) */
     test dword ptr [esi], MULTIBOOT_INFO_CMDLINE
     jz 4f
     mov edx, [esi + 16]           /* QEMU's command line is "<kernel path> <append>": */
