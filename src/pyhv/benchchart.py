@@ -9,6 +9,7 @@ only, so the rest of pyhv does not pay for it.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def write_chart(res: Results, engines: Sequence[str], stem: Path, title: str) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 5.5))
+    fig, ax = plt.subplots(figsize=(11, 6))
     width = 0.8 / max(1, len(engines))
     for i, e in enumerate(engines):
         xs, ys = [], []
@@ -37,8 +38,8 @@ def write_chart(res: Results, engines: Sequence[str], stem: Path, title: str) ->
                         va="bottom", fontsize=6, rotation=90)
     ax.set_yscale("log")
     ax.set_xticks(range(len(LOOPS)))
-    ax.set_xticklabels([f"{lp.name}\n(per {lp.op.split(' (')[0]})" for lp in LOOPS],
-                       fontsize=7)
+    ax.set_xticklabels([lp.name + "\n" + textwrap.fill(f"per {lp.op.split(' (')[0]}", 26)
+                        for lp in LOOPS], fontsize=7)
     ax.set_ylabel("microseconds per operation (log scale, lower is faster)")
     ax.set_title(title, fontsize=9)
     ax.legend(title="engine (a gap: cannot run)", fontsize=8, title_fontsize=8)
