@@ -31,6 +31,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "img": ("pyhv.disk.imgcli", "create, inspect and convert disk images (qemu-img verbs)"),
     "guest": ("pyhv.cmd_guest", "fetch and list guest images (Debian's Linux + busybox)"),
     "popek-goldberg": ("pyhv.cmd_popek", "probe which sensitive x86 instructions trap here"),
+    "bench": ("pyhv.cmd_bench", "measure trap, bt, pv, kvm, emu, QEMU TCG and native side by side"),
     "list": ("pyhv.cmd_vm", "list the running VMs (pyhv run --name)"),
     "suspend": ("pyhv.cmd_vm", "pause a running VM (its control API)"),
     "resume": ("pyhv.cmd_vm", "resume a paused VM"),

@@ -1,0 +1,45 @@
+/*
+ * modes_native: the compute loop of modes.S as a Linux user program, for the "native"
+ * column of `pyhv bench modes`: `modes_native N` runs N x 1000 rounds of the same
+ * { imul; add; xor; dec; jnz } and prints "modes: cpu <N> <result>" like the guest.
+ * Only the compute loop can run natively in a process: CLI/STI, IN/OUT, page-table
+ * stores and INVLPG, and a private IDT are privileged at CPL 3 (#GP).
+ */
+    .intel_syntax noprefix
+    .text
+    .globl main
+main:
+    push rbx
+    push r12
+    push r13
+    mov rdi, [rsi + 8]            /* argv[1] */
+    xor esi, esi
+    mov edx, 10
+    call strtoul@PLT
+    mov r12, rax
+    mov rcx, r12
+    mov rax, 1
+    xor r13d, r13d
+    test rcx, rcx
+    jz 3f
+1:  mov edx, 1000
+2:  imul rax, rax, 6364136223846793005 & 0x7fffffff
+    add rax, rdx
+    xor r13, rax
+    dec edx
+    jnz 2b
+    dec rcx
+    jnz 1b
+3:  lea rdi, [rip + fmt]
+    mov rsi, r12
+    mov rdx, r13
+    xor eax, eax
+    call printf@PLT
+    xor eax, eax
+    pop r13
+    pop r12
+    pop rbx
+    ret
+    .section .rodata
+fmt: .asciz "modes: cpu %lu %016lx\n"
+    .section .note.GNU-stack,"",@progbits
