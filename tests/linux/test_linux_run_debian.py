@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -42,8 +41,10 @@ def pyhv(*args: str, stdin: bytes | None = None, image: tuple[str, ...] = ("--im
                           env={**os.environ, **(env or {})})
 
 
-def _overlays() -> set[str]:
-    return {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("pyhv-overlay-")}
+def _overlays(tmp: Path) -> set[str]:
+    """The overlays left in `tmp`, the run's private TMPDIR (a shared /tmp would also show
+    other pyhv runs' overlays, alive at the same time on a busy machine)."""
+    return {n for n in os.listdir(tmp) if n.startswith("pyhv-overlay-")}
 
 
 def _digest(path: Path) -> str:
@@ -71,12 +72,13 @@ def test_image_debian_boots_the_cached_disk_as_vda(debian_image: images.LinuxIma
         "kernel_release": debian_image.version,
         "kernel_package_version": debian_image.package_version,
         "used_bytes": 0, "disk_size": 32 << 20}))
-    before, overlays = _digest(ddir / "disk.qcow2"), _overlays()
+    before = _digest(ddir / "disk.qcow2")
+    (tmp := tmp_path / "tmp").mkdir()
     r = pyhv("--command", "cat /etc/marker; echo changed > /etc/marker; ls /dev | grep vd",
-             env={images.CACHE_ENV: str(cache)})
+             env={images.CACHE_ENV: str(cache), "TMPDIR": str(tmp)})
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     assert r.stdout.decode().replace("\r", "").splitlines() == ["tiny-root", "vda"]
-    assert _digest(ddir / "disk.qcow2") == before and _overlays() == overlays
+    assert _digest(ddir / "disk.qcow2") == before and _overlays(tmp) == set()
 
 
 def test_bc_prints_pi(debian_disk: debian.DebianDisk) -> None:
@@ -87,12 +89,12 @@ def test_bc_prints_pi(debian_disk: debian.DebianDisk) -> None:
 
 
 def test_userland_runs_from_the_disk_and_the_cache_is_not_written(
-        debian_disk: debian.DebianDisk) -> None:
-    before, overlays = _digest(debian_disk.disk_path), _overlays()
+        debian_disk: debian.DebianDisk, tmp_path: Path) -> None:
+    before = _digest(debian_disk.disk_path)
     cmd = ('python3 -c "print(6*7)"; apt-get --version | head -1; cat /etc/debian_version; '
            "modprobe vfat && grep -c '^vfat ' /proc/modules; cat /proc/sys/kernel/modprobe; "
            "findmnt -no SOURCE,FSTYPE /; echo data > /root/f && cat /root/f; exit 9")
-    r = pyhv("--command", cmd)
+    r = pyhv("--command", cmd, env={"TMPDIR": str(tmp_path)})
     out = r.stdout.decode().replace("\r", "").splitlines()
     assert r.returncode == 9, (out, r.stderr.decode()[-2000:])
     assert out[0] == "42" and out[1].startswith("apt ")
@@ -100,7 +102,7 @@ def test_userland_runs_from_the_disk_and_the_cache_is_not_written(
     assert out[2].split(".")[0] == host                 # the host's release (12 = bookworm)
     assert out[3:] == ["1", "/bin/pyhv-modprobe", "/dev/vda ext4", "data"]
     assert _digest(debian_disk.disk_path) == before     # writes went to the overlay
-    assert _overlays() == overlays                      # which is gone
+    assert _overlays(tmp_path) == set()                 # which is gone
 
 
 def test_interactive_shell_is_the_disks_bash(debian_disk: debian.DebianDisk) -> None:
