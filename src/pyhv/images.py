@@ -8,7 +8,7 @@ with `dpkg-deb -x`, and builds an initramfs. The cache:
 
     $PYHV_CACHE (default ~/.cache/pyhv/images)/
       debs/                         the .deb files as apt-get downloaded them
-      linux-6.1.0-56-cloud-amd64.v5/  one directory per kernel release and image
+      linux-6.1.0-56-cloud-amd64.v6/  one directory per kernel release and image
                                     format (IMAGE_FORMAT: other formats are built
                                     beside, never over, so other pyhv versions keep theirs)
         vmlinuz                     Debian's bzImage, unmodified
@@ -102,8 +102,9 @@ VIRTIO_VENDOR = "0x1af4"
 VIRTIO_MODULES = ("virtio", "virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
                   "virtio_pci", "virtio_blk", "virtio_net", "net_failover", "failover",
                   "virtio_rng")
-# The ACPI power button as an input event (docs/host.md: CONFIG_ACPI_BUTTON=m and
-# CONFIG_INPUT_EVDEV=m in Debian's cloud kernel), for acpid; loaded at every boot.
+# The ACPI power button as an input event, for acpid; loaded at every boot. Debian's
+# cloud kernel builds both as modules (CONFIG_ACPI_BUTTON=m, CONFIG_INPUT_EVDEV=m in the
+# image's `config`).
 BUTTON_MODULES = ("button", "evdev")
 IMAGE_FORMAT = 6           # 6: button + evdev + acpid (the power button powers off)
 WANTED_MODULES = VIRTIO_MODULES + BUTTON_MODULES
