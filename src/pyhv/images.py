@@ -44,7 +44,7 @@ The /init protocol (also in docs/linux.md):
 - it mounts devtmpfs, proc, sysfs, devpts and tmpfs (/tmp, /run), and loads the virtio
   modules when the PCI bus shows a virtio device (vendor 0x1af4; `pyhv.modules=all` or
   `none` on the kernel command line overrides); the power-button modules (button,
-  evdev) are loaded always;
+  evdev) are loaded whenever no command runs (not with `pyhv.modules=none`);
 - with `pyhv.net=dhcp` (what `pyhv run --net user` adds), it configures eth0 by DHCP
   (`udhcpc -q`: one lease, then udhcpc exits; the lease's MTU is applied) before the
   command or the shell;
@@ -102,7 +102,7 @@ VIRTIO_VENDOR = "0x1af4"
 VIRTIO_MODULES = ("virtio", "virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
                   "virtio_pci", "virtio_blk", "virtio_net", "net_failover", "failover",
                   "virtio_rng")
-# The ACPI power button as an input event, for acpid; loaded at every boot. Debian's
+# The ACPI power button as an input event, for acpid; loaded when the shell runs. Debian's
 # cloud kernel builds both as modules (CONFIG_ACPI_BUTTON=m, CONFIG_INPUT_EVDEV=m in the
 # image's `config`).
 BUTTON_MODULES = ("button", "evdev")
@@ -172,8 +172,8 @@ for arg in $(cat /proc/cmdline); do
     esac
 done
 set +f
-button=yes
-[ "$modules" = none ] && button=no
+button=yes       # for acpid, which only the shell's init runs
+{{ [ "$modules" = none ] || [ -n "$cmd" ]; }} && button=no
 
 if [ "$modules" = auto ]; then
     modules=none
@@ -187,7 +187,8 @@ if [ "$modules" = all ] && [ -r {moddir}/pyhv-load-order ]; then
     done < {moddir}/pyhv-load-order
 fi
 # the power button (for acpid): button.ko finds ACPI's fixed-feature button, evdev
-# gives it /dev/input/event*; loaded whatever the PCI bus shows ({MODULES_PARAM}=none: not)
+# gives it /dev/input/event*; loaded whatever the PCI bus shows, unless a command runs or
+# {MODULES_PARAM}=none
 if [ "$button" = yes ] && [ -r {moddir}/pyhv-load-button ]; then
     while read -r m; do
         insmod {moddir}/"$m" 2>/dev/null

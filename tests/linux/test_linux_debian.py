@@ -120,7 +120,7 @@ def test_initramfs_contents(debian_image: images.LinuxImage) -> None:
         "virtio_net.ko")
     assert names.index("failover.ko") < names.index("net_failover.ko")
     assert "virtio_net.ko: " in dep
-    # the power button for acpid: loaded at every boot, whatever the PCI bus shows
+    # the power button for acpid: loaded for the shell, whatever the PCI bus shows
     button = entries[base + "pyhv-load-button"].data.decode().split()
     assert sorted(Path(p).name for p in button) == ["button.ko", "evdev.ko"]
     assert not set(button) & set(order)
