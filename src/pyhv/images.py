@@ -8,12 +8,12 @@ with `dpkg-deb -x`, and builds an initramfs. The cache:
 
     $PYHV_CACHE (default ~/.cache/pyhv/images)/
       debs/                         the .deb files as apt-get downloaded them
-      linux-6.1.0-56-cloud-amd64.v5/  one directory per kernel release and image
+      linux-6.1.0-56-cloud-amd64.v6/  one directory per kernel release and image
                                     format (IMAGE_FORMAT: other formats are built
                                     beside, never over, so other pyhv versions keep theirs)
         vmlinuz                     Debian's bzImage, unmodified
         config, System.map          from the same package, for reference
-        initramfs.cpio.gz           busybox + /init + the virtio modules
+        initramfs.cpio.gz           busybox + /init + the virtio and power-button modules
         image.json                  what was built from which package versions
 
 Invariants: an image directory is complete exactly when its image.json exists (it is
@@ -28,18 +28,23 @@ The initramfs:
     /bin/busybox          Debian's static busybox, every applet a symlink to it
     /bin/pyhv-boottimer   49-byte static ELF: ioperm(0x440); outb(123, 0x440); exit
     /dev/console (c 5 1), /dev/null (c 1 3), /dev/ttyS0 (c 4 64)
-    /etc/inittab          busybox init: a shell on the console, respawned
+    /etc/inittab          busybox init: a shell on the console, respawned (/init adds
+                          acpid when the power button has an event device)
+    /etc/acpid.conf, /etc/acpi/power   busybox acpid: the power button (PWRF) runs
+                          /etc/acpi/power, which is `poweroff` (init's orderly shutdown)
     /etc/udhcpc/default.script   udhcpc's hook: address, MTU, route, resolv.conf
     /lib/modules/<release>/kernel/...   virtio, virtio_ring, virtio_pci(+_modern_dev,
                           _legacy_dev), virtio_blk, virtio_net, net_failover, failover
-                          and their dependencies, uncompressed, with modules.dep
+                          and their dependencies, uncompressed, with modules.dep;
+                          button and evdev (the ACPI power button as an input device)
 
 The /init protocol (also in docs/linux.md):
 - first, /bin/pyhv-boottimer writes 123 to port 0x440 (devices/boottimer.py timestamps
   it: the guest boot time `--stats` prints);
 - it mounts devtmpfs, proc, sysfs, devpts and tmpfs (/tmp, /run), and loads the virtio
   modules when the PCI bus shows a virtio device (vendor 0x1af4; `pyhv.modules=all` or
-  `none` on the kernel command line overrides);
+  `none` on the kernel command line overrides); the power-button modules (button,
+  evdev) are loaded whenever no command runs (not with `pyhv.modules=none`);
 - with `pyhv.net=dhcp` (what `pyhv run --net user` adds), it configures eth0 by DHCP
   (`udhcpc -q`: one lease, then udhcpc exits; the lease's MTU is applied) before the
   command or the shell;
@@ -51,7 +56,11 @@ The /init protocol (also in docs/linux.md):
   --command` passes a wrapper that prints a marker with a per-run nonce first
   (pyhv.exitmarker: the one parser of both markers);
 - otherwise it execs busybox init, which keeps a shell on the console (`cttyhack sh`)
-  and handles `poweroff`/`reboot` from that shell.
+  and handles `poweroff`/`reboot` from that shell, and runs busybox `acpid -f`
+  (respawned): the ACPI power button (`pyhv shutdown`) arrives through button.ko and
+  evdev as KEY_POWER on /dev/input/event*, acpid runs /etc/acpi/power (`poweroff`), and
+  init runs its ::shutdown actions (sync; with a root disk, remount it read-only), ends
+  every process and powers off through ACPI S5.
 """
 
 from __future__ import annotations
@@ -93,7 +102,12 @@ VIRTIO_VENDOR = "0x1af4"
 VIRTIO_MODULES = ("virtio", "virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
                   "virtio_pci", "virtio_blk", "virtio_net", "net_failover", "failover",
                   "virtio_rng")
-IMAGE_FORMAT = 5           # 5: pyhv.root= (a root disk), virtio_rng, udhcpc's script, pyhv.net=dhcp
+# The ACPI power button as an input event, for acpid; loaded when the shell runs. Debian's
+# cloud kernel builds both as modules (CONFIG_ACPI_BUTTON=m, CONFIG_INPUT_EVDEV=m in the
+# image's `config`).
+BUTTON_MODULES = ("button", "evdev")
+IMAGE_FORMAT = 6           # 6: button + evdev + acpid (the power button powers off)
+WANTED_MODULES = VIRTIO_MODULES + BUTTON_MODULES
 APT_TIMEOUT = 600
 
 
@@ -109,12 +123,12 @@ class LinuxImage:
     package_version: str = ""   # e.g. "6.1.192-2"
     busybox_version: str = ""
     modules: tuple[str, ...] = ()
-    wanted_modules: tuple[str, ...] = ()    # VIRTIO_MODULES when it was built
+    wanted_modules: tuple[str, ...] = ()    # WANTED_MODULES when it was built
 
     @property
     def current(self) -> bool:
         """Built with every module this pyhv wants (an older pyhv's image is rebuilt)."""
-        return set(VIRTIO_MODULES) <= set(self.wanted_modules)
+        return set(WANTED_MODULES) <= set(self.wanted_modules)
 
     @property
     def directory(self) -> Path:
@@ -158,6 +172,8 @@ for arg in $(cat /proc/cmdline); do
     esac
 done
 set +f
+button=yes       # for acpid, which only the shell's init runs
+{{ [ "$modules" = none ] || [ -n "$cmd" ]; }} && button=no
 
 if [ "$modules" = auto ]; then
     modules=none
@@ -169,6 +185,14 @@ if [ "$modules" = all ] && [ -r {moddir}/pyhv-load-order ]; then
     while read -r m; do
         insmod {moddir}/"$m" 2>/dev/null
     done < {moddir}/pyhv-load-order
+fi
+# the power button (for acpid): button.ko finds ACPI's fixed-feature button, evdev
+# gives it /dev/input/event*; loaded whatever the PCI bus shows, unless a command runs or
+# {MODULES_PARAM}=none
+if [ "$button" = yes ] && [ -r {moddir}/pyhv-load-button ]; then
+    while read -r m; do
+        insmod {moddir}/"$m" 2>/dev/null
+    done < {moddir}/pyhv-load-button
 fi
 
 if [ "$net" = dhcp ]; then
@@ -230,6 +254,10 @@ if [ -n "$cmd" ]; then
     while :; do sleep 3600; done   # init must never exit
 fi
 
+# acpid (the power button: `pyhv shutdown`), when evdev gave the button an event device
+if ls /dev/input/event* >/dev/null 2>&1; then
+    echo "::respawn:{ACPID}" >> /etc/inittab
+fi
 exec /sbin/init
 """
 
@@ -248,8 +276,21 @@ exec chroot {ROOT_MOUNT} /sbin/modprobe "$@"
 """
 
 
+# busybox acpid in the foreground (init respawns it), its log discarded: it listens on
+# /dev/input/event* and maps KEY_POWER to "PWRF", which /etc/acpid.conf sends to
+# /etc/acpi/power (relative to -c /etc/acpi).
+ACPID = "/sbin/acpid -f -c /etc/acpi -a /etc/acpid.conf -l /dev/null"
+ACPID_CONF = "PWRF power\n"
+ACPI_POWER = """\
+#!/bin/sh
+# acpid's action for the ACPI power button (pyhv shutdown): busybox init's orderly
+# poweroff (its ::shutdown actions, then SIGTERM/SIGKILL to all, then ACPI S5).
+exec /sbin/poweroff
+"""
+
 INITTAB = """\
 # busybox init: a shell on the console (cttyhack gives it job control), respawned.
+# (/init adds acpid, which turns the ACPI power button into `poweroff`.)
 ::respawn:/bin/cttyhack /bin/sh -l
 ::ctrlaltdel:/sbin/reboot
 ::shutdown:/bin/sync
@@ -379,7 +420,7 @@ class Module:
     depends: tuple[str, ...]
 
 
-def collect_modules(moddir: Path, wanted: tuple[str, ...] = VIRTIO_MODULES) -> list[Module]:
+def collect_modules(moddir: Path, wanted: tuple[str, ...] = WANTED_MODULES) -> list[Module]:
     """The wanted modules that exist under moddir (lib/modules/<release>) and everything
     they depend on (per .modinfo "depends="), dependencies first."""
     index = {_module_name(p): p for p in sorted(moddir.rglob("*.ko*"))
@@ -433,6 +474,9 @@ def build_initramfs(busybox: Path, *, release: str = "", modules: list[Module] |
     fs.add_file("bin/pyhv-modprobe", MODPROBE_HELPER.encode(), 0o755)
     fs.add_file("bin/pyhv-rootshell", ROOT_SHELL.encode(), 0o755)
     fs.add_file("etc/inittab", INITTAB.encode())
+    fs.add_file("etc/acpid.conf", ACPID_CONF.encode())
+    fs.add_dir("etc/acpi")
+    fs.add_file("etc/acpi/power", ACPI_POWER.encode(), 0o755)
     fs.add_file("etc/profile", PROFILE.encode())
     fs.add_file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
     fs.add_file("etc/group", b"root:x:0:\ntty:x:5:\n")
@@ -448,9 +492,19 @@ def build_initramfs(busybox: Path, *, release: str = "", modules: list[Module] |
             closure = _closure(m.name, by_name)
             dep_lines.append(f"{m.relpath}: " + " ".join(by_name[d].relpath for d in closure))
         fs.add_file(f"{base}/modules.dep", ("\n".join(dep_lines) + "\n").encode())
-        fs.add_file(f"{base}/pyhv-load-order",
-                    ("\n".join(m.relpath for m in modules) + "\n").encode())
+        button = set(_load_set(BUTTON_MODULES, by_name)) - set(_load_set(VIRTIO_MODULES,
+                                                                          by_name))
+        fs.add_file(f"{base}/pyhv-load-order", "".join(
+            m.relpath + "\n" for m in modules if m.name not in button).encode())
+        fs.add_file(f"{base}/pyhv-load-button", "".join(
+            m.relpath + "\n" for m in modules if m.name in button).encode())
     return fs.to_bytes("gzip")
+
+
+def _load_set(wanted: tuple[str, ...], by_name: dict[str, Module]) -> list[str]:
+    """The wanted modules present and their dependencies (a module the virtio and the
+    button group share is loaded with the virtio one)."""
+    return [n for w in wanted if w in by_name for n in (w, *_closure(w, by_name))]
 
 
 def _closure(name: str, by_name: dict[str, Module]) -> list[str]:
@@ -683,7 +737,7 @@ def fetch_linux(*, force: bool = False, quiet: bool = False,
             raise ImageError(f"{kdeb.name} holds no boot/vmlinuz-{release}")
         if not busybox.is_file():
             raise ImageError(f"{bdeb.name} holds no bin/busybox")
-        with steps.step("building the initramfs (busybox, /init, virtio modules)"):
+        with steps.step("building the initramfs (busybox, /init, kernel modules)"):
             moddir = tree / "lib" / "modules" / release
             modules = collect_modules(moddir) if moddir.is_dir() else []
             initrd = build_initramfs(busybox, release=release, modules=modules)
@@ -697,7 +751,7 @@ def fetch_linux(*, force: bool = False, quiet: bool = False,
     img = LinuxImage(kernel_path=outdir / "vmlinuz", initrd_path=outdir / "initramfs.cpio.gz",
                      version=release, cmdline_default=DEFAULT_CMDLINE, package=kpkg,
                      package_version=kver, busybox_version=bver,
-                     modules=tuple(m.name for m in modules), wanted_modules=VIRTIO_MODULES)
+                     modules=tuple(m.name for m in modules), wanted_modules=WANTED_MODULES)
     meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(img).items()}
     meta["format"] = IMAGE_FORMAT
     meta["built"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -120,6 +120,16 @@ def test_initramfs_contents(debian_image: images.LinuxImage) -> None:
         "virtio_net.ko")
     assert names.index("failover.ko") < names.index("net_failover.ko")
     assert "virtio_net.ko: " in dep
+    # the power button for acpid: loaded for the shell, whatever the PCI bus shows
+    button = entries[base + "pyhv-load-button"].data.decode().split()
+    assert sorted(Path(p).name for p in button) == ["button.ko", "evdev.ko"]
+    assert not set(button) & set(order)
+    assert all(entries[base + p].data[:4] == b"\x7fELF" for p in button)
+    assert "::respawn:/sbin/acpid -f" in init.data.decode()
+    assert entries["sbin/acpid"].kind == "symlink"
+    assert entries["etc/acpid.conf"].data == b"PWRF power\n"
+    power = entries["etc/acpi/power"]
+    assert power.mode & 0o111 and b"exec /sbin/poweroff" in power.data
 
 
 def test_fetch_is_idempotent(debian_image: images.LinuxImage) -> None:

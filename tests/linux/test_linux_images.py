@@ -49,7 +49,8 @@ def test_init_script() -> None:
     for needle in ("mount -t proc", "mount -t sysfs", "mount -t devtmpfs",
                    'exec /bin/sh -c "$1"\' sh "$script"',
                    "@@PYHV-EXIT %d@@", "poweroff -f", "exec /sbin/init",
-                   "/lib/modules/6.1.0-test/pyhv-load-order", "0x1af4"):
+                   "/lib/modules/6.1.0-test/pyhv-load-order", "0x1af4",
+                   "/lib/modules/6.1.0-test/pyhv-load-button", "::respawn:/sbin/acpid"):
         assert needle in text
     sh = shutil.which("sh")
     if sh:
