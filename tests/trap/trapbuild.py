@@ -11,7 +11,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "machine"))
 
@@ -50,6 +53,22 @@ def build(name: str, out: Path) -> Path:
           str(TRAP_GUESTS / f"{src}.S")])
     _run(["ld", "-m", "elf_x86_64", *LD_ELF, "-o", str(img), str(obj)])
     return img
+
+
+def session_builder(factory: pytest.TempPathFactory, label: str) -> Callable[[str], Path]:
+    """For a session fixture: get(name) -> the built image, each built at most once; skips
+    (with the reason) when gcc/as/ld are missing. Shared by the trap, bt and pv tests."""
+    missing = missing_tools()
+    if missing:
+        pytest.skip(f"cannot build the trap guests: {', '.join(missing)} not installed")
+    out = factory.mktemp(label)
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = build(name, out)
+        return built[name]
+    return get
 
 
 def unavailable(engine: str) -> str | None:
