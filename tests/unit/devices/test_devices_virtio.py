@@ -95,10 +95,40 @@ def test_pci_identity_and_capabilities(m: TestMachine) -> None:
         caps[cfg_type] = (m.cfg_read(slot, at + 4, 1), m.cfg_read(slot, at + 8),
                           m.cfg_read(slot, at + 12), m.cfg_read(slot, at + 2, 1))
         at = m.cfg_read(slot, at + 1, 1)
-    assert set(caps) == {1, 2, 3, 4}
-    assert caps[2][3] == 20 and all(c[3] == 16 for t, c in caps.items() if t != 2)
+    assert set(caps) == {1, 2, 3, 4, 5}
+    assert caps[2][3] == caps[5][3] == 20
+    assert all(c[3] == 16 for t, c in caps.items() if t not in (2, 5))
     bar_size = 0x4000
     assert all(c[0] == 0 and c[1] + c[2] <= bar_size for c in caps.values())
+
+
+def test_pci_configuration_access_window(m: TestMachine) -> None:
+    """cfg_type 5: BAR 0 reached through configuration space alone."""
+    d, dev, fn = ready(m)
+    at = m.cfg_read(d.slot, 0x34, 1)
+    while m.cfg_read(d.slot, at + 3, 1) != 5:
+        at = m.cfg_read(d.slot, at + 1, 1)
+
+    def window(off: int, length: int, bar: int = 0) -> None:
+        m.cfg_write(d.slot, at + 4, 1, bar)
+        m.cfg_write(d.slot, at + 8, 4, off)
+        m.cfg_write(d.slot, at + 12, 4, length)
+
+    window(T.COMMON + 0x12, 2)
+    assert m.cfg_read(d.slot, at + 16, 2) == 2                        # num_queues
+    window(T.DEVICE_CFG + 1, 1)
+    assert m.cfg_read(d.slot, at + 16, 1) == 0x22
+    d.q[0].add([(b"xy", False), (2, True)])
+    window(T.NOTIFY, 2)
+    m.cfg_write(d.slot, at + 16, 2, 0)                                # a notify
+    assert len(d.q[0].take_used()) == 1
+    window(T.ISR, 1)
+    assert m.cfg_read(d.slot, at + 16, 1) == T.ISR_QUEUE and d.isr() == 0
+    for off, length, bar in ((T.COMMON + 1, 2, 0), (0, 3, 0), (0x4000, 4, 0), (0, 4, 1)):
+        window(off, length, bar)                                      # names nothing
+        m.cfg_write(d.slot, at + 16, 4, 0)
+        assert m.cfg_read(d.slot, at + 16, 4) == 0
+    assert d.status & T.S_DRIVER_OK and not d.status & T.S_NEEDS_RESET
 
 
 def test_feature_negotiation(m: TestMachine) -> None:
@@ -336,3 +366,27 @@ def test_rng_fills_writable_buffers_bounded(m: TestMachine) -> None:
     assert q.take_used() == [(h1, 64), (h2, MAX_REQUEST), (h3, 0)]
     assert m.memory.read(a1[0], 64) != bytes(64)
     assert m.memory.read(a2[1] + MAX_REQUEST, 16) == bytes(16)     # nothing past the cap
+
+
+@given(st.lists(st.tuples(st.integers(0, 7), st.integers(0, 0x5000), st.integers(0, 8),
+                          st.integers(0, 0xFFFF_FFFF), st.booleans(), st.integers(0, 3)),
+                max_size=30))
+def test_hostile_config_window_never_raises(
+        ops: list[tuple[int, int, int, int, bool, int]]) -> None:
+    m = TestMachine()
+    try:
+        d, dev, fn = ready(m)
+        at = m.cfg_read(d.slot, 0x34, 1)
+        while m.cfg_read(d.slot, at + 3, 1) != 5:
+            at = m.cfg_read(d.slot, at + 1, 1)
+        for bar, off, length, value, is_write, lane in ops:
+            m.cfg_write(d.slot, at + 4, 1, bar)
+            m.cfg_write(d.slot, at + 8, 4, off)
+            m.cfg_write(d.slot, at + 12, 4, length)
+            size = (1, 2, 4, 1)[lane]
+            if is_write:
+                m.cfg_write(d.slot, at + 16 + (lane & 1), size, value)
+            else:
+                assert 0 <= m.cfg_read(d.slot, at + 16 + (lane & 1), size) < 1 << (8 * size)
+    finally:
+        m.close()

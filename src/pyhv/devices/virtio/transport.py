@@ -25,6 +25,11 @@ the notify one adds notify_off_multiplier):
     0x28 queue_driver u64            0x30 queue_device u64
     0x38 queue_notify_data u16 (ro)  0x3a queue_reset u16 (not offered: reads 0)
 
+A fifth capability (cfg_type 5, "PCI configuration access") is a window onto BAR 0 for
+drivers that cannot map it: the driver writes bar (0), offset and length (1, 2 or 4,
+offset aligned to it) in the capability, and a read of its pci_cfg_data performs that BAR
+read, a write performs that BAR write. A window naming anything else does nothing.
+
 Every register is reached at any width and alignment: a read assembles the bytes of
 the fields it covers, a write merges its bytes into each field it touches and applies
 that field's rule, so an odd-width or straddling access means what its bytes mean.
@@ -86,7 +91,7 @@ BAR_SIZE = 0x4000
 COMMON, ISR, DEVICE_CFG, NOTIFY = 0x0000, 0x1000, 0x2000, 0x3000
 REGION = 0x1000
 NOTIFY_MULTIPLIER = 4
-CFG_COMMON, CFG_NOTIFY, CFG_ISR, CFG_DEVICE = 1, 2, 3, 4
+CFG_COMMON, CFG_NOTIFY, CFG_ISR, CFG_DEVICE, CFG_PCI = 1, 2, 3, 4, 5
 
 # (offset, size, name) of the common configuration's fields
 FIELDS = ((0x00, 4, "dfselect"), (0x04, 4, "dfeature"), (0x08, 4, "gfselect"),
@@ -206,6 +211,12 @@ class VirtioPciFunction(PciFunction):
             body = bytes([16 + len(extra), cfg_type, 0, 0, 0, 0]) \
                 + offset.to_bytes(4, "little") + length.to_bytes(4, "little") + extra
             self.config.add_capability(C.CAP_ID_VENDOR, body)
+        # the PCI configuration access window (cfg_type 5): bar, offset, length and
+        # pci_cfg_data are the driver's to write
+        self._bar = self.bars[0].handler
+        self._window = self.config.add_capability(
+            C.CAP_ID_VENDOR, bytes([20, CFG_PCI, 0, 0, 0, 0]) + bytes(12),
+            wmask=bytes([0, 0, 0xFF, 0, 0, 0]) + b"\xff" * 12)
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -370,6 +381,34 @@ class VirtioPciFunction(PciFunction):
         value, self.isr = self.isr, 0
         self.set_intx(False)
         return value
+
+    # ------------------------------------------------------------------ the window
+
+    def _window_access(self) -> tuple[int, int] | None:
+        """(offset, length) of the BAR access the window names, None if it names none."""
+        w = self._window
+        bar = self.config.get(w + 4, 1)
+        off = self.config.get(w + 8, 4)
+        length = self.config.get(w + 12, 4)
+        if bar != 0 or length not in (1, 2, 4) or off % length or off + length > BAR_SIZE:
+            return None
+        return off, length
+
+    def _touches_data(self, offset: int, size: int) -> bool:
+        data = self._window + 16
+        return offset < data + 4 and offset + size > data
+
+    def config_read(self, offset: int, size: int) -> int:
+        if self._touches_data(offset, size) and (acc := self._window_access()) is not None:
+            value = self._bar.read(*acc)
+            self.config.set(self._window + 16, acc[1], value)
+        return super().config_read(offset, size)
+
+    def config_write(self, offset: int, size: int, value: int) -> None:
+        super().config_write(offset, size, value)
+        if self._touches_data(offset, size) and (acc := self._window_access()) is not None:
+            off, length = acc
+            self._bar.write(off, length, self.config.get(self._window + 16, length))
 
     def close(self) -> None:
         self.epoch += 1
