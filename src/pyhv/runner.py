@@ -287,6 +287,21 @@ class Runner:
             os.close(w)
         return undo
 
+    def _between_runs(self) -> RunResult | None:
+        """Before each run of the vCPU(s) on the run loop's thread: the result when a stop
+        request or the timeout ends the run; while paused, park (`_parked` tells pause()
+        the vCPUs are stopped) until resumed or stopped; None: run on."""
+        m = self.m
+        while True:
+            if m.stop_request is not None:
+                return self._stopped(m.stop_request)
+            if self._expired():
+                return self._timeout()
+            if self.state is not VmState.PAUSED:
+                return None
+            self._parked.set()
+            self._resume.wait(IDLE_SLICE_S)
+
     def _loop(self) -> RunResult:
         m = self.m
         if len(self.vcpus) > 1:
@@ -295,14 +310,9 @@ class Runner:
         st = self.stats
         timers = m.timers
         while True:
-            if m.stop_request is not None:
-                return self._stopped(m.stop_request)
-            if self._expired():
-                return self._timeout()
-            if self.state is VmState.PAUSED:
-                self._parked.set()
-                self._resume.wait(IDLE_SLICE_S)
-                continue
+            ended = self._between_runs()
+            if ended is not None:
+                return ended
             t = time.perf_counter()
             try:
                 ex = vcpu.run()
@@ -360,14 +370,9 @@ class Runner:
             return any(m.runnable(i, halted[i], if_on[i]) for i in range(n))
 
         while True:
-            if m.stop_request is not None:
-                return self._stopped(m.stop_request)
-            if self._expired():
-                return self._timeout()
-            if self.state is VmState.PAUSED:
-                self._parked.set()
-                self._resume.wait(IDLE_SLICE_S)
-                continue
+            ended = self._between_runs()
+            if ended is not None:
+                return ended
             for i in range(n):
                 if m.restarted[i]:
                     m.restarted[i] = False
