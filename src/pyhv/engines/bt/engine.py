@@ -128,12 +128,7 @@ class BtVcpu(TrapVcpu):
                 return self._failure(e)
             if out is not None:
                 return out
-            sh = self.shadow
-            if sh is not None and sh.resync_needed:
-                sh.resync_needed = False
-                sh.count["kvm resyncs"] += 1
-                if self.resync is not None:
-                    self.resync()
+            self._resync_shadow()
             t0 = time.perf_counter()
             ex = kv.run()
             t1 = time.perf_counter()

@@ -141,6 +141,15 @@ class TrapVcpu(EngineVcpu):
 
     # ------------------------------------------------------------------ running
 
+    def _resync_shadow(self) -> None:
+        """Before KVM_RUN: when the shadow changed what KVM must reload, reload it (once)."""
+        sh = self.shadow
+        if sh is not None and sh.resync_needed:
+            sh.resync_needed = False
+            sh.count["kvm resyncs"] += 1
+            if self.resync is not None:
+                self.resync()
+
     def run(self) -> Exit:
         kv = self.kv
         if self.pending_in is not None:
@@ -150,12 +159,7 @@ class TrapVcpu(EngineVcpu):
             if shut is not None:
                 return shut
             self._release()
-            sh = self.shadow
-            if sh is not None and sh.resync_needed:
-                sh.resync_needed = False
-                sh.count["kvm resyncs"] += 1
-                if self.resync is not None:
-                    self.resync()
+            self._resync_shadow()
             t0 = time.perf_counter()
             ex = kv.run()
             t1 = time.perf_counter()
