@@ -138,38 +138,7 @@ putc:
 #endif
     ret
 
-/* puts: the NUL-terminated string at ESI */
-puts:
-    push eax
-    push esi
-1:  lodsb
-    test al, al
-    jz 2f
-    call putc
-    jmp 1b
-2:  pop esi
-    pop eax
-    ret
-
-/* puthex: EAX as 8 hex digits */
-puthex:
-    push ecx
-    push edx
-    mov edx, eax
-    mov ecx, 28
-1:  mov eax, edx
-    shr eax, cl
-    and eax, 0xf
-    add al, '0'
-    cmp al, '9'
-    jbe 2f
-    add al, 'a' - '9' - 1
-2:  call putc
-    sub ecx, 4
-    jns 1b
-    pop edx
-    pop ecx
-    ret
+#include "print.inc"
 
 /* putdec: EAX in decimal */
 putdec:
