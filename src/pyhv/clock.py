@@ -13,7 +13,8 @@ Two clocks:
   loop skips to the next deadline (`skip_to`). A slow software CPU then still sees a
   sensible timer rate instead of a storm of overdue ticks starving everything else.
 
-Invariants: `now_ns()` never goes backwards; callbacks run on the run-loop thread, in
+Invariants: `now_ns()` never goes backwards (but `restore`, which sets a machine's
+clock to a saved time before it runs); callbacks run on the run-loop thread, in
 deadline order, each at most once per arming.
 """
 
@@ -40,6 +41,10 @@ class HostClock:
     def now_ns(self) -> int:
         return time.monotonic_ns() - self._t0
 
+    def restore(self, now_ns: int) -> None:
+        """Continue from a saved guest time (a snapshot or migration, before the run)."""
+        self._t0 = time.monotonic_ns() - now_ns
+
 
 class VirtualClock:
     """Guest time that advances with guest progress, not with the host's wall clock."""
@@ -55,6 +60,11 @@ class VirtualClock:
         if ns > 0:
             with self._lock:
                 self._now += ns
+
+    def restore(self, now_ns: int) -> None:
+        """Continue from a saved guest time (a snapshot or migration, before the run)."""
+        with self._lock:
+            self._now = now_ns
 
     def skip_to(self, t_ns: int) -> None:
         """Jump forward to t_ns (HLT with a timer armed); never backwards."""

@@ -34,3 +34,8 @@ class GuestMemoryError(PyhvError):
         super().__init__(f"guest access at {gpa:#x} (+{size}) {why}")
         self.gpa = gpa
         self.size = size
+
+
+class StateError(PyhvError):
+    """A saved VM state (a device record, a vCPU record, a snapshot) that cannot be
+    applied: malformed, from a newer pyhv, or for a different machine."""

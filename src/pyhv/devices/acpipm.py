@@ -27,11 +27,13 @@ Invariants: a handful of integers; no write raises; a wrong reset value is ignor
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 from pyhv.clock import Clock
 from pyhv.devices.bus import BusDevice
 from pyhv.devices.irq import IrqLine
+from pyhv.devices.state import Reader
 
 PM_TIMER_HZ = 3_579_545
 STS_TMR = 1 << 0
@@ -124,6 +126,28 @@ class AcpiPm:
         elif block == 3 and value & 0xFF == self.reset_value:
             self.on_reset()
         self._update()
+
+    # ------------------------------------------------------------------ state records
+
+    state_version: ClassVar[int] = 1
+
+    def save_state(self) -> dict[str, Any]:
+        return {"sts": self.sts, "en": self.en, "cnt": self.cnt,
+                "tmr_mark": self._tmr_mark, "sci": self._sci}
+
+    def load_state(self, record: Mapping[str, Any], version: int) -> None:
+        r = Reader("acpi-pm", record)
+        sts = r.int("sts", 0, STS_WRITABLE)
+        en = r.int("en", 0, EN_WRITABLE)
+        cnt = r.int("cnt", 0, 0xFFFF)
+        tmr_mark = r.int("tmr_mark", 0, 1)
+        sci = r.bool("sci")
+        r.done()
+        for name, v, ok in (("sts", sts, STS_WRITABLE), ("en", en, EN_WRITABLE),
+                            ("cnt", cnt, CNT_WRITABLE | CNT_SCI_EN)):
+            if v & ~ok:
+                raise r.fail(name, f"= {v:#x} has bits the register cannot hold")
+        self.sts, self.en, self.cnt, self._tmr_mark, self._sci = sts, en, cnt, tmr_mark, sci
 
 
 class _Block:

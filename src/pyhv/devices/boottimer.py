@@ -16,10 +16,12 @@ the device holds two integers and an optional callback, whatever the guest write
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 from pyhv.arch.x86 import layout
 from pyhv.clock import Clock
+from pyhv.devices.state import MAX_NS, Reader
 
 MAGIC_BOOT_COMPLETE = 123
 PORT = layout.BOOT_TIMER_PORT
@@ -52,3 +54,16 @@ class BootTimer:
         if self.boot_ns is None:
             return "boot timer: the guest never signalled /init"
         return f"boot timer: guest /init started at {self.boot_ns / 1e9:.3f} s"
+
+    # ------------------------------------------------------------------ state records
+
+    state_version: ClassVar[int] = 1
+
+    def save_state(self) -> dict[str, Any]:
+        return {"boot_ns": self.boot_ns}
+
+    def load_state(self, record: Mapping[str, Any], version: int) -> None:
+        r = Reader("boot-timer", record)
+        boot_ns = r.opt_int("boot_ns", 0, MAX_NS)
+        r.done()
+        self.boot_ns = boot_ns

@@ -16,9 +16,11 @@ stops its vCPUs and returns the status). Invariant: every write calls `on_exit` 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 from pyhv.devices.bus import BusDevice
+from pyhv.devices.state import Reader
 
 PORT = 0xF4
 LENGTH = 1
@@ -42,3 +44,16 @@ class DebugExit:
         status = (value << 1) | 1
         self.last_status = status
         self.on_exit(status)
+
+    # ------------------------------------------------------------------ state records
+
+    state_version: ClassVar[int] = 1
+
+    def save_state(self) -> dict[str, Any]:
+        return {"last_status": self.last_status}
+
+    def load_state(self, record: Mapping[str, Any], version: int) -> None:
+        r = Reader("debug-exit", record)
+        last = r.opt_int("last_status", 0, 0x1FFFFFFFF)
+        r.done()
+        self.last_status = last

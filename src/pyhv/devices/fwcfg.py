@@ -35,8 +35,11 @@ selectors lie in [FILE_FIRST, 0x4000); the guest cannot change any item.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from pyhv.devices.bus import BusDevice
+from pyhv.devices.state import Reader
 
 PORT = 0x510
 LENGTH = 2
@@ -128,3 +131,23 @@ class FwCfg:
         if offset == SELECTOR:
             self.selector = value & 0xFFFF
             self._offset = 0
+
+    # ------------------------------------------------------------------ state records
+
+    state_version: ClassVar[int] = 1
+
+    def save_state(self) -> dict[str, Any]:
+        """The selector and the read offset; the items are the machine's configuration
+        (the same on the machine a record is loaded into)."""
+        return {"selector": self.selector, "offset": self._offset}
+
+    def load_state(self, record: Mapping[str, Any], version: int) -> None:
+        r = Reader("fwcfg", record)
+        selector = r.int("selector", 0, 0xFFFF)
+        offset = r.int("offset", 0, 0xFFFFFFFF)
+        r.done()
+        size = len(self.items.get(selector & ~WRITE_CHANNEL, b""))
+        if offset > size:
+            raise r.fail("offset", f"= {offset} is past the end of item {selector:#x} "
+                         f"({size} bytes)")
+        self.selector, self._offset = selector, offset

@@ -47,10 +47,12 @@ Invariants: len(queue) <= OUTPUT_MAX; all state changes and `set_level` calls ha
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 from pyhv.devices.bus import BusDevice
 from pyhv.devices.irq import IrqLine
+from pyhv.devices.state import Reader
 
 DATA_PORT = 0x60
 STATUS_PORT = 0x64
@@ -305,3 +307,36 @@ class I8042:
         if aux != self._levels[1]:
             self._levels[1] = aux
             self.aux_irq.set_level(aux)
+
+    # ------------------------------------------------------------------ state records
+
+    state_version: ClassVar[int] = 1
+
+    def save_state(self) -> dict[str, Any]:
+        return {"ram": self.ram.hex(), "output_port": self.output_port,
+                "queue": [[b, aux] for b, aux in self._queue],
+                "pending_cmd": self._pending_cmd, "kbd_cmd": self._kbd_cmd,
+                "aux_cmd": self._aux_cmd, "scancode_set": self.scancode_set,
+                "levels": list(self._levels)}
+
+    def load_state(self, record: Mapping[str, Any], version: int) -> None:
+        r = Reader("i8042", record)
+        ram = r.hex("ram", length=32)
+        output_port = r.int("output_port", 0, 0xFF)
+        items = r.subs_list("queue", max_len=OUTPUT_MAX)
+        queue: list[tuple[int, bool]] = []
+        for i, item in enumerate(items):
+            if not (isinstance(item, list) and len(item) == 2 and type(item[0]) is int
+                    and 0 <= item[0] <= 0xFF and type(item[1]) is bool):
+                raise r.fail("queue", f"[{i}] is not a [byte, from-mouse] pair")
+            queue.append((item[0], item[1]))
+        cmds = [r.opt_int(k, 0, 0xFF) for k in ("pending_cmd", "kbd_cmd", "aux_cmd")]
+        scancode_set = r.int("scancode_set", 0, 0xFF)
+        levels = r.bools("levels", length=2)
+        r.done()
+        self.ram[:] = ram
+        self.output_port = output_port
+        self._queue = deque(queue)
+        self._pending_cmd, self._kbd_cmd, self._aux_cmd = cmds
+        self.scancode_set = scancode_set
+        self._levels = levels

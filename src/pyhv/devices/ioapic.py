@@ -32,7 +32,11 @@ status, remote IRR, the version register) are ignored; no access raises.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
 from pyhv.devices.apicbus import ApicBus, Message
+from pyhv.devices.state import Reader
 
 IOAPIC_BASE_ADDR = 0xFEC00000
 IOAPIC_MMIO_SIZE = 0x1000
@@ -166,3 +170,24 @@ class IoApic:
             self.write_register(self.ioregsel, value)
         elif offset == 0x40:
             self.eoi(value & 0xFF)
+
+    # ------------------------------------------------------------------ state records
+
+    state_version: ClassVar[int] = 1
+
+    def save_state(self) -> dict[str, Any]:
+        return {"apic_id": self.apic_id, "ioregsel": self.ioregsel,
+                "entries": list(self.entries), "levels": list(self.levels)}
+
+    def load_state(self, record: Mapping[str, Any], version: int) -> None:
+        r = Reader("ioapic", record)
+        apic_id = r.int("apic_id", 0, 0xF)
+        ioregsel = r.int("ioregsel", 0, 0xFF)
+        entries = r.ints("entries", 0, (1 << 64) - 1, length=N_PINS)
+        levels = r.bools("levels", length=N_PINS)
+        r.done()
+        for gsi, e in enumerate(entries):
+            if e & ~(E_WRITABLE | E_REMOTE_IRR):
+                raise r.fail("entries", f"[{gsi}] = {e:#x} has bits no entry can hold")
+        self.apic_id, self.ioregsel = apic_id, ioregsel
+        self.entries, self.levels = entries, levels

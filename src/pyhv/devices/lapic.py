@@ -55,8 +55,8 @@ integers (IRR/ISR/TMR < 2**256, flags); `accept` never queues, so no guest can g
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pyhv.devices.apicbus import (
     EXTINT,
@@ -70,6 +70,7 @@ from pyhv.devices.apicbus import (
     ApicBus,
     Message,
 )
+from pyhv.devices.state import MAX_NS, Reader
 
 if TYPE_CHECKING:
     from pyhv.clock import Clock, TimerQueue
@@ -608,3 +609,58 @@ class LocalApic:
         self.base = (value & ~BASE_BSP) | bsp
         if not en and was_enabled:
             self.reset()                        # global disable: back to the reset state
+
+    # ------------------------------------------------------------------ state records
+
+    state_version: ClassVar[int] = 1
+    _U32 = ("apic_id", "ldr", "dfr", "svr", "esr", "esr_pending", "initial_count")
+
+    def save_state(self) -> dict[str, Any]:
+        """Registers, IRR/ISR/TMR (256-bit integers) and the timer: where its count
+        began, its period, and whether it is armed."""
+        return {"apic_id": self.apic_id, "base": self.base, "tpr": self.tpr,
+                "ldr": self.ldr, "dfr": self.dfr, "svr": self.svr, "irr": self.irr,
+                "isr": self.isr, "tmr": self.tmr, "esr": self.esr,
+                "esr_pending": self._esr_pending, "icr": self.icr, "lvt": list(self.lvt),
+                "initial_count": self.initial_count, "dcr": self.dcr,
+                "tsc_deadline": self.tsc_deadline, "nmi_pending": self.nmi_pending,
+                "timer_start": self._timer_start, "timer_period_ns": self._timer_period_ns,
+                "timer_armed": self._timer_handle is not None}
+
+    def load_state(self, record: Mapping[str, Any], version: int) -> None:
+        """The timer is armed again on the (restored) clock at its saved deadline."""
+        r = Reader(f"lapic.{self.index}", record)
+        u32 = {k: r.int(k, 0, 0xFFFFFFFF) for k in self._U32}
+        base = r.int("base", 0, (1 << 64) - 1)
+        if base & ~(BASE_ADDR_MASK | BASE_BSP | BASE_EXTD | BASE_ENABLE) or \
+                (base & BASE_ADDR_MASK) != APIC_BASE_ADDR or \
+                (base & BASE_EXTD and not base & BASE_ENABLE) or \
+                bool(base & BASE_BSP) != self.bsp:
+            raise r.fail("base", f"= {base:#x} is not an IA32_APIC_BASE this vCPU can have")
+        tpr = r.int("tpr", 0, 0xFF)
+        vectors = {k: r.int(k, 0, (1 << 256) - 1) for k in ("irr", "isr", "tmr")}
+        icr = r.int("icr", 0, (1 << 64) - 1)
+        lvt = r.ints("lvt", 0, 0xFFFFFFFF, length=6)
+        dcr = r.int("dcr", 0, 0xB)
+        tsc_deadline = r.int("tsc_deadline", 0, (1 << 64) - 1)
+        nmi_pending = r.bool("nmi_pending")
+        timer_start = r.int("timer_start", 0, MAX_NS)
+        period = r.int("timer_period_ns", 0, MAX_NS)
+        armed = r.bool("timer_armed")
+        r.done()
+        self._cancel_timer()
+        self.apic_id, self.ldr, self.dfr, self.svr = (u32["apic_id"], u32["ldr"],
+                                                      u32["dfr"], u32["svr"])
+        self.esr, self._esr_pending = u32["esr"], u32["esr_pending"]
+        self.initial_count = u32["initial_count"]
+        self.base, self.tpr, self.icr, self.lvt, self.dcr = base, tpr, icr, lvt, dcr
+        self.irr, self.isr, self.tmr = vectors["irr"], vectors["isr"], vectors["tmr"]
+        self.tsc_deadline, self.nmi_pending = tsc_deadline, nmi_pending
+        self._timer_start, self._timer_period_ns = timer_start, period
+        if not armed:
+            return
+        if self._timer_mode() == TIMER_TSC_DEADLINE:
+            self._set_tsc_deadline(tsc_deadline)
+        elif period:
+            self._timer_handle = self.timers.schedule(timer_start + period,
+                                                      self._timer_expired)

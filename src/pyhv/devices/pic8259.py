@@ -55,10 +55,13 @@ state a guest can create is a fixed handful of integers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 from pyhv.devices.bus import BusDevice
 from pyhv.devices.irq import IrqLine
+from pyhv.devices.state import U8, Reader
+from pyhv.errors import StateError
 
 MASTER_PORT = 0x20
 SLAVE_PORT = 0xA0
@@ -257,6 +260,30 @@ class Pic8259:
             self.rotate_on_aeoi = False
         # 0b010: no operation
 
+    # ------------------------------------------------------------------ state records
+
+    _BYTES = ("vector_base", "irr", "isr", "imr", "elcr", "last_levels")
+    _FLAGS = ("read_isr", "poll", "special_mask", "auto_eoi", "rotate_on_aeoi", "sfnm",
+              "ltim", "single", "icw4_needed")
+
+    def save_state(self) -> dict[str, Any]:
+        d: dict[str, Any] = {k: getattr(self, k) for k in self._BYTES + self._FLAGS}
+        d["priority_add"] = self.priority_add
+        d["init_step"] = self.init_step
+        return d
+
+    @classmethod
+    def read_state(cls, r: Reader) -> dict[str, Any]:
+        """The checked fields of one chip's record (`done()` included)."""
+        out: dict[str, Any] = {k: r.int(k, 0, U8) for k in cls._BYTES}
+        out.update({k: r.bool(k) for k in cls._FLAGS})
+        out["priority_add"] = r.int("priority_add", 0, 7)
+        out["init_step"] = r.int("init_step", 0, 4)
+        if out["init_step"] == 1:
+            raise r.fail("init_step", "= 1 is not an initialisation step")
+        r.done()
+        return out
+
     def _ocw3(self, value: int) -> None:
         if value & OCW3_POLL:
             self.poll = True
@@ -374,3 +401,25 @@ class PicPair:
                 self.delivered += 1
         self.update()
         return vector
+
+    # ------------------------------------------------------------------ state records
+
+    state_version: ClassVar[int] = 1
+
+    def save_state(self) -> dict[str, Any]:
+        return {"master": self.master.save_state(), "slave": self.slave.save_state(),
+                "intr": self._intr}
+
+    def load_state(self, record: Mapping[str, Any], version: int) -> None:
+        r = Reader("pic", record)
+        chips = [Pic8259.read_state(r.sub("master")), Pic8259.read_state(r.sub("slave"))]
+        intr = r.bool("intr")
+        r.done()
+        for chip, fields in zip(self.chips, chips, strict=True):
+            masked = fields["elcr"] & ~chip.elcr_mask
+            if masked:
+                raise StateError(f"pic: ELCR bits {masked:#x} cannot be level-triggered")
+        for chip, fields in zip(self.chips, chips, strict=True):
+            for k, v in fields.items():
+                setattr(chip, k, v)
+        self._intr = intr

@@ -51,9 +51,13 @@ through the latches and the LSB/MSB flip-flops.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
 from pyhv.clock import Clock, TimerQueue
 from pyhv.devices.bus import BusDevice
 from pyhv.devices.irq import IrqLine, pulse
+from pyhv.devices.state import MAX_NS, U8, Reader
 
 PORT = 0x40
 LENGTH = 4
@@ -309,6 +313,50 @@ class _Counter:
                 pulse(self.irq)
         self._arm(now)
 
+    # ------------------------------------------------------------------ state records
+
+    def save_state(self) -> dict[str, Any]:
+        return {"mode": self.mode, "rw": self.rw, "bcd": self.bcd, "count": self.count,
+                "loaded": self.loaded, "running": self.running, "paused": self.paused,
+                "null_count": self.null_count, "gate": self.gate, "load_ns": self.load_ns,
+                "base_ticks": self.base_ticks, "idle_out": self._idle_out,
+                "low_byte": self._low_byte, "read_msb_next": self._read_msb_next,
+                "latched_status": self._latched_status, "latched": list(self._latched),
+                "edges_done": self._edges_done}
+
+    @staticmethod
+    def read_state(r: Reader) -> dict[str, Any]:
+        """The checked fields of one counter's record (`done()` included)."""
+        out: dict[str, Any] = {
+            "mode": r.int("mode", 0, 5), "rw": r.int("rw", RW_LSB, RW_LSB_MSB),
+            "bcd": r.bool("bcd"), "count": r.int("count", 1, 0x10000),
+            "loaded": r.bool("loaded"), "running": r.bool("running"),
+            "paused": r.bool("paused"), "null_count": r.bool("null_count"),
+            "gate": r.bool("gate"), "load_ns": r.int("load_ns", 0, MAX_NS),
+            "base_ticks": r.int("base_ticks", 0, MAX_NS),
+            "_idle_out": r.bool("idle_out"), "_low_byte": r.opt_int("low_byte", 0, U8),
+            "_read_msb_next": r.bool("read_msb_next"),
+            "_latched_status": r.opt_int("latched_status", 0, U8),
+            "_latched": r.ints("latched", 0, U8, max_len=2),
+            "_edges_done": r.int("edges_done", 0, MAX_NS)}
+        r.done()
+        return out
+
+    def load_fields(self, fields: dict[str, Any]) -> None:
+        """Take checked fields; re-arm the IRQ timer at the edge it was armed for."""
+        for k, v in fields.items():
+            setattr(self, k, v)
+        self._disarm()
+        if self.irq is None or not self.running or self.paused:
+            return
+        if self.mode in (2, 3):
+            edge: int | None = (self._edges_done + 1) * self.count
+        else:
+            edge = (self.count if self.mode in (0, 1) else self.count + 1) \
+                if self._edges_done == 0 else None
+        if edge is not None:
+            self._handle = self._pit.timers.schedule(self._tick_ns(edge), self._fire)
+
 
 class Pit8254:
     """The 8254 at 0x40-0x43. Counter 0 pulses `irq0`; counter 2's gate is port 0x61's."""
@@ -368,6 +416,21 @@ class Pit8254:
     def out(self, index: int) -> bool:
         return self.counters[index].out(self.clock.now_ns())
 
+    # ------------------------------------------------------------------ state records
+
+    state_version: ClassVar[int] = 1
+
+    def save_state(self) -> dict[str, Any]:
+        return {"counters": [c.save_state() for c in self.counters]}
+
+    def load_state(self, record: Mapping[str, Any], version: int) -> None:
+        """Counter 0's IRQ timer is armed again on the (restored) clock."""
+        r = Reader("pit", record)
+        fields = [_Counter.read_state(c) for c in r.subs("counters", length=3)]
+        r.done()
+        for c, f in zip(self.counters, fields, strict=True):
+            c.load_fields(f)
+
 
 class SystemControlPortB:
     """Port 0x61: counter 2's gate and OUT, the speaker enable and the refresh toggle."""
@@ -392,3 +455,15 @@ class SystemControlPortB:
     def write(self, offset: int, size: int, value: int) -> None:
         self.value = value & PORTB_WRITABLE
         self.pit.set_gate(2, bool(value & PORTB_GATE2))
+    # ------------------------------------------------------------------ state records
+
+    state_version: ClassVar[int] = 1
+
+    def save_state(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def load_state(self, record: Mapping[str, Any], version: int) -> None:
+        r = Reader("port61", record)
+        value = r.int("value", 0, PORTB_WRITABLE)
+        r.done()
+        self.value = value        # counter 2's gate is in the PIT's own record

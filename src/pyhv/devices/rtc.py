@@ -53,12 +53,15 @@ from __future__ import annotations
 
 import calendar
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar
 
 from pyhv.arch.x86 import layout
 from pyhv.clock import Clock, TimerQueue
 from pyhv.devices.bus import BusDevice
 from pyhv.devices.irq import IrqLine
+from pyhv.devices.state import MAX_NS, U8, Reader
 
 PORT = 0x70
 LENGTH = 2
@@ -97,6 +100,9 @@ NS = 1_000_000_000
 UIP_WINDOW_NS = 244_000
 RTC_HZ = 32768
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# the RTC's offset from guest time, as far as a date in years 1-9999 reaches
+_MIN_BASE_NS = -62_135_596_800 * NS
+_MAX_BASE_NS = 253_402_300_799 * NS
 _TIME_REGS = (SECONDS, MINUTES, HOURS, DAY_OF_MONTH, MONTH, YEAR, CENTURY)
 
 
@@ -404,3 +410,53 @@ class Rtc:
             if a & 0xC0 != 0xC0 and a != self._time_reg(reg):
                 return False
         return True
+
+    # ------------------------------------------------------------------ state records
+
+    state_version: ClassVar[int] = 1
+    _FROZEN = ("year", "month", "day", "hour", "minute", "second")
+
+    def save_state(self) -> dict[str, Any]:
+        """The CMOS bytes (the memory size bytes included, as the guest may have
+        changed them), the register index, the RTC's offset from guest time."""
+        return {"cmos": self.cmos.hex(), "index": self.index,
+                "nmi_masked": self.nmi_masked, "flags": self._flags,
+                "irq_level": self._irq_level, "base_ns": self._base_ns,
+                "frozen": dict(self._frozen) if self._frozen is not None else None,
+                "uip_at": self._uip_at, "last_period": self._last_period}
+
+    def load_state(self, record: Mapping[str, Any], version: int) -> None:
+        """The periodic and update timers are armed again on the (restored) clock; a
+        period boundary that passed unnoticed before the save is noticed at once."""
+        r = Reader("rtc", record)
+        cmos = r.hex("cmos", length=128)
+        index = r.int("index", 0, 0x7F)
+        nmi_masked = r.bool("nmi_masked")
+        flags = r.int("flags", 0, U8)
+        irq_level = r.bool("irq_level")
+        base_ns = r.int("base_ns", _MIN_BASE_NS, _MAX_BASE_NS)
+        frozen: dict[str, int] | None = None
+        if record.get("frozen") is not None:
+            f = r.sub("frozen")
+            frozen = {k: f.int(k, 0, 99999 if k == "year" else U8) for k in self._FROZEN}
+            f.done()
+        else:
+            r.opt_int("frozen")
+        uip_at = r.opt_int("uip_at", 0, MAX_NS)
+        last_period = r.int("last_period", 0, MAX_NS)
+        r.done()
+        self.cmos[:] = cmos
+        self.index, self.nmi_masked, self._flags = index, nmi_masked, flags
+        self._irq_level, self._base_ns, self._frozen = irq_level, base_ns, frozen
+        self._uip_at, self._last_period = uip_at, last_period
+        if self._periodic is not None:
+            self.timers.cancel(self._periodic)
+            self._periodic = None
+        units = self._period_units()
+        if units is not None and self.cmos[REG_B] & B_PIE:
+            if self._period_index(units) > self._last_period:
+                deadline = self.clock.now_ns()
+            else:
+                deadline = -((self._last_period + 1) * units * NS // -RTC_HZ)
+            self._periodic = self.timers.schedule(deadline, self._fire_periodic)
+        self._arm_second()

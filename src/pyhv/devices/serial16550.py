@@ -63,10 +63,12 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 from pyhv.devices.bus import BusDevice
 from pyhv.devices.irq import IrqLine
+from pyhv.devices.state import Reader
 
 PORT = 0x3F8          # COM1
 LENGTH = 8
@@ -334,3 +336,46 @@ class Serial16550:
         if high != self._irq_level:
             self._irq_level = high
             self.irq.set_level(high)
+
+    # ------------------------------------------------------------------ state records
+
+    state_version: ClassVar[int] = 1
+
+    def save_state(self) -> dict[str, Any]:
+        """The registers, the receive FIFO and the host input not yet in it (bytes the
+        user typed are the guest's once accepted)."""
+        with self._lock:
+            pending = bytes(self._pending)
+        return {"ier": self.ier, "lcr": self.lcr, "mcr": self.mcr, "scr": self.scr,
+                "divisor": self.divisor, "fifo_enabled": self.fifo_enabled,
+                "trigger": self.trigger, "overrun": self.overrun,
+                "msr_delta": self.msr_delta, "thre_pending": self.thre_pending,
+                "irq_level": self._irq_level, "rx": bytes(self._rx).hex(),
+                "pending": pending.hex()}
+
+    def load_state(self, record: Mapping[str, Any], version: int) -> None:
+        r = Reader("serial", record)
+        ier = r.int("ier", 0, 0x0F)
+        lcr = r.int("lcr", 0, 0xFF)
+        mcr = r.int("mcr", 0, 0x1F)
+        scr = r.int("scr", 0, 0xFF)
+        divisor = r.int("divisor", 0, 0xFFFF)
+        fifo_enabled = r.bool("fifo_enabled")
+        trigger = r.int("trigger", 1, 14)
+        if trigger not in _TRIGGER_LEVELS:
+            raise r.fail("trigger", f"= {trigger} is not a trigger level "
+                         f"{_TRIGGER_LEVELS}")
+        overrun = r.bool("overrun")
+        msr_delta = r.int("msr_delta", 0, MSR_DCTS | MSR_DDSR | MSR_TERI | MSR_DDCD)
+        thre_pending = r.bool("thre_pending")
+        irq_level = r.bool("irq_level")
+        rx = r.hex("rx", max_len=RX_FIFO_SIZE)
+        pending = r.hex("pending", max_len=PENDING_MAX)
+        r.done()
+        self.ier, self.lcr, self.mcr, self.scr = ier, lcr, mcr, scr
+        self.divisor, self.fifo_enabled, self.trigger = divisor, fifo_enabled, trigger
+        self.overrun, self.msr_delta, self.thre_pending = overrun, msr_delta, thre_pending
+        self._irq_level = irq_level
+        self._rx = deque(rx)
+        with self._lock:
+            self._pending = bytearray(pending)

@@ -29,11 +29,14 @@ overlaps anything else on the bus; only offsets inside a BAR reach its handler.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from pyhv.devices.bus import Bus, BusDevice
 from pyhv.devices.irq import IrqLine
 from pyhv.devices.pci import config as C
+from pyhv.devices.state import Reader
 from pyhv.memory import GuestMemory
 
 IO_SPACE_END = 0x1_0000
@@ -190,3 +193,37 @@ class PciFunction:
             return
         disabled = self.config.get(C.COMMAND, 2) & C.CMD_INTX_DISABLE
         self._intx.set_level(self._intx_level and not disabled)
+
+    # ------------------------------------------------------------------ state records
+
+    state_version: ClassVar[int] = 1
+
+    def save_state(self) -> dict[str, Any]:
+        """The configuration space (BARs, command, capabilities as the guest left them)
+        and the INTx request; a subclass with more state adds its fields."""
+        return {"config": bytes(self.config.data).hex(), "intx_level": self._intx_level}
+
+    def load_state(self, record: Mapping[str, Any], version: int) -> None:
+        r = Reader(f"pci {self.name}", record)
+        self.load_pci_fields(r)
+        r.done()
+
+    def load_pci_fields(self, r: Reader) -> None:
+        """Check and take this class's fields from `r` (the caller calls `r.done()`):
+        the guest can only have changed writable bits, so every other bit must be as
+        this function has it; then the BARs are decoded again (mapped where they were)."""
+        data = r.hex("config", length=C.CONFIG_SIZE)
+        intx_level = r.bool("intx_level")
+        cs = self.config
+        for i, (new, old) in enumerate(zip(data, cs.data, strict=True)):
+            fixed = ~(cs.wmask[i] | cs.w1cmask[i]) & 0xFF
+            if C.STATUS <= i < C.STATUS + 2:
+                fixed &= ~(C.STATUS_INTERRUPT >> (8 * (i - C.STATUS))) & 0xFF
+            if i == C.INTERRUPT_LINE:
+                fixed = 0
+            if (new ^ old) & fixed:
+                raise r.fail("config", f"byte {i:#x} = {new:#04x}: read-only bits differ "
+                             f"from this device's ({old:#04x}): another device's record")
+        cs.data[:] = data
+        self._intx_level = intx_level
+        self._remap()

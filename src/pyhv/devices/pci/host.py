@@ -34,13 +34,15 @@ refused at build time with a ConfigError).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 from pyhv.arch.x86 import layout
 from pyhv.devices.bus import Bus, BusDevice
 from pyhv.devices.irq import IrqLine
 from pyhv.devices.pci import config as C
 from pyhv.devices.pci.function import PciFunction
+from pyhv.devices.state import Reader
 from pyhv.errors import ConfigError
 from pyhv.memory import GuestMemory
 
@@ -179,3 +181,27 @@ class PciHost:
         if lo >= hi:
             return []
         return [(lo - 4, hi - lo, 8 * (lo - offset))]
+
+    # ------------------------------------------------------------------ state records
+
+    state_version: ClassVar[int] = 1
+
+    def save_state(self) -> dict[str, Any]:
+        """The config address register and which slots hold each shared line high
+        (the functions' own records are separate: `pci.SLOT`)."""
+        return {"address": self.address,
+                "shared_high": {str(irq): sorted(s._high) for irq, s in self._shared.items()}}
+
+    def load_state(self, record: Mapping[str, Any], version: int) -> None:
+        r = Reader("pci-host", record)
+        address = r.int("address", 0, ADDRESS_MASK)
+        if address & ~ADDRESS_MASK:
+            raise r.fail("address", f"= {address:#x} has bits the register cannot hold")
+        shared = r.sub("shared_high")
+        highs = {irq: shared.ints(str(irq), 0, SLOTS - 1, max_len=SLOTS)
+                 for irq in self._shared}
+        shared.done()
+        r.done()
+        self.address = address
+        for irq, slots in highs.items():
+            self._shared[irq]._high = set(slots)
