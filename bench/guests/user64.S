@@ -17,6 +17,10 @@
  *                     then debug-exit with 0 (status 1)
  *   -DCPU -DITERS=N   the loop of cpuloop.inc for N iterations, then debug-exit with
  *                     the checksum's low 7 bits (status (v << 1) | 1)
+ *   -DSPIN -DITERS=N  forever: the loop of cpuloop.inc for N iterations (a chunk), then
+ *                     its chunk counter (32 bits) to port 0x80: one exit per chunk, so
+ *                     the VMM's count of port 0x80 writes is the guest's own progress
+ *                     (`pyhv bench sched`, pyhv.benchsched)
  * Why no console output at CPL 3: under KVM-PVM, IN/OUT at CPL 3 with IOPL 3 reach the
  * VMM for low ports (0x61, 0x80, 0xf4, up to at least 0x300) but fault (a triple fault
  * here, no IDT) for COM1 (0x3f8) and other ports from about 0x3f0 up; and a SYSCALL
@@ -98,14 +102,22 @@ user_entry:
     and eax, 0x7f
     out 0xf4, al
     ud2
+#elif defined(SPIN)
+    xor r12d, r12d                /* the guest's work counter: chunks done */
+2:  mov rdi, ITERS
+    call cpuloop
+    inc r12
+    mov eax, r12d
+    out 0x80, eax                 /* progress report: one exit per chunk, the count in EAX */
+    jmp 2b
 #else
-#error "build with -DPIO or -DCPU"
+#error "build with -DPIO, -DCPU or -DSPIN"
 #endif
     xor eax, eax
     out 0xf4, al
     ud2                           /* not reached */
 
-#if defined(CPU)
+#if defined(CPU) || defined(SPIN)
 #include "cpuloop.inc"
 #endif
 

@@ -25,6 +25,10 @@ Control: `--name NAME` claims NAME in the run directory (pyhv.rundir) and `--api
 ends; each machine of the run (a reset builds a new one) is attached to the VmControl
 while it runs. A hard stop from the API ends the run with status 0 ("destroy").
 
+CPU scheduling (pyhv.sched, docs/sched.md): `--cpu-shares/--cpu-reservation/--cpu-limit`
+admit the VM against the other VMs of the host's pyhv cgroup and move this process into
+its own cgroup for the run (removed at the end); `--pin` pins each vCPU's host thread.
+
 Statuses: see pyhv.runner; bad options and images give 2 with one `pyhv:` line; an
 internal error (a pyhv bug) 70, with one line and the traceback in a log file (or on
 stderr with --debug).
@@ -60,6 +64,7 @@ from pyhv.vmcontrol import VmControl
 
 if TYPE_CHECKING:
     from pyhv import images
+    from pyhv.sched import Pinner
 
 # Kernel command-line words pyhv adds for its own Linux, per engine, each with its reason
 # (README "Linux workarounds" repeats this table).
@@ -151,6 +156,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-sock", type=Path, default=None, metavar="PATH",
                    help="serve the VM's control API (HTTP/JSON, docs/api.md) on this UNIX "
                         "socket (mode 0600; with --name, instead of the run directory's)")
+    p.add_argument("--cpu-shares", default=None, metavar="N|low|normal|high",
+                   help="CPU shares against other VMs under contention (2..262144; ESX's "
+                        "low/normal/high = 500/1000/2000 per vCPU; default normal); needs a "
+                        "writable cgroup CPU controller (docs/sched.md)")
+    p.add_argument("--cpu-reservation", default=None, metavar="PCT",
+                   help="CPU guaranteed under contention, in percent of one CPU (admission "
+                        "control refuses the VM if the host's reservations would not fit)")
+    p.add_argument("--cpu-limit", default=None, metavar="PCT",
+                   help="most CPU the VM may use, in percent of one CPU (e.g. 25)")
+    p.add_argument("--pin", action="append", default=[], metavar="CPUS|VCPU=CPUS",
+                   help="pin vCPU threads: CPUS (e.g. 0 or 0-1) for every vCPU, or "
+                        "VCPU=CPUS for each vCPU (repeatable); on emu all vCPUs share one "
+                        "thread, pinned to the union")
     p.add_argument("--debug", action="store_true",
                    help="on an internal error (a pyhv bug), print the traceback instead "
                         "of writing it to a log file")
@@ -273,6 +291,7 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
                            engine=engine, strict_io=args.strict_io,
                            engine_options=engine_options, n_cpus=args.cpus,
                            pci_devices=pci_devices)
+    pinner = _cpu_scheduling(args, stack)
     control = _start_control(args, stack)
     pump = _output_pump()
     try:
@@ -283,7 +302,7 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
             timeout = None if t_end is None else max(0.001, t_end - time.monotonic())
             t_run = time.monotonic()
             result, runner, machine = _run_once(config, console, pump, args, timeout,
-                                                control)
+                                                control, pinner)
             if result.reason != "reset" or args.on_reboot != "restart" or console.panic:
                 break
             quick = time.monotonic() - t_run < RESET_LOOP_WINDOW_S
@@ -299,6 +318,37 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
     finally:
         pump.close()
     return _report(result, runner, machine, console, pump, args)
+
+
+def _cpu_scheduling(args: argparse.Namespace, stack: contextlib.ExitStack
+                    ) -> Pinner | None:
+    """--cpu-shares/--cpu-reservation/--cpu-limit: admit the VM and move this process
+    into its own cgroup (removed when the run ends); --pin: the vCPU threads' pinner."""
+    from pyhv import sched
+    from pyhv.sched.settings import parse_percent, parse_shares
+    wants_cgroup = (args.cpu_shares, args.cpu_reservation, args.cpu_limit) != (None,) * 3
+    if not wants_cgroup and not args.pin:
+        return None
+    settings = sched.CpuSettings(
+        shares=parse_shares(args.cpu_shares or "normal", args.cpus),
+        reservation=(0.0 if args.cpu_reservation is None else
+                     parse_percent(args.cpu_reservation, "--cpu-reservation")),
+        limit=None if args.cpu_limit is None else parse_percent(args.cpu_limit, "--cpu-limit"),
+        pin=sched.parse_pin(args.pin, args.cpus))
+    import os
+    vm = sched.VmCpu(args.name or f"run-{os.getpid()}", args.cpus, settings)
+    host = sched.HostCpus.detect()
+    pinned = settings.pinned_cpus()
+    if pinned is not None and not pinned <= host.cpus:
+        sched.admit([], vm, host)         # raises, naming the CPUs the host lacks
+    if wants_cgroup:
+        from pyhv.sched.placement import Placement
+        try:
+            placement = Placement.open(vm)
+        except sched.CgroupUnavailable as e:
+            raise ConfigError(f"--cpu-shares/--cpu-reservation/--cpu-limit: {e}") from e
+        stack.callback(placement.close)
+    return sched.Pinner(settings) if pinned is not None else None
 
 
 def _debian_root_disk(overlays: list[Overlay]
@@ -331,13 +381,15 @@ def _engine_options(pairs: list[str]) -> dict[str, str]:
 
 
 def _run_once(config: MachineConfig, console: Console, pump: OutputPump,
-              args: argparse.Namespace, timeout: float | None, control: VmControl | None
-              ) -> tuple[R.RunResult, R.Runner, Machine]:
+              args: argparse.Namespace, timeout: float | None, control: VmControl | None,
+              pinner: Pinner | None = None) -> tuple[R.RunResult, R.Runner, Machine]:
     machine = Machine(config, console.write)
     terminal: Terminal | None = None
     gate: InputGate | None = None
     try:
         runner = R.Runner(machine, timeout=timeout)
+        if pinner is not None:
+            runner.on_vcpu_thread = pinner.on_thread
         if control is not None:
             control.attach(runner, machine)
         console.on_panic = lambda line: runner.stop(StopRequest("panic", R.STATUS_CRASH, line))

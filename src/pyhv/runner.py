@@ -145,6 +145,9 @@ class Runner:
         self.max_exits = max_exits    # route at most this many exits; the next one ends it
         self.last_exit: Exit | None = None
         self.on_turn = on_turn        # run-loop thread hook, after every exit and idle pass
+        # called from each thread about to run vCPUs, with their indices (vCPU pinning,
+        # pyhv.sched.pin); an exception from it ends the run like any pyhv error
+        self.on_vcpu_thread: Callable[[tuple[int, ...]], None] | None = None
         self.state = VmState.CREATED
         self.stats = RunStats()
         self.engine_stats: dict[str, int | float] = {}
@@ -309,6 +312,8 @@ class Runner:
         vcpu = self.vcpu
         st = self.stats
         timers = m.timers
+        if self.on_vcpu_thread is not None:
+            self.on_vcpu_thread((0,))
         while True:
             ended = self._between_runs()
             if ended is not None:
@@ -369,6 +374,8 @@ class Runner:
         def ready() -> bool:
             return any(m.runnable(i, halted[i], if_on[i]) for i in range(n))
 
+        if self.on_vcpu_thread is not None:
+            self.on_vcpu_thread(tuple(range(n)))      # every vCPU runs on this thread
         while True:
             ended = self._between_runs()
             if ended is not None:
@@ -466,6 +473,8 @@ class Runner:
         def worker(i: int) -> None:
             v = self.vcpus[i]
             try:
+                if self.on_vcpu_thread is not None:
+                    self.on_vcpu_thread((i,))
                 while not done.is_set():
                     with lock:
                         while not done.is_set() and (self.state is VmState.PAUSED or

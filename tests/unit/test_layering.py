@@ -27,6 +27,7 @@ ALLOWED: dict[str, set[str]] = {
                 "pyhv.clock"},
     "disk": {"pyhv.errors", "pyhv.units"},
     "net": {"pyhv.errors"},
+    "sched": {"pyhv.errors"},       # CPU scheduling: settings, admission, cgroups, pins
 }
 
 
