@@ -20,6 +20,9 @@ slow or absent reader never blocks the run loop; output that cannot be buffered 
 dropped, with one warning and a count at the end. A closed stdout (`| head -c 10`) ends
 the run quietly with status 141, as a tool killed by SIGPIPE.
 
+Console socket: `--console-sock PATH` (pyhv.consolesock) also serves the serial console
+on a UNIX socket, output to every client and their bytes as input, for the host daemon.
+
 Control: `--name NAME` claims NAME in the run directory (pyhv.rundir) and `--api-sock`
 (or the name's socket) serves the control API (pyhv.vmapi) from a thread until the run
 ends; each machine of the run (a reset builds a new one) is attached to the VmControl
@@ -39,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,6 +64,7 @@ from pyhv.vmcontrol import VmControl
 
 if TYPE_CHECKING:
     from pyhv import images
+    from pyhv.consolesock import ConsoleSocket
 
 # Kernel command-line words pyhv adds for its own Linux, per engine, each with its reason
 # (README "Linux workarounds" repeats this table).
@@ -151,6 +156,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-sock", type=Path, default=None, metavar="PATH",
                    help="serve the VM's control API (HTTP/JSON, docs/api.md) on this UNIX "
                         "socket (mode 0600; with --name, instead of the run directory's)")
+    p.add_argument("--console-sock", type=Path, default=None, metavar="PATH",
+                   help="also serve the serial console on this UNIX socket (mode 0600): "
+                        "each client gets the output from then on and its bytes are the "
+                        "console's input (how `pyhv host serve` reaches its VMs' consoles)")
     p.add_argument("--debug", action="store_true",
                    help="on an internal error (a pyhv bug), print the traceback instead "
                         "of writing it to a log file")
@@ -274,16 +283,22 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
                            engine_options=engine_options, n_cpus=args.cpus,
                            pci_devices=pci_devices)
     control = _start_control(args, stack)
+    csock = None
+    if args.console_sock is not None:
+        from pyhv.consolesock import ConsoleSocket
+        csock = ConsoleSocket(args.console_sock)
+        stack.callback(csock.close)
     pump = _output_pump()
     try:
-        console = Console(pump.write, exit_marker=marker)
+        console = Console(pump.write if csock is None else _tee(pump, csock),
+                          exit_marker=marker)
         t_end = None if args.timeout is None else time.monotonic() + args.timeout
         quick_resets = 0
         while True:
             timeout = None if t_end is None else max(0.001, t_end - time.monotonic())
             t_run = time.monotonic()
             result, runner, machine = _run_once(config, console, pump, args, timeout,
-                                                control)
+                                                control, csock)
             if result.reason != "reset" or args.on_reboot != "restart" or console.panic:
                 break
             quick = time.monotonic() - t_run < RESET_LOOP_WINDOW_S
@@ -299,6 +314,14 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
     finally:
         pump.close()
     return _report(result, runner, machine, console, pump, args)
+
+
+def _tee(pump: OutputPump, csock: ConsoleSocket) -> Callable[[bytes], None]:
+    """The console's output to stdout and to the console socket's clients."""
+    def sink(data: bytes) -> None:
+        pump.write(data)
+        csock.write(data)
+    return sink
 
 
 def _debian_root_disk(overlays: list[Overlay]
@@ -331,8 +354,8 @@ def _engine_options(pairs: list[str]) -> dict[str, str]:
 
 
 def _run_once(config: MachineConfig, console: Console, pump: OutputPump,
-              args: argparse.Namespace, timeout: float | None, control: VmControl | None
-              ) -> tuple[R.RunResult, R.Runner, Machine]:
+              args: argparse.Namespace, timeout: float | None, control: VmControl | None,
+              csock: ConsoleSocket | None = None) -> tuple[R.RunResult, R.Runner, Machine]:
     machine = Machine(config, console.write)
     terminal: Terminal | None = None
     gate: InputGate | None = None
@@ -361,6 +384,11 @@ def _run_once(config: MachineConfig, console: Console, pump: OutputPump,
                     the_gate.open()
                 the_gate.pump()
             runner.on_turn = turn
+            if csock is not None:
+                def from_socket(data: bytes) -> None:
+                    the_gate.feed(data)
+                    runner.kick()
+                csock.on_input = from_socket
             terminal = Terminal(gate.feed,
                                 lambda: runner.stop(StopRequest(
                                     "escape", 0, f"console closed ({ESCAPE_NAME})")),
@@ -371,6 +399,8 @@ def _run_once(config: MachineConfig, console: Console, pump: OutputPump,
             terminal.open()
         result = runner.run()
     finally:
+        if csock is not None:
+            csock.on_input = None
         if control is not None:
             control.detach()
         if terminal is not None:
