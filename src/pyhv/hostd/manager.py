@@ -27,9 +27,10 @@ control API reports, a dead one marked stopped with an event.
 
 Concurrency: API requests run on a thread pool; `_lock` makes admission and the choice
 of which operation may act on a VM atomic; a VM with an operation in flight (`_busy`) is
-refused other operations (409) and left alone by the monitor. Waits happen outside the
-lock. The CPU settings are stored; placing the process in its cgroup is the scheduling
-module's (pyhv.sched), called once the process exists.
+refused other operations (409) and left alone by the monitor, which checks each VM under
+the lock (a check is a waitpid or a flock probe: no operation is refused for it). Waits
+happen outside the lock. The CPU settings are stored; placing the process in its cgroup
+is the scheduling module's (pyhv.sched), called once the process exists.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from pyhv.hostd.models import HostStats, Vm, VmDefinition
 from pyhv.hostd.statedir import StateDir
 from pyhv.vmclient import VmError
 
-START_TIMEOUT_S = 60.0
+START_TIMEOUT_S = 120.0
 DESTROY_GRACE_S = 10.0
 MONITOR_PERIOD_S = 0.25
 MIB = 1 << 20
@@ -373,14 +374,16 @@ class Manager:
                 self.inv.event(None, "monitor-error", f"{type(e).__name__}: {e}")
 
     def check_all(self) -> None:
-        for vm in self.inv.all():
-            if vm.state not in LIVE:
+        """One turn of the monitor: each live VM with no operation in flight is checked
+        under the lock, so an operation never finds it half-noticed (and the monitor
+        never makes an operation wait more than one check)."""
+        for listed in self.inv.all():
+            if listed.state not in LIVE:
                 continue
             with self._lock:
-                if vm.name in self._busy:
+                vm = self.inv.get(listed.name)
+                if vm is None or vm.state not in LIVE or vm.name in self._busy:
                     continue
-                self._busy.add(vm.name)
-            try:
                 proc = self._children.get(vm.name)
                 if proc is not None and proc.pid == vm.pid:
                     rc = proc.poll()
@@ -388,8 +391,6 @@ class Manager:
                         self._ended(vm, rc)
                 elif vmproc.holder(self.state, vm.name) is None:
                     self._ended(vm, None)
-            finally:
-                self._release(vm.name)
 
     # ------------------------------------------------------------------ host
 
