@@ -37,6 +37,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "resume": ("pyhv.cmd_vm", "resume a paused VM"),
     "shutdown": ("pyhv.cmd_vm", "press a VM's ACPI power button"),
     "destroy": ("pyhv.cmd_vm", "stop a VM at once"),
+    "host": ("pyhv.hostd.cmd_host", "the host daemon: `pyhv host serve` (REST API, VMs)"),
+    "vm": ("pyhv.hostd.cmd_vm", "manage the host daemon's VMs (virsh's verbs)"),
 }
 
 

@@ -20,6 +20,9 @@ slow or absent reader never blocks the run loop; output that cannot be buffered 
 dropped, with one warning and a count at the end. A closed stdout (`| head -c 10`) ends
 the run quietly with status 141, as a tool killed by SIGPIPE.
 
+Console socket: `--console-sock PATH` (pyhv.consolesock) also serves the serial console
+on a UNIX socket, output to every client and their bytes as input, for the host daemon.
+
 Control: `--name NAME` claims NAME in the run directory (pyhv.rundir) and `--api-sock`
 (or the name's socket) serves the control API (pyhv.vmapi) from a thread until the run
 ends; each machine of the run (a reset builds a new one) is attached to the VmControl
@@ -43,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,6 +69,7 @@ from pyhv.vmcontrol import VmControl
 if TYPE_CHECKING:
     from pyhv import images
     from pyhv.sched import Pinner
+    from pyhv.consolesock import ConsoleSocket
 
 # Kernel command-line words pyhv adds for its own Linux, per engine, each with its reason
 # (README "Linux workarounds" repeats this table).
@@ -169,6 +174,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pin vCPU threads: CPUS (e.g. 0 or 0-1) for every vCPU, or "
                         "VCPU=CPUS for each vCPU (repeatable); on emu all vCPUs share one "
                         "thread, pinned to the union")
+    p.add_argument("--console-sock", type=Path, default=None, metavar="PATH",
+                   help="also serve the serial console on this UNIX socket (mode 0600): "
+                        "each client gets the output from then on and its bytes are the "
+                        "console's input (how `pyhv host serve` reaches its VMs' consoles)")
     p.add_argument("--debug", action="store_true",
                    help="on an internal error (a pyhv bug), print the traceback instead "
                         "of writing it to a log file")
@@ -293,16 +302,22 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
                            pci_devices=pci_devices)
     pinner = _cpu_scheduling(args, stack)
     control = _start_control(args, stack)
+    csock = None
+    if args.console_sock is not None:
+        from pyhv.consolesock import ConsoleSocket
+        csock = ConsoleSocket(args.console_sock)
+        stack.callback(csock.close)
     pump = _output_pump()
     try:
-        console = Console(pump.write, exit_marker=marker)
+        console = Console(pump.write if csock is None else _tee(pump, csock),
+                          exit_marker=marker)
         t_end = None if args.timeout is None else time.monotonic() + args.timeout
         quick_resets = 0
         while True:
             timeout = None if t_end is None else max(0.001, t_end - time.monotonic())
             t_run = time.monotonic()
             result, runner, machine = _run_once(config, console, pump, args, timeout,
-                                                control, pinner)
+                                                control, pinner, csock)
             if result.reason != "reset" or args.on_reboot != "restart" or console.panic:
                 break
             quick = time.monotonic() - t_run < RESET_LOOP_WINDOW_S
@@ -349,6 +364,12 @@ def _cpu_scheduling(args: argparse.Namespace, stack: contextlib.ExitStack
             raise ConfigError(f"--cpu-shares/--cpu-reservation/--cpu-limit: {e}") from e
         stack.callback(placement.close)
     return sched.Pinner(settings) if pinned is not None else None
+def _tee(pump: OutputPump, csock: ConsoleSocket) -> Callable[[bytes], None]:
+    """The console's output to stdout and to the console socket's clients."""
+    def sink(data: bytes) -> None:
+        pump.write(data)
+        csock.write(data)
+    return sink
 
 
 def _debian_root_disk(overlays: list[Overlay]
@@ -382,7 +403,8 @@ def _engine_options(pairs: list[str]) -> dict[str, str]:
 
 def _run_once(config: MachineConfig, console: Console, pump: OutputPump,
               args: argparse.Namespace, timeout: float | None, control: VmControl | None,
-              pinner: Pinner | None = None) -> tuple[R.RunResult, R.Runner, Machine]:
+              pinner: Pinner | None = None,
+              csock: ConsoleSocket | None = None) -> tuple[R.RunResult, R.Runner, Machine]:
     machine = Machine(config, console.write)
     terminal: Terminal | None = None
     gate: InputGate | None = None
@@ -413,6 +435,11 @@ def _run_once(config: MachineConfig, console: Console, pump: OutputPump,
                     the_gate.open()
                 the_gate.pump()
             runner.on_turn = turn
+            if csock is not None:
+                def from_socket(data: bytes) -> None:
+                    the_gate.feed(data)
+                    runner.kick()
+                csock.on_input = from_socket
             terminal = Terminal(gate.feed,
                                 lambda: runner.stop(StopRequest(
                                     "escape", 0, f"console closed ({ESCAPE_NAME})")),
@@ -423,6 +450,8 @@ def _run_once(config: MachineConfig, console: Console, pump: OutputPump,
             terminal.open()
         result = runner.run()
     finally:
+        if csock is not None:
+            csock.on_input = None
         if control is not None:
             control.detach()
         if terminal is not None:

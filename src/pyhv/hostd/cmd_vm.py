@@ -1,0 +1,267 @@
+"""`pyhv vm VERB`: the host daemon's VMs in virsh's words, through its REST API.
+
+    define [FILE.json | --name N --kernel K ...]   undefine NAME
+    start NAME   shutdown NAME   destroy NAME   suspend NAME   resume NAME
+    list [--all] [--json]    dominfo NAME [--json]    schedinfo NAME [--json]
+    console NAME             events [--vm NAME] [--json]    nodeinfo [--json]
+
+Each verb finds the daemon through --state-dir (its daemon.json, api.sock and token),
+or --socket / --url with --token-file (pyhv.hostd.client). Errors are the daemon's one
+line (`pyhv: ...`, status 2). `console` attaches the terminal to the VM's serial console
+over the daemon's websocket; Ctrl-] leaves (as virsh console); on a pipe, input is sent
+as it comes and the command ends when the console closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import termios
+import threading
+import time
+import tty
+from pathlib import Path
+from typing import Any
+
+from pyhv.errors import ConfigError
+from pyhv.hostd.client import Client, DaemonError
+from pyhv.units import parse_size
+
+VERBS = ("define", "undefine", "start", "shutdown", "destroy", "suspend", "resume", "list",
+         "dominfo", "schedinfo", "console", "events", "nodeinfo")
+ESCAPE = 0x1D
+
+
+def _connection_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
+                   help="the daemon's state directory (default as `pyhv host serve`)")
+    p.add_argument("--socket", type=Path, default=None, metavar="PATH",
+                   help="the daemon's UNIX socket (default: from the state directory)")
+    p.add_argument("--url", default=None, metavar="http://HOST:PORT",
+                   help="reach the daemon over TCP instead")
+    p.add_argument("--token-file", type=Path, default=None, metavar="FILE",
+                   help="the API token (default DIR/token)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="vm_verb", metavar="VERB", required=True)
+    helps = {
+        "define": "define a VM (a JSON definition file, or options)",
+        "undefine": "remove a stopped VM's definition", "start": "start a defined VM",
+        "shutdown": "press the VM's ACPI power button", "destroy": "stop the VM at once",
+        "suspend": "pause the VM", "resume": "resume a paused VM",
+        "list": "list the VMs (running ones; --all: every one)",
+        "dominfo": "a VM's definition and state", "schedinfo": "a VM's CPU settings",
+        "console": "attach to the VM's serial console (Ctrl-] leaves)",
+        "events": "the daemon's event log", "nodeinfo": "the host's statistics",
+    }
+    for verb in VERBS:
+        v = sub.add_parser(verb, help=helps[verb], description=helps[verb])
+        _connection_options(v)
+        if verb in ("list", "dominfo", "schedinfo", "events", "nodeinfo"):
+            v.add_argument("--json", action="store_true", help="print JSON")
+        if verb == "list":
+            v.add_argument("--all", action="store_true", help="stopped VMs too")
+        elif verb == "events":
+            v.add_argument("--vm", default=None, metavar="NAME")
+            v.add_argument("--limit", type=int, default=100)
+        elif verb == "define":
+            _define_options(v)
+        elif verb != "nodeinfo":
+            v.add_argument("name", metavar="NAME")
+
+
+def _define_options(v: argparse.ArgumentParser) -> None:
+    v.add_argument("file", nargs="?", type=Path, metavar="FILE.json",
+                   help="a JSON definition (docs/host-daemon.md; '-' for stdin)")
+    v.add_argument("--name")
+    v.add_argument("--kernel", type=Path)
+    v.add_argument("--image", choices=("linux", "debian"))
+    v.add_argument("--initrd", type=Path)
+    v.add_argument("--append", dest="cmdline")
+    v.add_argument("--command")
+    v.add_argument("--mem", default=None, metavar="SIZE", help="guest RAM (default 128M)")
+    v.add_argument("--cpus", type=int, default=None)
+    v.add_argument("--engine", default=None)
+    v.add_argument("--disk", action="append", default=[])
+    v.add_argument("--net", action="append", default=[])
+    v.add_argument("--cpu-shares", type=int, default=None)
+    v.add_argument("--cpu-reservation", type=int, default=None, metavar="MHZ")
+    v.add_argument("--cpu-limit", type=int, default=None, metavar="MHZ")
+    v.add_argument("--pin", default=None, metavar="CPU,CPU,...",
+                   help="the host CPU of each vCPU, in order")
+
+
+def _definition(args: argparse.Namespace) -> dict[str, Any]:
+    if args.file is not None:
+        if args.name is not None:
+            raise ConfigError("give a definition file or options, not both")
+        try:
+            text = sys.stdin.read() if str(args.file) == "-" else args.file.read_text()
+            d = json.loads(text)
+        except OSError as e:
+            raise ConfigError(f"{args.file}: {e.strerror or e}") from None
+        except ValueError as e:
+            raise ConfigError(f"{args.file}: not JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{args.file}: the definition must be a JSON object")
+        return d
+    if args.name is None:
+        raise ConfigError("define needs a definition file or --name (and --kernel ...)")
+    d = {"name": args.name}
+    for key in ("kernel", "initrd"):
+        if getattr(args, key) is not None:
+            d[key] = str(getattr(args, key).absolute())
+    for key in ("image", "cmdline", "command", "engine"):
+        if getattr(args, key) is not None:
+            d[key] = getattr(args, key)
+    opt: dict[str, Any] = {}
+    if args.mem is not None:
+        opt["memory_mib"] = parse_size(args.mem, default_unit="M") >> 20
+    if args.cpus is not None:
+        opt["vcpus"] = args.cpus
+    if args.disk:
+        opt["disks"] = args.disk
+    if args.net:
+        opt["networks"] = args.net
+    for key in ("cpu_shares", "cpu_reservation", "cpu_limit"):
+        if getattr(args, key) is not None:
+            opt[key] = getattr(args, key)
+    if args.pin is not None:
+        try:
+            opt["pin"] = [int(c) for c in args.pin.split(",")]
+        except ValueError:
+            raise ConfigError(f"--pin {args.pin!r}: expected CPU numbers, e.g. 0,1") from None
+    return {**d, **opt}
+
+
+def main(args: argparse.Namespace) -> int:
+    client = Client.find(args.state_dir, args.socket, args.url, args.token_file)
+    verb: str = args.vm_verb
+    if verb == "define":
+        vm = client.call("POST", "/v1/vms", _definition(args))
+        print(f"Domain '{vm['name']}' defined")
+    elif verb == "undefine":
+        client.call("DELETE", f"/v1/vms/{args.name}")
+        print(f"Domain '{args.name}' has been undefined")
+    elif verb in ("start", "shutdown", "destroy", "suspend", "resume"):
+        route = {"suspend": "pause"}.get(verb, verb)
+        client.call("POST", f"/v1/vms/{args.name}/{route}")
+        said = {"start": "started", "shutdown": "is being shutdown",
+                "destroy": "destroyed", "suspend": "suspended", "resume": "resumed"}[verb]
+        print(f"Domain '{args.name}' {said}")
+    elif verb == "list":
+        vms = client.call("GET", "/v1/vms")["vms"]
+        if not args.all:
+            vms = [v for v in vms if v["state"] in ("starting", "running", "paused")]
+        if args.json:
+            print(json.dumps(vms, indent=2))
+        else:
+            _table(vms)
+    elif verb == "dominfo":
+        vm = client.call("GET", f"/v1/vms/{args.name}")
+        print(json.dumps(vm, indent=2) if args.json else _dominfo(vm))
+    elif verb == "schedinfo":
+        d = client.call("GET", f"/v1/vms/{args.name}")["definition"]
+        info = {k: d[k] for k in ("cpu_shares", "cpu_reservation", "cpu_limit", "pin")}
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            for k, v in info.items():
+                shown = "-" if v is None else (",".join(map(str, v)) if k == "pin" else v)
+                print(f"{k:<16}: {shown}")
+    elif verb == "events":
+        q = f"?limit={args.limit}" + (f"&vm={args.vm}" if args.vm else "")
+        events = client.call("GET", f"/v1/events{q}")["events"]
+        if args.json:
+            print(json.dumps(events, indent=2))
+        else:
+            for e in events:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
+                print(f"{when}  {e['vm'] or '-':<16} {e['kind']:<13} {e['message']}")
+    elif verb == "nodeinfo":
+        h = client.call("GET", "/v1/host")
+        if args.json:
+            print(json.dumps(h, indent=2))
+        else:
+            for k, v in h.items():
+                print(f"{k + ':':<22} {v}")
+    elif verb == "console":
+        return console(client, args.name)
+    return 0
+
+
+def _table(vms: list[dict[str, Any]]) -> None:
+    rows = [(str(v["pid"] or "-"), v["name"], v["state"]) for v in vms]
+    w = max([4] + [len(r[1]) for r in rows])
+    print(f" {'Id':<8} {'Name':<{w}}   State")
+    print("-" * (w + 22))
+    for pid, name, state in rows:
+        print(f" {pid:<8} {name:<{w}}   {state}")
+
+
+def _dominfo(vm: dict[str, Any]) -> str:
+    d = vm["definition"]
+    boot = d["kernel"] or f"pyhv image {d['image'] or 'linux'}"
+    rows = [("Id", vm["pid"] or "-"), ("Name", vm["name"]), ("UUID", vm["uuid"]),
+            ("State", vm["state"]), ("CPU(s)", d["vcpus"]),
+            ("Memory", f"{d['memory_mib']} MiB"), ("Engine", d["engine"]),
+            ("Boot", boot), ("Disks", ", ".join(d["disks"]) or "-"),
+            ("Networks", ", ".join(d["networks"]) or "-"),
+            ("Last exit", vm["last_exit"] or "-")]
+    return "\n".join(f"{k + ':':<15} {v}" for k, v in rows)
+
+
+def console(client: Client, name: str) -> int:
+    """Attach stdin/stdout to the VM's console websocket until it closes or Ctrl-]."""
+    from websockets.exceptions import ConnectionClosed
+    client.call("GET", f"/v1/vms/{name}")              # a clear error for an unknown VM
+    ws = client.websocket(f"/v1/vms/{name}/console")
+    fd = sys.stdin.fileno()
+    is_tty = os.isatty(fd)
+    saved = termios.tcgetattr(fd) if is_tty else None
+    if is_tty:
+        sys.stderr.write(f"Connected to domain '{name}'\r\nEscape character is ^]\r\n")
+        tty.setraw(fd, termios.TCSANOW)
+    stop = threading.Event()
+
+    def pump_input() -> None:
+        while not stop.is_set():
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                return
+            if not data:
+                return                                  # end of input: keep reading
+            if is_tty and ESCAPE in data:
+                head = data[:data.index(ESCAPE)]
+                with contextlib.suppress(ConnectionClosed):
+                    if head:
+                        ws.send(head)
+                    ws.close()
+                return
+            try:
+                ws.send(data)
+            except ConnectionClosed:
+                return
+
+    threading.Thread(target=pump_input, name="pyhv-console-in", daemon=True).start()
+    out = sys.stdout.buffer
+    try:
+        for msg in ws:
+            out.write(msg if isinstance(msg, bytes) else msg.encode())
+            out.flush()
+    except ConnectionClosed:
+        pass
+    finally:
+        stop.set()
+        if saved is not None:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+            sys.stderr.write("\n")
+    code = ws.close_code
+    if code is not None and code >= 4000:
+        raise DaemonError(ws.close_reason or f"the console closed ({code})")
+    return 0

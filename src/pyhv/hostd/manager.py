@@ -1,0 +1,410 @@
+"""The host daemon's logic: VM lifecycle, admission, the monitor, adoption after a restart.
+
+Operations (each raises `HostError(status, message)` for what the API maps to HTTP):
+    define(d)      host checks (kernel/initrd files exist; memory fits the host's
+                   capacity; the name fits a socket path), then stored, stopped
+    undefine(n)    only a stopped or crashed VM; its logs go with it
+    start(n)       admission (the memory of the VMs that run plus this one fits the
+                   capacity), spawn (pyhv.hostd.vmproc), wait until its control API answers
+                   and its console socket exists; a start that fails kills what it
+                   started and leaves the VM stopped, with an event saying why
+    shutdown(n)    the ACPI power button (the VM stops when its guest powers off)
+    destroy(n)     hard stop through the control API, SIGKILL of its process group when
+                   the VM does not end within DESTROY_GRACE_S; returns once it has ended
+    pause/resume   the control API's PUT /state
+    stats(n)       the control API's GET /stats
+
+States: stopped -> starting -> running <-> paused -> stopped | crashed. A VM process that
+ends is noticed by the monitor thread (every MONITOR_PERIOD_S): an exit the daemon asked
+for, a guest power-off (status 0) or a guest's own exit status (odd) is "stopped"; a
+signal it did not send (a VM killed behind its back), a guest crash or a pyhv error is
+"crashed"; the event says which. A VM the daemon did not start (one it adopted) is not
+its child, so its status is unknown: "stopped", with that said in the event.
+
+Adoption (`open`): every VM the inventory says is live is checked by its rundir lock
+(the kernel's word that the process lives); a live one is adopted with the state its
+control API reports, a dead one marked stopped with an event.
+
+Concurrency: API requests run on a thread pool; `_lock` makes admission and the choice
+of which operation may act on a VM atomic; a VM with an operation in flight (`_busy`) is
+refused other operations (409) and left alone by the monitor, which checks each VM under
+the lock (a check is a waitpid or a flock probe: no operation is refused for it). Waits
+happen outside the lock. The CPU settings are stored; placing the process in its cgroup
+is the scheduling module's (pyhv.sched), called once the process exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pyhv import __version__
+from pyhv.errors import ConfigError
+from pyhv.hostd import vmproc
+from pyhv.hostd.inventory import LIVE, Inventory
+from pyhv.hostd.models import HostStats, Vm, VmDefinition
+from pyhv.hostd.statedir import StateDir
+from pyhv.vmclient import VmError
+
+START_TIMEOUT_S = 120.0
+DESTROY_GRACE_S = 10.0
+MONITOR_PERIOD_S = 0.25
+MIB = 1 << 20
+STATUS_CRASH = 4
+STATUS_INTERNAL = 70
+
+
+class HostError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes."""
+    out: dict[str, int] = {}
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        words = rest.split()
+        if words and words[0].isdigit():
+            out[key] = int(words[0]) * (1024 if words[1:] == ["kB"] else 1)
+    return out
+
+
+def describe_exit(rc: int | None, expected: str | None) -> tuple[str, str]:
+    """(state, text) for a VM process that ended with `rc` (None: not our child)."""
+    if expected == "destroy":
+        return "stopped", "destroyed"
+    if rc is None:
+        how = "shut down" if expected == "shutdown" else "ended"
+        return "stopped", f"{how} (the VM was adopted: its exit status is unknown)"
+    if rc < 0:
+        name = signal.Signals(-rc).name if -rc in signal.valid_signals() else str(-rc)
+        return "crashed", f"the VM process was killed by {name}"
+    if rc == 0:
+        return "stopped", "shut down" if expected == "shutdown" else "powered off (status 0)"
+    if rc % 2 == 1:
+        return "stopped", f"the guest exited with status {rc} (debug-exit port)"
+    if rc == STATUS_CRASH:
+        return "crashed", "the guest crashed (status 4; see the VM's .err file)"
+    if rc == STATUS_INTERNAL:
+        return "crashed", "pyhv failed (internal error, status 70; see the VM's .err file)"
+    return "crashed", f"the VM process ended with status {rc}"
+
+
+class Manager:
+    def __init__(self, state: StateDir, inventory: Inventory,
+                 memory_capacity: int | None = None) -> None:
+        self.state = state
+        self.inv = inventory
+        total = meminfo().get("MemTotal") or os.sysconf("SC_PAGE_SIZE") * os.sysconf(
+            "SC_PHYS_PAGES")
+        self.memory_capacity = memory_capacity or total
+        self.started = time.time()
+        self._lock = threading.Lock()
+        self._busy: set[str] = set()
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._expect: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ daemon life
+
+    def open(self) -> None:
+        self.adopt()
+        self._monitor = threading.Thread(target=self._watch, name="pyhv-hostd-monitor",
+                                         daemon=True)
+        self._monitor.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._monitor is not None:
+            self._monitor.join(timeout=5.0)
+
+    def adopt(self) -> None:
+        for vm in self.inv.all():
+            if vm.state not in LIVE:
+                continue
+            pid = vmproc.holder(self.state, vm.name)
+            if pid is None:
+                self.inv.set_state(vm.name, "stopped", kind="lost",
+                                   message=f"the VM process (pid {vm.pid}) ended while the "
+                                           "daemon was not running",
+                                   last_exit="ended while the daemon was not running")
+                vmproc.clean_stale(self.state, vm.name)
+                continue
+            info = vmproc.probe(self.state, vm.name)
+            live = info.get("state") if info else None
+            new = live if live in ("running", "paused") else (
+                "running" if vm.state == "starting" else vm.state)
+            self.inv.set_state(vm.name, new, pid=pid, kind="adopted",
+                               message=f"adopted the running VM (pid {pid}, {new})"
+                                       + ("" if info else "; its control API does not "
+                                                          "answer"))
+
+    # ------------------------------------------------------------------ inventory
+
+    def get(self, name: str) -> Vm:
+        vm = self.inv.get(name)
+        if vm is None:
+            raise HostError(404, f"no VM named {name!r}")
+        return vm
+
+    def list_vms(self) -> list[Vm]:
+        return self.inv.all()
+
+    def define(self, d: VmDefinition) -> Vm:
+        for field in ("kernel", "initrd"):
+            path = getattr(d, field)
+            if path is not None and not Path(path).is_file():
+                raise HostError(422, f"{field} {path}: no such file on the host")
+        mem = d.memory_mib * MIB
+        if mem > self.memory_capacity:
+            raise HostError(422, f"{d.memory_mib} MiB does not fit this host: its "
+                                 f"capacity is {self.memory_capacity // MIB} MiB")
+        try:
+            self.state.check_vm_name(d.name)
+        except ConfigError as e:
+            raise HostError(422, str(e)) from None
+        if d.pin is not None and (bad := [c for c in d.pin if c >= (os.cpu_count() or 1)]):
+            raise HostError(422, f"pin: this host has no CPU {bad[0]} (it has "
+                                 f"{os.cpu_count()})")
+        try:
+            return self.inv.define(d)
+        except KeyError:
+            raise HostError(409, f"a VM named {d.name!r} is already defined") from None
+
+    def undefine(self, name: str) -> None:
+        with self._lock:
+            vm = self.get(name)
+            if vm.state not in ("stopped", "crashed") or name in self._busy:
+                raise HostError(409, f"the VM {name!r} is {vm.state}; stop it first "
+                                     "(destroy or shutdown)")
+            self.inv.undefine(name)
+        for suffix in ("log", "err", "console"):
+            with contextlib.suppress(FileNotFoundError):
+                self.state.vm_path(name, suffix).unlink()
+
+    def events(self, vm: str | None, since: int, limit: int) -> list[Any]:
+        return self.inv.events(vm, since, limit)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _committed(self) -> tuple[int, int]:
+        mem = cpus = 0
+        for vm in self.inv.all():
+            if vm.state in LIVE:
+                mem += vm.definition.memory_mib * MIB
+                cpus += vm.definition.vcpus
+        return mem, cpus
+
+    def start(self, name: str) -> Vm:
+        with self._lock:
+            vm = self.get(name)
+            if name in self._busy or vm.state not in ("stopped", "crashed"):
+                raise HostError(409, f"the VM {name!r} is {vm.state}"
+                                     + (" (an operation is in progress)"
+                                        if name in self._busy else ""))
+            d = vm.definition
+            committed, _ = self._committed()
+            need = d.memory_mib * MIB
+            if committed + need > self.memory_capacity:
+                raise HostError(409, f"starting {name!r} ({d.memory_mib} MiB) would pass "
+                                     f"the host's memory capacity: "
+                                     f"{committed // MIB} MiB of "
+                                     f"{self.memory_capacity // MIB} MiB are committed")
+            held = vmproc.holder(self.state, name)
+            if held is not None:
+                raise HostError(409, f"a process (pid {held}) still holds the name "
+                                     f"{name!r}")
+            vmproc.clean_stale(self.state, name)
+            try:
+                proc = vmproc.spawn(self.state, d)
+            except OSError as e:
+                raise HostError(500, f"cannot start the VM process: {e}") from None
+            self._busy.add(name)
+            self._expect.pop(name, None)
+            self.inv.set_state(name, "starting", pid=proc.pid, kind="starting",
+                               message=f"starting (pid {proc.pid})", started=True)
+        try:
+            why = self._wait_ready(name, proc)
+            if why is None:
+                self._children[name] = proc
+                self.inv.set_state(name, "running", pid=proc.pid, expect_pid=proc.pid,
+                                   kind="started", message=f"started (pid {proc.pid})")
+                return self.get(name)
+            vmproc.kill_group(proc.pid)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=DESTROY_GRACE_S)
+            vmproc.clean_stale(self.state, name)
+            self.inv.set_state(name, "stopped", expect_pid=proc.pid, kind="start-failed",
+                               message=f"start failed: {why}", last_exit=f"start failed: "
+                                                                         f"{why}")
+            raise HostError(422 if proc.returncode == 2 else 500,
+                            f"the VM {name!r} did not start: {why}")
+        finally:
+            with self._lock:
+                self._busy.discard(name)
+
+    def _wait_ready(self, name: str, proc: subprocess.Popen[bytes]) -> str | None:
+        """None once the VM answers on its control API and its console socket exists;
+        else why not."""
+        console = self.state.vm_path(name, "console")
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            rc = proc.poll()
+            if rc is not None:
+                tail = vmproc.err_tail(self.state, name)
+                return f"pyhv run exited with status {rc}" + (f": {tail}" if tail else "")
+            if console.exists() and vmproc.probe(self.state, name, timeout=2.0):
+                return None
+            time.sleep(0.05)
+        return f"its control API did not answer within {START_TIMEOUT_S:g} s"
+
+    def _claim_live(self, name: str, verb: str) -> Vm:
+        with self._lock:
+            vm = self.get(name)
+            if name in self._busy:
+                raise HostError(409, f"the VM {name!r} is {vm.state} (an operation is in "
+                                     "progress)")
+            if vm.state not in ("running", "paused"):
+                raise HostError(409, f"cannot {verb} the VM {name!r}: it is {vm.state}")
+            self._busy.add(name)
+            return vm
+
+    def _release(self, name: str) -> None:
+        with self._lock:
+            self._busy.discard(name)
+
+    def _control(self, name: str, method: str, path: str,
+                 body: dict[str, Any] | None = None) -> dict[str, Any]:
+        try:
+            return vmproc.control(self.state, name, method, path, body)
+        except VmError as e:
+            raise HostError(409, f"the VM {name!r} refused: {e}") from None
+
+    def destroy(self, name: str) -> Vm:
+        vm = self._claim_live(name, "destroy")
+        try:
+            self._expect[name] = "destroy"
+            proc = self._children.get(name)
+            if proc is not None and proc.pid != vm.pid:
+                proc = None
+            with contextlib.suppress(VmError):   # unresponsive: the kill below ends it
+                vmproc.control(self.state, name, "PUT", "/actions", {"action": "stop"},
+                               timeout=5.0)
+            if not vmproc.wait_gone(self.state, name, proc, DESTROY_GRACE_S):
+                if proc is not None:
+                    vmproc.kill_group(proc.pid)
+                elif vm.pid is not None and vmproc.holder(self.state, name) == vm.pid:
+                    vmproc.kill_group(vm.pid)
+                vmproc.wait_gone(self.state, name, proc, DESTROY_GRACE_S)
+            self._ended(vm, proc.poll() if proc is not None else None)
+        finally:
+            self._release(name)
+        return self.get(name)
+
+    def shutdown(self, name: str) -> Vm:
+        vm = self._claim_live(name, "shut down")
+        try:
+            if vm.state == "paused":
+                raise HostError(409, f"the VM {name!r} is paused: resume it first (its "
+                                     "guest cannot see the power button while paused)")
+            self._control(name, "PUT", "/actions", {"action": "shutdown"})
+            self._expect[name] = "shutdown"
+            self.inv.event(name, "shutdown", "ACPI power button pressed")
+        finally:
+            self._release(name)
+        return self.get(name)
+
+    def set_paused(self, name: str, paused: bool) -> Vm:
+        vm = self._claim_live(name, "pause" if paused else "resume")
+        try:
+            want = "paused" if paused else "running"
+            if vm.state == want:
+                return vm
+            self._control(name, "PUT", "/state", {"state": want})
+            self.inv.set_state(name, want, expect_pid=vm.pid,
+                               kind="paused" if paused else "resumed",
+                               message="paused" if paused else "resumed")
+        finally:
+            self._release(name)
+        return self.get(name)
+
+    def stats(self, name: str) -> dict[str, Any]:
+        vm = self.get(name)
+        if vm.state not in ("running", "paused"):
+            raise HostError(409, f"the VM {name!r} is {vm.state}")
+        return self._control(name, "GET", "/stats")
+
+    def console_path(self, name: str) -> Path:
+        vm = self.get(name)
+        if vm.state not in ("running", "paused"):
+            raise HostError(409, f"the VM {name!r} is {vm.state}: no console")
+        return self.state.vm_path(name, "console")
+
+    # ------------------------------------------------------------------ the monitor
+
+    def _ended(self, vm: Vm, rc: int | None) -> None:
+        expected = self._expect.pop(vm.name, None)
+        state, text = describe_exit(rc, expected)
+        self._children.pop(vm.name, None)
+        vmproc.clean_stale(self.state, vm.name)
+        self.inv.set_state(vm.name, state, expect_pid=vm.pid,
+                           kind="crashed" if state == "crashed" else "stopped",
+                           message=text, last_exit=text)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(MONITOR_PERIOD_S):
+            try:
+                self.check_all()
+            except Exception as e:  # noqa: BLE001 - the monitor must outlive a bad turn
+                self.inv.event(None, "monitor-error", f"{type(e).__name__}: {e}")
+
+    def check_all(self) -> None:
+        """One turn of the monitor: each live VM with no operation in flight is checked
+        under the lock, so an operation never finds it half-noticed (and the monitor
+        never makes an operation wait more than one check)."""
+        for listed in self.inv.all():
+            if listed.state not in LIVE:
+                continue
+            with self._lock:
+                vm = self.inv.get(listed.name)
+                if vm is None or vm.state not in LIVE or vm.name in self._busy:
+                    continue
+                proc = self._children.get(vm.name)
+                if proc is not None and proc.pid == vm.pid:
+                    rc = proc.poll()
+                    if rc is not None:
+                        self._ended(vm, rc)
+                elif vmproc.holder(self.state, vm.name) is None:
+                    self._ended(vm, None)
+
+    # ------------------------------------------------------------------ host
+
+    def host_stats(self) -> HostStats:
+        mi = meminfo()
+        committed, cpus = self._committed()
+        counts: dict[str, int] = {}
+        for vm in self.inv.all():
+            counts[vm.state] = counts.get(vm.state, 0) + 1
+        return HostStats(
+            hostname=socket.gethostname(), version=__version__, daemon_pid=os.getpid(),
+            daemon_uptime_s=round(time.time() - self.started, 3),
+            cpus=os.cpu_count() or 1, loadavg=[round(x, 2) for x in os.getloadavg()],
+            memory_total_mib=mi.get("MemTotal", 0) // MIB,
+            memory_available_mib=mi.get("MemAvailable", 0) // MIB,
+            memory_capacity_mib=self.memory_capacity // MIB,
+            memory_committed_mib=committed // MIB, vcpus_committed=cpus, vms=counts)
