@@ -237,8 +237,9 @@ class ShadowMmu:
             n = n + 1 if vpn == vn >> 12 else 1
             self.stale = (vn >> 12, n)
             if n >= STALE_LIMIT:
-                why = (" (on KVM-PVM the real CPU never gives CPL 3 code the upper half "
-                       "of the address space)" if va >> 63 else "")
+                why = (" (on KVM-PVM CPL 3 code never reaches PML4 slot 256 of the upper "
+                       "half, 0xffff800000000000..0xffff807fffffffff: docs/pvm.md)"
+                       if (va >> 39) & 0x1FFFF == 0x1FF00 else "")
                 raise Refused(f"the shadow entry for {va:#x} ({entry:#x}) does not take "
                               f"effect{why}")
             self.resync_needed = True
