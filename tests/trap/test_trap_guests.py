@@ -233,9 +233,9 @@ PAGING = ("paging: own tables built, mov cr3\n"
           "#PF err=0003 cr2={hi}2000\n"
           "paging: 2 page faults, done\n")
 KVM_PVM = Path("/sys/module/kvm_pvm").exists()
-UPPER_HALF_REASON = ("KVM-PVM never lets CPL 3 code reach the upper half of the address "
-                     "space (it is the host kernel's), so the trap engine's shadow cannot "
-                     "map a guest page there")
+UPPER_HALF_REASON = ("KVM-PVM never lets CPL 3 code reach PML4 slot 256 of the upper half "
+                     "(docs/pvm.md), so the trap engine's shadow cannot map a guest page "
+                     "there")
 
 
 @pytest.mark.parametrize("engine", engines(*ENGINES))

@@ -32,7 +32,7 @@ from guestbuild import (  # noqa: E402
 
 TRAP_GUESTS = Path(__file__).resolve().parent.parent / "guests" / "trap"
 NAMES = ("teach", "sensitive", "badgdt", "badidt", "hidden", "cannot", "bench", "paging",
-         "paging_high", "btedge", "btirq")
+         "paging_high", "paging_upper", "btedge", "btirq", "usermode")
 
 __all__ = ["CORE", "NAMES", "TRAP_GUESTS", "BuildError", "Run", "build", "engine_unavailable",
            "missing_tools", "run_pyhv", "unavailable"]

@@ -16,6 +16,8 @@
  * (status 75). Anything else on the command line: "bench: bad command line", 0x7e.
  */
 #include "guest.h"
+#include "pvops.h"
+#include "loops.inc"
     .intel_syntax noprefix
     .code64
     .text
@@ -26,24 +28,7 @@ start:
     jz bad
     mov esi, dword ptr [rdi + 16]
     mov bl, [rsi]                 /* 'p' or 'c' */
-1:  lodsb                         /* skip to the first digit */
-    test al, al
-    jz bad
-    cmp al, '0'
-    jb 1b
-    cmp al, '9'
-    ja 1b
-    xor ecx, ecx                  /* N in RCX */
-2:  sub al, '0'
-    imul rcx, rcx, 10
-    movzx eax, al
-    add rcx, rax
-    lodsb
-    cmp al, '0'
-    jb 3f
-    cmp al, '9'
-    jbe 2b
-3:  mov r12, rcx
+    COUNT_ARG
     cmp bl, 'p'
     je priv
     cmp bl, 'c'
@@ -58,16 +43,7 @@ bad:
     DEBUG_EXIT_WITH(0x7e)
 
 priv:
-    mov rcx, r12
-    test rcx, rcx
-    jz 2f
-1:  cli
-    sti
-    in al, 0x61
-    out 0x80, al
-    dec rcx
-    jnz 1b
-2:  xor r13d, r13d
+    PRIV_LOOP
     lea rsi, [rip + msg_priv]
     jmp report
 
@@ -93,33 +69,15 @@ sys:
     lea rax, [rip + sys_handler]
     mov ecx, 0x2f
     call set_gate
-    mov rcx, r12
-    test rcx, rcx
-    jz 2f
-1:  int 0x2f
-    dec rcx
-    jnz 1b
-2:  xor r13d, r13d
+    SYS_LOOP
     lea rsi, [rip + msg_sys]
     jmp report
 sys_handler:
     iretq
 
 cpu:
-    mov rcx, r12
-    mov rax, 1
-    xor r13d, r13d
-    test rcx, rcx
-    jz 3f
-1:  mov edx, 1000
-2:  imul rax, rax, 6364136223846793005 & 0x7fffffff
-    add rax, rdx
-    xor r13, rax
-    dec edx
-    jnz 2b
-    dec rcx
-    jnz 1b
-3:  lea rsi, [rip + msg_cpu]
+    CPU_LOOP
+lea rsi, [rip + msg_cpu]
 
 report:
     call puts

@@ -25,6 +25,7 @@
 #include "guest.h"
 #include "kernel64.h"
 #include "pvops.h"
+#include "loops.inc"
     .intel_syntax noprefix
     .code64
 
@@ -41,24 +42,7 @@ start:
     test dword ptr [r14], MULTIBOOT_INFO_CMDLINE
     jz bad
     mov esi, dword ptr [r14 + 16]
-1:  lodsb                         /* skip to the first digit */
-    test al, al
-    jz bad
-    cmp al, '0'
-    jb 1b
-    cmp al, '9'
-    ja 1b
-    xor ecx, ecx                  /* N in RCX */
-2:  sub al, '0'
-    imul rcx, rcx, 10
-    movzx eax, al
-    add rcx, rax
-    lodsb
-    cmp al, '0'
-    jb 3f
-    cmp al, '9'
-    jbe 2b
-3:  mov r12, rcx
+    COUNT_ARG
     mov esi, dword ptr [r14 + 16]
     mov bx, [rsi]                 /* the loop's first two letters */
     cmp bx, 0x7270                /* "pr" */
@@ -77,16 +61,7 @@ bad:
     DEBUG_EXIT_WITH(0x7e)
 
 priv:
-    mov rcx, r12
-    test rcx, rcx
-    jz 2f
-1:  PV_CLI
-    PV_STI
-    in al, 0x61
-    out 0x80, al
-    dec rcx
-    jnz 1b
-2:  xor r13d, r13d
+    PRIV_LOOP
     lea rsi, [rip + msg_priv]
     jmp report
 
@@ -141,13 +116,7 @@ sys:
     lea rax, [rip + sys_handler]
     mov ecx, 0x2f
     call set_gate
-    mov rcx, r12
-    test rcx, rcx
-    jz 2f
-1:  int 0x2f
-    dec rcx
-    jnz 1b
-2:  xor r13d, r13d
+    SYS_LOOP
     lea rsi, [rip + msg_sys]
     jmp report
 sys_handler:
@@ -211,20 +180,8 @@ usys_done:
     jmp report
 
 cpu:
-    mov rcx, r12
-    mov rax, 1
-    xor r13d, r13d
-    test rcx, rcx
-    jz 3f
-1:  mov edx, 1000
-2:  imul rax, rax, 6364136223846793005 & 0x7fffffff
-    add rax, rdx
-    xor r13, rax
-    dec edx
-    jnz 2b
-    dec rcx
-    jnz 1b
-3:  lea rsi, [rip + msg_cpu]
+    CPU_LOOP
+lea rsi, [rip + msg_cpu]
 
 report:
     call puts

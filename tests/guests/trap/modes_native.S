@@ -5,6 +5,7 @@
  * Only the compute loop can run natively in a process: CLI/STI, IN/OUT, page-table
  * stores and INVLPG, and a private IDT are privileged at CPL 3 (#GP).
  */
+#include "loops.inc"
     .intel_syntax noprefix
     .text
     .globl main
@@ -17,20 +18,8 @@ main:
     mov edx, 10
     call strtoul@PLT
     mov r12, rax
-    mov rcx, r12
-    mov rax, 1
-    xor r13d, r13d
-    test rcx, rcx
-    jz 3f
-1:  mov edx, 1000
-2:  imul rax, rax, 6364136223846793005 & 0x7fffffff
-    add rax, rdx
-    xor r13, rax
-    dec edx
-    jnz 2b
-    dec rcx
-    jnz 1b
-3:  lea rdi, [rip + fmt]
+    CPU_LOOP
+    lea rdi, [rip + fmt]
     mov rsi, r12
     mov rdx, r13
     xor eax, eax

@@ -1,9 +1,10 @@
 """The binary translator's own memory: translation cache, vCPU state page, lookup tables.
 
 Design: translated code runs natively at CPL 3, so the translation cache (TC) and the
-memory it works on must be reachable at CPL 3. The trap monitor's hidden slot is in the
-upper half of the address space, which KVM-PVM never gives CPL 3 code (docs/host.md), so
-the translator's area is a KVM memory slot of its own mapped in the *lower* half, in
+memory it works on must be reachable at CPL 3, unlike the trap monitor's slot (PML4 slot
+511, supervisor-only). The translator's area is a KVM memory slot of its own mapped in
+the *lower* half (chosen when the whole upper half was believed closed to CPL 3 on
+KVM-PVM; only slot 256 is, docs/pvm.md, so it could move up and give slot 255 back), in
 PML4 slot 255 (guest-virtual 0x7f80_0000_0000), a slot the guest's own address space may
 not use (its tables are refused there, as slot 511 is for the trap monitor):
 

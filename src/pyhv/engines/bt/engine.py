@@ -33,6 +33,14 @@ the guest then, at that RIP. Interrupts from the 8259 are taken when the virtual
 or at a `Loc.boundary` (the start of a translated guest instruction, not after STI);
 elsewhere they wait for the next kick or call-out.
 
+Guest user mode (user.py): while the virtual CPU is at CPL 3 (`self.user`: the real
+CPU runs on the user root `ushadow`) the guest's own code runs natively, no
+translation; `held` is then always at a guest address. The kernel's IRETQ/SYSRETQ to
+CPL 3 are call-outs that leave COMMON behind (KVM_SET_REGS to the user's RIP, and the
+user root, CS and SS with KVM_SET_SREGS); every exception, INT n, SYSCALL and interrupt
+in user mode reaches pyhv through the monitor's IDT, is delivered into the guest
+kernel with the privilege change, and the kernel's handler runs translated again.
+
 Self-modifying code: every guest page a block was translated from is write-protected
 in the shadow (ShadowMmu.protect); a write faults, the page's blocks are invalidated
 and its protection dropped, and the store is emulated (MOV/XCHG) and execution goes on
@@ -50,9 +58,11 @@ from typing import TextIO
 
 import iced_x86 as ix
 
+from pyhv.arch.x86 import gdt
 from pyhv.arch.x86.cpustate import CpuState
 from pyhv.engines.base import EngineOption
 from pyhv.engines.bt import area as A
+from pyhv.engines.bt import user as U
 from pyhv.engines.bt.cache import TranslationCache
 from pyhv.engines.bt.sensitive import lar_family
 from pyhv.engines.bt.state import SHeld
@@ -61,9 +71,9 @@ from pyhv.engines.bt.translate import ADD, FLAGS, RESTORE, Block, Loc, Site
 from pyhv.engines.trap import descriptors, guestmem
 from pyhv.engines.trap import monitor as MON
 from pyhv.engines.trap.context import Held
-from pyhv.engines.trap.engine import TrapEngine, TrapVcpu
+from pyhv.engines.trap.engine import TrapEngine, TrapVcpu, _load
 from pyhv.engines.trap.guestmem import GuestFault, canonical
-from pyhv.engines.trap.paging import PF_I, PF_W
+from pyhv.engines.trap.paging import PF_I, PF_U, PF_W
 from pyhv.engines.trap.reflect import DF, GP, PF, UD, Event, Kind, TripleFault, deliver, name
 from pyhv.engines.trap.shadow import Refused, ShadowMmu
 from pyhv.errors import GuestMemoryError
@@ -73,6 +83,11 @@ from pyhv.memory import GuestMemory
 
 SEL_UCODE, SEL_UDATA = MON.SEL_UCODE, MON.SEL_UDATA
 REKICK_S = 0.0005          # how soon a deferred interrupt is retried
+SYSCALL_TRAP = A.BT_GVA + 0x1000   # the real LSTAR: never mapped in the user root
+USER_POOL = 64             # shadow pages of the user root (the kernel's root keeps the rest)
+KERNEL_POOL = MON.SHADOW_POOL_PAGES - USER_POOL - 1
+USER_PML4_OFF = MON.SHADOW_POOL_OFF + KERNEL_POOL * 0x1000
+USER_CR3 = MON.MON_GPA + USER_PML4_OFF
 ARITH_FLAGS = 0x1 | 0x4 | 0x10 | 0x40 | 0x80 | 0x400 | 0x800 | 0x40000   # CF PF AF ZF SF DF OF AC
 
 
@@ -89,6 +104,8 @@ class BtVcpu(TrapVcpu):
         self.bt_count: Counter[str] = Counter()
         self.trace = trace
         self.rekick: threading.Timer | None = None
+        self.user = False                     # the real CPU runs guest user mode
+        self.ushadow: ShadowMmu | None = None
         super().__init__(kv, index, mem, area, umip=False)
 
     # ------------------------------------------------------------------ virtual CPU <-> S
@@ -215,6 +232,8 @@ class BtVcpu(TrapVcpu):
             out = lar_family(self.view, self.v, h, site.insn, self.emu)
             if out is not None:
                 result = self._deliver(h, out)
+        elif site.kind == "emulate" and _to_user(self.view, h, site.insn):
+            kind, result = self._to_user(h, site.insn)
         else:
             out2 = self.emu.emulate(h, site.vector, 0 if site.vector == GP else None,
                                     site.insn)
@@ -222,6 +241,23 @@ class BtVcpu(TrapVcpu):
             result = self._apply(h, out2, site.guest, site.insn)
         self.trap_stats.record(f"call-out {kind}", time.perf_counter() - t_exit, kvm_s)
         return result
+
+    def _to_user(self, h: Held, insn: bytes) -> tuple[str, Exit | None]:
+        """IRETQ to an RPL 3 CS, or SYSRETQ: the guest kernel enters its user mode."""
+        sysret = insn[:3] == b"\x48\x0f\x07"
+        kind = "sysretq to user" if sysret else "iretq to user"
+        try:
+            if sysret:
+                U.sysret(self.v, h)
+            else:
+                U.iret_to_user(self.view, self.v, h)
+        except GuestFault as f:
+            return kind, self._deliver(h, Event(f.vector, Kind.EXCEPTION, f.error_code,
+                                                cr2=f.cr2))
+        except U.Refused as r:
+            return kind, InternalError(f"cannot emulate: {r}", h.rip, insn)
+        self.bt_count["user mode entries"] += 1
+        return kind, None
 
     # ------------------------------------------------------------------ faults
 
@@ -234,8 +270,12 @@ class BtVcpu(TrapVcpu):
             return InternalError(f"bt engine: {name(vector)} in monitor code", rip)
         h = Held(self.kv, parked=True, rip=rip, rsp=rsp, rflags=rflags)
         self.held = h
-        self.guest_held = False
+        self.guest_held = self.user
         self.site = None
+        if self.user:
+            kind, result = self._user_fault(h, vector, err)
+            self.trap_stats.record(kind, time.perf_counter() - t_exit, kvm_s)
+            return result
         if not self.tc.in_tc(rip):
             return InternalError(f"bt engine: {name(vector)} at {rip:#x}, outside the "
                                  "translation cache (guest code must never run as it "
@@ -281,6 +321,83 @@ class BtVcpu(TrapVcpu):
             out = self.emu.emulate(h, vector, err, insn)
             return out.kind, self._apply(h, out, h.rip, insn)
         return f"reflect {name(vector)}", self._deliver(h, Event(vector, Kind.EXCEPTION, err))
+
+    def _user_fault(self, h: Held, vector: int, err: int | None
+                    ) -> tuple[str, Exit | None]:
+        """An exception of guest user code, run natively: as a CPU at CPL 3 takes it."""
+        if vector == PF:
+            cr2 = int(self.kv.get_sregs().cr2)
+            if cr2 == h.rip == SYSCALL_TRAP:
+                return self._user_syscall(h)
+            e = err or 0
+            if not self.v.efer & 0x800:
+                e &= ~PF_I
+            us = self.ushadow
+            assert us is not None
+            try:
+                if us.fault(cr2, e):
+                    return "user shadow fill", None
+            except GuestFault as f:
+                return "user reflect #PF", self._deliver(h, Event(
+                    PF, Kind.EXCEPTION, (f.error_code or 0) | PF_U, cr2=f.cr2))
+            except Refused as r:
+                return "shadow refused", InternalError(f"cannot emulate: {r}", h.rip)
+            frame = us.walk(cr2).frame
+            if frame in us.protected and frame not in us.table_pages and (
+                    self.shadow is None or frame not in self.shadow.table_pages):
+                self.tc.invalidate_frame(frame)   # user code wrote translated code
+                us.unprotect(frame)
+                self.bt_count["smc: user writes"] += 1
+                return "user smc", None           # retried natively, now writable
+            insn = guestmem.fetch(self.view, h.rip)
+            out = self.emu.pt_write(h, insn)
+            return "user pt write", self._apply(h, out, h.rip, insn)
+        i = ix.Decoder(64, guestmem.fetch(self.view, h.rip), ip=h.rip).decode()
+        if vector == UD and i.mnemonic == ix.Mnemonic.SYSCALL:
+            try:
+                U.syscall(self.v, h, i.next_ip)
+            except GuestFault as f:
+                return "user reflect #UD", self._deliver(h, Event(f.vector, Kind.EXCEPTION,
+                                                                  f.error_code))
+            return "user syscall", None
+        if i.mnemonic in (ix.Mnemonic.INT, ix.Mnemonic.INT3, ix.Mnemonic.INTO):
+            n = 3 if i.mnemonic == ix.Mnemonic.INT3 else (
+                4 if i.mnemonic == ix.Mnemonic.INTO else i.immediate8)
+            # KVM-PVM raises #UD for INT n at CPL 3 (docs/host.md); elsewhere the
+            # monitor's DPL 0 gate refuses it with #GP(n*8+2)
+            if vector == UD or (vector == GP and err == n * 8 + 2):
+                if U.int_refused(self.view, self.v, n):
+                    return "user reflect #GP", self._deliver(h, Event(GP, Kind.EXCEPTION,
+                                                                      n * 8 + 2))
+                h.rip = i.next_ip
+                return "user int n", self._deliver(h, Event(n, Kind.SOFTWARE))
+        return f"user reflect {name(vector)}", self._deliver(h, Event(vector, Kind.EXCEPTION,
+                                                                      err))
+
+    def _user_syscall(self, h: Held) -> tuple[str, Exit | None]:
+        """SYSCALL in user mode. On KVM-PVM it does not fault: the real CPU goes on at
+        CPL 3 at the vCPU's LSTAR with RCX = the next RIP and R11 = RFLAGS (docs/
+        host.md); pyhv points that LSTAR at SYSCALL_TRAP, never mapped in the user
+        root, so the fetch there is a #PF naming it. The guest's SYSCALL is then done on
+        the virtual CPU (user.py). A jump to SYSCALL_TRAP that no SYSCALL made is the
+        guest's own #PF."""
+        rcx, r11 = h.gpr(1), h.gpr(11)
+        try:
+            was_syscall = guestmem.read(self.view, rcx - 2, 2) == b"\x0f\x05"
+        except GuestFault:
+            was_syscall = False
+        if not was_syscall:
+            return "user reflect #PF", self._deliver(h, Event(
+                PF, Kind.EXCEPTION, PF_U | (PF_I if self.v.efer & 0x800 else 0),
+                cr2=SYSCALL_TRAP))
+        h.rflags = r11
+        try:
+            U.syscall(self.v, h, rcx)
+        except GuestFault as f:                   # EFER.SCE off: #UD at the SYSCALL
+            h.rip = rcx - 2
+            return "user reflect #UD", self._deliver(h, Event(f.vector, Kind.EXCEPTION,
+                                                              f.error_code))
+        return "user syscall", None
 
     def _lost(self, h: Held, vector: int) -> Exit:
         return InternalError(f"bt engine: {name(vector)} at TC address {h.rip:#x}, which "
@@ -390,37 +507,71 @@ class BtVcpu(TrapVcpu):
                 rip, _cs, fl, rsp, _ss = struct.unpack_from(
                     "<5Q", self.area.view, MON.frame_offset(self.parked))
                 self.held = Held(self.kv, parked=True, rip=rip, rsp=rsp, rflags=fl)
-                self.guest_held = False
+                self.guest_held = self.user
             else:
                 self.held = Held(self.kv, parked=False)
-                self.guest_held = False
+                self.guest_held = self.user
         return self.held
 
     def _leave(self) -> Exit | None:
         h = self.held
         if h is None:
             return None
-        if self.guest_held:
+        want_user = U.in_user(self.v)
+        if self.guest_held and not want_user:
             entered = self._enter(h)
             if isinstance(entered, Exit):
                 return entered
             tc_rip = entered
+            want_user = U.in_user(self.v)
         else:
-            tc_rip = h.rip
+            tc_rip = h.rip                        # a TC address, or user code's own RIP
         self.held = None
         self.guest_held = False
-        if self.stop == "callout":
+        switch = want_user != self.user
+        if self.stop == "callout" and switch:
+            # into user mode from translated code: COMMON is left behind
+            r = h.regs()
+            r.rip, r.rsp, r.rflags = tc_rip, h.rsp, h.rflags
+            self.kv.set_regs(r)
+            self.stop = "live"
+            self._switch_mode(want_user, parked=False)
+        elif self.stop == "callout":
             h.commit()
             self.bt.s_put(A.S_RESUME, tc_rip)
         elif h.parked:
             assert self.parked is not None
-            self.area.write_frame(self.parked, tc_rip, SEL_UCODE, h.rflags, h.rsp, SEL_UDATA)
+            if switch:
+                self._switch_mode(want_user, parked=True)
+            self.area.write_frame(self.parked, tc_rip, self.real_cs, h.rflags, h.rsp,
+                                  self.real_ss)
             h.commit()
         else:
             h.rip = tc_rip
             h.commit()
+            if switch:
+                self._switch_mode(want_user, parked=False)
         self._sync_out()
         return None
+
+    def _switch_mode(self, user: bool, *, parked: bool) -> None:
+        """The real CPU to guest user mode (the user root, the guest's user CS/SS where
+        the shadow GDT holds them) or back to translated kernel code."""
+        if user:
+            self.real_cs, self.real_ss = descriptors.real_selectors(self.area, self.v)
+        else:
+            self.real_cs, self.real_ss = SEL_UCODE, SEL_UDATA
+        self.user = user
+        sr = self.kv.get_sregs()
+        sr.cr3 = USER_CR3 if user else MON.SHADOW_CR3
+        if not parked:                            # a parked guest gets them from the frame
+            for reg, sel in (("cs", self.real_cs), ("ss", self.real_ss)):
+                seg = gdt.decode(sel, self.area.shadow_descriptor(sel))
+                seg.selector = sel
+                _load(getattr(sr, reg), seg)
+        self.kv.set_sregs(sr)
+        self.loaded = (self.real_cs, self.real_ss)
+        self.bt_count["user mode switches"] += 1
 
     def _enter(self, h: Held) -> int | Exit:
         """The TC address for guest `h.rip` (translating it); a fault found on the way
@@ -490,12 +641,17 @@ class BtVcpu(TrapVcpu):
     def _paging(self, what: str, address: int) -> None:
         sh = self.shadow
         assert sh is not None
+        us = self.ushadow
         if what == "invlpg":
             sh.invlpg(address)
+            if us is not None:
+                us.invlpg(address)
             if self.tc.invalidate_vpage((address & 0xFFFF_FFFF_FFFF_FFFF) >> 12):
                 self.bt_count["invlpg: blocks invalidated"] += 1
             return
         sh.flush_all("mov cr3" if what == "cr3" else "control register")
+        if us is not None:
+            us.flush_all("mov cr3" if what == "cr3" else "control register")
         self._flush_tc("mov cr3" if what == "cr3" else "control register")
 
     def _flush_tc(self, reason: str) -> None:
@@ -508,8 +664,19 @@ class BtVcpu(TrapVcpu):
     def _enter_shadow(self) -> None:
         self.shadow = ShadowMmu(self.mem, self.area.view, self.v, force_xd=True,
                                 extra_slots={A.BT_SLOT: self.bt.pml4e()},
-                                on_code_write=self._code_written)
+                                on_code_write=self._code_written, pages=KERNEL_POOL)
+        # guest user mode's root: no translator area (slot 255 kept empty), U/S enforced
+        self.ushadow = ShadowMmu(self.mem, self.area.view, self.v, extra_slots={A.BT_SLOT: 0},
+                                 pml4_off=USER_PML4_OFF, pool_off=USER_PML4_OFF + 0x1000,
+                                 pages=USER_POOL, user_only=True, peer=self.shadow)
         self.view.paging = self.shadow
+
+    def _resync_shadow(self) -> None:
+        us = self.ushadow
+        if us is not None and us.resync_needed and self.shadow is not None:
+            us.resync_needed = False            # one resync drops KVM's copy of both
+            self.shadow.resync_needed = True
+        super()._resync_shadow()
 
     def _code_written(self, frame: int, size: int) -> None:
         """pyhv itself wrote a translated page (a frame it pushed, a store it emulated)."""
@@ -529,6 +696,8 @@ class BtVcpu(TrapVcpu):
         self._flush_tc("reset")
         self.real_cs, self.real_ss = SEL_UCODE, SEL_UDATA
         self._load_real_segments()
+        self.user = False
+        self.kv.set_msrs({0xC0000082: SYSCALL_TRAP, 0xC0000084: 0})
         self.stop = "live"
         self.site = None
         h = Held(self.kv, parked=False)
@@ -558,9 +727,24 @@ class BtVcpu(TrapVcpu):
     def stats(self) -> dict[str, int | float]:
         out = super().stats()
         out.update(self.tc.stats())
+        if self.ushadow is not None:
+            for k, n in self.ushadow.stats().items():
+                out[f"user {k}"] = n
         for k, n in sorted(self.bt_count.items()):
             out[f"bt {k}"] = n
         return out
+
+
+def _to_user(mem: guestmem.Mem, h: Held, insn: bytes) -> bool:
+    """A kernel IRETQ whose frame returns to RPL 3, or a SYSRETQ."""
+    if insn[:3] == b"\x48\x0f\x07":
+        return True
+    if insn[:2] != b"\x48\xcf":
+        return False
+    try:
+        return bool(guestmem.read_u64(mem, h.rsp + 8) & 3 == 3)
+    except GuestFault:
+        return False                          # the emulator raises the fault itself
 
 
 def _insn_name(insn: bytes) -> str:

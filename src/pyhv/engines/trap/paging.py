@@ -11,7 +11,8 @@ access is a supervisor access):
     reserved bit set in a present entry    #PF, P=1 RSVD=1
     write to a read-only page, CR0.WP=1     #PF, P=1 W=1
     fetch from an XD page, EFER.NXE=1       #PF, P=1 I=1
-    (U/S is not checked: supervisor accesses may use user pages; no SMEP/SMAP)
+    (U/S is not checked: supervisor accesses may use user pages; no SMEP/SMAP;
+     `Walk.user` says whether every level allows CPL 3, for a caller that needs it)
 
 The guest's physical address space is the 4 GiB the monitor maps, and the walker
 treats it as MAXPHYADDR = 32: an address bit at or above bit 32 in a present entry is
@@ -58,6 +59,7 @@ class Walk:
     dirty: bool                 # the leaf's D bit (after this walk's own update)
     entries: list[int] = field(default_factory=list)           # gpa of each entry used
     tables: list[tuple[int, int, int]] = field(default_factory=list)
+    user: bool = True           # U/S=1 at every level (what CPL 3 may reach)
     # (level, table page gpa, VA prefix it serves: va >> (SHIFT[level] + 9))
 
     @property
@@ -91,7 +93,7 @@ def walk(mem: GuestMemory, cr3: int, va: int, *, write: bool = False, fetch: boo
     """Translate `va` through the tables at `cr3`; raises GuestFault(#PF) as the CPU would."""
     access = (PF_W if write else 0) | (PF_I if fetch and nxe else 0)
     table = cr3 & ADDR & ((1 << PHYS_BITS) - 1)
-    writable, nx = True, False
+    writable, nx, user = True, False, True
     used: list[int] = []
     tables: list[tuple[int, int, int]] = []
     vnorm = va & VA_MASK
@@ -107,6 +109,7 @@ def walk(mem: GuestMemory, cr3: int, va: int, *, write: bool = False, fetch: boo
             raise GuestFault(PF, access | PF_P | PF_RSVD, cr2=va)
         used.append(addr)
         writable = writable and bool(entry & RW)
+        user = user and bool(entry & US)
         nx = nx or (nxe and bool(entry & XD))
         if level == 1 or (entry & PS and level in (2, 3)):
             size = 1 << shift
@@ -126,4 +129,4 @@ def walk(mem: GuestMemory, cr3: int, va: int, *, write: bool = False, fetch: boo
             mem.write(addr, new.to_bytes(8, "little"))
         if i == len(used) - 1:
             leaf = new
-    return Walk(va, gpa, writable, nx, size, bool(leaf & D), used, tables)
+    return Walk(va, gpa, writable, nx, size, bool(leaf & D), used, tables, user)

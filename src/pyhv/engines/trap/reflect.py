@@ -15,6 +15,12 @@ at CPL 0 in long mode (SDM Vol. 3A 6.14), on the guest's memory and virtual CPU:
     then      RIP = the gate's offset, CS = its selector; TF/NT/RF cleared; an
               interrupt gate clears the virtual IF
 
+From the guest's user mode (virtual CS with RPL 3: only the bt engine runs one, the
+trap engine's virtual CPU is always at CPL 0) delivery changes privilege as the CPU
+does (the caller checks an INT n's gate DPL, engines/bt/user.py): the handler's CS must
+be DPL 0; the stack is the virtual TSS's RSP0 (or the gate's IST), SS becomes null, and
+the frame holds the user's SS, RSP and CS with RPL 3.
+
 So the guest's handler finds exactly the frame a CPU at CPL 0 would have pushed. Its
 IRETQ to that RPL 0 CS faults at CPL 3 and is emulated (emulate.py).
 
@@ -31,7 +37,7 @@ import struct
 from dataclasses import dataclass
 from enum import Enum
 
-from pyhv.arch.x86.cpustate import RFLAGS_NT, RFLAGS_RF, RFLAGS_TF
+from pyhv.arch.x86.cpustate import RFLAGS_NT, RFLAGS_RF, RFLAGS_TF, Segment
 from pyhv.engines.trap import descriptors, guestmem
 from pyhv.engines.trap.context import Held
 from pyhv.engines.trap.guestmem import GuestFault, Mem, canonical
@@ -114,6 +120,7 @@ def _deliver_once(mem: Mem, v: VirtualCpu, h: Held, ev: Event) -> int:
     gate_type = (lo >> 40) & 0x1F                      # S=0 and the 4-bit type
     if gate_type not in (0xE, 0xF):
         raise GuestFault(GP, idt_code)
+    user = v.cs.selector & 3 == 3
     if not (lo >> 47) & 1:
         raise GuestFault(NP, idt_code)
     selector = (lo >> 16) & 0xFFFF
@@ -122,14 +129,19 @@ def _deliver_once(mem: Mem, v: VirtualCpu, h: Held, ev: Event) -> int:
     except GuestFault as f:
         raise GuestFault(f.vector, (f.error_code or 0) | ext, f.cr2) from None
     target = (lo & 0xFFFF) | (((lo >> 48) & 0xFFFF) << 16) | ((hi & 0xFFFF_FFFF) << 32)
+    if user and cs.dpl != 0:
+        raise GuestFault(GP, (selector & 0xFFFC) | ext)
     if not canonical(target):
         raise GuestFault(GP, ext)
     ist = (lo >> 32) & 7
     rsp = h.rsp
     if ist:
         rsp = guestmem.read_u64(mem, v.tr.base + 0x24 + 8 * (ist - 1))
+    elif user:
+        rsp = guestmem.read_u64(mem, v.tr.base + 4)          # RSP0
     rsp &= ~0xF
-    words = [h.rip, v.cs.selector & 0xFFFC, v.rflags(h.rflags), h.rsp, v.ss.selector]
+    words = [h.rip, v.cs.selector & (0xFFFF if user else 0xFFFC), v.rflags(h.rflags),
+             h.rsp, v.ss.selector]
     if ev.error_code is not None:
         words.insert(0, ev.error_code & 0xFFFF_FFFF)
     frame = struct.pack(f"<{len(words)}Q", *words)
@@ -141,5 +153,7 @@ def _deliver_once(mem: Mem, v: VirtualCpu, h: Held, ev: Event) -> int:
     if gate_type == 0xE:
         v.if_ = False
     v.cs = cs
+    if user:
+        v.ss = Segment(selector=0, base=0, limit=0, type=3, s=1, present=0, unusable=1)
     v.sti_shadow = False
     return target

@@ -40,6 +40,15 @@ CR4 or EFER flush. The pool is bounded (SHADOW_POOL_PAGES, or `pages` for tests)
 fewer than three pages are free, everything is flushed (a hostile guest can make the
 monitor refill, never grow).
 
+A second root for guest user mode (engines/bt: `user_only`, its own PML4 and pool
+further up the monitor's 2 MiB): only pages the guest's tables give CPL 3 (U/S=1 at
+every level) are filled, with the guest's own XD and R/W (CR0.WP does not matter at
+CPL 3), and a miss the guest's tables refuse is the guest's #PF with U=1. Two roots
+over one set of guest tables stay coherent through `peer`: each write-protects the
+table pages the other was built from and the translated code pages (`protected`, one
+set shared by both), and a write pyhv emulates (`written`) or an unprotect drops
+entries in both.
+
 KVM underneath (KVM-PVM) shadows these tables once more, and it does not see stores the
 monitor makes into them from the host. An entry that appears (not present -> present)
 or gains permissions needs nothing: KVM re-walks on its own fault. An entry that is
@@ -54,6 +63,7 @@ import struct
 from collections import Counter
 from collections.abc import Callable
 
+from pyhv.engines.trap.guestmem import GuestFault
 from pyhv.engines.trap.monitor import (
     MON_GPA,
     SHADOW_PML4_OFF,
@@ -62,7 +72,10 @@ from pyhv.engines.trap.monitor import (
 )
 from pyhv.engines.trap.paging import (
     ADDR,
+    PF,
     PF_I,
+    PF_P,
+    PF_U,
     PF_W,
     RW,
     SHIFT,
@@ -92,16 +105,21 @@ class ShadowMmu:
     def __init__(self, mem: GuestMemory, area: memoryview, v: VirtualCpu, *,
                  pages: int = SHADOW_POOL_PAGES, force_xd: bool = False,
                  extra_slots: dict[int, int] | None = None,
-                 on_code_write: Callable[[int, int], None] | None = None) -> None:
+                 on_code_write: Callable[[int, int], None] | None = None,
+                 pml4_off: int = SHADOW_PML4_OFF, pool_off: int = SHADOW_POOL_OFF,
+                 user_only: bool = False, peer: ShadowMmu | None = None) -> None:
         if not 3 <= pages <= SHADOW_POOL_PAGES:
             raise ValueError(f"shadow pool of {pages} pages")
         self.mem, self.area, self.v = mem, area, v
         self.pages = pages
+        self.pml4_off, self.pool_off = pml4_off, pool_off
+        self.user_only = user_only            # guest user mode's root: U/S enforced
+        self.peer = peer                      # the other root over the same guest tables
         # the binary translator (engines/bt): guest pages never executable, its own
         # PML4 slot kept in every flush, translated code pages write-protected
         self.force_xd = force_xd
         self.extra_slots = dict(extra_slots or {})
-        self.protected: set[int] = set()
+        self.protected: set[int] = peer.protected if peer is not None else set()
         self.on_code_write = on_code_write
         self.free: list[int] = []
         self.tables: dict[tuple[int, int], int] = {}          # (level, VA prefix) -> off
@@ -112,6 +130,11 @@ class ShadowMmu:
         self.stale = (0, 0)                                    # (VPN, repeats)
         self.count: Counter[str] = Counter()
         self.peak = 0
+        if peer is not None:
+            peer.peer = self
+        if pml4_off != SHADOW_PML4_OFF:     # the monitor's own slot, as in the first root
+            self._put(pml4_off + 8 * MONITOR_SLOT,
+                      self._get(SHADOW_PML4_OFF + 8 * MONITOR_SLOT))
         self.flush_all(None)
 
     # ------------------------------------------------------------------ entries
@@ -155,6 +178,11 @@ class ShadowMmu:
     def written(self, gpa: int, size: int) -> None:
         if gpa & ~0xFFF in self.protected and self.on_code_write is not None:
             self.on_code_write(gpa & ~0xFFF, size)
+        self._written(gpa, size)
+        if self.peer is not None:
+            self.peer._written(gpa, size)
+
+    def _written(self, gpa: int, size: int) -> None:
         uses = self.table_pages.get(gpa & ~0xFFF)
         if not uses:
             return
@@ -181,15 +209,22 @@ class ShadowMmu:
             self.walk(va, write=write, fetch=fetch)      # absent for the guest: its #PF
             raise Refused(f"the guest maps {va:#x} (PML4 slot {vn >> 39}), where the "
                           "monitor lives; its shadow cannot give the guest that slot")
-        w = self.walk(va, write=write, fetch=fetch)
+        if self.user_only:
+            w = walk(self.mem, self.v.cr3, va, write=write, fetch=fetch, nxe=self.nxe,
+                     wp=True)
+            if not w.user:
+                raise GuestFault(PF, PF_P | PF_U | (error_code & (PF_W | PF_I)), cr2=va)
+        else:
+            w = self.walk(va, write=write, fetch=fetch)
         if w.size == 1 << 30:
             self.huge = True
         if len(self.free) < 3:
             self.flush_all("pool full")
         self._note_tables(w)
         frame = w.frame
-        is_table = frame in self.table_pages or frame in self.protected
-        rw = (w.writable or not self.wp) and w.dirty and not is_table
+        is_table = (frame in self.table_pages or frame in self.protected or
+                    (self.peer is not None and frame in self.peer.table_pages))
+        rw = (w.writable or not (self.wp or self.user_only)) and w.dirty and not is_table
         entry = frame | P | US | (RW if rw else 0) | (XD if w.nx or self.force_xd else 0)
         old = self._install(vn, entry)
         self.leaves.setdefault(frame, set()).add(vn >> 12)
@@ -202,8 +237,9 @@ class ShadowMmu:
             n = n + 1 if vpn == vn >> 12 else 1
             self.stale = (vn >> 12, n)
             if n >= STALE_LIMIT:
-                why = (" (on KVM-PVM the real CPU never gives CPL 3 code the upper half "
-                       "of the address space)" if va >> 63 else "")
+                why = (" (on KVM-PVM CPL 3 code never reaches PML4 slot 256 of the upper "
+                       "half, 0xffff800000000000..0xffff807fffffffff: docs/pvm.md)"
+                       if (va >> 39) & 0x1FFFF == 0x1FF00 else "")
                 raise Refused(f"the shadow entry for {va:#x} ({entry:#x}) does not take "
                               f"effect{why}")
             self.resync_needed = True
@@ -220,6 +256,9 @@ class ShadowMmu:
                 self.table_pages[table] = {(level, prefix)}
                 for vpn in self.leaves.get(table, ()):
                     self._write_protect(vpn, table)
+                if self.peer is not None:
+                    for vpn in self.peer.leaves.get(table, ()):
+                        self.peer._write_protect(vpn, table)
             else:
                 uses.add((level, prefix))
 
@@ -235,7 +274,7 @@ class ShadowMmu:
             self.count["write-protected"] += 1
 
     def _install(self, vn: int, entry: int) -> int:
-        off = SHADOW_PML4_OFF
+        off = self.pml4_off
         for level in (4, 3, 2):
             slot = off + 8 * ((vn >> SHIFT[level]) & 511)
             e = self._get(slot)
@@ -260,18 +299,21 @@ class ShadowMmu:
         if frame in self.protected:
             return
         self.protected.add(frame)
-        for vpn in self.leaves.get(frame, ()):
-            self._write_protect(vpn, frame)
+        for sh in (self, self.peer):
+            if sh is not None:
+                for vpn in sh.leaves.get(frame, ()):
+                    sh._write_protect(vpn, frame)
 
     def unprotect(self, frame: int) -> None:
         """Its translations are gone: drop its read-only leaves (refilled on demand)."""
         self.protected.discard(frame)
-        if frame in self.table_pages:
-            return
-        for vpn in self.leaves.get(frame, ()):
-            off = self.tables.get((1, vpn >> 9))
-            if off is not None and self._get(off + 8 * (vpn & 511)) & ADDR == frame:
-                self._clear(off + 8 * (vpn & 511))
+        for sh in (self, self.peer):
+            if sh is None or frame in sh.table_pages:
+                continue
+            for vpn in sh.leaves.get(frame, ()):
+                off = sh.tables.get((1, vpn >> 9))
+                if off is not None and sh._get(off + 8 * (vpn & 511)) & ADDR == frame:
+                    sh._clear(off + 8 * (vpn & 511))
 
     # ------------------------------------------------------------------ invalidation
 
@@ -292,10 +334,10 @@ class ShadowMmu:
         """Empty the shadow (PML4 slots 0..510) and give every pool page back."""
         for i in range(MONITOR_SLOT):
             if i not in self.extra_slots:
-                self._clear(SHADOW_PML4_OFF + 8 * i)
+                self._clear(self.pml4_off + 8 * i)
         for i, entry in self.extra_slots.items():
-            self._put(SHADOW_PML4_OFF + 8 * i, entry)
-        self.free = [SHADOW_POOL_OFF + 0x1000 * n for n in range(self.pages)][::-1]
+            self._put(self.pml4_off + 8 * i, entry)
+        self.free = [self.pool_off + 0x1000 * n for n in range(self.pages)][::-1]
         self.tables.clear()
         self.table_pages.clear()
         self.leaves.clear()
