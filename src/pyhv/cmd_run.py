@@ -68,8 +68,8 @@ from pyhv.vmcontrol import VmControl
 
 if TYPE_CHECKING:
     from pyhv import images
-    from pyhv.sched import Pinner
     from pyhv.consolesock import ConsoleSocket
+    from pyhv.sched import Pinner
 
 # Kernel command-line words pyhv adds for its own Linux, per engine, each with its reason
 # (README "Linux workarounds" repeats this table).
