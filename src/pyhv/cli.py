@@ -37,6 +37,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "resume": ("pyhv.cmd_vm", "resume a paused VM"),
     "shutdown": ("pyhv.cmd_vm", "press a VM's ACPI power button"),
     "destroy": ("pyhv.cmd_vm", "stop a VM at once"),
+    "migrate": ("pyhv.cmd_migrate", "move a running VM to another pyhv (live, pre-copy)"),
 }
 
 
