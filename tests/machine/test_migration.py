@@ -43,7 +43,8 @@ def test_a_counting_guest_moves_to_another_pyhv_with_no_gap(
         report = json.loads(r.stdout)
         assert report["status"] == "completed"
         assert report["rounds"] >= 2 and report["bytes"] > 0
-        assert report["downtime_ms"] is not None and report["downtime_ms"] > 0
+        assert report["downtime_ms"] is not None
+        assert 0 < report["downtime_ms"] < report["total_s"] * 1000
         assert report["zero_pages"] > 0          # most of a 16 MiB guest is untouched
         assert src.wait_exit() == 0
         assert b"migrated to " + uri.encode() in src.err

@@ -12,7 +12,7 @@ to stderr; the report goes to stdout (or --json).
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
@@ -32,11 +32,12 @@ def _round_text(h: dict[str, Any]) -> str:
 
 
 class ProgressView:
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, file: IO[str] | None = None) -> None:
         self.progress = Progress(TextColumn("round {task.fields[round]:>3}"), BarColumn(),
                                  MofNCompleteColumn(), TextColumn("pages"),
                                  TextColumn("{task.fields[info]}"),
-                                 console=Console(file=sys.stderr), disable=not enabled,
+                                 console=Console(file=file or sys.stderr, width=120),
+                                 disable=not enabled,
                                  transient=False)
         self.tasks: dict[int, TaskID] = {}
         self.done: set[int] = set()

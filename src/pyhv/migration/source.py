@@ -22,8 +22,9 @@ destination gone, a refusal, a corrupt answer, cancel) turns dirty tracking off 
 resumes the guest where it was paused: the source VM keeps running and loses nothing.
 The guest's RAM is read while it runs only before the pause; the last pass and the
 capture happen inside one pause (one instant). The progress (`progress()`) is a
-JSON-able dict, read from other threads; the report is kept until it is read or
-REPORT_WAIT_S passed, before the source run ends.
+JSON-able dict, read from other threads; the source run ends only once the final report
+was read (and REPORT_GRACE_S more, for the answer to leave the process) or REPORT_WAIT_S
+passed.
 
 The one window left open: the destination runs and its "running" answer is lost (the
 connection cut just then): the source resumes too. The answer is sent at the
@@ -64,6 +65,7 @@ CONNECT_TIMEOUT_S = 10.0
 IO_TIMEOUT_S = 30.0         # a peer silent this long ends the migration
 PARK_TIMEOUT_S = 10.0
 REPORT_WAIT_S = 3.0         # how long a finished source waits for its report to be read
+REPORT_GRACE_S = 0.5        # then the time the API's answer has to reach the client
 DEFAULT_DOWNTIME_MS = 50.0
 DEFAULT_MAX_ROUNDS = 30
 TERMINAL = ("completed", "failed", "cancelled")
@@ -223,7 +225,8 @@ class OutgoingMigration:
                       rounds=rnd + 1, bytes=ch.sent)
             ch.close()
             ch = None
-            self.report_taken.wait(REPORT_WAIT_S)
+            if self.report_taken.wait(REPORT_WAIT_S):
+                time.sleep(REPORT_GRACE_S)
             self.runner.stop(StopRequest(
                 "migrated", 0, f"migrated to {self.opts.uri} (downtime "
                 f"{downtime if downtime is not None else float('nan'):.1f} ms, "
