@@ -39,6 +39,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "destroy": ("pyhv.cmd_vm", "stop a VM at once"),
     "host": ("pyhv.hostd.cmd_host", "the host daemon: `pyhv host serve` (REST API, VMs)"),
     "vm": ("pyhv.hostd.cmd_vm", "manage the host daemon's VMs (virsh's verbs)"),
+    "migrate": ("pyhv.cmd_migrate", "move a running VM to another pyhv (live, pre-copy)"),
 }
 
 

@@ -69,6 +69,7 @@ from pyhv.vmcontrol import VmControl
 if TYPE_CHECKING:
     from pyhv import images
     from pyhv.consolesock import ConsoleSocket
+    from pyhv.migration import Incoming
     from pyhv.sched import Pinner
 
 # Kernel command-line words pyhv adds for its own Linux, per engine, each with its reason
@@ -178,6 +179,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also serve the serial console on this UNIX socket (mode 0600): "
                         "each client gets the output from then on and its bytes are the "
                         "console's input (how `pyhv host serve` reaches its VMs' consoles)")
+    p.add_argument("--incoming", default=None, metavar="tcp:ADDR:PORT",
+                   help="receive a live migration (pyhv migrate) on this address, then "
+                        "run the VM it brings (PORT 0: any free port, printed); give the "
+                        "source's machine options (docs/migration.md)")
     p.add_argument("--debug", action="store_true",
                    help="on an internal error (a pyhv bug), print the traceback instead "
                         "of writing it to a log file")
@@ -307,6 +312,12 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
         from pyhv.consolesock import ConsoleSocket
         csock = ConsoleSocket(args.console_sock)
         stack.callback(csock.close)
+    incoming = None
+    if args.incoming is not None:
+        from pyhv.migration import Incoming
+        incoming = Incoming(args.incoming)
+        stack.callback(incoming.close)
+        _stderr(f"pyhv: waiting for a migration on {incoming.uri}")
     pump = _output_pump()
     try:
         console = Console(pump.write if csock is None else _tee(pump, csock),
@@ -317,7 +328,8 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
             timeout = None if t_end is None else max(0.001, t_end - time.monotonic())
             t_run = time.monotonic()
             result, runner, machine = _run_once(config, console, pump, args, timeout,
-                                                control, pinner, csock)
+                                                control, pinner, csock, incoming)
+            incoming = None
             if result.reason != "reset" or args.on_reboot != "restart" or console.panic:
                 break
             quick = time.monotonic() - t_run < RESET_LOOP_WINDOW_S
@@ -404,7 +416,8 @@ def _engine_options(pairs: list[str]) -> dict[str, str]:
 def _run_once(config: MachineConfig, console: Console, pump: OutputPump,
               args: argparse.Namespace, timeout: float | None, control: VmControl | None,
               pinner: Pinner | None = None,
-              csock: ConsoleSocket | None = None) -> tuple[R.RunResult, R.Runner, Machine]:
+              csock: ConsoleSocket | None = None,
+              incoming: Incoming | None = None) -> tuple[R.RunResult, R.Runner, Machine]:
     machine = Machine(config, console.write)
     terminal: Terminal | None = None
     gate: InputGate | None = None
@@ -448,6 +461,11 @@ def _run_once(config: MachineConfig, console: Console, pump: OutputPump,
                 _stderr(f"pyhv: {machine.guest.description} on {machine.engine_name}; "
                         f"{ESCAPE_NAME} leaves")
             terminal.open()
+        if incoming is not None:        # the guest's RAM and state come from the source
+            session = incoming.receive(machine, timeout)
+            session.announce(runner)
+            _stderr(f"pyhv: migration received ({session.rounds} rounds, {session.pages} "
+                    f"pages, {session.channel.received} bytes); the VM runs here now")
         result = runner.run()
     finally:
         if csock is not None:
@@ -499,7 +517,7 @@ def _report(result: R.RunResult, runner: R.Runner, machine: Machine, console: Co
     elif result.reason == "reset-loop":
         _stderr(f"pyhv: {result.detail}")
         _tail(console)
-    elif result.reason == "destroy":
+    elif result.reason in ("destroy", "migrated"):
         _stderr(f"pyhv: {result.detail}")
     elif result.reason in ("interrupted", "signal"):
         _stderr(f"pyhv: {result.detail or 'interrupted'}")

@@ -6,6 +6,8 @@ Resources (docs/api/vm.openapi.json is the contract; docs/api.md the prose):
     PUT  /state      {"state": "paused" | "running"}: pause / resume
     PUT  /actions    {"action": "shutdown" | "stop"}: ACPI power button / hard stop
     GET  /stats      exits, guest time, timers, the engine's counters
+    PUT  /migrate    {"uri": "tcp:HOST:PORT", ...}: start a live migration
+    GET  /migrate    its progress, then its report
 
 Design: the standard library's HTTP request handler on a threading UNIX stream server,
 served from a daemon thread of the VM process; the handler only parses, routes and
@@ -63,6 +65,7 @@ ROUTES: dict[str, dict[str, Handler]] = {
                "PUT": lambda c, b: c.set_state(_body_field(b, "state"))},
     "/actions": {"PUT": lambda c, b: c.action(_body_field(b, "action"))},
     "/stats": {"GET": lambda c, _b: c.stats()},
+    "/migrate": {"GET": lambda c, _b: c.migration(), "PUT": lambda c, b: c.migrate(b)},
 }
 BODY_METHODS = ("PUT", "POST", "PATCH")
 

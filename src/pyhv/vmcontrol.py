@@ -21,6 +21,10 @@ Operations:
     action("stop")         hard stop: the run ends at once (status 0, reason "destroy")
     stats()                exits by reason, busiest ports, guest/pyhv/idle time, guest
                            clock, timers fired, the engine's own counters
+    migrate(body)          start a live migration (pyhv.migration) on its own thread;
+                           409 while one runs or the VM is paused
+    migration()            its progress and, once over, its report (status completed,
+                           failed or cancelled); {"status": "none"} before any
 
 Errors are `ControlError(status, message)`: the API maps them to HTTP statuses (409 for
 an operation the VM's state does not allow). Snapshots and migration will be further
@@ -38,6 +42,7 @@ from pyhv.machine import StopRequest
 
 if TYPE_CHECKING:
     from pyhv.machine import Machine
+    from pyhv.migration import OutgoingMigration
     from pyhv.runner import Runner
 
 PARK_TIMEOUT_S = 10.0       # longest wait for the vCPUs to reach a safe point
@@ -62,6 +67,7 @@ class VmControl:
         self._runner: Runner | None = None
         self._machine: Machine | None = None
         self._ended = False
+        self._migration: OutgoingMigration | None = None
 
     # ------------------------------------------------------------------ the run command
 
@@ -70,6 +76,9 @@ class VmControl:
             self._runner, self._machine = runner, machine
 
     def detach(self) -> None:
+        mig = self._migration
+        if mig is not None and mig.active():
+            mig.cancel()        # the machine is about to close: the migration ends first
         with self._lock:
             self._runner = self._machine = None
 
@@ -176,6 +185,34 @@ class VmControl:
             "timers_fired": m.timers.fired,
             "engine": {k: v for k, v in runner.vcpu.stats().items()},
         }
+
+    def migrate(self, body: dict[str, Any] | None) -> dict[str, Any]:
+        from pyhv.errors import PyhvError
+        from pyhv.migration import MigrationError, Options, OutgoingMigration
+        if body is None:
+            raise ControlError(400, "this request needs a JSON body with 'uri'")
+        try:
+            opts = Options.from_json(body)
+        except PyhvError as e:
+            raise ControlError(400, str(e)) from None
+        with self._lock:
+            runner, m = self._current()
+            if self._migration is not None and self._migration.active():
+                raise ControlError(409, "a migration of this VM is already running")
+            if runner.state.value != "running":
+                raise ControlError(409, f"cannot migrate a VM that is {runner.state.value}"
+                                        " (resume it first)")
+            try:
+                mig = OutgoingMigration(runner, m, opts)
+            except (MigrationError, PyhvError) as e:
+                raise ControlError(409, f"cannot migrate this VM: {e}") from None
+            self._migration = mig
+            mig.start()
+            return mig.progress()
+
+    def migration(self) -> dict[str, Any]:
+        mig = self._migration
+        return {"status": "none"} if mig is None else mig.progress()
 
     @staticmethod
     def _has_acpi(m: Machine) -> bool:

@@ -54,6 +54,7 @@ KINDS: dict[str, str] = {
     "smp": "c32",
     "counter": "multiboot",
     "echo": "multiboot",
+    "dirtier": "multiboot",
 }
 
 C_FLAGS = ["-m32", "-ffreestanding", "-fno-pic", "-mgeneral-regs-only", "-nostdlib", "-O2",

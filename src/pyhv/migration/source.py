@@ -1,0 +1,291 @@
+"""The source side of a pre-copy live migration: rounds of RAM, then the switch-over.
+
+Design: `OutgoingMigration(runner, machine, options)` runs on its own thread (`start()`),
+beside the VM's run loop, and speaks to it only through the Runner's controls (pause,
+wait_parked, resume, stop). The steps:
+
+1. connect, send the header (HELLO); the destination answers REPLY ok, or why not;
+2. turn on the engine's dirty tracking, then send every RAM page while the guest runs
+   (round 1), zero pages as markers;
+3. each next round takes the pages dirtied since the last one and estimates the
+   downtime they would cost at the measured bandwidth; while that is over
+   `max_downtime_ms`, send them and go on (at most `max_rounds`; auto-converge throttles
+   the vCPUs when the guest dirties faster than the link carries, pyhv.migration.throttle);
+4. switch-over: pause (t_pause), send the last dirty pages, `vmstate.capture`, send the
+   STATE record (with t_pause); the destination applies it, starts its run loop and
+   answers REPLY running with t_first (time.monotonic() of its run start: one host
+   clock, CLOCK_MONOTONIC, so downtime = t_first - t_pause across the two processes);
+5. only then the source's run ends (StopRequest "migrated", status 0).
+
+Invariants: until the destination's "running" arrives, every failure (connection cut,
+destination gone, a refusal, a corrupt answer, cancel) turns dirty tracking off and
+resumes the guest where it was paused: the source VM keeps running and loses nothing.
+The guest's RAM is read while it runs only before the pause; the last pass and the
+capture happen inside one pause (one instant). The progress (`progress()`) is a
+JSON-able dict, read from other threads; the source run ends only once the final report
+was read (and REPORT_GRACE_S more, for the answer to leave the process) or REPORT_WAIT_S
+passed.
+
+The one window left open: the destination runs and its "running" answer is lost (the
+connection cut just then): the source resumes too. The answer is sent at the
+destination's first guest instruction, so the window is one round trip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pyhv.errors import PyhvError
+from pyhv.machine import StopRequest
+from pyhv.memory import PAGE_SIZE
+from pyhv.migration import header, uri
+from pyhv.migration.bandwidth import MB, Limiter, Meter
+from pyhv.migration.pages import PageReader
+from pyhv.migration.stream import (
+    ABORT,
+    HELLO,
+    PAGES,
+    REPLY,
+    ROUND,
+    STATE,
+    Channel,
+    MigrationError,
+)
+from pyhv.vmstate import capture, check_savable
+
+if TYPE_CHECKING:
+    from pyhv.machine import Machine
+    from pyhv.runner import Runner
+
+CONNECT_TIMEOUT_S = 10.0
+IO_TIMEOUT_S = 30.0         # a peer silent this long ends the migration
+PARK_TIMEOUT_S = 10.0
+REPORT_WAIT_S = 3.0         # how long a finished source waits for its report to be read
+REPORT_GRACE_S = 0.5        # then the time the API's answer has to reach the client
+DEFAULT_DOWNTIME_MS = 50.0
+DEFAULT_MAX_ROUNDS = 30
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+@dataclass
+class Options:
+    uri: str
+    max_downtime_ms: float = DEFAULT_DOWNTIME_MS
+    bandwidth_mbps: float | None = None      # 10^6 bytes per second; None: no limit
+    max_rounds: int = DEFAULT_MAX_ROUNDS
+    auto_converge: bool = True
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Options:
+        """The control API's PUT /migrate body; MigrationError naming a bad field."""
+        known = {"uri", "max_downtime_ms", "bandwidth_mbps", "max_rounds", "auto_converge"}
+        extra = sorted(set(body) - known)
+        if extra:
+            raise MigrationError(f"unknown field(s) in the body: {', '.join(extra)}")
+        target = body.get("uri")
+        if not isinstance(target, str):
+            raise MigrationError("the body needs 'uri' as a string (tcp:HOST:PORT)")
+        uri.parse(target)
+        opts = cls(target)
+        for name, lo, hi in (("max_downtime_ms", 1.0, 3.6e6), ("bandwidth_mbps", 0.001, 1e6)):
+            v = body.get(name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
+                raise MigrationError(f"{name} must be a number from {lo:g} to {hi:g}")
+            setattr(opts, name, float(v))
+        rounds = body.get("max_rounds")
+        if rounds is not None:
+            if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= 1000:
+                raise MigrationError("max_rounds must be an integer from 1 to 1000")
+            opts.max_rounds = rounds
+        ac = body.get("auto_converge")
+        if ac is not None:
+            if not isinstance(ac, bool):
+                raise MigrationError("auto_converge must be true or false")
+            opts.auto_converge = ac
+        return opts
+
+
+class OutgoingMigration:
+    def __init__(self, runner: Runner, machine: Machine, options: Options) -> None:
+        check_savable(machine)                 # a device without a record: refuse now
+        self.runner = runner
+        self.m = machine
+        self.opts = options
+        self._cancel = threading.Event()
+        self.report_taken = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._p: dict[str, Any] = {
+            "status": "setup", "uri": options.uri, "round": 0, "round_pages": 0,
+            "round_sent": 0, "pages": 0, "zero_pages": 0, "bytes": 0,
+            "bandwidth_bps": 0.0, "dirty_rate_pps": 0.0, "expected_downtime_ms": None,
+            "max_downtime_ms": options.max_downtime_ms, "throttle": 0.0,
+            "downtime_ms": None, "total_s": None, "error": None, "history": [],
+        }
+        self._t0 = time.monotonic()
+
+    # ------------------------------------------------------------------ other threads
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._main, name="pyhv-migrate", daemon=True)
+        self._thread.start()
+
+    def progress(self) -> dict[str, Any]:
+        with self._lock:
+            p = dict(self._p)
+            p["history"] = list(p["history"])
+        if p["status"] in TERMINAL:
+            self.report_taken.set()
+        return p
+
+    def active(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def cancel(self, join_s: float = 15.0) -> None:
+        self._cancel.set()
+        self.report_taken.set()
+        if self._thread is not None:
+            self._thread.join(join_s)
+
+    def _set(self, **kv: Any) -> None:
+        with self._lock:
+            self._p.update(kv)
+
+    # ------------------------------------------------------------------ the migration
+
+    def _main(self) -> None:
+        from pyhv.migration.throttle import Throttle
+        engine = self.m.engine
+        assert engine is not None and self.m.memory is not None
+        ch: Channel | None = None
+        paused = False
+        throttle = Throttle(self.runner)
+        try:
+            ch = Channel(uri.connect(self.opts.uri, CONNECT_TIMEOUT_S), self.opts.uri)
+            ch.sock.settimeout(IO_TIMEOUT_S)
+            ch.send_json(HELLO, header.describe(self.m))
+            _, reply = ch.recv_json((REPLY,))
+            if not reply.get("ok"):
+                raise MigrationError(f"the destination refused: {reply.get('error')}")
+            reader = PageReader(self.m.memory)
+            limiter = Limiter(None if self.opts.bandwidth_mbps is None
+                              else self.opts.bandwidth_mbps * MB)
+            engine.enable_dirty_tracking(True)
+            pfns = reader.frames()
+            rnd = 0
+            bandwidth = 0.0
+            while True:
+                rnd += 1
+                meter = self._send_round(ch, reader, limiter, rnd, pfns)
+                bandwidth = meter.rate()
+                t_dirty = time.monotonic()
+                pfns = sorted(engine.dirty_pages())
+                dirty_rate = len(pfns) / max(t_dirty - meter.t0, 1e-6)
+                expected_ms = len(pfns) * PAGE_SIZE / bandwidth * 1000.0
+                self._set(bandwidth_bps=bandwidth, dirty_rate_pps=dirty_rate,
+                          expected_downtime_ms=expected_ms)
+                self._log(rnd, meter, dirty_rate, expected_ms)
+                if expected_ms <= self.opts.max_downtime_ms or rnd >= self.opts.max_rounds:
+                    break
+                if self.opts.auto_converge:
+                    throttle.adjust(dirty_rate * PAGE_SIZE, bandwidth)
+                    self._set(throttle=throttle.fraction)
+            # ---- switch-over: one pause covers the last pages and the capture
+            self._set(status="switchover")
+            t_pause = time.monotonic()
+            throttle.stop()
+            self.runner.pause()
+            paused = True
+            if not self.runner.wait_parked(PARK_TIMEOUT_S):
+                raise MigrationError(f"the vCPUs did not reach a safe point within "
+                                     f"{PARK_TIMEOUT_S:g} s")
+            self._check_running()
+            last = sorted(set(pfns) | engine.dirty_pages())
+            meter = self._send_round(ch, reader, Limiter(None), rnd + 1, last)
+            self._log(rnd + 1, meter, 0.0, None)
+            state = capture(self.m)
+            t_state = time.monotonic()
+            ch.send_json(STATE, {"vmstate": state.to_json(), "t_pause": t_pause,
+                                 "t_state": t_state, "rounds": rnd + 1})
+            _, ack = ch.recv_json((REPLY,))
+            if not ack.get("ok") or not ack.get("running"):
+                raise MigrationError(f"the destination could not start the VM: "
+                                     f"{ack.get('error')}")
+            t_first = ack.get("t_first")
+            downtime = ((t_first - t_pause) * 1000.0 if isinstance(t_first, int | float)
+                        else None)
+            total = time.monotonic() - self._t0
+            self._set(status="completed", downtime_ms=downtime, total_s=total,
+                      rounds=rnd + 1, bytes=ch.sent)
+            ch.close()
+            ch = None
+            if self.report_taken.wait(REPORT_WAIT_S):
+                time.sleep(REPORT_GRACE_S)
+            self.runner.stop(StopRequest(
+                "migrated", 0, f"migrated to {self.opts.uri} (downtime "
+                f"{downtime if downtime is not None else float('nan'):.1f} ms, "
+                f"{rnd + 1} rounds, {ch_bytes(self._p)} bytes, {total:.2f} s)"))
+        except (PyhvError, OSError) as e:
+            cancelled = self._cancel.is_set()
+            msg = str(e) if isinstance(e, PyhvError) else f"{type(e).__name__}: {e}"
+            if ch is not None:
+                with contextlib.suppress(PyhvError, OSError):
+                    ch.sock.settimeout(1.0)
+                    ch.send_json(ABORT, {"error": msg})
+            self._set(status="cancelled" if cancelled else "failed", error=msg,
+                      total_s=time.monotonic() - self._t0)
+        finally:
+            throttle.stop()
+            if ch is not None:
+                ch.close()
+            if self.m.engine is not None:
+                with contextlib.suppress(PyhvError, NotImplementedError):
+                    self.m.engine.enable_dirty_tracking(False)
+            if paused and self._p["status"] != "completed":
+                self.runner.resume()
+
+    def _log(self, rnd: int, meter: Meter, dirty_rate: float,
+             expected_ms: float | None) -> None:
+        with self._lock:
+            self._p["history"].append({
+                "round": rnd, "pages": self._p["round_sent"], "bytes": meter.bytes,
+                "seconds": meter.elapsed(), "dirty_rate_pps": dirty_rate,
+                "expected_downtime_ms": expected_ms, "throttle": self._p["throttle"]})
+
+    def _check_running(self) -> None:
+        if self._cancel.is_set():
+            raise MigrationError("the migration was cancelled")
+        if self.runner.state.value == "stopped":
+            raise MigrationError("the VM's run ended during the migration")
+
+    def _send_round(self, ch: Channel, reader: PageReader, limiter: Limiter, rnd: int,
+                    pfns: list[int]) -> Meter:
+        meter = Meter()
+        limiter.start()
+        self._set(status="active" if self._p["status"] == "setup" else self._p["status"],
+                  round=rnd, round_pages=len(pfns), round_sent=0)
+        sent = zeros = 0
+        for payload, n, z in reader.pack(pfns):
+            self._check_running()
+            size = ch.send(PAGES, payload)
+            meter.add(size)
+            limiter.throttle(size)
+            sent += n
+            zeros += z
+            with self._lock:
+                self._p["round_sent"] = sent
+                self._p["pages"] += n
+                self._p["zero_pages"] += z
+                self._p["bytes"] = ch.sent
+        ch.send_json(ROUND, {"round": rnd, "pages": sent, "zero_pages": zeros})
+        return meter
+
+
+def ch_bytes(p: dict[str, Any]) -> int:
+    return int(p.get("bytes") or 0)
