@@ -37,6 +37,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "resume": ("pyhv.cmd_vm", "resume a paused VM"),
     "shutdown": ("pyhv.cmd_vm", "press a VM's ACPI power button"),
     "destroy": ("pyhv.cmd_vm", "stop a VM at once"),
+    "snapshot-create": ("pyhv.cmd_snapshot", "snapshot a running VM (RAM, devices, vCPUs)"),
+    "snapshot-list": ("pyhv.cmd_snapshot", "list a VM's snapshots (the tree)"),
+    "snapshot-revert": ("pyhv.cmd_snapshot", "put a running VM back to a snapshot"),
+    "snapshot-delete": ("pyhv.cmd_snapshot", "delete one of a VM's snapshots"),
 }
 
 

@@ -60,6 +60,7 @@ from pyhv.vmcontrol import VmControl
 
 if TYPE_CHECKING:
     from pyhv import images
+    from pyhv.vmstate import VmState
 
 # Kernel command-line words pyhv adds for its own Linux, per engine, each with its reason
 # (README "Linux workarounds" repeats this table).
@@ -151,6 +152,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-sock", type=Path, default=None, metavar="PATH",
                    help="serve the VM's control API (HTTP/JSON, docs/api.md) on this UNIX "
                         "socket (mode 0600; with --name, instead of the run directory's)")
+    p.add_argument("--restore", type=Path, default=None, metavar="DIR",
+                   help="continue the VM saved in snapshot directory DIR (pyhv "
+                        "snapshot-create) exactly where it was: its RAM is mapped from "
+                        "the snapshot copy-on-write; --engine may name another engine "
+                        "that can run the saved CPU mode (docs/snapshots.md)")
+    p.add_argument("--snapshot-dir", type=Path, default=None, metavar="DIR",
+                   help="where this VM's snapshots go (default: $PYHV_SNAPSHOT_DIR/VM, "
+                        "else ~/.local/share/pyhv/snapshots/VM; VM: the --name, or the "
+                        "socket's name)")
     p.add_argument("--debug", action="store_true",
                    help="on an internal error (a pyhv bug), print the traceback instead "
                         "of writing it to a log file")
@@ -188,6 +198,7 @@ def _start_control(args: argparse.Namespace, stack: contextlib.ExitStack
     if args.name is None and args.api_sock is None:
         return None
     from pyhv import rundir
+    from pyhv.snapshot import SnapshotStore
     from pyhv.vmapi import ApiServer
     sock = args.api_sock
     if args.name is not None:
@@ -195,7 +206,8 @@ def _start_control(args: argparse.Namespace, stack: contextlib.ExitStack
         stack.callback(claim.release)
         sock = sock or claim.sock
     assert sock is not None
-    control = VmControl(args.name, str(sock))
+    store = SnapshotStore.for_vm(args.name or Path(sock).stem, args.snapshot_dir)
+    control = VmControl(args.name, str(sock), snapshots=store)
     stack.callback(control.end)
     server = ApiServer(sock, control)
     stack.callback(server.close)
@@ -204,6 +216,10 @@ def _start_control(args: argparse.Namespace, stack: contextlib.ExitStack
 
 def _main(args: argparse.Namespace, overlays: list[Overlay],
           stack: contextlib.ExitStack) -> int:
+    if args.restore is not None:
+        from pyhv.cmd_restore import restore_config
+        config, state = restore_config(args)
+        return _run(args, config, None, stack, state)
     mem = parse_size(args.mem, default_unit="M")
     check_memory(mem)
     if args.timeout is not None and not args.timeout > 0:
@@ -273,7 +289,19 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
                            engine=engine, strict_io=args.strict_io,
                            engine_options=engine_options, n_cpus=args.cpus,
                            pci_devices=pci_devices)
+    return _run(args, config, marker, stack, None)
+
+
+def _run(args: argparse.Namespace, config: MachineConfig, marker: ExitMarker | None,
+         stack: contextlib.ExitStack, restore: VmState | None) -> int:
+    """Run the machine of `config` (restored to `restore` first, if given) until the
+    guest ends; a guest reset restarts it (a restored guest's reset ends the run: there
+    is no kernel to boot again)."""
     control = _start_control(args, stack)
+    if control is not None:
+        control.machine_info = _machine_info(args, config)
+        if restore is not None:
+            control.current_snapshot = restore.extra.get("snapshot")
     pump = _output_pump()
     try:
         console = Console(pump.write, exit_marker=marker)
@@ -283,8 +311,9 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
             timeout = None if t_end is None else max(0.001, t_end - time.monotonic())
             t_run = time.monotonic()
             result, runner, machine = _run_once(config, console, pump, args, timeout,
-                                                control)
-            if result.reason != "reset" or args.on_reboot != "restart" or console.panic:
+                                                control, restore)
+            if result.reason != "reset" or args.on_reboot != "restart" or console.panic \
+                    or restore is not None:
                 break
             quick = time.monotonic() - t_run < RESET_LOOP_WINDOW_S
             quick_resets = quick_resets + 1 if quick else 0
@@ -299,6 +328,12 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
     finally:
         pump.close()
     return _report(result, runner, machine, console, pump, args)
+
+
+def _machine_info(args: argparse.Namespace, config: MachineConfig) -> dict[str, object]:
+    """What `pyhv run --restore` needs to build this VM's machine again (besides the
+    snapshot's vCPUs and RAM size), for the snapshots' manifests."""
+    return {"strict_io": config.strict_io, "engine_options": dict(config.engine_options)}
 
 
 def _debian_root_disk(overlays: list[Overlay]
@@ -331,12 +366,15 @@ def _engine_options(pairs: list[str]) -> dict[str, str]:
 
 
 def _run_once(config: MachineConfig, console: Console, pump: OutputPump,
-              args: argparse.Namespace, timeout: float | None, control: VmControl | None
-              ) -> tuple[R.RunResult, R.Runner, Machine]:
+              args: argparse.Namespace, timeout: float | None, control: VmControl | None,
+              restore: VmState | None = None) -> tuple[R.RunResult, R.Runner, Machine]:
     machine = Machine(config, console.write)
     terminal: Terminal | None = None
     gate: InputGate | None = None
     try:
+        if restore is not None:
+            from pyhv.vmstate import apply
+            apply(machine, restore)
         runner = R.Runner(machine, timeout=timeout)
         if control is not None:
             control.attach(runner, machine)

@@ -62,7 +62,7 @@ def check_version(what: str, version: object, current: int) -> int:
     if type(version) is not int or version < 1:
         raise StateError(f"{what}: state version {version!r} is not a version number")
     if version > current:
-        raise StateError(f"{what}: state version {version} is newer than this pyhv "
+        raise StateError(f"{what}: version {version} is newer than this pyhv "
                          f"reads ({current})")
     return version
 
