@@ -53,6 +53,7 @@ KINDS: dict[str, str] = {
     "bigbss": "multiboot",
     "smp": "c32",
     "counter": "multiboot",
+    "counter64": "elf64",
 }
 
 C_FLAGS = ["-m32", "-ffreestanding", "-fno-pic", "-mgeneral-regs-only", "-nostdlib", "-O2",

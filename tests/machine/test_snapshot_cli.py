@@ -195,3 +195,13 @@ def test_the_untouched_snapshot_restores(snapshot: Path, env: dict[str, str]) ->
 def test_restore_refuses_options_of_a_new_guest(snapshot: Path, env: dict[str, str]) -> None:
     r = restore(env, snapshot, "--mem", "64M")
     assert r.returncode == 2 and "--mem" in r.stderr and r.stdout == ""
+
+
+@pytest.mark.kvm
+@pytest.mark.skipif(engine_unavailable("kvm") is not None,
+                    reason=str(engine_unavailable("kvm")))
+def test_restore_on_another_engine(snapshot: Path, env: dict[str, str]) -> None:
+    """Taken on emu, restored on kvm: `--engine` picks the engine, the count goes on."""
+    r = restore(env, snapshot, "--engine", "kvm")
+    assert r.returncode == 124, r.stderr
+    assert offset_in_count(r.stdout.encode()) > len(counting(3))
