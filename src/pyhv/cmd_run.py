@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,7 +62,6 @@ from pyhv.vmcontrol import VmControl
 
 if TYPE_CHECKING:
     from pyhv import images
-    from pyhv.vmstate import VmState
 
 # Kernel command-line words pyhv adds for its own Linux, per engine, each with its reason
 # (README "Linux workarounds" repeats this table).
@@ -218,8 +219,8 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
           stack: contextlib.ExitStack) -> int:
     if args.restore is not None:
         from pyhv.cmd_restore import restore_config
-        config, state = restore_config(args)
-        return _run(args, config, None, stack, state)
+        config, prepare, snapshot, restored_pci = restore_config(args)
+        return _run(args, config, None, stack, prepare, snapshot, restored_pci)
     mem = parse_size(args.mem, default_unit="M")
     check_memory(mem)
     if args.timeout is not None and not args.timeout > 0:
@@ -275,10 +276,15 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
         cmdline = " ".join([cmdline, *(w for w in root_words if w not in cmdline.split())])
     # after the image: --image debian's root disk comes first (vda)
     pci_devices = [make_function(d, i) for i, d in enumerate(disks)]
+    pci_info: list[dict[str, object]] = [
+        {"kind": "disk", "path": os.path.abspath(d.path), "format": d.format,
+         "read_only": d.read_only, "serial": d.serial} for d in disks]
     if args.rng:
         pci_devices.append(_rng_function)
+        pci_info.append({"kind": "rng"})
     if net.kind != "none":
         pci_devices.append(make_nic(net, mac))
+        pci_info.append({"kind": "net", "net": args.net, "mac": mac.hex()})
     marker: ExitMarker | None = None
     if args.command is not None:
         from pyhv import images
@@ -289,19 +295,19 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
                            engine=engine, strict_io=args.strict_io,
                            engine_options=engine_options, n_cpus=args.cpus,
                            pci_devices=pci_devices)
-    return _run(args, config, marker, stack, None)
+    return _run(args, config, marker, stack, None, None, pci_info)
 
 
 def _run(args: argparse.Namespace, config: MachineConfig, marker: ExitMarker | None,
-         stack: contextlib.ExitStack, restore: VmState | None) -> int:
-    """Run the machine of `config` (restored to `restore` first, if given) until the
-    guest ends; a guest reset restarts it (a restored guest's reset ends the run: there
-    is no kernel to boot again)."""
+         stack: contextlib.ExitStack, restore: Callable[[Machine], None] | None,
+         snapshot: str | None, pci_info: list[dict[str, object]]) -> int:
+    """Run the machine of `config` (put in a snapshot's state first by `restore`, if
+    given) until the guest ends; a guest reset restarts it (a restored guest's reset
+    ends the run: there is no kernel to boot again)."""
     control = _start_control(args, stack)
     if control is not None:
-        control.machine_info = _machine_info(args, config)
-        if restore is not None:
-            control.current_snapshot = restore.extra.get("snapshot")
+        control.machine_info = {**_machine_info(args, config), "pci": pci_info}
+        control.current_snapshot = snapshot
     pump = _output_pump()
     try:
         console = Console(pump.write, exit_marker=marker)
@@ -367,14 +373,14 @@ def _engine_options(pairs: list[str]) -> dict[str, str]:
 
 def _run_once(config: MachineConfig, console: Console, pump: OutputPump,
               args: argparse.Namespace, timeout: float | None, control: VmControl | None,
-              restore: VmState | None = None) -> tuple[R.RunResult, R.Runner, Machine]:
+              restore: Callable[[Machine], None] | None = None
+              ) -> tuple[R.RunResult, R.Runner, Machine]:
     machine = Machine(config, console.write)
     terminal: Terminal | None = None
     gate: InputGate | None = None
     try:
         if restore is not None:
-            from pyhv.vmstate import apply
-            apply(machine, restore)
+            restore(machine)
         runner = R.Runner(machine, timeout=timeout)
         if control is not None:
             control.attach(runner, machine)

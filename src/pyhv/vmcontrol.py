@@ -288,6 +288,18 @@ class VmControl:
             try:
                 if not store.exists(name):
                     raise ControlError(404, f"no snapshot named {name!r}")
+                try:
+                    disks = store.get(name).disks
+                except PyhvError:
+                    disks = []              # unreadable: its directory still goes
+                if disks and self._machine is not None and self._runner is not None:
+                    from pyhv.snapshot.disks import delete_disk_snapshots
+                    resume = self._paused(self._runner)
+                    try:
+                        delete_disk_snapshots(self._machine, disks)
+                    finally:
+                        if resume:
+                            self._runner.resume()
                 gone = store.delete(name)
             except PyhvError as e:
                 raise ControlError(400, str(e)) from None

@@ -154,6 +154,12 @@ class Reader:
             return None
         return self.hex(key, length=length)
 
+    def opt_hex_max(self, key: _Str, *, max_len: _Int) -> bytes | None:
+        if key in self._rec and self._rec[key] is None:
+            self._seen.add(key)
+            return None
+        return self.hex(key, max_len=max_len)
+
     def int_map(self, key: _Str, *, key_hi: _Int, hi: _Int, max_len: _Int) -> dict[_Int, _Int]:
         """An object whose keys are decimal numbers 0..key_hi and values 0..hi."""
         sub = self.sub(key)

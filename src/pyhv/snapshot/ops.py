@@ -7,9 +7,12 @@
     revert_snapshot(machine, store, name)        the machine is paused by the caller:
         check everything (manifest, checksums, device set, vCPUs, RAM size), then copy
         the RAM in, revert the disks, apply the state; the caller resumes it
-    open_for_restore(dir)                        for `pyhv run --restore DIR`: the
+    open_snapshot(dir)                           for `pyhv run --restore DIR`: the
         manifest, the files' checksums and the state, all checked, before any machine
-        is built; the RAM is then mapped from the file (MachineConfig.restore_ram)
+        is built; the RAM is then mapped from the file (MachineConfig.restore_ram) and
+        restore_machine(machine, manifest, state) puts the disks back and applies it
+    Disks: each read-write qcow2 disk gets an internal snapshot of the same name
+        (snapshot/disks.py); a read-write raw disk makes create refuse the machine
 
 Checks: a snapshot is refused with a StateError (one line) when its manifest is
 malformed or of a newer format, a file is missing or its size or checksum differs, the
@@ -33,6 +36,13 @@ from typing import TYPE_CHECKING, Any
 
 import pyhv
 from pyhv.errors import StateError
+from pyhv.snapshot.disks import (
+    apply_disks,
+    check_disks,
+    check_disks_savable,
+    delete_disk_snapshots,
+    snapshot_disks,
+)
 from pyhv.snapshot.manifest import (
     MANIFEST,
     RAM,
@@ -69,17 +79,20 @@ def create_snapshot(machine: Machine, store: SnapshotStore, name: str, *, vm: st
         raise StateError(f"a snapshot named {name!r} exists already (delete it first)")
     if machine.memory is None:
         raise StateError("the machine is closed")
+    check_disks_savable(machine, name)
     store.sweep()
     state = capture(machine)
     tmp = store.partial(name)
+    disks: list[dict[str, Any]] | None = None
     try:
         (tmp / VMSTATE).write_text(json.dumps(state.to_json()))
         digest = write_ram(machine.memory, tmp / RAM, progress)
+        disks = snapshot_disks(machine, name)
         m = Manifest(name=name, vm=vm, parent=parent, engine=state.engine,
                      cpus=state.n_cpus, mem_size=state.mem_size,
                      devices=state.device_names(),
                      created=datetime.now(UTC).isoformat(timespec="milliseconds"),
-                     machine=dict(machine_info or {}), disks=[],
+                     machine=dict(machine_info or {}), disks=disks,
                      pyhv_version=pyhv.__version__,
                      files={VMSTATE: file_entry(tmp / VMSTATE),
                             RAM: file_entry(tmp / RAM, digest)})
@@ -93,6 +106,8 @@ def create_snapshot(machine: Machine, store: SnapshotStore, name: str, *, vm: st
     except BaseException:
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
+        if disks is not None:
+            delete_disk_snapshots(machine, disks)
         raise
     return Created(m, final, time.monotonic() - t0, stored)
 
@@ -117,9 +132,21 @@ def revert_snapshot(machine: Machine, store: SnapshotStore, name: str,
     snapdir = store.path(name)
     m, state = open_snapshot(snapdir)
     check_fits(machine, state)
+    check_disks(machine, m.disks, f"snapshot {name!r}")
     assert machine.memory is not None
     read_ram_into(machine.memory, snapdir / RAM)
     if on_ram is not None:
         on_ram()
+    apply_disks(machine, m.disks)
     apply(machine, state)
     return m
+
+
+def restore_machine(machine: Machine, manifest: Manifest, state: VmState) -> None:
+    """`pyhv run --restore`: the machine was built from the snapshot (its RAM mapped
+    from the file); check its disks, put them back to their internal snapshots, apply
+    the state. Before the first guest instruction."""
+    check_fits(machine, state)
+    check_disks(machine, manifest.disks, f"snapshot {manifest.name!r}")
+    apply_disks(machine, manifest.disks)
+    apply(machine, state)
