@@ -40,6 +40,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "host": ("pyhv.hostd.cmd_host", "the host daemon: `pyhv host serve` (REST API, VMs)"),
     "vm": ("pyhv.hostd.cmd_vm", "manage the host daemon's VMs (virsh's verbs)"),
     "migrate": ("pyhv.cmd_migrate", "move a running VM to another pyhv (live, pre-copy)"),
+    "snapshot-create": ("pyhv.cmd_snapshot", "snapshot a running VM (RAM, devices, vCPUs)"),
+    "snapshot-list": ("pyhv.cmd_snapshot", "list a VM's snapshots (the tree)"),
+    "snapshot-revert": ("pyhv.cmd_snapshot", "put a running VM back to a snapshot"),
+    "snapshot-delete": ("pyhv.cmd_snapshot", "delete one of a VM's snapshots"),
 }
 
 

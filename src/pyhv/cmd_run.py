@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import tempfile
@@ -179,6 +180,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also serve the serial console on this UNIX socket (mode 0600): "
                         "each client gets the output from then on and its bytes are the "
                         "console's input (how `pyhv host serve` reaches its VMs' consoles)")
+    p.add_argument("--restore", type=Path, default=None, metavar="DIR",
+                   help="continue the VM saved in snapshot directory DIR (pyhv "
+                        "snapshot-create) exactly where it was: its RAM is mapped from "
+                        "the snapshot copy-on-write; --engine may name another engine "
+                        "that can run the saved CPU mode (docs/snapshots.md)")
+    p.add_argument("--snapshot-dir", type=Path, default=None, metavar="DIR",
+                   help="where this VM's snapshots go (default: $PYHV_SNAPSHOT_DIR/VM, "
+                        "else ~/.local/share/pyhv/snapshots/VM; VM: the --name, or the "
+                        "socket's name)")
     p.add_argument("--incoming", default=None, metavar="tcp:ADDR:PORT",
                    help="receive a live migration (pyhv migrate) on this address, then "
                         "run the VM it brings (PORT 0: any free port, printed); give the "
@@ -220,6 +230,7 @@ def _start_control(args: argparse.Namespace, stack: contextlib.ExitStack
     if args.name is None and args.api_sock is None:
         return None
     from pyhv import rundir
+    from pyhv.snapshot import SnapshotStore
     from pyhv.vmapi import ApiServer
     sock = args.api_sock
     if args.name is not None:
@@ -227,7 +238,8 @@ def _start_control(args: argparse.Namespace, stack: contextlib.ExitStack
         stack.callback(claim.release)
         sock = sock or claim.sock
     assert sock is not None
-    control = VmControl(args.name, str(sock))
+    store = SnapshotStore.for_vm(args.name or Path(sock).stem, args.snapshot_dir)
+    control = VmControl(args.name, str(sock), snapshots=store)
     stack.callback(control.end)
     server = ApiServer(sock, control)
     stack.callback(server.close)
@@ -236,6 +248,10 @@ def _start_control(args: argparse.Namespace, stack: contextlib.ExitStack
 
 def _main(args: argparse.Namespace, overlays: list[Overlay],
           stack: contextlib.ExitStack) -> int:
+    if args.restore is not None:
+        from pyhv.cmd_restore import restore_config
+        config, prepare, snapshot, restored_pci = restore_config(args)
+        return _run(args, config, None, stack, prepare, snapshot, restored_pci)
     mem = parse_size(args.mem, default_unit="M")
     check_memory(mem)
     if args.timeout is not None and not args.timeout > 0:
@@ -291,10 +307,15 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
         cmdline = " ".join([cmdline, *(w for w in root_words if w not in cmdline.split())])
     # after the image: --image debian's root disk comes first (vda)
     pci_devices = [make_function(d, i) for i, d in enumerate(disks)]
+    pci_info: list[dict[str, object]] = [
+        {"kind": "disk", "path": os.path.abspath(d.path), "format": d.format,
+         "read_only": d.read_only, "serial": d.serial} for d in disks]
     if args.rng:
         pci_devices.append(_rng_function)
+        pci_info.append({"kind": "rng"})
     if net.kind != "none":
         pci_devices.append(make_nic(net, mac))
+        pci_info.append({"kind": "net", "net": args.net, "mac": mac.hex()})
     marker: ExitMarker | None = None
     if args.command is not None:
         from pyhv import images
@@ -305,8 +326,20 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
                            engine=engine, strict_io=args.strict_io,
                            engine_options=engine_options, n_cpus=args.cpus,
                            pci_devices=pci_devices)
+    return _run(args, config, marker, stack, None, None, pci_info)
+
+
+def _run(args: argparse.Namespace, config: MachineConfig, marker: ExitMarker | None,
+         stack: contextlib.ExitStack, restore: Callable[[Machine], None] | None,
+         snapshot: str | None, pci_info: list[dict[str, object]]) -> int:
+    """Run the machine of `config` (put in a snapshot's state first by `restore`, if
+    given) until the guest ends; a guest reset restarts it (a restored guest's reset
+    ends the run: there is no kernel to boot again)."""
     pinner = _cpu_scheduling(args, stack)
     control = _start_control(args, stack)
+    if control is not None:
+        control.machine_info = {**_machine_info(args, config), "pci": pci_info}
+        control.current_snapshot = snapshot
     csock = None
     if args.console_sock is not None:
         from pyhv.consolesock import ConsoleSocket
@@ -328,9 +361,10 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
             timeout = None if t_end is None else max(0.001, t_end - time.monotonic())
             t_run = time.monotonic()
             result, runner, machine = _run_once(config, console, pump, args, timeout,
-                                                control, pinner, csock, incoming)
+                                                control, pinner, csock, incoming, restore)
             incoming = None
-            if result.reason != "reset" or args.on_reboot != "restart" or console.panic:
+            if result.reason != "reset" or args.on_reboot != "restart" or console.panic \
+                    or restore is not None:
                 break
             quick = time.monotonic() - t_run < RESET_LOOP_WINDOW_S
             quick_resets = quick_resets + 1 if quick else 0
@@ -345,6 +379,12 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
     finally:
         pump.close()
     return _report(result, runner, machine, console, pump, args)
+
+
+def _machine_info(args: argparse.Namespace, config: MachineConfig) -> dict[str, object]:
+    """What `pyhv run --restore` needs to build this VM's machine again (besides the
+    snapshot's vCPUs and RAM size), for the snapshots' manifests."""
+    return {"strict_io": config.strict_io, "engine_options": dict(config.engine_options)}
 
 
 def _cpu_scheduling(args: argparse.Namespace, stack: contextlib.ExitStack
@@ -417,11 +457,15 @@ def _run_once(config: MachineConfig, console: Console, pump: OutputPump,
               args: argparse.Namespace, timeout: float | None, control: VmControl | None,
               pinner: Pinner | None = None,
               csock: ConsoleSocket | None = None,
-              incoming: Incoming | None = None) -> tuple[R.RunResult, R.Runner, Machine]:
+              incoming: Incoming | None = None,
+              restore: Callable[[Machine], None] | None = None
+              ) -> tuple[R.RunResult, R.Runner, Machine]:
     machine = Machine(config, console.write)
     terminal: Terminal | None = None
     gate: InputGate | None = None
     try:
+        if restore is not None:
+            restore(machine)
         runner = R.Runner(machine, timeout=timeout)
         if pinner is not None:
             runner.on_vcpu_thread = pinner.on_thread

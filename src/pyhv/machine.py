@@ -101,6 +101,9 @@ class MachineConfig:
     # PciFunction (virtio devices: see pyhv.devices.virtio), added in order, slots 1...
     pci_devices: list[Callable[[GuestMemory, DeferredCalls], PciFunction]] = \
         field(default_factory=list)
+    # A snapshot's RAM file: guest RAM is mapped from it copy-on-write, and steps 2b and
+    # 3 (tables, kernel) and the entry state are skipped: pyhv.vmstate.apply sets them
+    restore_ram: Path | None = None
 
 
 @dataclass
@@ -225,16 +228,20 @@ class Machine:
         if config.n_cpus > 1 and not config.devices:
             raise ConfigError("several vCPUs need the machine's APICs (devices=True)")
         check_memory(config.mem_size)
-        self.memory = GuestMemory.with_layout(layout.ram_layout(config.mem_size))
+        self.memory = GuestMemory.with_layout(layout.ram_layout(config.mem_size),
+                                              backing=config.restore_ram)
 
         # 2b. firmware tables (ACPI, MP) in the BIOS area, before the kernel, so that an
         # image loaded over 0xe0000-0xfffff keeps its own bytes
-        if config.devices:
+        if config.devices and config.restore_ram is None:
             self._install_tables(config)
 
         # 3. the kernel, validated and written into RAM
-        if config.setup is not None:
-            self.guest: LoadedGuest = config.setup(self.memory)
+        if config.restore_ram is not None:
+            self.guest: LoadedGuest = LoadedGuest(
+                "restored", CpuState(), f"a snapshot's guest ({config.restore_ram.parent})")
+        elif config.setup is not None:
+            self.guest = config.setup(self.memory)
         elif config.kernel is not None:
             self.guest = load(self.memory, BootRequest(
                 kernel=config.kernel, cmdline=config.cmdline, initrd=config.initrd,
@@ -268,7 +275,8 @@ class Machine:
             else:
                 v.set_interrupt_source(None)
         self.vcpu = self.vcpus[0]
-        self.vcpu.set_state(self.guest.entry)
+        if config.restore_ram is None:
+            self.vcpu.set_state(self.guest.entry)
 
     def _install_tables(self, config: MachineConfig) -> None:
         assert self.memory is not None

@@ -8,6 +8,9 @@ Resources (docs/api/vm.openapi.json is the contract; docs/api.md the prose):
     GET  /stats      exits, guest time, timers, the engine's counters
     PUT  /migrate    {"uri": "tcp:HOST:PORT", ...}: start a live migration
     GET  /migrate    its progress, then its report
+    GET  /snapshots  the VM's snapshots (name, parent, created, current)
+    PUT  /snapshot/create|revert|delete  {"name": NAME}
+    GET  /snapshot/progress   how far a running create has got
 
 Design: the standard library's HTTP request handler on a threading UNIX stream server,
 served from a daemon thread of the VM process; the handler only parses, routes and
@@ -66,6 +69,11 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/actions": {"PUT": lambda c, b: c.action(_body_field(b, "action"))},
     "/stats": {"GET": lambda c, _b: c.stats()},
     "/migrate": {"GET": lambda c, _b: c.migration(), "PUT": lambda c, b: c.migrate(b)},
+    "/snapshots": {"GET": lambda c, _b: c.snapshots()},
+    "/snapshot/create": {"PUT": lambda c, b: c.snapshot_create(_body_field(b, "name"))},
+    "/snapshot/revert": {"PUT": lambda c, b: c.snapshot_revert(_body_field(b, "name"))},
+    "/snapshot/delete": {"PUT": lambda c, b: c.snapshot_delete(_body_field(b, "name"))},
+    "/snapshot/progress": {"GET": lambda c, _b: c.snapshot_progress()},
 }
 BODY_METHODS = ("PUT", "POST", "PATCH")
 

@@ -25,10 +25,15 @@ Operations:
                            409 while one runs or the VM is paused
     migration()            its progress and, once over, its report (status completed,
                            failed or cancelled); {"status": "none"} before any
+    snapshot_create(NAME)  pause, write the snapshot (pyhv.snapshot), resume if it ran
+    snapshot_revert(NAME)  pause, put RAM, devices, vCPUs (and disks) back, resume if it
+                           ran; the serial console simply goes on
+    snapshot_delete(NAME), snapshots()   the VM's snapshot store; snapshot_progress()
+                           how far a create has got (bytes of RAM scanned), for the CLI
 
 Errors are `ControlError(status, message)`: the API maps them to HTTP statuses (409 for
-an operation the VM's state does not allow). Snapshots and migration will be further
-operations here (they pause through the same `set_state` path).
+an operation the VM's state does not allow, 404 an unknown snapshot). Snapshots pause
+through the same path as `set_state`; migration will too.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ if TYPE_CHECKING:
     from pyhv.machine import Machine
     from pyhv.migration import OutgoingMigration
     from pyhv.runner import Runner
+    from pyhv.snapshot import SnapshotStore
 
 PARK_TIMEOUT_S = 10.0       # longest wait for the vCPUs to reach a safe point
 STATES = ("paused", "running")
@@ -58,8 +64,13 @@ class ControlError(Exception):
 
 
 class VmControl:
-    def __init__(self, name: str | None, socket_path: str) -> None:
+    def __init__(self, name: str | None, socket_path: str,
+                 snapshots: SnapshotStore | None = None) -> None:
         self.name = name
+        self.store = snapshots
+        self.machine_info: dict[str, Any] = {}    # how --restore rebuilds the machine
+        self.current_snapshot: str | None = None   # the parent of the next snapshot
+        self.progress: dict[str, Any] = {"op": None}
         self.socket_path = socket_path
         self.started = time.monotonic()
         self.pid = os.getpid()
@@ -213,6 +224,140 @@ class VmControl:
     def migration(self) -> dict[str, Any]:
         mig = self._migration
         return {"status": "none"} if mig is None else mig.progress()
+    # ------------------------------------------------------------------ snapshots
+
+    def _store(self) -> SnapshotStore:
+        if self.store is None:
+            raise ControlError(409, "this VM has no snapshot directory")
+        return self.store
+
+    def _paused(self, runner: Runner) -> bool:
+        """Park the vCPUs (if running); True if they were running (resume after)."""
+        if runner.state.value not in ("running", "paused"):
+            raise ControlError(409, f"the VM is {runner.state.value}")
+        if runner.state.value == "paused":
+            return False
+        runner.pause()
+        if not runner.wait_parked(PARK_TIMEOUT_S):
+            runner.resume()
+            raise ControlError(504, "the vCPUs did not reach a safe point within "
+                                    f"{PARK_TIMEOUT_S:g} s; the VM keeps running")
+        return True
+
+    def snapshot_create(self, name: str) -> dict[str, Any]:
+        from pyhv.errors import PyhvError
+        from pyhv.snapshot import check_name, create_snapshot
+        with self._lock:
+            store = self._store()
+            runner, m = self._current()
+            try:
+                check_name(name)
+            except PyhvError as e:
+                raise ControlError(400, str(e)) from None
+            if store.exists(name):
+                raise ControlError(409, f"a snapshot named {name!r} exists already")
+            resume = self._paused(runner)
+            self.progress = {"op": "create", "name": name, "done_bytes": 0,
+                             "total_bytes": m.config.mem_size}
+
+            def progress(done: int, total: int) -> None:
+                self.progress = {"op": "create", "name": name, "done_bytes": done,
+                                 "total_bytes": total}
+            try:
+                made = create_snapshot(m, store, name, vm=self.name or self.socket_path,
+                                       parent=self.current_snapshot,
+                                       machine_info=self.machine_info, progress=progress)
+            except PyhvError as e:
+                raise ControlError(409, str(e)) from None
+            except OSError as e:
+                raise ControlError(507, f"cannot write the snapshot: {e.strerror or e}"
+                                   ) from None
+            finally:
+                self.progress = {"op": None}
+                if resume:
+                    runner.resume()
+            self.current_snapshot = name
+            return {"name": name, "path": str(made.path), "parent": made.manifest.parent,
+                    "seconds": round(made.seconds, 3),
+                    "ram_bytes_stored": made.ram_bytes_stored,
+                    "state": runner.state.value}
+
+    def snapshot_revert(self, name: str) -> dict[str, Any]:
+        from pyhv.errors import PyhvError
+        from pyhv.snapshot import revert_snapshot
+        with self._lock:
+            store = self._store()
+            runner, m = self._current()
+            try:
+                exists = store.exists(name)
+            except PyhvError as e:
+                raise ControlError(400, str(e)) from None
+            if not exists:
+                raise ControlError(404, f"no snapshot named {name!r}")
+            resume = self._paused(runner)
+            changed = False
+
+            def ram_changed() -> None:
+                nonlocal changed
+                changed = True
+            try:
+                revert_snapshot(m, store, name, on_ram=ram_changed)
+            except PyhvError as e:
+                if changed:     # RAM was replaced but the state was refused: cannot go on
+                    runner.stop(StopRequest("crash", 4, f"revert to {name!r} failed "
+                                            f"half-way: {e}"))
+                    runner.resume()
+                    raise ControlError(500, f"{e} (the VM was stopped: its RAM was "
+                                            "already replaced)") from None
+                if resume:
+                    runner.resume()
+                raise ControlError(409, str(e)) from None
+            if resume:
+                runner.resume()
+            self.current_snapshot = name
+            return {"name": name, "state": runner.state.value}
+
+    def snapshot_delete(self, name: str) -> dict[str, Any]:
+        from pyhv.errors import PyhvError
+        with self._lock:
+            store = self._store()
+            try:
+                if not store.exists(name):
+                    raise ControlError(404, f"no snapshot named {name!r}")
+                try:
+                    disks = store.get(name).disks
+                except PyhvError:
+                    disks = []              # unreadable: its directory still goes
+                if disks and self._machine is not None and self._runner is not None:
+                    from pyhv.snapshot.disks import delete_disk_snapshots
+                    resume = self._paused(self._runner)
+                    try:
+                        delete_disk_snapshots(self._machine, disks)
+                    finally:
+                        if resume:
+                            self._runner.resume()
+                gone = store.delete(name)
+            except PyhvError as e:
+                raise ControlError(400, str(e)) from None
+            if self.current_snapshot == name:
+                self.current_snapshot = gone.parent if gone is not None else None
+            return {"name": name, "deleted": True}
+
+    def snapshots(self) -> dict[str, Any]:
+        store = self._store()
+        out: list[dict[str, Any]] = []
+        for name, man, problem in store.list():
+            if man is None:
+                out.append({"name": name, "problem": problem})
+                continue
+            out.append({"name": name, "parent": man.parent, "created": man.created,
+                        "engine": man.engine, "cpus": man.cpus,
+                        "memory_mib": man.mem_size >> 20,
+                        "current": name == self.current_snapshot})
+        return {"directory": str(store.dir), "snapshots": out}
+
+    def snapshot_progress(self) -> dict[str, Any]:
+        return dict(self.progress)
 
     @staticmethod
     def _has_acpi(m: Machine) -> bool:

@@ -55,6 +55,7 @@ KINDS: dict[str, str] = {
     "counter": "multiboot",
     "echo": "multiboot",
     "dirtier": "multiboot",
+    "counter64": "elf64",
 }
 
 C_FLAGS = ["-m32", "-ffreestanding", "-fno-pic", "-mgeneral-regs-only", "-nostdlib", "-O2",

@@ -41,15 +41,26 @@ class LiveVm:
         self._thread.start()
         return self
 
-    def wait_for(self, text: bytes, timeout: float = 30.0) -> None:
+    def wait_for(self, text: bytes, timeout: float = 30.0, since: int = 0) -> None:
+        """Wait until `text` appears in the output after byte `since`."""
         deadline = time.monotonic() + timeout
-        while text not in self.output():
+        while text not in self.output()[since:]:
             if self._thread is not None and not self._thread.is_alive():
                 raise AssertionError(f"the run ended ({self.result}) before {text!r}; "
                                      f"output {self.output()[-200:]!r}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"no {text!r} within {timeout} s; "
                                      f"output {self.output()[-200:]!r}")
+            time.sleep(0.01)
+
+    def wait_more(self, n: int, since: int, timeout: float = 30.0) -> None:
+        """Wait until the output has n bytes past byte `since`."""
+        deadline = time.monotonic() + timeout
+        while len(self.output()) < since + n:
+            if self._thread is not None and not self._thread.is_alive():
+                raise AssertionError(f"the run ended ({self.result}) early")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {n} bytes of output within {timeout} s")
             time.sleep(0.01)
 
     def pause(self) -> None:

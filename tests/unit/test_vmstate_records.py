@@ -98,7 +98,7 @@ def _every_field() -> list[tuple[str, str]]:
         m.close()
 
 
-FIELDS = _every_field()
+FIELDS = _every_field() if engine_class("emu").probe() is None else []
 
 
 def _refused(target: Machine, data: dict[str, Any], *words: str) -> str:

@@ -62,7 +62,7 @@ def check_version(what: str, version: object, current: int) -> int:
     if type(version) is not int or version < 1:
         raise StateError(f"{what}: state version {version!r} is not a version number")
     if version > current:
-        raise StateError(f"{what}: state version {version} is newer than this pyhv "
+        raise StateError(f"{what}: version {version} is newer than this pyhv "
                          f"reads ({current})")
     return version
 
@@ -153,6 +153,12 @@ class Reader:
             self._seen.add(key)
             return None
         return self.hex(key, length=length)
+
+    def opt_hex_max(self, key: _Str, *, max_len: _Int) -> bytes | None:
+        if key in self._rec and self._rec[key] is None:
+            self._seen.add(key)
+            return None
+        return self.hex(key, max_len=max_len)
 
     def int_map(self, key: _Str, *, key_hi: _Int, hi: _Int, max_len: _Int) -> dict[_Int, _Int]:
         """An object whose keys are decimal numbers 0..key_hi and values 0..hi."""

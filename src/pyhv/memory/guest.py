@@ -17,11 +17,13 @@ writes; live migration needs both.
 from __future__ import annotations
 
 import ctypes
+import os
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TypeVar
 
-from pyhv.errors import GuestMemoryError
+from pyhv.errors import GuestMemoryError, StateError
 from pyhv.memory.region import MemoryRegion
 
 PAGE_SIZE = 4096
@@ -47,9 +49,34 @@ class GuestMemory:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def with_layout(cls, layout: list[tuple[int, int]]) -> GuestMemory:
-        """Allocate one region per (gpa, size) pair."""
-        return cls([MemoryRegion(gpa, size) for gpa, size in layout])
+    def with_layout(cls, layout: list[tuple[int, int]],
+                    backing: Path | None = None) -> GuestMemory:
+        """Allocate one region per (gpa, size) pair; with `backing`, map each region
+        copy-on-write from that file at file offset = gpa (a snapshot's RAM file, whose
+        holes read as zeros). The file must cover every region: checked here, since a
+        mapped page past its end would kill the process with SIGBUS."""
+        if backing is None:
+            return cls([MemoryRegion(gpa, size) for gpa, size in layout])
+        try:
+            fd = os.open(backing, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise StateError(f"cannot open the RAM file {backing}: {e.strerror}") from None
+        regions: list[MemoryRegion] = []
+        try:
+            have = os.fstat(fd).st_size
+            need = max(gpa + size for gpa, size in layout)
+            if have < need:
+                raise StateError(f"the RAM file {backing} holds {have} bytes; the guest's "
+                                 f"RAM needs {need}")
+            for gpa, size in layout:
+                regions.append(MemoryRegion(gpa, size, backing=(fd, gpa)))
+        except BaseException:
+            for r in regions:
+                r.close()
+            raise
+        finally:
+            os.close(fd)            # each mapping keeps its own reference to the file
+        return cls(regions)
 
     @property
     def size(self) -> int:

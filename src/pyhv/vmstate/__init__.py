@@ -39,8 +39,14 @@ count or RAM size. An engine that cannot run the saved CPU mode raises its own
 `PyhvError` (HostError) from `apply`, before any device record was loaded.
 
 Device records: `pyhv.devices.state` (the protocol each stateful device implements).
-Devices without a complete record yet (virtio functions, until they get theirs) make
-`capture` and `apply` refuse the machine with a StateError rather than lose state.
+A PCI function without a complete record makes `capture` and `apply` refuse the machine
+with a StateError rather than lose state; the virtio functions (blk, net, rng) have
+theirs: transport registers, every queue, the device's own (devices/virtio). Before it
+reads the records, `capture` quiesces the devices (a disk's in-flight requests finish
+and the image is flushed) and runs the run loop's deferred calls (their completions
+reach the queues), so no request is half done in a record; `apply` reads no guest RAM
+(a NIC's held receive buffers are in its record as addresses), so RAM may still come
+before or after it.
 """
 
 from pyhv.errors import StateError

@@ -8,8 +8,9 @@ Design: the names are the machine's, not the devices': one record per device ins
 
 in that order (the order `apply` loads them: interrupt controllers' records do not
 depend on the others, and nothing drives an IRQ line while loading). A machine whose
-PCI functions include one without a complete record of its own is refused by
-`check_savable` rather than saved without it.
+PCI functions include one without a complete record of its own (COMPLETE_PCI lists the
+classes that have one: the virtio transport) is refused by `check_savable` rather than
+saved without it.
 
 Invariants: the same configuration always gives the same names in the same order;
 every stateful device of a PC machine is in the list (a bare board, `devices=False`,
@@ -23,13 +24,14 @@ from typing import TYPE_CHECKING
 from pyhv.devices.pci.host import HostBridge
 from pyhv.devices.pit8254 import SystemControlPortB
 from pyhv.devices.state import Stateful
+from pyhv.devices.virtio.transport import VirtioPciFunction
 from pyhv.errors import StateError
 
 if TYPE_CHECKING:
     from pyhv.machine import Machine
 
 # PCI function classes whose records are complete (their class says so by being here)
-COMPLETE_PCI: tuple[type, ...] = ()
+COMPLETE_PCI: tuple[type, ...] = (VirtioPciFunction,)
 
 
 def stateful_devices(machine: Machine) -> list[tuple[str, Stateful]]:

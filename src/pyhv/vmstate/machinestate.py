@@ -112,12 +112,18 @@ def capture(machine: Machine) -> VmState:
     if machine.memory is None or not machine.vcpus:
         raise StateError("the machine is closed")
     with machine.lock:
+        devs = stateful_devices(machine)
+        for _name, dev in devs:
+            quiesce = getattr(dev, "quiesce", None)
+            if quiesce is not None:
+                quiesce()       # in-flight device I/O finishes and posts its completion
+        machine.deferred.run_pending()
         machine.timers.fire_due()
         clock_ns = machine.clock.now_ns()
         vcpus = [cpu_record(v.get_state(), machine.wait_sipi[i])
                  for i, v in enumerate(machine.vcpus)]
         devices = {name: {"version": dev.state_version, "state": dev.save_state()}
-                   for name, dev in stateful_devices(machine)}
+                   for name, dev in devs}
         return VmState(engine=machine.engine_name, mem_size=machine.memory.size,
                        clock_ns=clock_ns, vcpus=vcpus, devices=devices,
                        sipi_count=machine.sipi_count)

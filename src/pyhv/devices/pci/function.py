@@ -205,13 +205,14 @@ class PciFunction:
 
     def load_state(self, record: Mapping[str, Any], version: int) -> None:
         r = Reader(f"pci {self.name}", record)
-        self.load_pci_fields(r)
+        fields = self.read_pci_fields(r)
         r.done()
+        self.take_pci_fields(fields)
 
-    def load_pci_fields(self, r: Reader) -> None:
-        """Check and take this class's fields from `r` (the caller calls `r.done()`):
-        the guest can only have changed writable bits, so every other bit must be as
-        this function has it; then the BARs are decoded again (mapped where they were)."""
+    def read_pci_fields(self, r: Reader) -> tuple[bytes, bool]:
+        """Check this class's fields in `r` (the caller calls `r.done()`): the guest can
+        only have changed writable bits, so every other bit must be as this function
+        has it. `take_pci_fields` then takes them."""
         data = r.hex("config", length=C.CONFIG_SIZE)
         intx_level = r.bool("intx_level")
         cs = self.config
@@ -224,6 +225,9 @@ class PciFunction:
             if (new ^ old) & fixed:
                 raise r.fail("config", f"byte {i:#x} = {new:#04x}: read-only bits differ "
                              f"from this device's ({old:#04x}): another device's record")
-        cs.data[:] = data
-        self._intx_level = intx_level
+        return data, intx_level
+
+    def take_pci_fields(self, fields: tuple[bytes, bool]) -> None:
+        """Take checked fields; the BARs are decoded again (mapped where they were)."""
+        self.config.data[:], self._intx_level = fields
         self._remap()

@@ -44,11 +44,13 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+from pyhv.devices.state import Reader
 from pyhv.devices.virtio.device import VirtioContext, VirtioDevice
 from pyhv.devices.virtio.queue import Chain, read_buffers
 from pyhv.disk.blockdev import BlockDevice
-from pyhv.errors import GuestMemoryError, ImageError
+from pyhv.errors import GuestMemoryError, ImageError, StateError
 from pyhv.memory import GuestMemory
 
 SECTOR = 512
@@ -157,6 +159,24 @@ class VirtioBlk(VirtioDevice):
     def reset(self) -> None:
         self._work.join()               # in-flight requests finish (their posts are dropped)
         self.ctx = None
+
+    def quiesce(self) -> None:
+        self._work.join()               # in-flight requests finish and post completions
+        if not self.read_only:
+            self.disk.flush()
+
+    def save_device(self) -> dict[str, Any]:
+        return {"capacity": self.capacity, "read_only": self.read_only}
+
+    def read_device(self, r: Reader, memory: GuestMemory) -> Callable[[], None]:
+        capacity = r.int("capacity")
+        read_only = r.bool("read_only")
+        r.done()
+        if capacity != self.capacity or read_only != self.read_only:
+            raise StateError(f"{self.name}: the snapshot's disk has {capacity} sectors"
+                             f"{' (read-only)' if read_only else ''}, this one "
+                             f"{self.capacity}{' (read-only)' if self.read_only else ''}")
+        return lambda: None
 
     def close(self) -> None:
         if self._closed:

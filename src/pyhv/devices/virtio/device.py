@@ -49,7 +49,9 @@ and comes back with `ctx.post`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from pyhv.devices.state import Reader
 
 if TYPE_CHECKING:
     from pyhv.devices.virtio.queue import Chain, Virtqueue
@@ -108,3 +110,27 @@ class VirtioDevice:
     def close(self) -> None:
         """The machine is closing."""
         self.reset()
+
+    # ---------------------------------------------------------------- state records
+    # (the transport's record carries the device's: pyhv.devices.state)
+
+    state_version: int = 1
+
+    def quiesce(self) -> None:
+        """Finish in-flight work (its completions are posted to the run loop), so a
+        record taken next holds no half-done request."""
+
+    def save_device(self) -> dict[str, Any]:
+        """The device's own state beyond the transport's (default: none)."""
+        return {}
+
+    def read_device(self, r: Reader, memory: GuestMemory) -> Callable[[], None]:
+        """Check the device's record (`r.done()` included; guest buffers it names must
+        lie in `memory`) and return what takes it."""
+        r.done()
+        return lambda: None
+
+    def resume(self, ctx: VirtioContext) -> None:
+        """An active device's context after its record was loaded (default: as at
+        DRIVER_OK; a device whose activate does I/O overrides it)."""
+        self.activate(ctx)

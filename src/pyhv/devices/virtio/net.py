@@ -45,10 +45,13 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Protocol
+from typing import Any, Protocol
 
+from pyhv.devices.state import Reader
 from pyhv.devices.virtio.device import VirtioContext, VirtioDevice
 from pyhv.devices.virtio.queue import Chain, read_buffers, write_buffers
+from pyhv.errors import StateError
+from pyhv.memory import GuestMemory
 
 DEVICE_TYPE = 1
 F_MAC = 1 << 5
@@ -151,6 +154,49 @@ class VirtioNet(VirtioDevice):
     def close(self) -> None:
         self.reset()
         self.port.close()
+
+    # ------------------------------------------------------------------ state records
+
+    def save_device(self) -> dict[str, Any]:
+        """The MAC, a frame taken from the back end but not yet delivered, and the
+        receive chains popped for it (as buffers: loading reads no guest memory)."""
+        return {"mac": self.mac.hex(),
+                "frame": self._frame.hex() if self._frame is not None else None,
+                "chains": [{"head": c.head, "writable": [list(b) for b in c.writable]}
+                           for c in self._chains]}
+
+    def read_device(self, r: Reader, memory: GuestMemory) -> Callable[[], None]:
+        mac = r.hex("mac", length=6)
+        frame = r.opt_hex_max("frame", max_len=self.port.max_frame)
+        raw = r.subs_list("chains", max_len=QUEUE_SIZE)
+        r.done()
+        if mac != self.mac:
+            raise StateError(f"virtio-net: the snapshot's MAC {mac.hex(':')} is not this "
+                             f"NIC's {self.mac.hex(':')}")
+        chains: list[Chain] = []
+        for i, c in enumerate(raw):
+            cr = Reader(f"virtio-net.chains[{i}]", c)
+            chain = Chain(cr.int("head", 0, QUEUE_SIZE - 1))
+            for j, buf in enumerate(cr.subs_list("writable", max_len=QUEUE_SIZE)):
+                if not (isinstance(buf, list) and len(buf) == 2
+                        and all(type(x) is int and x >= 0 for x in buf)
+                        and memory.contains(buf[0], buf[1])):
+                    raise cr.fail("writable", f"[{j}] is not an [address, length] pair "
+                                  "inside guest RAM")
+                chain.writable.append((buf[0], buf[1]))
+            cr.done()
+            chains.append(chain)
+
+        def take() -> None:
+            self._frame = frame
+            self._chains = chains
+        return take
+
+    def resume(self, ctx: VirtioContext) -> None:
+        self._ctx = ctx
+        self._mrg = bool(ctx.features & F_MRG_RXBUF)
+        self._set_link_bytes(self.port.link_up)
+        self._rx_posted = self._tx_posted = False
 
     # ------------------------------------------------------------------ I/O thread side
 

@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
-from pyhv.errors import GuestMemoryError
+from pyhv.devices.state import Reader
+from pyhv.errors import GuestMemoryError, StateError
 from pyhv.memory import GuestMemory
 
 F_NEXT = 1
@@ -140,6 +142,41 @@ class Virtqueue:
             if not self.memory.contains(addr, length):
                 raise QueueError(f"queue {self.index}: {what} at {addr:#x} "
                                  f"(+{length:#x}) is outside guest RAM")
+
+    # ------------------------------------------------------------------ state records
+
+    def save_state(self) -> dict[str, Any]:
+        return {"size": self.size, "enabled": self.enabled, "desc": self.desc,
+                "avail": self.avail, "used": self.used, "event_idx": self.event_idx,
+                "last_avail": self.last_avail, "used_idx": self.used_idx,
+                "signalled_used": self.signalled_used, "msix_vector": self.msix_vector}
+
+    def read_state(self, r: Reader) -> dict[str, Any]:
+        """Checked fields (`done()` included); an enabled queue must pass `check()`
+        (its rings inside guest RAM), which reads no guest memory."""
+        out: dict[str, Any] = {
+            "size": r.int("size", 1, self.max_size), "enabled": r.bool("enabled"),
+            "desc": r.int("desc"), "avail": r.int("avail"), "used": r.int("used"),
+            "event_idx": r.bool("event_idx"), "last_avail": r.int("last_avail", 0, 0xFFFF),
+            "used_idx": r.int("used_idx", 0, 0xFFFF),
+            "signalled_used": r.int("signalled_used", 0, 0xFFFF),
+            "msix_vector": r.int("msix_vector", 0, 0xFFFF)}
+        r.done()
+        probe = Virtqueue(self.index, self.max_size, self.memory)
+        for k, v in out.items():
+            setattr(probe, k, v)
+        if probe.size & (probe.size - 1):
+            raise r.fail("size", f"= {probe.size} is not a power of two")
+        if probe.enabled:
+            try:
+                probe.check()
+            except QueueError as e:
+                raise StateError(f"{r.what}: {e}") from None
+        return out
+
+    def take_state(self, fields: dict[str, Any]) -> None:
+        for k, v in fields.items():
+            setattr(self, k, v)
 
     # ------------------------------------------------------------------ guest memory
 

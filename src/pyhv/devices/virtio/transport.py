@@ -59,11 +59,13 @@ Threading: run-loop thread only, except `VirtioContext.post`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from pyhv.devices.deferred import DeferredCalls
 from pyhv.devices.pci import config as C
 from pyhv.devices.pci.function import PciFunction
+from pyhv.devices.state import Reader, check_version
 from pyhv.devices.virtio.device import VirtioContext, VirtioDevice
 from pyhv.devices.virtio.queue import Chain, QueueError, Virtqueue
 from pyhv.memory import GuestMemory
@@ -413,3 +415,61 @@ class VirtioPciFunction(PciFunction):
     def close(self) -> None:
         self.epoch += 1
         self.device.close()
+
+    # ------------------------------------------------------------------ state records
+
+    state_version = 1
+    _TRANSPORT = (("status", 0xFF), ("dfselect", 0xFFFFFFFF), ("gfselect", 0xFFFFFFFF),
+                  ("msix_config", 0xFFFF), ("generation", 0xFF), ("qselect", 0xFFFF),
+                  ("isr", ISR_QUEUE | ISR_CONFIG))
+
+    def quiesce(self) -> None:
+        self.device.quiesce()
+
+    def save_state(self) -> dict[str, Any]:
+        """PCI configuration, the transport's registers, every queue, the device's own
+        record (its type and version inside). Taken after `quiesce()` and the run
+        loop's deferred calls, so no request is half done."""
+        d = super().save_state()
+        d["virtio"] = {**{k: getattr(self, k) for k, _ in self._TRANSPORT},
+                       "device_type": self.device.device_type,
+                       "driver_features": self.driver_features, "active": self.active,
+                       "queues": [q.save_state() for q in self.queues],
+                       "device_version": self.device.state_version,
+                       "device": self.device.save_device()}
+        return d
+
+    def load_state(self, record: Mapping[str, Any], version: int) -> None:
+        """Check everything, then reset the device (in-flight work of a running VM
+        ends, its completions dropped) and take the record; an active device gets a
+        new context."""
+        r = Reader(f"pci {self.name}", record)
+        v = r.sub("virtio")
+        fields = {k: v.int(k, 0, hi) for k, hi in self._TRANSPORT}
+        dtype = v.int("device_type", 0, 0xFFFF)
+        if dtype != self.device.device_type:
+            raise v.fail("device_type", f"= {dtype}: this slot holds a {self.device.name}")
+        features = v.int("driver_features")
+        if features & ~self.device_features:
+            raise v.fail("driver_features", f"{features:#x} has bits this device does "
+                         "not offer")
+        active = v.bool("active")
+        queues = [q.read_state(qr) for q, qr in
+                  zip(self.queues, v.subs("queues", length=len(self.queues)), strict=True)]
+        check_version(f"{self.name} device", v.int("device_version", 1, 1 << 31),
+                      self.device.state_version)
+        take_device = self.device.read_device(v.sub("device"), self.memory)
+        v.done()
+        pci = self.read_pci_fields(r)
+        r.done()
+        self.epoch += 1                 # posts of requests before the load are dropped
+        self.device.reset()
+        self.take_pci_fields(pci)
+        for k, val in fields.items():
+            setattr(self, k, val)
+        self.driver_features, self.active = features, active
+        for q, qf in zip(self.queues, queues, strict=True):
+            q.take_state(qf)
+        take_device()
+        if active:
+            self.device.resume(_Context(self, self.epoch))
