@@ -5,8 +5,9 @@ beside the VM's run loop, and speaks to it only through the Runner's controls (p
 wait_parked, resume, stop). The steps:
 
 1. connect, send the header (HELLO); the destination answers REPLY ok, or why not;
-2. turn on the engine's dirty tracking, then send every RAM page while the guest runs
-   (round 1), zero pages as markers;
+2. start tracking what to send again (pyhv.migration.dirty: kvm's dirty log; on emu a
+   comparison with a copy of what was sent), then send every RAM page while the guest
+   runs (round 1), zero pages as markers;
 3. each next round takes the pages dirtied since the last one and estimates the
    downtime they would cost at the measured bandwidth; while that is over
    `max_downtime_ms`, send them and go on (at most `max_rounds`; auto-converge throttles
@@ -36,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +46,7 @@ from pyhv.machine import StopRequest
 from pyhv.memory import PAGE_SIZE
 from pyhv.migration import header, uri
 from pyhv.migration.bandwidth import MB, Limiter, Meter
+from pyhv.migration.dirty import tracker_for
 from pyhv.migration.pages import PageReader
 from pyhv.migration.stream import (
     ABORT,
@@ -129,6 +132,7 @@ class OutgoingMigration:
             "downtime_ms": None, "total_s": None, "error": None, "history": [],
         }
         self._t0 = time.monotonic()
+        self._sent: Callable[[int, bytes], None] | None = None
 
     # ------------------------------------------------------------------ other threads
 
@@ -161,8 +165,8 @@ class OutgoingMigration:
 
     def _main(self) -> None:
         from pyhv.migration.throttle import Throttle
-        engine = self.m.engine
-        assert engine is not None and self.m.memory is not None
+        assert self.m.memory is not None
+        tracker = tracker_for(self.m)
         ch: Channel | None = None
         paused = False
         throttle = Throttle(self.runner)
@@ -176,7 +180,8 @@ class OutgoingMigration:
             reader = PageReader(self.m.memory)
             limiter = Limiter(None if self.opts.bandwidth_mbps is None
                               else self.opts.bandwidth_mbps * MB)
-            engine.enable_dirty_tracking(True)
+            tracker.start()
+            self._sent = tracker.sent
             pfns = reader.frames()
             rnd = 0
             bandwidth = 0.0
@@ -185,7 +190,7 @@ class OutgoingMigration:
                 meter = self._send_round(ch, reader, limiter, rnd, pfns)
                 bandwidth = meter.rate()
                 t_dirty = time.monotonic()
-                pfns = sorted(engine.dirty_pages())
+                pfns = tracker.dirty()
                 dirty_rate = len(pfns) / max(t_dirty - meter.t0, 1e-6)
                 expected_ms = len(pfns) * PAGE_SIZE / bandwidth * 1000.0
                 self._set(bandwidth_bps=bandwidth, dirty_rate_pps=dirty_rate,
@@ -206,7 +211,7 @@ class OutgoingMigration:
                 raise MigrationError(f"the vCPUs did not reach a safe point within "
                                      f"{PARK_TIMEOUT_S:g} s")
             self._check_running()
-            last = sorted(set(pfns) | engine.dirty_pages())
+            last = sorted(set(pfns) | set(tracker.dirty()))   # pfns: found, not sent
             meter = self._send_round(ch, reader, Limiter(None), rnd + 1, last)
             self._log(rnd + 1, meter, 0.0, None)
             state = capture(self.m)
@@ -246,7 +251,7 @@ class OutgoingMigration:
                 ch.close()
             if self.m.engine is not None:
                 with contextlib.suppress(PyhvError, NotImplementedError):
-                    self.m.engine.enable_dirty_tracking(False)
+                    tracker.close()
             if paused and self._p["status"] != "completed":
                 self.runner.resume()
 
@@ -271,7 +276,7 @@ class OutgoingMigration:
         self._set(status="active" if self._p["status"] == "setup" else self._p["status"],
                   round=rnd, round_pages=len(pfns), round_sent=0)
         sent = zeros = 0
-        for payload, n, z in reader.pack(pfns):
+        for payload, n, z in reader.pack(pfns, self._sent):
             self._check_running()
             size = ch.send(PAGES, payload)
             meter.add(size)
