@@ -9,8 +9,10 @@ wait_parked, resume, stop). The steps:
    comparison with a copy of what was sent), then send every RAM page while the guest
    runs (round 1), zero pages as markers;
 3. each next round takes the pages dirtied since the last one and estimates the
-   downtime they would cost at the measured bandwidth; while that is over
-   `max_downtime_ms`, send them and go on (at most `max_rounds`; auto-converge throttles
+   downtime: their transfer at the measured bandwidth plus the tracker's own pass
+   (measured: it runs once more inside the pause); while that is over
+   `max_downtime_ms`, send them and go on (when the pass alone nearly fills the target,
+   the pages may still take FLOOR_SHARE of it) (at most `max_rounds`; auto-converge throttles
    the vCPUs when the guest dirties faster than the link carries, pyhv.migration.throttle);
 4. switch-over: pause (t_pause), send the last dirty pages, `vmstate.capture`, send the
    STATE record (with t_pause); the destination applies it, starts its run loop and
@@ -70,6 +72,7 @@ PARK_TIMEOUT_S = 10.0
 REPORT_WAIT_S = 3.0         # how long a finished source waits for its report to be read
 REPORT_GRACE_S = 0.5        # then the time the API's answer has to reach the client
 DEFAULT_DOWNTIME_MS = 50.0
+FLOOR_SHARE = 0.2           # the pages' least share of the target (see _main)
 DEFAULT_MAX_ROUNDS = 30
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -191,12 +194,19 @@ class OutgoingMigration:
                 bandwidth = meter.rate()
                 t_dirty = time.monotonic()
                 pfns = tracker.dirty()
+                scan_ms = (time.monotonic() - t_dirty) * 1000.0
                 dirty_rate = len(pfns) / max(t_dirty - meter.t0, 1e-6)
-                expected_ms = len(pfns) * PAGE_SIZE / bandwidth * 1000.0
+                transfer_ms = len(pfns) * PAGE_SIZE / bandwidth * 1000.0
+                # the pause also holds one more pass of the tracker (emu: a RAM scan):
+                # the estimate includes it; when that pass alone nearly fills the target,
+                # the pages' share may still use a fifth of it (else it never converges)
+                expected_ms = transfer_ms + scan_ms
+                target = self.opts.max_downtime_ms
+                budget = max(target - scan_ms, target * FLOOR_SHARE)
                 self._set(bandwidth_bps=bandwidth, dirty_rate_pps=dirty_rate,
-                          expected_downtime_ms=expected_ms)
+                          expected_downtime_ms=expected_ms, scan_ms=scan_ms)
                 self._log(rnd, meter, dirty_rate, expected_ms)
-                if expected_ms <= self.opts.max_downtime_ms or rnd >= self.opts.max_rounds:
+                if transfer_ms <= budget or rnd >= self.opts.max_rounds:
                     break
                 if self.opts.auto_converge:
                     throttle.adjust(dirty_rate * PAGE_SIZE, bandwidth)
@@ -211,9 +221,12 @@ class OutgoingMigration:
                 raise MigrationError(f"the vCPUs did not reach a safe point within "
                                      f"{PARK_TIMEOUT_S:g} s")
             self._check_running()
+            t_parked = time.monotonic()
             last = sorted(set(pfns) | set(tracker.dirty()))   # pfns: found, not sent
+            t_scanned = time.monotonic()
             meter = self._send_round(ch, reader, Limiter(None), rnd + 1, last)
             self._log(rnd + 1, meter, 0.0, None)
+            t_pages = time.monotonic()
             state = capture(self.m)
             t_state = time.monotonic()
             ch.send_json(STATE, {"vmstate": state.to_json(), "t_pause": t_pause,
@@ -227,7 +240,11 @@ class OutgoingMigration:
                         else None)
             total = time.monotonic() - self._t0
             self._set(status="completed", downtime_ms=downtime, total_s=total,
-                      rounds=rnd + 1, bytes=ch.sent)
+                      rounds=rnd + 1, bytes=ch.sent, switchover_ms=_breakdown(
+                          [("park", t_pause), ("scan", t_parked), ("pages", t_scanned),
+                           ("capture", t_pages), ("state_transfer", t_state),
+                           ("apply", ack.get("t_received")),
+                           ("start", ack.get("t_applied")), ("", t_first)]))
             ch.close()
             ch = None
             if self.report_taken.wait(REPORT_WAIT_S):
@@ -290,6 +307,15 @@ class OutgoingMigration:
                 self._p["bytes"] = ch.sent
         ch.send_json(ROUND, {"round": rnd, "pages": sent, "zero_pages": zeros})
         return meter
+
+
+def _breakdown(marks: list[tuple[str, object]]) -> dict[str, float]:
+    """Where the downtime went: ms from each mark to the next (one host clock)."""
+    out: dict[str, float] = {}
+    for (name, t), (_, t_next) in zip(marks, marks[1:], strict=False):
+        if isinstance(t, int | float) and isinstance(t_next, int | float):
+            out[name] = round((t_next - t) * 1000.0, 3)
+    return out
 
 
 def ch_bytes(p: dict[str, Any]) -> int:
