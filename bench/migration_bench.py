@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -85,8 +86,9 @@ class Proc:
 
     def __init__(self, argv: list[str]) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        # a session of its own: close() kills the whole group (timeout + qemu, or pyhv)
         self.p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, env=env)
+                                  stderr=subprocess.PIPE, env=env, start_new_session=True)
         self.out = bytearray()
         self.err = bytearray()
         for stream, buf in ((self.p.stdout, self.out), (self.p.stderr, self.err)):
@@ -109,8 +111,8 @@ class Proc:
             time.sleep(0.05)
 
     def close(self) -> None:
-        if self.p.poll() is None:
-            self.p.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.p.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.p.wait(10)
 
@@ -234,7 +236,6 @@ def main() -> int:
     print(f"# migration_bench {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{os.uname().nodename}, {os.cpu_count()} CPUs; {MEM_MIB} MiB Linux guest, "
           f"downtime target {DOWNTIME_MS} ms, 127.0.0.1; medians of {runs}")
-    print(f"# {' '.join(sys.argv)}")
     results: dict[tuple[str, str], list[Result]] = {}
     failures: list[str] = []
     with tempfile.TemporaryDirectory(prefix="pyhv-migbench-") as d:
@@ -252,6 +253,7 @@ def main() -> int:
                           f"downtime {r.downtime_ms:7.1f} ms  {r.bytes / 2**20:7.1f} MiB  "
                           f"{r.rounds} rounds", flush=True)
     print()
+    print(f"reproduce: .venv/bin/python bench/migration_bench.py {' '.join(sys.argv[1:])}")
     print(f"{'workload':10} {'peer':9} {'total s':>8} {'downtime ms':>12} {'MiB':>8} "
           f"{'rounds':>6}")
     for load in loads:

@@ -126,6 +126,8 @@ class Incoming:
                 s.pages += apply_record(reader, payload)
             elif kind == ROUND:
                 s.rounds += 1
+                obj = decode_json(kind, payload, ch.peer)
+                ch.send_json(REPLY, {"ok": True, "round": obj.get("round")})
             elif kind == ABORT:
                 obj = decode_json(kind, payload, ch.peer)
                 raise MigrationError(f"the source gave up: {obj.get('error')}")

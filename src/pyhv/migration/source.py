@@ -306,7 +306,17 @@ class OutgoingMigration:
                 self._p["zero_pages"] += z
                 self._p["bytes"] = ch.sent
         ch.send_json(ROUND, {"round": rnd, "pages": sent, "zero_pages": zeros})
+        self._round_acked(ch, rnd)
         return meter
+
+    def _round_acked(self, ch: Channel, rnd: int) -> None:
+        """Wait until the destination has written the round into its RAM: the meter
+        then measures what the link and the destination carry end to end (not what the
+        socket buffers took), and no backlog of old rounds is left for the pause."""
+        _, reply = ch.recv_json((REPLY,))
+        if not reply.get("ok") or reply.get("round") != rnd:
+            raise MigrationError(f"the destination did not take round {rnd}: "
+                                 f"{reply.get('error') or reply}")
 
 
 def _breakdown(marks: list[tuple[str, object]]) -> dict[str, float]:

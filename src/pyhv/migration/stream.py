@@ -32,7 +32,8 @@ HEAD = struct.Struct("<B3xIII")
 MAX_RECORD = 4 << 20          # a PAGES record holds at most 256 pages (+ its index)
 
 HELLO = 1     # source -> destination: the stream header (pyhv.migration.header)
-REPLY = 2     # destination -> source: {"ok": bool, "error"?: str, ...}
+REPLY = 2     # destination -> source: {"ok": bool, "error"?: str, ...}: to the header,
+              # to each ROUND once its pages are in RAM, "running" at the end
 PAGES = 3     # source -> destination: a batch of RAM pages (pyhv.migration.pages)
 ROUND = 4     # source -> destination: a round ended {"round": n, "pages": n}
 STATE = 5     # source -> destination: the VmState and the switch-over's timestamps
