@@ -79,6 +79,7 @@ class Result:
     downtime_ms: float
     bytes: int
     rounds: int
+    detail: str = ""        # pyhv: where the downtime went (the report's switchover_ms)
 
 
 class Proc:
@@ -142,7 +143,9 @@ def run_pyhv(img: images.LinuxImage, cmdline: str, tmp: Path) -> Result:
         if r.returncode != 0:
             raise RuntimeError(f"pyhv migrate: {r.stderr.strip()}")
         rep = json.loads(r.stdout)
-        return Result(rep["total_s"], rep["downtime_ms"], rep["bytes"], rep["rounds"])
+        parts = rep.get("switchover_ms") or {}
+        return Result(rep["total_s"], rep["downtime_ms"], rep["bytes"], rep["rounds"],
+                      " ".join(f"{k} {v:.1f}" for k, v in parts.items()))
     finally:
         src.close()
         dst.close()
@@ -251,7 +254,7 @@ def main() -> int:
                     results.setdefault((peer, load), []).append(r)
                     print(f"  run {i + 1} {load:9} {peer:9} total {r.total_s:7.3f} s  "
                           f"downtime {r.downtime_ms:7.1f} ms  {r.bytes / 2**20:7.1f} MiB  "
-                          f"{r.rounds} rounds", flush=True)
+                          f"{r.rounds} rounds  {r.detail}", flush=True)
     print()
     print(f"reproduce: .venv/bin/python bench/migration_bench.py {' '.join(sys.argv[1:])}")
     print(f"{'workload':10} {'peer':9} {'total s':>8} {'downtime ms':>12} {'MiB':>8} "
