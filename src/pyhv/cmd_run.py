@@ -568,7 +568,7 @@ def _report(result: R.RunResult, runner: R.Runner, machine: Machine, console: Co
     if pump.dropped and not pump.closed_by_reader:
         _stderr(f"pyhv: {pump.dropped} bytes of the guest's console output were dropped "
                 "(stdout did not read them)")
-    if args.command is not None and status == R.STATUS_OK:
+    if args.command is not None and status == R.STATUS_OK and result.reason != "migrated":
         if console.exit_status is None:
             _stderr("pyhv: the guest stopped without reporting the command's exit status")
             status = R.STATUS_CRASH

@@ -159,6 +159,7 @@ class Runner:
         self._deadline: float | None = None
         self._timed_out = False
         self._t0 = 0.0
+        self._guest0_ns = 0     # guest time when run() began (not 0 after a restore)
         self.virtual = isinstance(machine.clock, VirtualClock)
         self.vcpus = list(machine.vcpus) or [self.vcpu]
         for v in self.vcpus:
@@ -221,6 +222,7 @@ class Runner:
             raise RuntimeError(f"run() in state {self.state.value}")
         self.state = VmState.RUNNING
         self._t0 = time.monotonic()
+        self._guest0_ns = self.m.clock.now_ns()
         if self.timeout is not None:
             self._deadline = self._t0 + self.timeout
         ticker = threading.Thread(target=self._ticker, name="pyhv-ticker", daemon=True)
@@ -605,7 +607,9 @@ class Runner:
                 now = m.clock.now_ns()
                 if self.virtual:
                     assert isinstance(m.clock, VirtualClock)
-                    host_ns = int((time.monotonic() - self._t0) * 1e9)
+                    # the host's time since the run began, on the guest's time line: a
+                    # restored or migrated guest starts at its saved time, not at 0
+                    host_ns = self._guest0_ns + int((time.monotonic() - self._t0) * 1e9)
                     if nxt is None:
                         self.wake.wait(IDLE_SLICE_S)
                     elif nxt <= host_ns:

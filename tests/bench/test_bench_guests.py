@@ -67,7 +67,7 @@ def test_timer_guest_rate_in_guest_time(tmp_path: Path, peer: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["emu_bench.py", "boot_bench.py", "exit_bench.py",
                                     "trap_bench.py", "virtio_bench.py", "net_bench.py",
-                                    "smp_bench.py"])
+                                    "smp_bench.py", "migration_bench.py"])
 def test_bench_script_runs(script: str) -> None:
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 is not installed")

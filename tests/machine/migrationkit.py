@@ -36,8 +36,9 @@ def assert_counts_on(text: bytes) -> int:
 
 
 class PyhvProc:
-    def __init__(self, args: list[str]) -> None:
-        self.p = subprocess.Popen([*PYHV, "run", *args, "--timeout", str(GUEST_TIMEOUT_S)],
+    def __init__(self, args: list[str], prefix: list[str] | None = None) -> None:
+        self.p = subprocess.Popen([*(prefix or []), *PYHV, "run", *args,
+                                   "--timeout", str(GUEST_TIMEOUT_S)],
                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE)
         self.out = bytearray()
@@ -111,15 +112,16 @@ class PyhvProc:
         self.wait_exit()
 
 
-def destination(args: list[str], listen: str = "tcp:127.0.0.1:0") -> tuple[PyhvProc, str]:
+def destination(args: list[str], listen: str = "tcp:127.0.0.1:0",
+                prefix: list[str] | None = None) -> tuple[PyhvProc, str]:
     """A `pyhv run --incoming` process and the address it listens on."""
-    dst = PyhvProc([*args, "--incoming", listen])
+    dst = PyhvProc([*args, "--incoming", listen], prefix)
     m = dst.wait_err(rb"waiting for a migration on (tcp:\S+)")
     return dst, m.group(1).decode()
 
 
-def source(args: list[str], sock: Path) -> PyhvProc:
-    src = PyhvProc([*args, "--api-sock", str(sock)])
+def source(args: list[str], sock: Path, prefix: list[str] | None = None) -> PyhvProc:
+    src = PyhvProc([*args, "--api-sock", str(sock)], prefix)
     deadline = time.monotonic() + 60
     while not sock.exists():
         if src.p.poll() is not None or time.monotonic() > deadline:

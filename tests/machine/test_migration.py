@@ -46,6 +46,12 @@ def test_a_counting_guest_moves_to_another_pyhv_with_no_gap(
         assert report["downtime_ms"] is not None
         assert 0 < report["downtime_ms"] < report["total_s"] * 1000
         assert report["zero_pages"] > 0          # most of a 16 MiB guest is untouched
+        # where the downtime went, mark to mark on one clock: pause to first instruction
+        parts = report["switchover_ms"]
+        assert list(parts) == ["park", "scan", "pages", "capture", "state_transfer",
+                               "apply", "start"]
+        assert all(v >= 0 for v in parts.values())
+        assert abs(sum(parts.values()) - report["downtime_ms"]) < 0.01 * len(parts)
         assert src.wait_exit() == 0
         assert b"migrated to " + uri.encode() in src.err
         before = bytes(src.out)

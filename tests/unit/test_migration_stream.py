@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import zlib
 
 import pytest
 
@@ -38,7 +39,7 @@ def test_records_go_through_whole() -> None:
     assert b.received == a.sent
 
 
-@pytest.mark.parametrize("at", range(0, 12 + 16))
+@pytest.mark.parametrize("at", range(0, 16 + 16))
 def test_every_flipped_byte_of_a_record_is_refused(at: int) -> None:
     data = bytearray(encode(STATE, b'{"vmstate": 1, "pad": "0123"}'))
     data[at] ^= 0x40
@@ -60,7 +61,8 @@ def test_a_cut_record_is_refused() -> None:
 
 def test_an_oversized_length_is_refused_before_reading_it() -> None:
     a, b = pair()
-    a.sock.sendall(struct.pack("<B3xII", PAGES, 1 << 30, 0))
+    head = struct.pack("<B3xI", PAGES, 1 << 30)
+    a.sock.sendall(head + struct.pack("<II", zlib.crc32(head), 0))
     with pytest.raises(MigrationError, match="at most"):
         b.recv()
 
@@ -136,3 +138,14 @@ def test_the_openapi_file_lists_every_route_and_method() -> None:
                       "vm.openapi.json").read_text())
     assert {p: sorted(m.upper() for m in ms) for p, ms in doc["paths"].items()} == \
         {p: sorted(ms) for p, ms in ROUTES.items()}
+
+
+@pytest.mark.parametrize("at", range(4, 12))
+def test_a_damaged_length_or_header_checksum_is_refused_without_waiting(at: int) -> None:
+    """The peer sends nothing more: the refusal must not wait for the payload."""
+    data = bytearray(encode(PAGES, b"x" * 100))
+    data[at] ^= 0x01
+    a, b = pair()
+    a.sock.sendall(bytes(data))          # the connection stays open
+    with pytest.raises(MigrationError, match="bad record header"):
+        b.recv()

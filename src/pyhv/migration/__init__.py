@@ -4,7 +4,9 @@
     OutgoingMigration (source.py)  --HELLO-->  Incoming.receive (incoming.py)
                                    <--REPLY--  header.check: refuse or go on
     round 1: all RAM, guest running --PAGES-->  written into RAM
-    round n: pages dirtied since   --PAGES-->
+                                   --ROUND-->
+                                   <--REPLY--  the round is in RAM
+    round n: pages dirtied since   --PAGES--> ...
     pause; last pages; capture     --STATE-->  vmstate.apply; run
     stop the source run            <--REPLY--  "running", t_first
 

@@ -57,6 +57,8 @@ class Session:
     rounds: int = 0
     pages: int = 0
     t_pause: float = 0.0
+    t_received: float = 0.0      # the STATE record read
+    t_applied: float = 0.0       # the state applied
     stats: dict[str, Any] = field(default_factory=dict)
 
     def announce(self, runner: Runner) -> threading.Thread:
@@ -69,6 +71,8 @@ class Session:
             with contextlib.suppress(PyhvError, OSError):
                 self.channel.send_json(REPLY, {"ok": ok, "running": ok,
                                                "t_first": runner.t_start,
+                                               "t_received": self.t_received,
+                                               "t_applied": self.t_applied,
                                                "error": None if ok else
                                                "the destination's run did not start"})
             self.channel.close()
@@ -122,10 +126,13 @@ class Incoming:
                 s.pages += apply_record(reader, payload)
             elif kind == ROUND:
                 s.rounds += 1
+                obj = decode_json(kind, payload, ch.peer)
+                ch.send_json(REPLY, {"ok": True, "round": obj.get("round")})
             elif kind == ABORT:
                 obj = decode_json(kind, payload, ch.peer)
                 raise MigrationError(f"the source gave up: {obj.get('error')}")
             elif kind == STATE:
+                s.t_received = time.monotonic()
                 obj = decode_json(kind, payload, ch.peer)
                 try:
                     state = VmState.from_json(obj.get("vmstate"))
@@ -133,6 +140,7 @@ class Incoming:
                 except PyhvError as e:
                     raise MigrationError(f"the VM's state does not apply here: {e}") \
                         from None
+                s.t_applied = time.monotonic()
                 t_pause = obj.get("t_pause")
                 s.t_pause = float(t_pause) if isinstance(t_pause, int | float) else 0.0
                 s.stats = {"bytes": ch.received, "rounds": s.rounds, "pages": s.pages}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import bisect
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from pyhv.memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory
 from pyhv.migration.stream import MigrationError
@@ -49,23 +49,28 @@ class PageReader:
         return [pfn for r, s in zip(self.regions, self.starts, strict=True)
                 for pfn in range(s, s + (r.size >> PAGE_SHIFT))]
 
-    def pack(self, pfns: Iterable[int]) -> Iterator[tuple[bytes, int, int]]:
-        """PAGES payloads for `pfns`: (payload, pages, zero pages) per record."""
+    def pack(self, pfns: Iterable[int], on_page: Callable[[int, bytes], None] | None = None
+             ) -> Iterator[tuple[bytes, int, int]]:
+        """PAGES payloads for `pfns`: (payload, pages, zero pages) per record;
+        `on_page(pfn, data)` sees each page's bytes as they go into a record."""
         batch: list[int] = []
         for pfn in pfns:
             batch.append(pfn)
             if len(batch) == BATCH:
-                yield self._record(batch)
+                yield self._record(batch, on_page)
                 batch = []
         if batch:
-            yield self._record(batch)
+            yield self._record(batch, on_page)
 
-    def _record(self, batch: list[int]) -> tuple[bytes, int, int]:
+    def _record(self, batch: list[int], on_page: Callable[[int, bytes], None] | None
+                ) -> tuple[bytes, int, int]:
         entries = []
         data = []
         zeros = 0
         for pfn in batch:
             page = bytes(self.view(pfn))
+            if on_page is not None:
+                on_page(pfn, page)
             if page == ZERO:
                 entries.append(pfn << 1 | 1)
                 zeros += 1

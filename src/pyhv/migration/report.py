@@ -85,4 +85,7 @@ def final_lines(p: dict[str, Any]) -> list[str]:
         f"rounds        {p.get('rounds') or p.get('round')}",
         f"pages sent    {pages:,} ({int(p.get('zero_pages') or 0):,} zero, sent as markers)",
         f"bandwidth     {float(p.get('bandwidth_bps') or 0) / 1e6:.1f} MB/s (last round)",
-    ]
+    ] + ([
+        "switch-over   " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}"
+                                     for k, v in p["switchover_ms"].items()) + " (ms)"]
+        if p.get("switchover_ms") else [])

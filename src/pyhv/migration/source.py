@@ -5,11 +5,14 @@ beside the VM's run loop, and speaks to it only through the Runner's controls (p
 wait_parked, resume, stop). The steps:
 
 1. connect, send the header (HELLO); the destination answers REPLY ok, or why not;
-2. turn on the engine's dirty tracking, then send every RAM page while the guest runs
-   (round 1), zero pages as markers;
+2. start tracking what to send again (pyhv.migration.dirty: kvm's dirty log; on emu a
+   comparison with a copy of what was sent), then send every RAM page while the guest
+   runs (round 1), zero pages as markers;
 3. each next round takes the pages dirtied since the last one and estimates the
-   downtime they would cost at the measured bandwidth; while that is over
-   `max_downtime_ms`, send them and go on (at most `max_rounds`; auto-converge throttles
+   downtime: their transfer at the measured bandwidth plus the tracker's own pass
+   (measured: it runs once more inside the pause); while that is over
+   `max_downtime_ms`, send them and go on (when the pass alone nearly fills the target,
+   the pages may still take FLOOR_SHARE of it) (at most `max_rounds`; auto-converge throttles
    the vCPUs when the guest dirties faster than the link carries, pyhv.migration.throttle);
 4. switch-over: pause (t_pause), send the last dirty pages, `vmstate.capture`, send the
    STATE record (with t_pause); the destination applies it, starts its run loop and
@@ -36,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +48,7 @@ from pyhv.machine import StopRequest
 from pyhv.memory import PAGE_SIZE
 from pyhv.migration import header, uri
 from pyhv.migration.bandwidth import MB, Limiter, Meter
+from pyhv.migration.dirty import tracker_for
 from pyhv.migration.pages import PageReader
 from pyhv.migration.stream import (
     ABORT,
@@ -67,6 +72,7 @@ PARK_TIMEOUT_S = 10.0
 REPORT_WAIT_S = 3.0         # how long a finished source waits for its report to be read
 REPORT_GRACE_S = 0.5        # then the time the API's answer has to reach the client
 DEFAULT_DOWNTIME_MS = 50.0
+FLOOR_SHARE = 0.2           # the pages' least share of the target (see _main)
 DEFAULT_MAX_ROUNDS = 30
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -129,6 +135,7 @@ class OutgoingMigration:
             "downtime_ms": None, "total_s": None, "error": None, "history": [],
         }
         self._t0 = time.monotonic()
+        self._sent: Callable[[int, bytes], None] | None = None
 
     # ------------------------------------------------------------------ other threads
 
@@ -161,8 +168,8 @@ class OutgoingMigration:
 
     def _main(self) -> None:
         from pyhv.migration.throttle import Throttle
-        engine = self.m.engine
-        assert engine is not None and self.m.memory is not None
+        assert self.m.memory is not None
+        tracker = tracker_for(self.m)
         ch: Channel | None = None
         paused = False
         throttle = Throttle(self.runner)
@@ -176,7 +183,8 @@ class OutgoingMigration:
             reader = PageReader(self.m.memory)
             limiter = Limiter(None if self.opts.bandwidth_mbps is None
                               else self.opts.bandwidth_mbps * MB)
-            engine.enable_dirty_tracking(True)
+            tracker.start()
+            self._sent = tracker.sent
             pfns = reader.frames()
             rnd = 0
             bandwidth = 0.0
@@ -185,13 +193,20 @@ class OutgoingMigration:
                 meter = self._send_round(ch, reader, limiter, rnd, pfns)
                 bandwidth = meter.rate()
                 t_dirty = time.monotonic()
-                pfns = sorted(engine.dirty_pages())
+                pfns = tracker.dirty()
+                scan_ms = (time.monotonic() - t_dirty) * 1000.0
                 dirty_rate = len(pfns) / max(t_dirty - meter.t0, 1e-6)
-                expected_ms = len(pfns) * PAGE_SIZE / bandwidth * 1000.0
+                transfer_ms = len(pfns) * PAGE_SIZE / bandwidth * 1000.0
+                # the pause also holds one more pass of the tracker (emu: a RAM scan):
+                # the estimate includes it; when that pass alone nearly fills the target,
+                # the pages' share may still use a fifth of it (else it never converges)
+                expected_ms = transfer_ms + scan_ms
+                target = self.opts.max_downtime_ms
+                budget = max(target - scan_ms, target * FLOOR_SHARE)
                 self._set(bandwidth_bps=bandwidth, dirty_rate_pps=dirty_rate,
-                          expected_downtime_ms=expected_ms)
+                          expected_downtime_ms=expected_ms, scan_ms=scan_ms)
                 self._log(rnd, meter, dirty_rate, expected_ms)
-                if expected_ms <= self.opts.max_downtime_ms or rnd >= self.opts.max_rounds:
+                if transfer_ms <= budget or rnd >= self.opts.max_rounds:
                     break
                 if self.opts.auto_converge:
                     throttle.adjust(dirty_rate * PAGE_SIZE, bandwidth)
@@ -206,9 +221,12 @@ class OutgoingMigration:
                 raise MigrationError(f"the vCPUs did not reach a safe point within "
                                      f"{PARK_TIMEOUT_S:g} s")
             self._check_running()
-            last = sorted(set(pfns) | engine.dirty_pages())
+            t_parked = time.monotonic()
+            last = sorted(set(pfns) | set(tracker.dirty()))   # pfns: found, not sent
+            t_scanned = time.monotonic()
             meter = self._send_round(ch, reader, Limiter(None), rnd + 1, last)
             self._log(rnd + 1, meter, 0.0, None)
+            t_pages = time.monotonic()
             state = capture(self.m)
             t_state = time.monotonic()
             ch.send_json(STATE, {"vmstate": state.to_json(), "t_pause": t_pause,
@@ -222,7 +240,11 @@ class OutgoingMigration:
                         else None)
             total = time.monotonic() - self._t0
             self._set(status="completed", downtime_ms=downtime, total_s=total,
-                      rounds=rnd + 1, bytes=ch.sent)
+                      rounds=rnd + 1, bytes=ch.sent, switchover_ms=_breakdown(
+                          [("park", t_pause), ("scan", t_parked), ("pages", t_scanned),
+                           ("capture", t_pages), ("state_transfer", t_state),
+                           ("apply", ack.get("t_received")),
+                           ("start", ack.get("t_applied")), ("", t_first)]))
             ch.close()
             ch = None
             if self.report_taken.wait(REPORT_WAIT_S):
@@ -246,7 +268,7 @@ class OutgoingMigration:
                 ch.close()
             if self.m.engine is not None:
                 with contextlib.suppress(PyhvError, NotImplementedError):
-                    self.m.engine.enable_dirty_tracking(False)
+                    tracker.close()
             if paused and self._p["status"] != "completed":
                 self.runner.resume()
 
@@ -271,7 +293,7 @@ class OutgoingMigration:
         self._set(status="active" if self._p["status"] == "setup" else self._p["status"],
                   round=rnd, round_pages=len(pfns), round_sent=0)
         sent = zeros = 0
-        for payload, n, z in reader.pack(pfns):
+        for payload, n, z in reader.pack(pfns, self._sent):
             self._check_running()
             size = ch.send(PAGES, payload)
             meter.add(size)
@@ -284,7 +306,26 @@ class OutgoingMigration:
                 self._p["zero_pages"] += z
                 self._p["bytes"] = ch.sent
         ch.send_json(ROUND, {"round": rnd, "pages": sent, "zero_pages": zeros})
+        self._round_acked(ch, rnd)
         return meter
+
+    def _round_acked(self, ch: Channel, rnd: int) -> None:
+        """Wait until the destination has written the round into its RAM: the meter
+        then measures what the link and the destination carry end to end (not what the
+        socket buffers took), and no backlog of old rounds is left for the pause."""
+        _, reply = ch.recv_json((REPLY,))
+        if not reply.get("ok") or reply.get("round") != rnd:
+            raise MigrationError(f"the destination did not take round {rnd}: "
+                                 f"{reply.get('error') or reply}")
+
+
+def _breakdown(marks: list[tuple[str, object]]) -> dict[str, float]:
+    """Where the downtime went: ms from each mark to the next (one host clock)."""
+    out: dict[str, float] = {}
+    for (name, t), (_, t_next) in zip(marks, marks[1:], strict=False):
+        if isinstance(t, int | float) and isinstance(t_next, int | float):
+            out[name] = round((t_next - t) * 1000.0, 3)
+    return out
 
 
 def ch_bytes(p: dict[str, Any]) -> int:

@@ -2,16 +2,19 @@
 
 Design: both directions of a migration connection are a sequence of records
 
-    u8 type | 3 bytes zero | u32 length | u32 crc32(type byte + length + payload) | payload
+    u8 type | 3 bytes zero | u32 length | u32 crc32(the 8 bytes before) | u32 crc32(payload)
+    | payload
 
 (little-endian). JSON records (HELLO, REPLY, ROUND, STATE, ABORT) carry a UTF-8 JSON
 object; PAGES carries guest pages (pyhv.migration.pages). A `Channel` wraps a connected
 socket: `send(type, payload)` and `recv()` -> (type, payload), `send_json` / `recv_json`.
 
-Invariants: a record is accepted only whole and with its checksum right: a short read
+Invariants: a record is accepted only whole and with both checksums right: a short read
 (the peer went away), an unknown type, a length over MAX_RECORD, non-zero padding or a
 checksum mismatch raise `MigrationError` naming the record's offset in the stream, and
-nothing of that record is used. Every read and write has a timeout (the socket's), so a
+nothing of that record is used. The header has its own checksum, checked before the
+payload is read, so a damaged length is refused at once instead of waiting for bytes
+that never come. Every read and write has a timeout (the socket's), so a
 silent peer ends the migration instead of hanging it.
 """
 
@@ -25,11 +28,12 @@ from typing import Any
 
 from pyhv.errors import PyhvError
 
-HEAD = struct.Struct("<B3xII")
+HEAD = struct.Struct("<B3xIII")
 MAX_RECORD = 4 << 20          # a PAGES record holds at most 256 pages (+ its index)
 
 HELLO = 1     # source -> destination: the stream header (pyhv.migration.header)
-REPLY = 2     # destination -> source: {"ok": bool, "error"?: str, ...}
+REPLY = 2     # destination -> source: {"ok": bool, "error"?: str, ...}: to the header,
+              # to each ROUND once its pages are in RAM, "running" at the end
 PAGES = 3     # source -> destination: a batch of RAM pages (pyhv.migration.pages)
 ROUND = 4     # source -> destination: a round ended {"round": n, "pages": n}
 STATE = 5     # source -> destination: the VmState and the switch-over's timestamps
@@ -42,8 +46,8 @@ class MigrationError(PyhvError):
     """A migration failed; the message says where and why (one line)."""
 
 
-def _crc(head: bytes, payload: bytes) -> int:
-    return zlib.crc32(payload, zlib.crc32(head[:8])) & 0xFFFFFFFF
+def _crc(data: bytes) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
 
 
 def encode(kind: int, payload: bytes) -> bytes:
@@ -52,8 +56,8 @@ def encode(kind: int, payload: bytes) -> bytes:
         raise ValueError(f"unknown record type {kind}")
     if len(payload) > MAX_RECORD:
         raise ValueError(f"record of {len(payload)} bytes is over {MAX_RECORD}")
-    head = HEAD.pack(kind, len(payload), 0)
-    return HEAD.pack(kind, len(payload), _crc(head, payload)) + payload
+    first = HEAD.pack(kind, len(payload), 0, 0)[:8]
+    return HEAD.pack(kind, len(payload), _crc(first), _crc(payload)) + payload
 
 
 class Channel:
@@ -101,15 +105,15 @@ class Channel:
     def recv(self) -> tuple[int, bytes]:
         at = self.received
         head = self._read(HEAD.size, "a record header")
-        kind, length, crc = HEAD.unpack(head)
-        if head[1:4] != b"\0\0\0" or kind not in NAMES:
+        kind, length, hcrc, crc = HEAD.unpack(head)
+        if head[1:4] != b"\0\0\0" or kind not in NAMES or _crc(head[:8]) != hcrc:
             raise MigrationError(f"corrupt stream from {self.peer}: bad record header at "
                                  f"offset {at} (type {kind})")
         if length > MAX_RECORD:
             raise MigrationError(f"corrupt stream from {self.peer}: a {NAMES[kind]} record "
                                  f"of {length} bytes at offset {at} (at most {MAX_RECORD})")
         payload = self._read(length, f"a {NAMES[kind]} record")
-        if _crc(head, payload) != crc:
+        if _crc(payload) != crc:
             raise MigrationError(f"corrupt stream from {self.peer}: the {NAMES[kind]} record "
                                  f"at offset {at} fails its checksum")
         return kind, payload
