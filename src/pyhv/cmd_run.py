@@ -169,6 +169,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pin vCPU threads: CPUS (e.g. 0 or 0-1) for every vCPU, or "
                         "VCPU=CPUS for each vCPU (repeatable); on emu all vCPUs share one "
                         "thread, pinned to the union")
+    p.add_argument("--mem-limit", default=None, metavar="SIZE",
+                   help="most host memory the VM process may use (guest RAM it touched + "
+                        "pyhv), e.g. 512M: a memory cgroup; over it the kernel reclaims, "
+                        "then ends this VM only")
+    p.add_argument("--ksm", action="store_true",
+                   help="let the host's KSM merge identical guest pages (MADV_MERGEABLE "
+                        "on guest RAM); the pages merged are reported at the end (ksmd "
+                        "itself is the host's to turn on)")
     p.add_argument("--debug", action="store_true",
                    help="on an internal error (a pyhv bug), print the traceback instead "
                         "of writing it to a log file")
@@ -292,6 +300,7 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
                            engine_options=engine_options, n_cpus=args.cpus,
                            pci_devices=pci_devices)
     pinner = _cpu_scheduling(args, stack)
+    _memory_limit(args, mem, stack)
     control = _start_control(args, stack)
     pump = _output_pump()
     try:
@@ -351,6 +360,32 @@ def _cpu_scheduling(args: argparse.Namespace, stack: contextlib.ExitStack
     return sched.Pinner(settings) if pinned is not None else None
 
 
+def _memory_limit(args: argparse.Namespace, mem: int, stack: contextlib.ExitStack) -> None:
+    """--mem-limit: this process in its own memory cgroup for the run (removed after)."""
+    if args.mem_limit is None:
+        return
+    import os
+
+    from pyhv.sched import CgroupUnavailable
+    from pyhv.sched.memcg import MemCgroup, check_limit, detect_memory
+    from pyhv.sched.placement import default_parent
+    limit = parse_size(args.mem_limit, default_unit="M")
+    check_limit(limit)
+    try:
+        fs = detect_memory()
+    except CgroupUnavailable as e:
+        raise ConfigError(f"--mem-limit: {e}") from e
+    group = MemCgroup(fs, args.name or f"run-{os.getpid()}", default_parent())
+    group.create()
+    stack.callback(group.remove)
+    group.set_limit(limit)
+    group.add(os.getpid())
+    if limit < mem:
+        _stderr(f"pyhv: --mem-limit {limit >> 20} MiB is below the guest's RAM "
+                f"({mem >> 20} MiB): if the guest touches more, the kernel reclaims and "
+                "may end this VM")
+
+
 def _debian_root_disk(overlays: list[Overlay]
                       ) -> tuple[images.LinuxImage, tuple[str, ...], str]:
     """--image debian: the cached Debian disk (built on first use) behind a throwaway
@@ -387,6 +422,9 @@ def _run_once(config: MachineConfig, console: Console, pump: OutputPump,
     terminal: Terminal | None = None
     gate: InputGate | None = None
     try:
+        if args.ksm and machine.memory is not None:
+            from pyhv.sched.ksm import mark_mergeable
+            mark_mergeable(machine.memory.regions)
         runner = R.Runner(machine, timeout=timeout)
         if pinner is not None:
             runner.on_vcpu_thread = pinner.on_thread
@@ -430,6 +468,9 @@ def _run_once(config: MachineConfig, console: Console, pump: OutputPump,
         if gate is not None:
             gate.close()
         console.finish()
+        if args.ksm:        # before the RAM is unmapped: its merged pages count
+            from pyhv.sched.ksm import report
+            _stderr(f"pyhv: {report()}")
         machine.close()
     return result, runner, machine
 
