@@ -173,6 +173,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="most host memory the VM process may use (guest RAM it touched + "
                         "pyhv), e.g. 512M: a memory cgroup; over it the kernel reclaims, "
                         "then ends this VM only")
+    p.add_argument("--balloon", action="store_true",
+                   help="a virtio-balloon device: the control API's PUT /balloon asks the "
+                        "guest to hand memory back, which pyhv returns to the host "
+                        "(GET /balloon: the guest's view and the host's RSS)")
     p.add_argument("--ksm", action="store_true",
                    help="let the host's KSM merge identical guest pages (MADV_MERGEABLE "
                         "on guest RAM); the pages merged are reported at the end (ksmd "
@@ -287,6 +291,8 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
     pci_devices = [make_function(d, i) for i, d in enumerate(disks)]
     if args.rng:
         pci_devices.append(_rng_function)
+    if args.balloon:
+        pci_devices.append(_balloon_function)
     if net.kind != "none":
         pci_devices.append(make_nic(net, mac))
     marker: ExitMarker | None = None
@@ -402,6 +408,12 @@ def _rng_function(memory: GuestMemory, deferred: DeferredCalls) -> PciFunction:
     from pyhv.devices.virtio.rng import VirtioRng
     from pyhv.devices.virtio.transport import VirtioPciFunction
     return VirtioPciFunction(VirtioRng(), memory, deferred)
+
+
+def _balloon_function(memory: GuestMemory, deferred: DeferredCalls) -> PciFunction:
+    from pyhv.devices.virtio.balloon import VirtioBalloon
+    from pyhv.devices.virtio.transport import VirtioPciFunction
+    return VirtioPciFunction(VirtioBalloon(post=deferred.post), memory, deferred)
 
 
 def _engine_options(pairs: list[str]) -> dict[str, str]:

@@ -6,6 +6,8 @@ Resources (docs/api/vm.openapi.json is the contract; docs/api.md the prose):
     PUT  /state      {"state": "paused" | "running"}: pause / resume
     PUT  /actions    {"action": "shutdown" | "stop"}: ACPI power button / hard stop
     GET  /stats      exits, guest time, timers, the engine's counters
+    GET  /balloon    the virtio-balloon: target, actual, the guest's view, host RSS
+    PUT  /balloon    {"target": "64M"}: how much guest RAM the host takes back
 
 Design: the standard library's HTTP request handler on a threading UNIX stream server,
 served from a daemon thread of the VM process; the handler only parses, routes and
@@ -63,6 +65,8 @@ ROUTES: dict[str, dict[str, Handler]] = {
                "PUT": lambda c, b: c.set_state(_body_field(b, "state"))},
     "/actions": {"PUT": lambda c, b: c.action(_body_field(b, "action"))},
     "/stats": {"GET": lambda c, _b: c.stats()},
+    "/balloon": {"GET": lambda c, _b: c.balloon(),
+                 "PUT": lambda c, b: c.set_balloon(_body_field(b, "target"))},
 }
 BODY_METHODS = ("PUT", "POST", "PATCH")
 
