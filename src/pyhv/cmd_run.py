@@ -363,7 +363,14 @@ def _cpu_scheduling(args: argparse.Namespace, stack: contextlib.ExitStack
         except sched.CgroupUnavailable as e:
             raise ConfigError(f"--cpu-shares/--cpu-reservation/--cpu-limit: {e}") from e
         stack.callback(placement.close)
-    return sched.Pinner(settings) if pinned is not None else None
+    if pinned is None:
+        return None
+    # the VM's other threads (console pump, control API, timers) run on its CPUs too, so a
+    # VM pinned to CPU 1 neither runs on nor takes time from the other CPUs; each vCPU
+    # thread then pins itself to its own set (Pinner, from the runner's hook)
+    for tid in os.listdir("/proc/self/task"):
+        sched.pin_thread(int(tid), pinned)
+    return sched.Pinner(settings)
 
 
 def _memory_limit(args: argparse.Namespace, mem: int, stack: contextlib.ExitStack) -> None:

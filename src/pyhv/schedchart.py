@@ -1,5 +1,6 @@
 """The chart of `pyhv bench sched`: one group of bars per scenario, one bar per VM (its
-share of the scenario's work as the guests counted it), a line at the expected value, a
+share of the scenario's work as the guests counted it; for a VM judged by CPU, a limit,
+a hatched bar of the CPU its guest's counter says it got), a line at the expected value, a
 cross at the CPU the guest's counter says it got and a circle at the host's accounting
 (cpuacct), both in % of one CPU, written as PNG and SVG with matplotlib's
 non-interactive Agg backend. matplotlib is imported here only."""
@@ -28,8 +29,11 @@ def write_chart(res: Results, scenarios: Sequence[str], stem: Path, title: str
     for j, sc in enumerate(shown):
         for i, vm in enumerate(sc.vms):
             x = j + (i - (len(sc.vms) - 1) / 2) * width
-            g = res.share_pct(sc.key, vm.name, [v.name for v in sc.vms])
+            cpu_bar = vm.by == "cpu"     # a limit is judged as CPU, not as a share
+            g = res.guest_pct(sc.key, vm.name) if cpu_bar else \
+                res.share_pct(sc.key, vm.name, [v.name for v in sc.vms])
             ax.bar(x, g, width * 0.9, color=colors.get(vm.name, "gray"),
+                   hatch="//" if cpu_bar else None, edgecolor="white" if cpu_bar else None,
                    label=f"VM {vm.name}" if vm.name not in labelled else None)
             labelled.add(vm.name)
             ax.annotate(f"{g:.0f}", (x, g), ha="center", va="bottom", fontsize=7)
@@ -49,7 +53,8 @@ def write_chart(res: Results, scenarios: Sequence[str], stem: Path, title: str
     ax.set_xticklabels([f"{sc.key}\n" + "\n".join(vm.label().replace("shares ", "s")
                                                    for vm in sc.vms) for sc in shown],
                        fontsize=7)
-    ax.set_ylabel("bars: share of the VMs' work, by the guests' counters (%)")
+    ax.set_ylabel("bars: share of the VMs' work by the guests' counters (%);\n"
+                  "hatched: CPU by the guest's counter (% of one CPU)", fontsize=8)
     ax.set_ylim(0, 115)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
