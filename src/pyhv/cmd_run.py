@@ -193,6 +193,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="receive a live migration (pyhv migrate) on this address, then "
                         "run the VM it brings (PORT 0: any free port, printed); give the "
                         "source's machine options (docs/migration.md)")
+    p.add_argument("--mem-limit", default=None, metavar="SIZE",
+                   help="most host memory the VM process may use (guest RAM it touched + "
+                        "pyhv), e.g. 512M: a memory cgroup; over it the kernel reclaims, "
+                        "then ends this VM only")
+    p.add_argument("--balloon", action="store_true",
+                   help="a virtio-balloon device: the control API's PUT /balloon asks the "
+                        "guest to hand memory back, which pyhv returns to the host "
+                        "(GET /balloon: the guest's view and the host's RSS)")
+    p.add_argument("--ksm", action="store_true",
+                   help="let the host's KSM merge identical guest pages (MADV_MERGEABLE "
+                        "on guest RAM); the pages merged are reported at the end (ksmd "
+                        "itself is the host's to turn on)")
     p.add_argument("--debug", action="store_true",
                    help="on an internal error (a pyhv bug), print the traceback instead "
                         "of writing it to a log file")
@@ -313,6 +325,8 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
     if args.rng:
         pci_devices.append(_rng_function)
         pci_info.append({"kind": "rng"})
+    if args.balloon:
+        pci_devices.append(_balloon_function)
     if net.kind != "none":
         pci_devices.append(make_nic(net, mac))
         pci_info.append({"kind": "net", "net": args.net, "mac": mac.hex()})
@@ -336,6 +350,7 @@ def _run(args: argparse.Namespace, config: MachineConfig, marker: ExitMarker | N
     given) until the guest ends; a guest reset restarts it (a restored guest's reset
     ends the run: there is no kernel to boot again)."""
     pinner = _cpu_scheduling(args, stack)
+    _memory_limit(args, config.mem_size, stack)
     control = _start_control(args, stack)
     if control is not None:
         control.machine_info = {**_machine_info(args, config), "pci": pci_info}
@@ -415,7 +430,42 @@ def _cpu_scheduling(args: argparse.Namespace, stack: contextlib.ExitStack
         except sched.CgroupUnavailable as e:
             raise ConfigError(f"--cpu-shares/--cpu-reservation/--cpu-limit: {e}") from e
         stack.callback(placement.close)
-    return sched.Pinner(settings) if pinned is not None else None
+    if pinned is None:
+        return None
+    # the VM's other threads (console pump, control API, timers) run on its CPUs too, so a
+    # VM pinned to CPU 1 neither runs on nor takes time from the other CPUs; each vCPU
+    # thread then pins itself to its own set (Pinner, from the runner's hook)
+    for tid in os.listdir("/proc/self/task"):
+        sched.pin_thread(int(tid), pinned)
+    return sched.Pinner(settings)
+
+
+def _memory_limit(args: argparse.Namespace, mem: int, stack: contextlib.ExitStack) -> None:
+    """--mem-limit: this process in its own memory cgroup for the run (removed after)."""
+    if args.mem_limit is None:
+        return
+    import os
+
+    from pyhv.sched import CgroupUnavailable
+    from pyhv.sched.memcg import MemCgroup, check_limit, detect_memory
+    from pyhv.sched.placement import default_parent
+    limit = parse_size(args.mem_limit, default_unit="M")
+    check_limit(limit)
+    try:
+        fs = detect_memory()
+    except CgroupUnavailable as e:
+        raise ConfigError(f"--mem-limit: {e}") from e
+    group = MemCgroup(fs, args.name or f"run-{os.getpid()}", default_parent())
+    group.create()
+    stack.callback(group.remove)
+    group.set_limit(limit)
+    group.add(os.getpid())
+    if limit < mem:
+        _stderr(f"pyhv: --mem-limit {limit >> 20} MiB is below the guest's RAM "
+                f"({mem >> 20} MiB): if the guest touches more, the kernel reclaims and "
+                "may end this VM")
+
+
 def _tee(pump: OutputPump, csock: ConsoleSocket) -> Callable[[bytes], None]:
     """The console's output to stdout and to the console socket's clients."""
     def sink(data: bytes) -> None:
@@ -442,6 +492,12 @@ def _rng_function(memory: GuestMemory, deferred: DeferredCalls) -> PciFunction:
     return VirtioPciFunction(VirtioRng(), memory, deferred)
 
 
+def _balloon_function(memory: GuestMemory, deferred: DeferredCalls) -> PciFunction:
+    from pyhv.devices.virtio.balloon import VirtioBalloon
+    from pyhv.devices.virtio.transport import VirtioPciFunction
+    return VirtioPciFunction(VirtioBalloon(post=deferred.post), memory, deferred)
+
+
 def _engine_options(pairs: list[str]) -> dict[str, str]:
     """`--engine-opt NAME=VALUE` words -> {NAME: VALUE}; the engine checks them."""
     out: dict[str, str] = {}
@@ -466,6 +522,9 @@ def _run_once(config: MachineConfig, console: Console, pump: OutputPump,
     try:
         if restore is not None:
             restore(machine)
+        if args.ksm and machine.memory is not None:
+            from pyhv.sched.ksm import mark_mergeable
+            mark_mergeable(machine.memory.regions)
         runner = R.Runner(machine, timeout=timeout)
         if pinner is not None:
             runner.on_vcpu_thread = pinner.on_thread
@@ -521,6 +580,9 @@ def _run_once(config: MachineConfig, console: Console, pump: OutputPump,
         if gate is not None:
             gate.close()
         console.finish()
+        if args.ksm:        # before the RAM is unmapped: its merged pages count
+            from pyhv.sched.ksm import report
+            _stderr(f"pyhv: {report()}")
         machine.close()
     return result, runner, machine
 

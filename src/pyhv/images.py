@@ -101,12 +101,13 @@ VIRTIO_VENDOR = "0x1af4"
 # The virtio modules the guest needs for disks and network (docs/host.md: all =m in Debian).
 VIRTIO_MODULES = ("virtio", "virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
                   "virtio_pci", "virtio_blk", "virtio_net", "net_failover", "failover",
-                  "virtio_rng")
+                  "virtio_rng", "virtio_balloon")
 # The ACPI power button as an input event, for acpid; loaded when the shell runs. Debian's
 # cloud kernel builds both as modules (CONFIG_ACPI_BUTTON=m, CONFIG_INPUT_EVDEV=m in the
 # image's `config`).
 BUTTON_MODULES = ("button", "evdev")
-IMAGE_FORMAT = 6           # 6: button + evdev + acpid (the power button powers off)
+IMAGE_FORMAT = 7           # 6: button + evdev + acpid (the power button powers off);
+                           # 7: virtio_balloon (`pyhv run --balloon`)
 WANTED_MODULES = VIRTIO_MODULES + BUTTON_MODULES
 APT_TIMEOUT = 600
 

@@ -344,6 +344,11 @@ class Machine:
         self.mmio.register(IOAPIC_BASE_ADDR, IOAPIC_MMIO_SIZE, ioapic, "ioapic")
 
     @property
+    def pci_functions(self) -> list[PciFunction]:
+        """The PCI functions `config.pci_devices` made (virtio devices), in slot order."""
+        return list(self._pci_functions)
+
+    @property
     def devices(self) -> Devices:
         """The PC's devices (a bare board has none: AttributeError)."""
         if self._devices is None:

@@ -11,6 +11,8 @@ Resources (docs/api/vm.openapi.json is the contract; docs/api.md the prose):
     GET  /snapshots  the VM's snapshots (name, parent, created, current)
     PUT  /snapshot/create|revert|delete  {"name": NAME}
     GET  /snapshot/progress   how far a running create has got
+    GET  /balloon    the virtio-balloon: target, actual, the guest's view, host RSS
+    PUT  /balloon    {"target": "64M"}: how much guest RAM the host takes back
 
 Design: the standard library's HTTP request handler on a threading UNIX stream server,
 served from a daemon thread of the VM process; the handler only parses, routes and
@@ -74,6 +76,8 @@ ROUTES: dict[str, dict[str, Handler]] = {
     "/snapshot/revert": {"PUT": lambda c, b: c.snapshot_revert(_body_field(b, "name"))},
     "/snapshot/delete": {"PUT": lambda c, b: c.snapshot_delete(_body_field(b, "name"))},
     "/snapshot/progress": {"GET": lambda c, _b: c.snapshot_progress()},
+    "/balloon": {"GET": lambda c, _b: c.balloon(),
+                 "PUT": lambda c, b: c.set_balloon(_body_field(b, "target"))},
 }
 BODY_METHODS = ("PUT", "POST", "PATCH")
 

@@ -30,6 +30,10 @@ Operations:
                            ran; the serial console simply goes on
     snapshot_delete(NAME), snapshots()   the VM's snapshot store; snapshot_progress()
                            how far a create has got (bytes of RAM scanned), for the CLI
+    balloon()              the virtio-balloon (`pyhv run --balloon`): target and actual
+                           size, pages held, the guest's last memory statistics (a fresh
+                           report is requested), the VM process's host RSS
+    set_balloon("64M")     a new balloon target (how much guest RAM the host takes back)
 
 Errors are `ControlError(status, message)`: the API maps them to HTTP statuses (409 for
 an operation the VM's state does not allow, 404 an unknown snapshot). Snapshots pause
@@ -41,8 +45,11 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pyhv.devices.virtio.balloon import PAGE as BALLOON_PAGE
+from pyhv.devices.virtio.balloon import VirtioBalloon
 from pyhv.machine import StopRequest
 
 if TYPE_CHECKING:
@@ -358,7 +365,51 @@ class VmControl:
 
     def snapshot_progress(self) -> dict[str, Any]:
         return dict(self.progress)
+    def balloon(self) -> dict[str, Any]:
+        _, m = self._current()
+        dev = self._balloon(m)
+        dev.request_stats()          # the guest's view, refreshed for the next read
+        rep = dev.report()
+        rep["target_bytes"] = dev.target_pages * BALLOON_PAGE
+        rep["actual_bytes"] = dev.actual_pages * BALLOON_PAGE
+        rep["memory_bytes"] = m.config.mem_size
+        rep["host_rss_bytes"] = _rss_bytes()
+        return rep
+
+    def set_balloon(self, target: str) -> dict[str, Any]:
+        from pyhv.errors import ConfigError
+        from pyhv.units import parse_size
+        _, m = self._current()
+        dev = self._balloon(m)
+        try:
+            size = parse_size(target, default_unit="M")
+        except ConfigError as e:
+            raise ControlError(400, f"target: {e}") from e
+        if not 0 <= size <= m.config.mem_size:
+            raise ControlError(400, f"the balloon target must be 0..{m.config.mem_size >> 20}"
+                                    f" MiB, the guest's RAM (got {target!r})")
+        dev.set_target(size // BALLOON_PAGE)
+        return {"target_bytes": size // BALLOON_PAGE * BALLOON_PAGE}
+
+    @staticmethod
+    def _balloon(m: Machine) -> VirtioBalloon:
+        for fn in m.pci_functions:
+            dev = getattr(fn, "device", None)
+            if isinstance(dev, VirtioBalloon):
+                return dev
+        raise ControlError(409, "this VM has no balloon device (start it with --balloon)")
 
     @staticmethod
     def _has_acpi(m: Machine) -> bool:
         return bool(m.config.devices)
+
+
+def _rss_bytes() -> int | None:
+    """This process's resident set (VmRSS), or None where /proc does not say."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

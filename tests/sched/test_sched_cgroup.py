@@ -21,6 +21,7 @@ from pyhv.engines import engine_class
 from pyhv.errors import HostError
 from pyhv.sched import CgroupFs, CgroupUnavailable, CpuSettings, HostCpus, VmCpu, detect
 from pyhv.sched.placement import Placement
+from pyhv.vmclient import VmError, call
 
 try:
     FS: CgroupFs | None = detect()
@@ -164,11 +165,14 @@ def pyhv_run(*args: str) -> list[str]:
 
 
 @pytest.mark.skipif(KVM_WHY is not None, reason=f"kvm engine: {KVM_WHY}")
-def test_pyhv_run_places_limits_and_pins_itself(fs: CgroupFs, spin: Path) -> None:
+def test_pyhv_run_places_limits_and_pins_itself(fs: CgroupFs, spin: Path,
+                                                tmp_path: Path) -> None:
     cpu = max(HostCpus.detect().cpus)
-    p = subprocess.Popen(pyhv_run("--engine", "kvm", "--kernel", str(spin), "--timeout",
-                                  "20", "--name", f"schedt{os.getpid()}", "--cpu-limit",
-                                  "30", "--cpu-shares", "high", "--pin", str(cpu)),
+    sock = tmp_path / "vm.sock"
+    p = subprocess.Popen(pyhv_run("--api-sock", str(sock), "--engine", "kvm", "--kernel",
+                                  str(spin), "--timeout", "20", "--name",
+                                  f"schedt{os.getpid()}", "--cpu-limit", "30",
+                                  "--cpu-shares", "high", "--pin", str(cpu)),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          stdin=subprocess.DEVNULL)
     g = fs.group(f"schedt{os.getpid()}", PARENT)
@@ -184,16 +188,20 @@ def test_pyhv_run_places_limits_and_pins_itself(fs: CgroupFs, spin: Path) -> Non
                             f"schedt{os.getpid()}.json").read_text())
         assert entry["cpu"] == {"shares": 2000, "reservation": 0.0, "limit": 30.0,
                                 "pin": [[cpu]]}
-        # the vCPU thread (the run loop's, one vCPU on kvm) runs on the pinned CPU only
+        # every thread of the VM (the vCPU's, the run loop's on kvm with one vCPU, and the
+        # helpers) runs on the pinned CPU only, once the guest runs
         deadline = time.monotonic() + 30
-        masks: list[str] = []
-        while time.monotonic() < deadline and f"{cpu}" not in masks:
-            masks = [next(ln.split(":")[1].strip() for ln in
-                          (t / "status").read_text().splitlines()
-                          if ln.startswith("Cpus_allowed_list"))
-                     for t in Path(f"/proc/{p.pid}/task").iterdir()]
-            time.sleep(0.05)
-        assert str(cpu) in masks
+        while time.monotonic() < deadline:
+            try:
+                if call(sock, "GET", "/state")["state"] == "running":
+                    break
+            except VmError:
+                time.sleep(0.05)
+        masks = [next(ln.split(":")[1].strip() for ln in
+                      (t / "status").read_text().splitlines()
+                      if ln.startswith("Cpus_allowed_list"))
+                 for t in Path(f"/proc/{p.pid}/task").iterdir()]
+        assert masks and set(masks) == {str(cpu)}, masks
     finally:
         p.terminate()
         _, err = p.communicate(timeout=30)

@@ -48,6 +48,15 @@ class MemoryRegion:
     def __repr__(self) -> str:
         return f"MemoryRegion(gpa={self.gpa:#x}, size={self.size:#x})"
 
+    def advise(self, advice: int, offset: int = 0, length: int | None = None) -> None:
+        """madvise(2) on [offset, offset + length) of the mapping (whole pages), e.g.
+        MADV_MERGEABLE (KSM may merge it) or MADV_DONTNEED (drop the pages: they read
+        as zeros afterwards and no longer count in the process's RSS)."""
+        n = self.size - offset if length is None else length
+        if offset < 0 or n < 0 or offset + n > self.size or offset % mmap.PAGESIZE:
+            raise ValueError(f"advise [{offset:#x}, +{n:#x}) outside the region or unaligned")
+        self._map.madvise(advice, offset, n)
+
     def close(self) -> None:
         """Unmap the region; views obtained earlier must no longer be used."""
         del self._anchor

@@ -5,6 +5,8 @@ emu runs every vCPU on the run loop's one thread. The runner calls `Pinner.on_th
 from the thread that is about to run vCPUs (pyhv.runner's `on_vcpu_thread` hook) with
 the indices of the vCPUs it runs, and the thread is pinned to the union of their CPU
 sets: per-vCPU pinning on kvm, the union of the pins on emu (documented in docs/sched.md).
+`pyhv run --pin` first pins every thread of the VM process to the union of its pins, so
+the VM's helper threads stay on its CPUs too.
 
 Invariants: `sched_setaffinity` on a thread id changes that thread only; threads it
 starts later inherit its mask. A failure (a CPU the process may not use) is a HostError
