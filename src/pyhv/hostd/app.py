@@ -13,6 +13,7 @@ serves by tests/host/test_openapi.py; docs/host-daemon.md the prose):
     POST   /v1/vms/{name}/destroy        hard stop; returns once the process has ended
     POST   /v1/vms/{name}/pause|resume
     GET    /v1/vms/{name}/stats          the VM's own statistics (its control API)
+    GET    /v1/vms/{name}/sched          its CPU settings and its cgroup's values
     GET    /v1/events                    the event log (?vm=NAME&since=ID&limit=N)
     WS     /v1/vms/{name}/console        the serial console: binary frames both ways
 
@@ -197,6 +198,10 @@ def build_app(manager: Manager, token: str) -> FastAPI:
     @app.get("/v1/vms/{name}/stats", responses=ERRORS, tags=["vms"])
     def stats(name: str) -> dict[str, Any]:
         return manager.stats(name)
+
+    @app.get("/v1/vms/{name}/sched", responses=ERRORS, tags=["vms"])
+    def sched_info(name: str) -> dict[str, Any]:
+        return manager.sched_info(name)
 
     @app.get("/v1/events", response_model=EventList, responses=ERRORS, tags=["events"])
     def events(vm: str | None = None, since: Annotated[int, Query(ge=0)] = 0,
