@@ -247,11 +247,9 @@ def _dominfo(vm: dict[str, Any]) -> str:
     return "\n".join(f"{k + ':':<15} {v}" for k, v in rows)
 
 
-def console(client: Client, name: str) -> int:
-    """Attach stdin/stdout to the VM's console websocket until it closes or Ctrl-]."""
+def _attach(ws: Any, name: str) -> None:
+    """stdin -> the websocket (a thread), the websocket -> stdout, until it closes."""
     from websockets.exceptions import ConnectionClosed
-    client.call("GET", f"/v1/vms/{name}")              # a clear error for an unknown VM
-    ws = client.websocket(f"/v1/vms/{name}/console")
     fd = sys.stdin.fileno()
     is_tty = os.isatty(fd)
     saved = termios.tcgetattr(fd) if is_tty else None
@@ -293,6 +291,13 @@ def console(client: Client, name: str) -> int:
         if saved is not None:
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
             sys.stderr.write("\n")
+
+
+def console(client: Client, name: str) -> int:
+    """Attach stdin/stdout to the VM's console websocket until it closes or Ctrl-]."""
+    client.call("GET", f"/v1/vms/{name}")              # a clear error for an unknown VM
+    with client.websocket(f"/v1/vms/{name}/console") as ws:
+        _attach(ws, name)
     code = ws.close_code
     if code is not None and code >= 4000:
         raise DaemonError(ws.close_reason or f"the console closed ({code})")

@@ -1,0 +1,102 @@
+"""The web console in a real headless browser (Debian's chromium, over CDP): log in with
+the token, start a VM from the list, type into its serial console (xterm.js over the
+daemon's websocket) and see the guest's answer, pause/resume/stop it from the page.
+
+The guest is tests/guests/core/echo.S on emu (it answers each byte in upper case), so
+what comes back is the guest's work, not the terminal's echo. Skips when chromium or
+xterm.js (scripts/setup.sh installs both) is missing.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cdp import CHROMIUM, Browser
+from guestbuild import GuestBuilder
+from hostkit import Daemon
+
+from pyhv.hostd.webui import xterm_dir
+
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed "
+                                                "(scripts/setup.sh installs it)"),
+    pytest.mark.skipif(xterm_dir() is None, reason="xterm.js is not installed "
+                                                   "(scripts/setup.sh: npm ci)"),
+]
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Browser]:
+    b = Browser(tmp_path / "chromium-profile")
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def test_static_files_only_are_served_without_the_token(daemon: Callable[..., Daemon]
+                                                        ) -> None:
+    d = daemon()
+    host, port = d.tcp.rsplit(":", 1)
+    for path, kind in (("/ui/", "text/html"), ("/ui/xterm.js", "text/javascript"),
+                       ("/ui/xterm.css", "text/css")):
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("GET", path)
+        r = conn.getresponse()
+        body = r.read()
+        conn.close()
+        assert r.status == 200 and r.getheader("content-type", "").startswith(kind)
+        assert d.token.encode() not in body
+    for method in ("POST", "PUT", "DELETE"):
+        assert d.request(method, "/ui/", token=None)[0] == 401
+    assert d.request("GET", "/ui/anything", token=None)[0] == 401
+    assert d.request("GET", "/v1/host", token=None)[0] == 401
+
+
+def test_web_console_in_chromium(daemon: Callable[..., Daemon], guests: GuestBuilder,
+                                 browser: Browser) -> None:
+    d = daemon()
+    d.ok("POST", "/v1/vms", {"name": "web1", "kernel": str(guests("echo")),
+                             "engine": "emu", "memory_mib": 16})
+    b = browser
+    b.navigate(f"http://{d.tcp}/")                       # redirects to /ui/
+    assert b.eval("location.pathname") == "/ui/"
+    # a wrong token is refused on the page
+    b.eval("document.getElementById('token').value = 'wrong'")
+    b.click("#login-btn")
+    b.wait("document.getElementById('login-error').textContent.includes('Login failed')",
+           "the login error")
+    b.eval(f"document.getElementById('token').value = {json.dumps(d.token)}")
+    b.click("#login-btn")
+    b.wait("document.getElementById('state-web1')?.textContent === 'stopped'",
+           "the VM list")
+    b.click("#start-web1")
+    b.wait("document.getElementById('state-web1')?.textContent === 'running'",
+           "web1 running")
+    assert d.vm("web1")["state"] == "running"
+
+    b.click("#console-web1")
+    b.wait("document.getElementById('console-status').textContent === 'connected'",
+           "the console websocket")
+    assert b.eval("typeof Terminal === 'function' && "
+                  "!!document.querySelector('#terminal .xterm')"), "xterm.js is not in use"
+    b.eval("document.querySelector('#terminal textarea').focus()")
+    b.type("hello from chromium")
+    b.wait("window.pyhvConsoleText.includes('HELLO FROM CHROMIUM')",
+           "the guest's answer in the console")
+
+    b.click("#pause-web1")
+    b.wait("document.getElementById('state-web1')?.textContent === 'paused'", "paused")
+    assert d.vm("web1")["state"] == "paused"
+    b.click("#resume-web1")
+    b.wait("document.getElementById('state-web1')?.textContent === 'running'", "resumed")
+    b.click("#destroy-web1")
+    b.wait("document.getElementById('state-web1')?.textContent === 'stopped'", "stopped")
+    vm = d.vm("web1")
+    assert vm["state"] == "stopped" and vm["last_exit"] == "destroyed"
+    b.wait("document.getElementById('console-status').textContent.startsWith('closed')",
+           "the console to close with the VM")
