@@ -4,7 +4,8 @@ and `--remote-debugging-port=0`; the port comes from the profile's DevToolsActiv
 file; one page target is driven through its websocket (the `websockets` client).
 
 Only what the test needs: navigate, evaluate JavaScript (awaiting promises), click an
-element, type text (Input.insertText, which reaches xterm.js's hidden textarea), and
+element, type text (Input.insertText, which reaches xterm.js's hidden textarea) and
+Enter (a key event), and
 bounded waits on a JavaScript condition. `close()` kills the browser's process group.
 """
 
@@ -98,6 +99,13 @@ class Browser:
 
     def type(self, text: str) -> None:
         self.send("Input.insertText", text=text)
+
+    def enter(self) -> None:
+        """The Enter key, as a keyboard sends it (insertText of "\r" is not a key)."""
+        for kind in ("keyDown", "keyUp"):
+            self.send("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter",
+                      windowsVirtualKeyCode=13, nativeVirtualKeyCode=13,
+                      **({"text": "\r"} if kind == "keyDown" else {}))
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

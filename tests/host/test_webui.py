@@ -100,3 +100,41 @@ def test_web_console_in_chromium(daemon: Callable[..., Daemon], guests: GuestBui
     assert vm["state"] == "stopped" and vm["last_exit"] == "destroyed"
     b.wait("document.getElementById('console-status').textContent.startsWith('closed')",
            "the console to close with the VM")
+
+
+@pytest.mark.slow
+def test_a_linux_shell_in_the_web_console(daemon: Callable[..., Daemon],
+                                          browser: Browser) -> None:
+    """The issue's exercise: log in, start a Linux VM (Debian's kernel + pyhv's busybox
+    initramfs on emu), type a command into its console in the browser, see its output."""
+    import shutil
+
+    from pyhv import images
+    from pyhv.errors import HostError
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        pytest.skip("needs Debian's apt-get and dpkg-deb to fetch the guest kernel")
+    try:
+        images.fetch_linux(quiet=True)
+    except HostError as e:
+        pytest.skip(f"cannot fetch Debian's kernel here: {e}")
+    d = daemon()
+    d.ok("POST", "/v1/vms", {"name": "linux1", "image": "linux", "engine": "emu",
+                             "memory_mib": 128})
+    b = browser
+    b.navigate(f"http://{d.tcp}/ui/")
+    b.eval(f"document.getElementById('token').value = {json.dumps(d.token)}")
+    b.click("#login-btn")
+    b.click("#start-linux1")
+    b.wait("document.getElementById('state-linux1')?.textContent === 'running'",
+           "linux1 running")
+    b.click("#console-linux1")
+    b.wait("document.getElementById('console-status').textContent === 'connected'",
+           "the console websocket")
+    b.eval("document.querySelector('#terminal textarea').focus()")
+    # held by pyhv's input gate until Linux opens its console: nothing is lost
+    b.type("echo pyhv-$((6*7))-ok")
+    b.enter()
+    b.wait("window.pyhvConsoleText.includes('pyhv-42-ok')", "the shell's answer",
+           timeout=120)
+    b.click("#destroy-linux1")
+    b.wait("document.getElementById('state-linux1')?.textContent === 'stopped'", "stopped")
