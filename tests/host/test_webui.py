@@ -89,6 +89,20 @@ def test_web_console_in_chromium(daemon: Callable[..., Daemon], guests: GuestBui
     b.wait("window.pyhvConsoleText.includes('HELLO FROM CHROMIUM')",
            "the guest's answer in the console")
 
+    # the graphs: the VM's CPU from its cgroup's CPU time (the echo guest
+    # polls its UART, so it uses CPU), the host's memory committed to VMs
+    from pyhv import sched
+    try:
+        sched.detect()
+        cgroups = True
+    except sched.CgroupUnavailable:
+        cgroups = False
+    if cgroups:
+        b.wait("(window.pyhvGraphs.cpu.web1 || []).length >= 2", "two CPU samples")
+        assert b.eval("window.pyhvGraphs.cpu.web1.some(v => v > 0)")
+        assert b.eval("document.querySelector('#cpugraph-web1 polyline')"
+                      ".getAttribute('points').split(' ').length") >= 2
+    assert b.eval("window.pyhvGraphs.mem.committed.at(-1)") == 16
     b.click("#pause-web1")
     b.wait("document.getElementById('state-web1')?.textContent === 'paused'", "paused")
     assert d.vm("web1")["state"] == "paused"
