@@ -106,6 +106,11 @@ def test_lifecycle_through_the_cli_and_the_console(daemon: Callable[..., Daemon]
     assert info["state"] == "running" and rundir.holder(d.state / "vms/echo1.lock") == pid
     assert os.getpgid(pid) == pid                # its own process group (own session)
     assert re.search(rf"{pid}\s+echo1\s+running", d.cli("list").stdout)
+    # the same over TCP, with the token file named
+    r = d.cli("list", "--url", f"http://{d.tcp}", "--token-file", str(d.state / "token"))
+    assert r.returncode == 0 and re.search(rf"{pid}\s+echo1\s+running", r.stdout), r.stderr
+    r = d.cli("list", "--url", f"http://{d.tcp}", "--token-file", "/nonexistent")
+    assert r.returncode == 2 and "no token file" in r.stderr
     wait_for(lambda: b"echo ready" in (d.state / "vms/echo1.log").read_bytes(),
              "the guest's banner in its log")
 
