@@ -112,6 +112,7 @@ def test_web_console_in_chromium(daemon: Callable[..., Daemon], guests: GuestBui
     b.wait("document.getElementById('state-web1')?.textContent === 'stopped'", "stopped")
     vm = d.vm("web1")
     assert vm["state"] == "stopped" and vm["last_exit"] == "destroyed"
+    assert d.ok("GET", "/v1/vms/web1/sched")["cgroup"] is None   # gone before "stopped"
     b.wait("document.getElementById('console-status').textContent.startsWith('closed')",
            "the console to close with the VM")
 

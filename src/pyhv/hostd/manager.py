@@ -408,13 +408,13 @@ class Manager:
         state, text = describe_exit(rc, expected)
         self._children.pop(vm.name, None)
         vmproc.clean_stale(self.state, vm.name)
-        self.inv.set_state(vm.name, state, expect_pid=vm.pid,
-                           kind="crashed" if state == "crashed" else "stopped",
-                           message=text, last_exit=text)
-        try:
+        try:                              # before the state: "stopped" means cleaned up
             self.cpu.remove(vm.name)
         except PyhvError as e:
             self.inv.event(vm.name, "cpu-error", f"cannot remove its cgroup: {e}")
+        self.inv.set_state(vm.name, state, expect_pid=vm.pid,
+                           kind="crashed" if state == "crashed" else "stopped",
+                           message=text, last_exit=text)
         self._reweigh(but=vm.name)
 
     def _watch(self) -> None:
