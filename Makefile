@@ -7,7 +7,7 @@ ARGS ?=
 
 .PHONY: setup run test lint bench
 setup: $(VENV)/.ready
-$(VENV)/.ready: pyproject.toml scripts/setup.sh
+$(VENV)/.ready: pyproject.toml scripts/setup.sh src/pyhv/hostd/web/package-lock.json
 	bash scripts/setup.sh
 	touch $@
 

@@ -146,5 +146,19 @@ class Daemon:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
         wait_for(lambda: not self.vm_pids(), "the VMs to die", timeout=30)
+        # a daemon killed mid-test cannot remove its VMs' cgroups: do it (they are empty)
+        from pyhv.hostd.cpu import CpuPlacer
+        placer = CpuPlacer(self.state.absolute())
+        for name in [p.stem for p in (self.state / "vms").glob("*.lock")] + \
+                [g.name for g in self._groups(placer)]:
+            with contextlib.suppress(Exception):
+                placer.remove(name)
+
+    @staticmethod
+    def _groups(placer: Any) -> list[Path]:
+        if placer.fs is None:
+            return []
+        parent = placer.fs.cpu_base / placer.parent
+        return [g for g in parent.iterdir() if g.is_dir()] if parent.is_dir() else []
 
 

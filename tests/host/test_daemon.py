@@ -92,11 +92,12 @@ def test_lifecycle_through_the_cli_and_the_console(daemon: Callable[..., Daemon]
     r = d.cli("list", "--all", "--json")
     [vm] = json.loads(r.stdout)
     assert vm["state"] == "stopped" and vm["pid"] is None
-    assert vm["definition"]["memory_mib"] == 16 and vm["definition"]["pin"] == [0]
+    assert vm["definition"]["memory_mib"] == 16 and vm["definition"]["pin"] == ["0"]
     assert json.loads(d.cli("list", "--json").stdout) == []      # only running ones
     r = d.cli("schedinfo", "echo1", "--json")
-    assert json.loads(r.stdout) == {"cpu_shares": 2000, "cpu_reservation": None,
-                                    "cpu_limit": None, "pin": [0]}
+    info = json.loads(r.stdout)
+    assert (info["cpu_shares"], info["cpu_reservation"], info["cpu_limit"], info["pin"],
+            info["cgroup"]) == (2000, 0.0, None, ["0"], None)
 
     r = d.cli("start", "echo1")
     assert r.returncode == 0 and "started" in r.stdout, r.stderr
@@ -105,6 +106,11 @@ def test_lifecycle_through_the_cli_and_the_console(daemon: Callable[..., Daemon]
     assert info["state"] == "running" and rundir.holder(d.state / "vms/echo1.lock") == pid
     assert os.getpgid(pid) == pid                # its own process group (own session)
     assert re.search(rf"{pid}\s+echo1\s+running", d.cli("list").stdout)
+    # the same over TCP, with the token file named
+    r = d.cli("list", "--url", f"http://{d.tcp}", "--token-file", str(d.state / "token"))
+    assert r.returncode == 0 and re.search(rf"{pid}\s+echo1\s+running", r.stdout), r.stderr
+    r = d.cli("list", "--url", f"http://{d.tcp}", "--token-file", "/nonexistent")
+    assert r.returncode == 2 and "no token file" in r.stderr
     wait_for(lambda: b"echo ready" in (d.state / "vms/echo1.log").read_bytes(),
              "the guest's banner in its log")
 
@@ -182,6 +188,7 @@ def test_vms_outlive_a_daemon_restart_and_are_adopted(daemon: Callable[..., Daem
     lost = d.vm("lost")
     assert lost["state"] == "stopped" and lost["pid"] is None
     assert d.events("lost")[-1]["kind"] == "lost"
+    assert d.ok("GET", "/v1/vms/lost/sched")["cgroup"] is None     # its group went too
     assert d.vm("idle")["state"] == "stopped"
     # the adopted VM is fully controlled: resume (its count goes on), destroy
     before = len(counts(d, "keep"))
@@ -219,8 +226,14 @@ def test_bad_input_leaves_the_inventory_whole(daemon: Callable[..., Daemon],
     # to a CPU it lacks, a name too long for a socket path
     for bad, word in (({"name": "a", "kernel": str(tmp_path / "none")}, "no such file"),
                       ({"name": "a", "kernel": str(counter), "memory_mib": 64}, "capacity"),
-                      ({"name": "a", "kernel": str(counter), "memory_mib": 8, "pin": [4096]},
-                       "no CPU"),
+                      ({"name": "a", "kernel": str(counter), "memory_mib": 8, "pin": ["4095"]},
+                       "does not offer"),
+                      ({"name": "a", "kernel": str(counter), "memory_mib": 8,
+                        "cpu_reservation": 150}, "more than its 1 vCPU"),
+                      ({"name": "a", "kernel": str(counter), "memory_mib": 8,
+                        "cpu_reservation": 50, "cpu_limit": 20}, "below the reservation"),
+                      ({"name": "a", "kernel": str(counter), "memory_mib": 8,
+                        "pin": ["0", "0"]}, "2 CPU pins for 1 vCPUs"),
                       ({"name": "a" * 64, "kernel": str(counter), "memory_mib": 8},
                        "too long")):
         status, obj = d.request("POST", "/v1/vms", bad)
@@ -293,3 +306,70 @@ def test_the_served_document_equals_the_stored_one(daemon: Callable[..., Daemon]
     stored = Path(__file__).resolve().parents[2] / "docs" / "api" / "host.openapi.json"
     assert d.ok("GET", "/openapi.json") == json.loads(stored.read_text())
     time.sleep(0)
+
+
+def test_cpu_settings_admission_and_cgroups(daemon: Callable[..., Daemon],
+                                            guests: GuestBuilder) -> None:
+    """pyhv.sched wired in: reservations admitted per pinned CPU set, each VM in its own
+    cgroup with the weight and limit pyhv.sched computes, vCPU threads pinned, the group
+    gone when the VM ends."""
+    from pyhv import sched
+    from pyhv.hostd.cpu import vm_cpu
+    from pyhv.hostd.models import VmDefinition
+    from pyhv.sched.cgroup import cgroup_value
+    try:
+        fs = sched.detect()
+    except sched.CgroupUnavailable as e:
+        pytest.skip(str(e))
+    d = daemon()
+    counter = guests("counter")
+    # both pinned to CPU 0: 60% + 50% of one CPU do not fit it, whatever the host
+    r1 = define(d, "r1", counter, cpu_shares=2000, cpu_reservation=60, cpu_limit=90,
+                pin=["0"])
+    define(d, "r2", counter, cpu_reservation=50, pin=["0"])
+    define(d, "plain", counter)
+    pid = d.ok("POST", "/v1/vms/r1/start")["pid"]
+    status, obj = d.request("POST", "/v1/vms/r2/start")
+    assert status == 409 and "reservations do not fit CPU(s) 0" in obj["detail"], obj
+    assert d.vm("r2")["state"] == "stopped"
+    host = d.ok("GET", "/v1/host")
+    assert host["cpu_reserved_pct"] == 60 and host["cpu_controller"] == fs.describe()
+
+    info = d.ok("GET", "/v1/vms/r1/sched")
+    group = Path(info["cgroup"])
+    assert group.name == "r1" and group.parent.name.startswith("pyhv-hostd-")
+    assert pid in [int(x) for x in (group / "cgroup.procs").read_text().split()]
+    host_cpus = sched.HostCpus.detect()
+    want = sched.weights([vm_cpu(VmDefinition.model_validate(r1["definition"]))],
+                         host_cpus)["r1"]
+    values = info["cgroup_values"]
+    if fs.version == 1:
+        assert values["cpu.shares"] == str(cgroup_value(fs, want))
+        assert values["cpu.cfs_quota_us"] == "90000"
+    else:
+        assert values["cpu.weight"] == str(cgroup_value(fs, want))
+        assert values["cpu.max"] == "90000 100000"
+    # the vCPU thread is pinned to CPU 0 (pyhv run --pin, inside the VM process)
+    allowed = [line.split(":", 1)[1].strip()
+               for t in Path(f"/proc/{pid}/task").iterdir()
+               for line in (t / "status").read_text().splitlines()
+               if line.startswith("Cpus_allowed_list:")]
+    assert "0" in allowed, allowed
+
+    # a second VM joins: both are reweighed by pyhv.sched.weights over the two
+    d.ok("POST", "/v1/vms/plain/start")
+    defs = [VmDefinition.model_validate(d.vm(n)["definition"]) for n in ("r1", "plain")]
+    both = sched.weights([vm_cpu(x) for x in defs], host_cpus)
+    key = "cpu.shares" if fs.version == 1 else "cpu.weight"
+    for name in ("r1", "plain"):
+        got = d.ok("GET", f"/v1/vms/{name}/sched")["cgroup_values"][key]
+        assert got == str(cgroup_value(fs, both[name])), (name, got, both)
+
+    # ended: the groups go (and the daemon's parent group with the last one)
+    d.ok("POST", "/v1/vms/r1/destroy")
+    assert not group.exists()
+    assert d.ok("GET", "/v1/vms/r1/sched")["cgroup"] is None
+    assert d.ok("POST", "/v1/vms/r2/start")["state"] == "running"   # 50% fits now
+    d.ok("POST", "/v1/vms/r2/destroy")
+    d.ok("POST", "/v1/vms/plain/destroy")
+    assert not group.parent.exists()

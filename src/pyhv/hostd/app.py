@@ -13,13 +13,17 @@ serves by tests/host/test_openapi.py; docs/host-daemon.md the prose):
     POST   /v1/vms/{name}/destroy        hard stop; returns once the process has ended
     POST   /v1/vms/{name}/pause|resume
     GET    /v1/vms/{name}/stats          the VM's own statistics (its control API)
+    GET    /v1/vms/{name}/sched          its CPU settings and its cgroup's values
     GET    /v1/events                    the event log (?vm=NAME&since=ID&limit=N)
     WS     /v1/vms/{name}/console        the serial console: binary frames both ways
 
 Authentication: every request, whatever its path (the OpenAPI document, an unknown
 path, the websocket), passes `TokenAuth` first: without `Authorization: Bearer TOKEN`
-(compared in constant time) it is answered 401 and goes no further. The routes also
-declare the scheme, so the OpenAPI document shows it.
+(compared in constant time) it is answered 401 and goes no further. A websocket may
+offer the token as the subprotocol "bearer.TOKEN" instead (a browser cannot set its
+headers). The one exception is the web console's static files (pyhv.hostd.webui:
+GET /, /ui/, xterm.js and its CSS), which hold no secret and control nothing. The
+routes also declare the scheme, so the OpenAPI document shows it.
 
 Errors are `{"detail": "one line"}`: 400 malformed JSON; 422 a body or parameter of the
 wrong form, or a definition the host cannot take; 404 an unknown VM; 409 an operation
@@ -36,17 +40,19 @@ import json
 import sqlite3
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request, WebSocket
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pyhv import __version__
+from pyhv.hostd import webui
 from pyhv.hostd.manager import HostError, Manager
 from pyhv.hostd.models import EventList, HostStats, Problem, Vm, VmDefinition, VmList
 
 API_TITLE = "pyhv host daemon"
+CONSOLE_PROTOCOL = "pyhv.console"
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": Problem, "description": "missing or wrong bearer token"},
     404: {"model": Problem, "description": "no such VM"},
@@ -61,11 +67,20 @@ class TokenAuth:
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
         self.expected = f"Bearer {token}".encode()
+        self.subprotocol = f"bearer.{token}".encode()
 
     def _ok(self, scope: Scope) -> bool:
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and \
+                scope["path"] in webui.PUBLIC:
+            return True                      # the web console's static files
         for key, value in scope.get("headers", []):
             if key == b"authorization":
                 return hmac.compare_digest(value, self.expected)
+        if scope["type"] == "websocket":
+            # a browser's websocket cannot carry Authorization: the token may come as
+            # one of the offered subprotocols
+            return any(hmac.compare_digest(str(p).encode(), self.subprotocol)
+                       for p in scope.get("subprotocols", []))
         return False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -105,8 +120,13 @@ def build_app(manager: Manager, token: str) -> FastAPI:
     app = FastAPI(title=API_TITLE, version=__version__,
                   description="Manage the VMs of one host: definitions, lifecycle, "
                               "consoles, events, host statistics.",
-                  dependencies=[Depends(authorized)], docs_url=None, redoc_url=None)
+                  docs_url=None, redoc_url=None)
+    # the HTTP routes declare and check the bearer scheme; the websocket is checked by
+    # TokenAuth alone (it may carry the token as a subprotocol, which HTTPBearer does
+    # not read)
+    api = APIRouter(dependencies=[Depends(authorized)])
     app.add_middleware(TokenAuth, token=token)
+    app.router.routes.extend(webui.routes())
 
     @app.exception_handler(HostError)
     async def host_error(_r: Request, e: HostError) -> JSONResponse:
@@ -144,15 +164,15 @@ def build_app(manager: Manager, token: str) -> FastAPI:
 
     # ------------------------------------------------------------------ resources
 
-    @app.get("/v1/host", response_model=HostStats, responses=ERRORS, tags=["host"])
+    @api.get("/v1/host", response_model=HostStats, responses=ERRORS, tags=["host"])
     def host() -> HostStats:
         return manager.host_stats()
 
-    @app.get("/v1/vms", response_model=VmList, responses=ERRORS, tags=["vms"])
+    @api.get("/v1/vms", response_model=VmList, responses=ERRORS, tags=["vms"])
     def list_vms() -> VmList:
         return VmList(vms=manager.list_vms())
 
-    @app.post("/v1/vms", response_model=Vm, status_code=201, tags=["vms"],
+    @api.post("/v1/vms", response_model=Vm, status_code=201, tags=["vms"],
               responses={**ERRORS, 422: {"model": Problem, "description":
                                          "a malformed definition, or one this host "
                                          "cannot take"},
@@ -160,45 +180,49 @@ def build_app(manager: Manager, token: str) -> FastAPI:
     def define(d: VmDefinition) -> Vm:
         return manager.define(d)
 
-    @app.get("/v1/vms/{name}", response_model=Vm, responses=ERRORS, tags=["vms"])
+    @api.get("/v1/vms/{name}", response_model=Vm, responses=ERRORS, tags=["vms"])
     def get_vm(name: str) -> Vm:
         return manager.get(name)
 
-    @app.delete("/v1/vms/{name}", status_code=204, responses=ERRORS, tags=["vms"])
+    @api.delete("/v1/vms/{name}", status_code=204, responses=ERRORS, tags=["vms"])
     def undefine(name: str) -> None:
         manager.undefine(name)
 
-    @app.post("/v1/vms/{name}/start", response_model=Vm, responses={
+    @api.post("/v1/vms/{name}/start", response_model=Vm, responses={
         **ERRORS, 422: {"model": Problem, "description": "pyhv run refused the "
                                                          "definition"}}, tags=["lifecycle"])
     def start(name: str) -> Vm:
         return manager.start(name)
 
-    @app.post("/v1/vms/{name}/shutdown", response_model=Vm, responses=ERRORS,
+    @api.post("/v1/vms/{name}/shutdown", response_model=Vm, responses=ERRORS,
               tags=["lifecycle"])
     def shutdown(name: str) -> Vm:
         return manager.shutdown(name)
 
-    @app.post("/v1/vms/{name}/destroy", response_model=Vm, responses=ERRORS,
+    @api.post("/v1/vms/{name}/destroy", response_model=Vm, responses=ERRORS,
               tags=["lifecycle"])
     def destroy(name: str) -> Vm:
         return manager.destroy(name)
 
-    @app.post("/v1/vms/{name}/pause", response_model=Vm, responses=ERRORS,
+    @api.post("/v1/vms/{name}/pause", response_model=Vm, responses=ERRORS,
               tags=["lifecycle"])
     def pause(name: str) -> Vm:
         return manager.set_paused(name, True)
 
-    @app.post("/v1/vms/{name}/resume", response_model=Vm, responses=ERRORS,
+    @api.post("/v1/vms/{name}/resume", response_model=Vm, responses=ERRORS,
               tags=["lifecycle"])
     def resume(name: str) -> Vm:
         return manager.set_paused(name, False)
 
-    @app.get("/v1/vms/{name}/stats", responses=ERRORS, tags=["vms"])
+    @api.get("/v1/vms/{name}/stats", responses=ERRORS, tags=["vms"])
     def stats(name: str) -> dict[str, Any]:
         return manager.stats(name)
 
-    @app.get("/v1/events", response_model=EventList, responses=ERRORS, tags=["events"])
+    @api.get("/v1/vms/{name}/sched", responses=ERRORS, tags=["vms"])
+    def sched_info(name: str) -> dict[str, Any]:
+        return manager.sched_info(name)
+
+    @api.get("/v1/events", response_model=EventList, responses=ERRORS, tags=["events"])
     def events(vm: str | None = None, since: Annotated[int, Query(ge=0)] = 0,
                limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> EventList:
         return EventList(events=manager.events(vm, since, limit))
@@ -206,6 +230,8 @@ def build_app(manager: Manager, token: str) -> FastAPI:
     @app.websocket("/v1/vms/{name}/console")
     async def console(ws: WebSocket, name: str) -> None:
         await console_bridge(manager, ws, name)
+
+    app.include_router(api)
 
     return app
 
@@ -226,7 +252,8 @@ async def console_bridge(manager: Manager, ws: WebSocket, name: str) -> None:
         await ws.close(code=1011, reason=f"cannot reach the VM's console: "
                                          f"{e.strerror or e}"[:120])
         return
-    await ws.accept()
+    offered = ws.scope.get("subprotocols", [])
+    await ws.accept(subprotocol=CONSOLE_PROTOCOL if CONSOLE_PROTOCOL in offered else None)
 
     async def vm_to_ws() -> None:
         while data := await reader.read(4096):

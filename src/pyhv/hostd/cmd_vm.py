@@ -88,11 +88,14 @@ def _define_options(v: argparse.ArgumentParser) -> None:
     v.add_argument("--engine", default=None)
     v.add_argument("--disk", action="append", default=[])
     v.add_argument("--net", action="append", default=[])
-    v.add_argument("--cpu-shares", type=int, default=None)
-    v.add_argument("--cpu-reservation", type=int, default=None, metavar="MHZ")
-    v.add_argument("--cpu-limit", type=int, default=None, metavar="MHZ")
-    v.add_argument("--pin", default=None, metavar="CPU,CPU,...",
-                   help="the host CPU of each vCPU, in order")
+    v.add_argument("--cpu-shares", default=None, metavar="N|low|normal|high",
+                   help="CPU weight (ESX's low/normal/high: 500/1000/2000 per vCPU)")
+    v.add_argument("--cpu-reservation", default=None, metavar="PCT",
+                   help="CPU guaranteed under contention, percent of one host CPU")
+    v.add_argument("--cpu-limit", default=None, metavar="PCT",
+                   help="the most CPU it may use, percent of one host CPU")
+    v.add_argument("--pin", action="append", default=[], metavar="CPUS|VCPU=CPUS",
+                   help="host CPUs for every vCPU (0, 0-1), or VCPU=CPUS for each vCPU")
 
 
 def _definition(args: argparse.Namespace) -> dict[str, Any]:
@@ -127,15 +130,32 @@ def _definition(args: argparse.Namespace) -> dict[str, Any]:
         opt["disks"] = args.disk
     if args.net:
         opt["networks"] = args.net
-    for key in ("cpu_shares", "cpu_reservation", "cpu_limit"):
+    from pyhv.sched.settings import parse_percent, parse_shares
+    if args.cpu_shares is not None:
+        opt["cpu_shares"] = parse_shares(args.cpu_shares, args.cpus or 1)
+    for key, flag in (("cpu_reservation", "--cpu-reservation"), ("cpu_limit", "--cpu-limit")):
         if getattr(args, key) is not None:
-            opt[key] = getattr(args, key)
-    if args.pin is not None:
-        try:
-            opt["pin"] = [int(c) for c in args.pin.split(",")]
-        except ValueError:
-            raise ConfigError(f"--pin {args.pin!r}: expected CPU numbers, e.g. 0,1") from None
+            opt[key] = parse_percent(getattr(args, key), flag)
+    if args.pin:
+        opt["pin"] = _pins(args.pin)
     return {**d, **opt}
+
+
+def _pins(words: list[str]) -> list[str]:
+    """`--pin CPUS` (every vCPU) or `--pin VCPU=CPUS` for each vCPU -> the pin list."""
+    if all("=" not in w for w in words):
+        if len(words) > 1:
+            raise ConfigError("--pin: one CPU list for all vCPUs, or VCPU=CPUS for each")
+        return words
+    per: dict[int, str] = {}
+    for w in words:
+        idx, eq, cpus = w.partition("=")
+        if not eq or not idx.isdigit() or int(idx) in per:
+            raise ConfigError(f"--pin {w!r}: expected VCPU=CPUS, each vCPU once")
+        per[int(idx)] = cpus
+    if sorted(per) != list(range(len(per))):
+        raise ConfigError(f"--pin: vCPUs {sorted(per)} are not 0..{len(per) - 1}")
+    return [per[i] for i in range(len(per))]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -165,14 +185,11 @@ def main(args: argparse.Namespace) -> int:
         vm = client.call("GET", f"/v1/vms/{args.name}")
         print(json.dumps(vm, indent=2) if args.json else _dominfo(vm))
     elif verb == "schedinfo":
-        d = client.call("GET", f"/v1/vms/{args.name}")["definition"]
-        info = {k: d[k] for k in ("cpu_shares", "cpu_reservation", "cpu_limit", "pin")}
+        info = client.call("GET", f"/v1/vms/{args.name}/sched")
         if args.json:
             print(json.dumps(info, indent=2))
         else:
-            for k, v in info.items():
-                shown = "-" if v is None else (",".join(map(str, v)) if k == "pin" else v)
-                print(f"{k:<16}: {shown}")
+            print(_schedinfo(info))
     elif verb == "events":
         q = f"?limit={args.limit}" + (f"&vm={args.vm}" if args.vm else "")
         events = client.call("GET", f"/v1/events{q}")["events"]
@@ -203,6 +220,21 @@ def _table(vms: list[dict[str, Any]]) -> None:
         print(f" {pid:<8} {name:<{w}}   {state}")
 
 
+def _schedinfo(info: dict[str, Any]) -> str:
+    rows: list[tuple[str, Any]] = [
+        ("cpu_shares", info["cpu_shares"]),
+        ("cpu_reservation", f"{info['cpu_reservation']:g}%"),
+        ("cpu_limit", "-" if info["cpu_limit"] is None else f"{info['cpu_limit']:g}%"),
+        ("pin", "-" if info["pin"] is None else " ".join(
+            info["pin"] if len(info["pin"]) == 1 else
+            [f"{i}={c}" for i, c in enumerate(info["pin"])])),
+        ("controller", info["controller"]), ("cgroup", info["cgroup"] or "-")]
+    rows += [(k, v) for k, v in (info["cgroup_values"] or {}).items()]
+    if info["usage_ns"] is not None:
+        rows.append(("cpu_time", f"{info['usage_ns'] / 1e9:.3f} s"))
+    return "\n".join(f"{k:<18}: {v}" for k, v in rows)
+
+
 def _dominfo(vm: dict[str, Any]) -> str:
     d = vm["definition"]
     boot = d["kernel"] or f"pyhv image {d['image'] or 'linux'}"
@@ -215,11 +247,9 @@ def _dominfo(vm: dict[str, Any]) -> str:
     return "\n".join(f"{k + ':':<15} {v}" for k, v in rows)
 
 
-def console(client: Client, name: str) -> int:
-    """Attach stdin/stdout to the VM's console websocket until it closes or Ctrl-]."""
+def _attach(ws: Any, name: str) -> None:
+    """stdin -> the websocket (a thread), the websocket -> stdout, until it closes."""
     from websockets.exceptions import ConnectionClosed
-    client.call("GET", f"/v1/vms/{name}")              # a clear error for an unknown VM
-    ws = client.websocket(f"/v1/vms/{name}/console")
     fd = sys.stdin.fileno()
     is_tty = os.isatty(fd)
     saved = termios.tcgetattr(fd) if is_tty else None
@@ -261,6 +291,13 @@ def console(client: Client, name: str) -> int:
         if saved is not None:
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
             sys.stderr.write("\n")
+
+
+def console(client: Client, name: str) -> int:
+    """Attach stdin/stdout to the VM's console websocket until it closes or Ctrl-]."""
+    client.call("GET", f"/v1/vms/{name}")              # a clear error for an unknown VM
+    with client.websocket(f"/v1/vms/{name}/console") as ws:
+        _attach(ws, name)
     code = ws.close_code
     if code is not None and code >= 4000:
         raise DaemonError(ws.close_reason or f"the console closed ({code})")

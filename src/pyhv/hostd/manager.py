@@ -29,8 +29,13 @@ Concurrency: API requests run on a thread pool; `_lock` makes admission and the 
 of which operation may act on a VM atomic; a VM with an operation in flight (`_busy`) is
 refused other operations (409) and left alone by the monitor, which checks each VM under
 the lock (a check is a waitpid or a flock probe: no operation is refused for it). Waits
-happen outside the lock. The CPU settings are stored; placing the process in its cgroup
-is the scheduling module's (pyhv.sched), called once the process exists.
+happen outside the lock.
+
+CPU (pyhv.hostd.cpu over pyhv.sched): define checks a VM's CPU settings on their own
+(422), start admits it next to the VMs that run (their reservations must fit: 409) and
+puts its process in its own cgroup right after spawning it; every start, end and
+adoption rewrites every running VM's weight (reservations become minimum weights) and
+limit. A VM's group is removed when it ends.
 """
 
 from __future__ import annotations
@@ -46,8 +51,8 @@ from pathlib import Path
 from typing import Any
 
 from pyhv import __version__
-from pyhv.errors import ConfigError
-from pyhv.hostd import vmproc
+from pyhv.errors import ConfigError, PyhvError
+from pyhv.hostd import cpu, vmproc
 from pyhv.hostd.inventory import LIVE, Inventory
 from pyhv.hostd.models import HostStats, Vm, VmDefinition
 from pyhv.hostd.statedir import StateDir
@@ -119,6 +124,7 @@ class Manager:
         self._expect: dict[str, str] = {}
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
+        self.cpu = cpu.CpuPlacer(state.path)
 
     # ------------------------------------------------------------------ daemon life
 
@@ -144,6 +150,10 @@ class Manager:
                                            "daemon was not running",
                                    last_exit="ended while the daemon was not running")
                 vmproc.clean_stale(self.state, vm.name)
+                try:
+                    self.cpu.remove(vm.name)
+                except PyhvError as e:
+                    self.inv.event(vm.name, "cpu-error", f"cannot remove its cgroup: {e}")
                 continue
             info = vmproc.probe(self.state, vm.name)
             live = info.get("state") if info else None
@@ -153,6 +163,22 @@ class Manager:
                                message=f"adopted the running VM (pid {pid}, {new})"
                                        + ("" if info else "; its control API does not "
                                                           "answer"))
+            try:
+                self.cpu.place(vm.definition, pid)
+            except PyhvError as e:
+                self.inv.event(vm.name, "cpu-error", f"cannot put it back in its cgroup: "
+                                                     f"{e}")
+        self._reweigh()
+
+    def _running_defs(self, but: str | None = None) -> list[VmDefinition]:
+        return [v.definition for v in self.inv.all() if v.state in LIVE and v.name != but]
+
+    def _reweigh(self, but: str | None = None) -> None:
+        """Every running VM's weight and limit, written again (one joined or left)."""
+        try:
+            self.cpu.reweigh(self._running_defs(but))
+        except PyhvError as e:
+            self.inv.event(None, "cpu-error", f"cannot write the VMs' CPU weights: {e}")
 
     # ------------------------------------------------------------------ inventory
 
@@ -178,9 +204,10 @@ class Manager:
             self.state.check_vm_name(d.name)
         except ConfigError as e:
             raise HostError(422, str(e)) from None
-        if d.pin is not None and (bad := [c for c in d.pin if c >= (os.cpu_count() or 1)]):
-            raise HostError(422, f"pin: this host has no CPU {bad[0]} (it has "
-                                 f"{os.cpu_count()})")
+        try:
+            self.cpu.check(d)
+        except ConfigError as e:
+            raise HostError(422, str(e)) from None
         try:
             return self.inv.define(d)
         except KeyError:
@@ -225,6 +252,13 @@ class Manager:
                                      f"the host's memory capacity: "
                                      f"{committed // MIB} MiB of "
                                      f"{self.memory_capacity // MIB} MiB are committed")
+            try:
+                self.cpu.admit(self._running_defs(), d)
+            except ConfigError as e:
+                raise HostError(409, str(e)) from None
+            if cpu.wants_cgroup(d) and self.cpu.fs is None:
+                raise HostError(409, f"{name!r} has CPU settings, but the CPU controller "
+                                     f"is {self.cpu.describe()}")
             held = vmproc.holder(self.state, name)
             if held is not None:
                 raise HostError(409, f"a process (pid {held}) still holds the name "
@@ -239,7 +273,13 @@ class Manager:
             self.inv.set_state(name, "starting", pid=proc.pid, kind="starting",
                                message=f"starting (pid {proc.pid})", started=True)
         try:
-            why = self._wait_ready(name, proc)
+            why: str | None
+            try:
+                self.cpu.place(d, proc.pid)
+                self.cpu.reweigh(self._running_defs())
+                why = self._wait_ready(name, proc)
+            except PyhvError as e:
+                why = f"cannot place it in its cgroup: {e}"
             if why is None:
                 self._children[name] = proc
                 self.inv.set_state(name, "running", pid=proc.pid, expect_pid=proc.pid,
@@ -249,6 +289,8 @@ class Manager:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=DESTROY_GRACE_S)
             vmproc.clean_stale(self.state, name)
+            with contextlib.suppress(PyhvError):
+                self.cpu.remove(name)
             self.inv.set_state(name, "stopped", expect_pid=proc.pid, kind="start-failed",
                                message=f"start failed: {why}", last_exit=f"start failed: "
                                                                          f"{why}")
@@ -349,6 +391,10 @@ class Manager:
             raise HostError(409, f"the VM {name!r} is {vm.state}")
         return self._control(name, "GET", "/stats")
 
+    def sched_info(self, name: str) -> dict[str, Any]:
+        """The VM's CPU settings, and its cgroup as the kernel reports it."""
+        return self.cpu.info(self.get(name).definition)
+
     def console_path(self, name: str) -> Path:
         vm = self.get(name)
         if vm.state not in ("running", "paused"):
@@ -362,9 +408,14 @@ class Manager:
         state, text = describe_exit(rc, expected)
         self._children.pop(vm.name, None)
         vmproc.clean_stale(self.state, vm.name)
+        try:                              # before the state: "stopped" means cleaned up
+            self.cpu.remove(vm.name)
+        except PyhvError as e:
+            self.inv.event(vm.name, "cpu-error", f"cannot remove its cgroup: {e}")
         self.inv.set_state(vm.name, state, expect_pid=vm.pid,
                            kind="crashed" if state == "crashed" else "stopped",
                            message=text, last_exit=text)
+        self._reweigh(but=vm.name)
 
     def _watch(self) -> None:
         while not self._stop.wait(MONITOR_PERIOD_S):
@@ -397,6 +448,7 @@ class Manager:
     def host_stats(self) -> HostStats:
         mi = meminfo()
         committed, cpus = self._committed()
+        running = self._running_defs()
         counts: dict[str, int] = {}
         for vm in self.inv.all():
             counts[vm.state] = counts.get(vm.state, 0) + 1
@@ -407,4 +459,7 @@ class Manager:
             memory_total_mib=mi.get("MemTotal", 0) // MIB,
             memory_available_mib=mi.get("MemAvailable", 0) // MIB,
             memory_capacity_mib=self.memory_capacity // MIB,
-            memory_committed_mib=committed // MIB, vcpus_committed=cpus, vms=counts)
+            memory_committed_mib=committed // MIB, vcpus_committed=cpus, vms=counts,
+            cpu_controller=self.cpu.describe(),
+            cpu_reserved_pct=sum(float(d.cpu_reservation or 0) for d in running),
+            cpu_capacity_pct=self.cpu.host.capacity)

@@ -3,7 +3,7 @@
 A `VmDefinition` is what `define` stores: the `pyhv run` options of a VM (kernel or
 pyhv's cached image, initrd, kernel command line or `--command`, memory, vCPUs, engine,
 disks, networks) plus its CPU settings (shares, reservation, limit, vCPU pinning), which
-the scheduling module (pyhv.sched) applies to the VM's process. Validation here is of
+pyhv.hostd.cpu checks and applies through the scheduling module (pyhv.sched). Validation here is of
 form (types, ranges, exclusive options, no unknown field); what depends on the host (a
 kernel file that exists, memory that fits) is checked by the manager at define time.
 
@@ -47,12 +47,16 @@ class VmDefinition(BaseModel):
                              "specifications: PATH[,format=raw|qcow2][,readonly=on]...")
     networks: list[str] = Field(default_factory=list, max_length=1, description="`--net` "
                                 "back ends (user, tap=NAME, socket=...); one NIC today")
-    cpu_shares: int | None = Field(None, ge=1, le=1_000_000, description="relative CPU "
-                                   "weight under contention (ESX's shares)")
-    cpu_reservation: int | None = Field(None, ge=0, description="guaranteed CPU, in MHz")
-    cpu_limit: int | None = Field(None, ge=1, description="CPU cap, in MHz")
-    pin: list[int] | None = Field(None, max_length=16, description="host CPU of each "
-                                  "vCPU, in vCPU order")
+    cpu_shares: int | None = Field(None, ge=2, le=262144, description="relative CPU "
+                                   "weight under contention (ESX's shares; default 1000 "
+                                   "per vCPU)")
+    cpu_reservation: float | None = Field(None, ge=0, description="CPU time guaranteed "
+                                          "under contention, in percent of one host CPU")
+    cpu_limit: float | None = Field(None, ge=1, description="the most CPU time it may use, "
+                                    "in percent of one host CPU")
+    pin: list[str] | None = Field(None, min_length=1, max_length=16, description="host "
+                                  "CPU lists ('0', '0-1', '0,2'): one for every vCPU, or "
+                                  "one per vCPU in order")
     on_reboot: Literal["restart", "exit"] = "restart"
 
     @model_validator(mode="after")
@@ -64,14 +68,6 @@ class VmDefinition(BaseModel):
             if value is not None and not value.startswith("/"):
                 raise ValueError(f"{field} must be an absolute path (the daemon does not "
                                  "share the client's working directory)")
-        if self.pin is not None:
-            if len(self.pin) != self.vcpus:
-                raise ValueError(f"pin gives {len(self.pin)} CPU(s) for {self.vcpus} vCPU(s)")
-            if any(c < 0 for c in self.pin):
-                raise ValueError("pin: CPU numbers are >= 0")
-        if (self.cpu_limit is not None and self.cpu_reservation is not None
-                and self.cpu_reservation > self.cpu_limit):
-            raise ValueError("cpu_reservation is above cpu_limit")
         return self
 
     def run_args(self) -> list[str]:
@@ -136,6 +132,11 @@ class HostStats(BaseModel):
     memory_committed_mib: int = Field(description="memory of the VMs that run")
     vcpus_committed: int
     vms: dict[str, int] = Field(description="number of VMs in each state")
+    cpu_controller: str = Field(description="the cgroup CPU controller the daemon uses, "
+                                            "or why there is none")
+    cpu_reserved_pct: float = Field(description="the running VMs' CPU reservations, in "
+                                                "percent of one CPU")
+    cpu_capacity_pct: float = Field(description="100 x the CPUs the daemon may use")
 
 
 class Problem(BaseModel):

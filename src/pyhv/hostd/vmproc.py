@@ -1,6 +1,6 @@
 """One VM's process under the host daemon: `pyhv run` in its own session.
 
-`spawn` starts `python -m pyhv run <definition's options> --name NAME --console-sock
+`spawn` starts `python -m pyhv run <definition's options> [--pin ...] --name NAME --console-sock
 DIR/vms/NAME.console` with PYHV_RUN_DIR=DIR/vms (so the VM's control socket and its
 pyhv.rundir lock live in the daemon's state directory), stdin from /dev/null, stdout
 (the console output) to NAME.log and stderr (pyhv's own messages) to NAME.err. The
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pyhv import rundir
+from pyhv.hostd.cpu import pin_args
 from pyhv.hostd.models import VmDefinition
 from pyhv.hostd.statedir import StateDir
 from pyhv.vmclient import VmError, call
@@ -34,7 +35,7 @@ PROBE_TIMEOUT_S = 5.0
 
 
 def argv(state: StateDir, d: VmDefinition) -> list[str]:
-    return [sys.executable, "-m", "pyhv", "run", *d.run_args(), "--name", d.name,
+    return [sys.executable, "-m", "pyhv", "run", *d.run_args(), *pin_args(d), "--name", d.name,
             "--console-sock", str(state.vm_path(d.name, "console"))]
 
 
