@@ -17,10 +17,12 @@ snippet is bounded (a few exits), and every VM is closed after its experiment.
 from __future__ import annotations
 
 import json
+import statistics
 import struct
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +58,11 @@ SNIPPETS = f"""
     mov [{DATA + 12:#x}], edx
     .endm
     .globl cpuid_plain, cpuid_synth, sys_call, sys_next, lstar_entry, lstar_cli, int80, int3_
-    .globl int2e, upper, mov_cs
+    .globl int2e, upper, mov_cs, exit_loop
+exit_loop:                   /* one MMIO exit per store, forever */
+    mov rdx, {DONE:#x}
+1:  mov [rdx], al
+    jmp 1b
 cpuid_plain:                 /* RDI = the leaf */
     mov eax, edi
     xor ecx, ecx
@@ -255,6 +261,18 @@ def probe() -> dict[str, Any]:
         r = g.run()
         facts["cli where syscall landed"] = (f"vector {r['vector']} at cs {r['cs']:#06x}"
                                              if r["stop"] == "exception" else r)
+        # what one exit costs: a store to DONE from CPL 3, resumed at once (a timing,
+        # printed, never asserted: this host is shared and noisy)
+        g.start(at["exit_loop"])
+        g.kv.run()
+        runs = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(500):
+                g.kv.run()
+            runs.append((time.perf_counter() - t0) / 500 * 1e6)
+        facts["cpl3 MMIO exit round trip, us (median of 5 x 500)"] = round(
+            statistics.median(runs), 1)
         # the upper half: PML4 slots mapped (U=1) to a 2 MiB page, read at CPL 3
         assert g.engine.area is not None
         view = g.engine.area.view

@@ -137,6 +137,17 @@ def test_bench_kernel_on_bt(bt_guest: Callable[[str], Path], cmdline: str, line:
     assert (r.status, r.stdout) == (75, line), r.explain()
 
 
+def test_adjacent_callouts_share_one_exit(bt_guest: Callable[[str], Path]) -> None:
+    """`in al, 0x61; out 0x80, al`: the OUT's call-out directly follows the IN's in the
+    translation, so pyhv takes it in the same stop (no KVM_RUN between): one exit for
+    both, the same output."""
+    r = run_pyhv("--engine", "bt", "--kernel", bt_guest("bench"), "--append", "priv 50",
+                 "--stats", timeout=20)
+    assert (r.status, r.stdout) == (75, "bench: priv 50 0000000000000000\n"), r.explain()
+    assert _stat(r.stderr, "bt: bt call-outs taken without an exit") >= 50, r.explain()
+    assert _stat(r.stderr, "port 0x0080 (no device)") == 50, r.explain()
+
+
 def test_bad_tc_option_is_refused() -> None:
     for value in ("1K", "nonsense", "128M"):
         r = run_pyhv("--engine", "bt", "--engine-opt", f"tc={value}", "--kernel",

@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.kvm, pytest.mark.skipif(KVM_WHY is not None, reason=KV
 KVM_PVM = Path("/sys/module/kvm_pvm").exists()
 
 USERMODE = ("usermode: start\n"
+            "iretq to cs 000b (dpl 0): #GP err=0008\n"
             "user cs=0023 ss=001b IF=1\n"
             "int 0x2e x300: sum=000000000000b05e frames ok=012c\n"
             "syscall x300: xor=000000000000012c entries ok=012c rcx ok=012c\n"

@@ -1,6 +1,7 @@
 /*
  * usermode.S: a kernel that goes to its own user mode (CPL 3) and back many times, by
- * every way x86-64 has: IRETQ and SYSRETQ down, INT n through a DPL 3 gate, SYSCALL,
+ * every way x86-64 has (after one IRETQ that must fail: to an RPL 3 selector of its DPL 0
+ * code, #GP): IRETQ and SYSRETQ down, INT n through a DPL 3 gate, SYSCALL,
  * exceptions (#GP from INT n through a DPL 0 gate, #UD, #PF on a supervisor page) and
  * timer interrupts taken in user mode, up. The bt engine runs the user code directly and
  * the kernel translated (docs/bt.md); the output must be emu's (a real CPU's).
@@ -88,6 +89,17 @@ start:
     mov eax, 0x200
     xor edx, edx
     wrmsr
+    /* a bad way down first: IRETQ to CS 0x0b (RPL 3, but the kernel's DPL 0 code):
+     * #GP(0x08) at the IRETQ, nothing popped */
+    mov rax, rsp
+    push 0x1b
+    push rax
+    push 0x202
+    push 0x0b
+    lea rax, [rip + user_main]
+    push rax
+    iretq
+    add rsp, 40                   /* the gp_handler stepped over the IRETQ */
     call pic_init
     call pit_init
     push 0x1b                     /* SS: user data, RPL 3 */
@@ -162,9 +174,15 @@ syscall_entry:
 
 gp_handler:
     mov rax, [rsp]                          /* the error code */
-    mov [rip + gp_err], rax
+    cmp qword ptr [rip + bad_iret_err], -1
+    jne 1f
+    mov [rip + bad_iret_err], rax           /* the first #GP: the bad IRETQ */
+    jmp 2f
+1:  mov [rip + gp_err], rax
+2:
     add rsp, 8
-    add qword ptr [rsp], 2                  /* a fault: RIP is the INT 0x2d itself */
+    add qword ptr [rsp], 2                  /* a fault: RIP is the faulting (2-byte)
+                                               IRETQ or INT 0x2d itself */
     iretq
 
 ud_handler:
@@ -190,6 +208,10 @@ dpl0_handler:                               /* never entered from user mode */
 done_handler:
     cli
     lea rsp, [rip + stack_top]
+    lea rsi, [rip + msg_badiret]
+    call puts
+    mov rax, [rip + bad_iret_err]
+    call puthex16
     lea rsi, [rip + msg_cs]
     call puts
     mov ax, [rip + u_cs]
@@ -253,7 +275,8 @@ done_handler:
 
     .section .rodata
 msg_start:  .asciz "usermode: start\n"
-msg_cs:     .asciz "user cs="
+msg_badiret: .asciz "iretq to cs 000b (dpl 0): #GP err="
+msg_cs:     .asciz "\nuser cs="
 msg_ss:     .asciz " ss="
 msg_if:     .asciz " IF="
 msg_int:    .asciz "\nint 0x2e x300: sum="
@@ -294,6 +317,7 @@ frames_ok: .quad 0
 sc_ok: .quad 0
 rcx_ok: .quad 0
 gp_err: .quad 0
+bad_iret_err: .quad -1
 ud_rip: .quad 0
 pf_err: .quad 0
 pf_cr2: .quad 0

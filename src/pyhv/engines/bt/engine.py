@@ -14,7 +14,11 @@ Where the guest stands when pyhv holds it (`self.stop`):
               into S, `SHeld` is them, S.SITE names the site (translate.Site). pyhv
               emulates the instruction (the trap emulator, on the virtual CPU), follows
               a branch exit (translating and chaining the target) or a lookup miss, and
-              writes where to go on into S.RESUME. No register ioctl.
+              writes where to go on into S.RESUME. No register ioctl. When the guest
+              falls through into the next call-out of the block (`Site.then`: e.g.
+              `in al, 0x61; out 0x80, al`), pyhv takes that one too before resuming:
+              one exit for both, the instructions still done in order, interrupts
+              still checked between them.
     parked    the translation faulted (#PF, #GP, #UD, ...): the CPU pushed a frame on
               the monitor's stack, as under trap. A #PF that the shadow MMU fills is
               retried at the same TC address. Anything else is made precise first: the
@@ -105,6 +109,7 @@ class BtVcpu(TrapVcpu):
         self.trace = trace
         self.rekick: threading.Timer | None = None
         self.user = False                     # the real CPU runs guest user mode
+        self._synced: tuple[object, ...] | None = None   # what _sync_out last wrote
         self.ushadow: ShadowMmu | None = None
         super().__init__(kv, index, mem, area, umip=False)
 
@@ -116,7 +121,16 @@ class BtVcpu(TrapVcpu):
         self.v.iopl = (self.bt.s_get(A.S_VIOPL) >> 12) & 3
 
     def _sync_out(self) -> None:
+        """The virtual CPU into S. Skipped when nothing changed since the last time:
+        between two syncs only inline CLI/STI/POPF write S (VIF/VIOPL), and _sync_in
+        has read those back into `v` at the exit, so an unchanged `v` means S is
+        already right (the cheap path of a call-out, docs/modes.md)."""
         v, bt = self.v, self.bt
+        key = (v.if_, v.iopl, v.cs.selector, v.ss.selector, v.tr.selector,
+               v.ldt.selector, v.cr0, v.gdt.limit, v.gdt.base, v.idt.limit, v.idt.base)
+        if key == self._synced:
+            return
+        self._synced = key
         bt.s_put(A.S_VIF, 0x200 if v.if_ else 0)
         bt.s_put(A.S_VIOPL, v.iopl << 12)
         bt.s_put(A.S_VCS, v.cs.selector & 0xFFFF)
@@ -145,6 +159,19 @@ class BtVcpu(TrapVcpu):
                 return self._failure(e)
             if out is not None:
                 return out
+            nxt = self._adjacent()
+            if nxt is not None:
+                # the guest would run straight into another call-out: take it now, in
+                # the same stop (its registers are in S as COMMON would leave them)
+                self.bt.s_put(A.S_SITE, nxt.id)
+                self.bt_count["call-outs taken without an exit"] += 1
+                try:
+                    out = self._callout(0.0, time.perf_counter(), adjacent=True)
+                except (GuestMemoryError, OSError, ValueError, struct.error) as e:
+                    return self._failure(e)
+                if out is not None:
+                    return out
+                continue
             self._resync_shadow()
             t0 = time.perf_counter()
             ex = kv.run()
@@ -185,6 +212,17 @@ class BtVcpu(TrapVcpu):
                                 self._guest_rip())
             return ex
 
+    def _adjacent(self) -> Site | None:
+        """After a call-out that fell through: the call-out its translation runs into
+        next with nothing in between (Site.then), if any."""
+        site = self.site
+        if self.stop != "callout" or site is None or site.then is None:
+            return None
+        b = site.block
+        if b is None or not b.valid or self.bt.s_get(A.S_RESUME) != site.cont:
+            return None
+        return site.then
+
     def _failure(self, e: BaseException) -> Exit:
         return InternalError(f"bt engine failure: {type(e).__name__}: {e}", self._guest_rip())
 
@@ -199,7 +237,8 @@ class BtVcpu(TrapVcpu):
 
     # ------------------------------------------------------------------ call-outs
 
-    def _callout(self, kvm_s: float, t_exit: float) -> Exit | None:
+    def _callout(self, kvm_s: float, t_exit: float, *, adjacent: bool = False
+                 ) -> Exit | None:
         sid = self.bt.s_get(A.S_SITE) & 0xFFFF_FFFF
         site = self.tc.site(sid)
         h = SHeld(self.bt, 0)
@@ -239,7 +278,9 @@ class BtVcpu(TrapVcpu):
                                     site.insn)
             kind = out2.kind
             result = self._apply(h, out2, site.guest, site.insn)
-        self.trap_stats.record(f"call-out {kind}", time.perf_counter() - t_exit, kvm_s)
+        self.trap_stats.record(f"call-out {kind}" + (" (adjacent: no exit)" if adjacent
+                                                     else ""),
+                               time.perf_counter() - t_exit, kvm_s)
         return result
 
     def _to_user(self, h: Held, insn: bytes) -> tuple[str, Exit | None]:
@@ -697,6 +738,7 @@ class BtVcpu(TrapVcpu):
         self.real_cs, self.real_ss = SEL_UCODE, SEL_UDATA
         self._load_real_segments()
         self.user = False
+        self._synced = None
         self.kv.set_msrs({0xC0000082: SYSCALL_TRAP, 0xC0000084: 0})
         self.stop = "live"
         self.site = None

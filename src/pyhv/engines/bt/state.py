@@ -32,6 +32,7 @@ class SHeld(Held):
         self.rip = rip
         self.rsp = self._g[4]
         self.rflags = bt.s_get(A.S_RFLAGS)
+        self._read = (self.rsp, self.rflags)
 
     def regs(self) -> ks.KvmRegs:
         r = ks.KvmRegs()
@@ -52,6 +53,8 @@ class SHeld(Held):
         self._dirty = True
 
     def commit(self) -> None:
+        if not self._dirty and (self.rsp, self.rflags) == self._read:
+            return                            # S already holds them
         self._g[4] = self.rsp
         struct.pack_into("<16Q", self.bt.view, A.S_OFF + A.S_GPRS, *self._g)
         self.bt.s_put(A.S_RFLAGS, self.rflags)

@@ -22,7 +22,9 @@ in the translation cache (asm.Emitter). Each guest instruction becomes one of:
                  (IRETQ and INT n fall back to a call-out for anything unusual)
     call-out     `mov dword [S.SITE], id; jmp COMMON`: COMMON spills the registers into
                  S and stores to the CALLOUT page (an MMIO exit to pyhv), which handles
-                 site `id` and says where to go on in S.RESUME. Privileged instructions
+                 site `id` and says where to go on in S.RESUME. A call-out that directly
+                 follows another in the block is its `then`: pyhv takes it in the same
+                 stop when the first falls through (one exit for both). Privileged instructions
                  (port I/O, CR/DR/MSR access, LGDT..., HLT, INVLPG), LAR/LSL/VERR/VERW,
                  RETF, IRETD, INT3, SYSCALL, UD2 and undecodable bytes. A call-out whose
                  instruction falls through lets the block go on after it.
@@ -119,6 +121,7 @@ class Site:
     undo_rsp: int = 0       # lookup: RSP change to undo when the target is bad
     block: Block | None = None
     chained: Block | None = None
+    then: Site | None = None  # the call-out that starts right at `cont` (adjacent ones)
 
 
 @dataclass(eq=False)
@@ -149,6 +152,7 @@ class Translator:
                  new_site: Callable[[Site], None]) -> None:
         self.common, self.miss, self.keys, self.vals = common, miss, keys, vals
         self.new_site = new_site
+        self._goes_on: Site | None = None     # the last call-out, if the block went on
 
     # ------------------------------------------------------------------ blocks
 
@@ -156,6 +160,7 @@ class Translator:
                   ) -> tuple[bytes, Block, dict[int, Loc], list[Site]]:
         e = Emitter(at)
         b = Block(guest, at)
+        self._goes_on = None
         locs: dict[int, Loc] = {}
         sites: list[Site] = []
         pending: list[Site] = []
@@ -276,8 +281,12 @@ class Translator:
         then point right after the call-out when the guest falls through)."""
         s = self._site(sites, b, kind=kind, guest=i.ip, next=i.next_ip, insn=raw,
                        vector=vector)
+        prev = self._goes_on
+        if prev is not None and prev.cont == e.here:
+            prev.then = s                     # nothing runs between the two call-outs
         e.callout(s.id, self.common)
         s.cont = e.here if goes_on else 0
+        self._goes_on = s if goes_on else None
         b.inline[f"call-out {_name(i)}"] = b.inline.get(f"call-out {_name(i)}", 0) + 1
 
     # ------------------------------------------------------------------ copies
