@@ -335,6 +335,9 @@ class Machine:
         assert self.memory is not None
         for make in config.pci_devices:
             fn = make(self.memory, self.deferred)
+            attach_msi = getattr(fn, "attach_msi", None)
+            if attach_msi is not None:          # MSI-X messages onto the APIC bus
+                attach_msi(self.apic_bus.send)
             self._pci_functions.append(fn)
             d.pci.add(fn)
         self.mmio.register(APIC_BASE_ADDR, APIC_MMIO_SIZE, LapicWindow(self), "lapic")
