@@ -266,7 +266,7 @@ class Machine:
                                        cls.virtual_time else
                                        _Locked(self.lapics[i], self.lock))
                 v.set_apic_present(True)
-                if v.attach_msr(self._msr_handler(i)):
+                if v.attach_msr(self._msr_handler(i, locked=not cls.virtual_time)):
                     tsc = v.guest_tsc()
                     if tsc is not None:
                         self.lapics[i].tsc, self.lapics[i].tsc_hz = tsc
@@ -376,11 +376,17 @@ class Machine:
         lapic = self.lapics[i]
         return (interrupts_enabled and lapic.pending()) or lapic.nmi_pending
 
-    def _msr_handler(self, i: int) -> MsrHandler:
+    def _msr_handler(self, i: int, locked: bool = False) -> MsrHandler:
         """vCPU i's RDMSR/WRMSR of its local APIC's MSRs (engines that route them):
         `ApicFault` becomes #GP; an x2APIC ICR or SELF IPI write ends the sender's slice
         on a multi-vCPU machine, as the xAPIC ICR does (LapicWindow)."""
         def handle(msr: int, value: int | None) -> int | None:
+            if locked:                       # vCPUs on threads (kvm): the machine lock
+                with self.lock:
+                    return access(msr, value)
+            return access(msr, value)
+
+        def access(msr: int, value: int | None) -> int | None:
             lapic = self.lapics[i]
             if not lapic.handles_msr(msr):
                 return None
@@ -474,6 +480,23 @@ class _Locked:
     def acknowledge(self) -> int | None:
         with self._lock:
             return self._lapic.acknowledge()
+
+    @property
+    def nmi_separate(self) -> bool:
+        return self._lapic.nmi_separate
+
+    @nmi_separate.setter
+    def nmi_separate(self, on: bool) -> None:
+        with self._lock:
+            self._lapic.nmi_separate = on
+
+    @property
+    def nmi_pending(self) -> bool:
+        return self._lapic.nmi_pending
+
+    def take_nmi(self) -> bool:
+        with self._lock:
+            return self._lapic.take_nmi()
 
 
 def pci_routes() -> dict[tuple[int, int], int]:
