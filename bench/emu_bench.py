@@ -10,8 +10,9 @@ median of `--runs`. Nothing of pyhv runs in this process.
 CPU (bench/guests/sieve.S: a prime sieve over 1 MiB, ROUNDS rounds, paging off):
   (a) whole processes, wall time: total = t(large) (start-up included: Python's on
       pyhv, SeaBIOS on QEMU); per round = (t(large) - t(small)) / (large - small)
-  (b) in the guest: each round timed with RDTSC and printed by the guest itself (unicorn
-      and QEMU's TCG both return the host's TSC); per round = the median of rounds 2..N
+  (b) in the guest: each round timed with RDTSC and printed by the guest itself (QEMU's
+      TCG returns the host's TSC, and so does pyhv's emu with PYHV_EMU_CPU_HELPERS=0, set
+      here); per round = the median of rounds 2..N
       of a large run (the first round includes translation), median over runs
   and the same sieve code as a static host program (-DHOST), timed the same way.
 
@@ -111,8 +112,12 @@ def run(argv: list[str], what: str, want: int = EXIT_OK) -> Proc:
     """Run a whole process under a timeout; it must end with status `want` (the guests:
     debug-exit with 0). CPU time from wait4's rusage (microseconds)."""
     t0 = time.perf_counter()
+    # PYHV_EMU_CPU_HELPERS=0: RDTSC reads the host's TSC on emu, as on QEMU's TCG, so
+    # the guest's per-round figure is in host cycles on both (emu's TSC otherwise runs on
+    # virtual time, docs/emu.md); the helpers do not take part in the sieve's code
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         stdin=subprocess.DEVNULL)
+                         stdin=subprocess.DEVNULL,
+                         env={**os.environ, "PYHV_EMU_CPU_HELPERS": "0"})
     chunks: dict[str, bytes] = {}
 
     def drain(name: str, f: IO[bytes]) -> None:

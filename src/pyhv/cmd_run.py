@@ -74,16 +74,34 @@ if TYPE_CHECKING:
     from pyhv.sched import Pinner
 
 # Kernel command-line words pyhv adds for its own Linux, per engine, each with its reason
-# (README "Linux workarounds" repeats this table).
+# (README "Linux workarounds" repeats this table). emu needs none where its interposed
+# CPU helpers run (the TSC is then constant-rate on the virtual clock, docs/emu.md);
+# `linux_workarounds` says which apply on this host.
+HOST_TSC_WORKAROUNDS: list[tuple[str, str]] = [
+    ("tsc=unstable", "without pyhv's native CPU helpers the software CPU's TSC is the "
+     "host's, not constant-rate on guest time, so Linux must not use it as its "
+     "clocksource"),
+    ("no_timer_check", "Linux checks the I/O APIC timer route by waiting a fixed number "
+     "of TSC cycles for 4 ticks; with the host's TSC and the PIT on virtual time the wait "
+     "ends too early in guest time and Linux wrongly reports the route broken "
+     "(\"MP-BIOS bug: 8254 timer not connected\")")]
 LINUX_WORKAROUNDS: dict[str, list[tuple[str, str]]] = {
-    "emu": [("tsc=unstable", "the software CPU's TSC runs at the emulation's pace, not at a "
-             "constant rate, so Linux must not use it as its clocksource"),
-            ("no_timer_check", "Linux checks the I/O APIC timer route by waiting a fixed "
-             "number of TSC cycles for 4 ticks; the TSC is the host's while the PIT runs "
-             "on virtual time, so the wait ends too early in guest time and Linux wrongly "
-             "reports the route broken (\"MP-BIOS bug: 8254 timer not connected\")")],
+    "emu": HOST_TSC_WORKAROUNDS,
     "kvm": [],
 }
+
+
+def linux_workarounds(engine: str) -> list[tuple[str, str]]:
+    """The workarounds `engine` needs on this host: emu's apply only when its TSC is the
+    host's (no native code, or the helpers' start-up check failed)."""
+    if engine == "emu":
+        from pyhv.engines.emu import _uc  # noqa: F401 - binds the helpers first
+        from pyhv.engines.emu.native import cpuhooks
+        if cpuhooks.available()[0]:
+            return []
+    return LINUX_WORKAROUNDS.get(engine, [])
+
+
 IMAGES = ("linux", "debian")
 RESET_LOOP_LIMIT = 20        # resets in a row, each soon after its start: a reset loop
 RESET_LOOP_WINDOW_S = 10.0   # a run shorter than this before its reset is "soon"
@@ -303,7 +321,7 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
             img = images.ensure_linux_image(quiet=False)
         kernel, initrd = img.kernel_path, (initrd or img.initrd_path)
         if cmdline is None:
-            words = [img.cmdline_default] + [w for w, _ in LINUX_WORKAROUNDS.get(engine, [])]
+            words = [img.cmdline_default] + [w for w, _ in linux_workarounds(engine)]
             if args.command is not None:
                 words.append("loglevel=1")   # only emergencies (a panic) between outputs
             if wants_dhcp(net):
@@ -314,7 +332,7 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
             # them Linux misjudges emu's clocks (a panic, "IO-APIC + timer doesn't work!",
             # when the host is loaded). A word whose key the user gave is left to the user.
             keys = {w.split("=", 1)[0] for w in cmdline.split()}
-            cmdline = " ".join([cmdline, *(w for w, _ in LINUX_WORKAROUNDS.get(engine, [])
+            cmdline = " ".join([cmdline, *(w for w, _ in linux_workarounds(engine)
                                            if w.split("=", 1)[0] not in keys)])
         cmdline = " ".join([cmdline, *(w for w in root_words if w not in cmdline.split())])
     # after the image: --image debian's root disk comes first (vda)

@@ -62,14 +62,14 @@ from pyhv.devices.fwcfg import FwCfg
 from pyhv.devices.i8042 import I8042
 from pyhv.devices.ioapic import IOAPIC_BASE_ADDR, IOAPIC_MMIO_SIZE, IoApic, isa_gsi
 from pyhv.devices.irq import FanOutLine, IrqLine
-from pyhv.devices.lapic import APIC_BASE_ADDR, APIC_MMIO_SIZE, LocalApic
+from pyhv.devices.lapic import APIC_BASE_ADDR, APIC_MMIO_SIZE, ApicFault, LocalApic
 from pyhv.devices.pci.host import PCI_IRQS, PciHost
 from pyhv.devices.pic8259 import PicPair
 from pyhv.devices.pit8254 import Pit8254, SystemControlPortB
 from pyhv.devices.rtc import Rtc
 from pyhv.devices.serial16550 import Serial16550
 from pyhv.engines import engine_class
-from pyhv.engines.base import Engine, EngineVcpu
+from pyhv.engines.base import Engine, EngineVcpu, MsrFault, MsrHandler
 from pyhv.errors import ConfigError, HostError
 from pyhv.loader import BootRequest, LoadedGuest, load
 from pyhv.memory import GuestMemory
@@ -264,6 +264,7 @@ class Machine:
         self.engine = cls(self.memory, **engine_args)
         for i in range(config.n_cpus):
             v = self.engine.create_vcpu(i)
+            v.set_cpu_count(config.n_cpus)
             self.vcpus.append(v)
             self.wait_sipi.append(i > 0)
             self.restarted.append(False)
@@ -272,6 +273,10 @@ class Machine:
                                        cls.virtual_time else
                                        _Locked(self.lapics[i], self.lock))
                 v.set_apic_present(True)
+                if v.attach_msr(self._msr_handler(i, locked=not cls.virtual_time)):
+                    tsc = v.guest_tsc()
+                    if tsc is not None:
+                        self.lapics[i].tsc, self.lapics[i].tsc_hz = tsc
             else:
                 v.set_interrupt_source(None)
         self.vcpu = self.vcpus[0]
@@ -338,6 +343,9 @@ class Machine:
         assert self.memory is not None
         for make in config.pci_devices:
             fn = make(self.memory, self.deferred)
+            attach_msi = getattr(fn, "attach_msi", None)
+            if attach_msi is not None:          # MSI-X messages onto the APIC bus
+                attach_msi(self.apic_bus.send)
             self._pci_functions.append(fn)
             d.pci.add(fn)
         self.mmio.register(APIC_BASE_ADDR, APIC_MMIO_SIZE, LapicWindow(self), "lapic")
@@ -366,7 +374,10 @@ class Machine:
 
     def interrupt_pending(self) -> bool:
         """The interrupt controller's INTR pin (what wakes a guest halted with IF=1)."""
-        return bool(self.lapics) and self.lapics[self.current_cpu].pending()
+        if not self.lapics:
+            return False
+        lapic = self.lapics[self.current_cpu]
+        return lapic.pending() or lapic.nmi_pending
 
     def runnable(self, i: int, halted: bool, interrupts_enabled: bool) -> bool:
         """Whether vCPU i has anything to do: not waiting for a SIPI and, if halted,
@@ -375,7 +386,33 @@ class Machine:
             return False
         if not halted:
             return True
-        return interrupts_enabled and self.lapics[i].pending()
+        lapic = self.lapics[i]
+        return (interrupts_enabled and lapic.pending()) or lapic.nmi_pending
+
+    def _msr_handler(self, i: int, locked: bool = False) -> MsrHandler:
+        """vCPU i's RDMSR/WRMSR of its local APIC's MSRs (engines that route them):
+        `ApicFault` becomes #GP; an x2APIC ICR or SELF IPI write ends the sender's slice
+        on a multi-vCPU machine, as the xAPIC ICR does (LapicWindow)."""
+        def handle(msr: int, value: int | None) -> int | None:
+            if locked:                       # vCPUs on threads (kvm): the machine lock
+                with self.lock:
+                    return access(msr, value)
+            return access(msr, value)
+
+        def access(msr: int, value: int | None) -> int | None:
+            lapic = self.lapics[i]
+            if not lapic.handles_msr(msr):
+                return None
+            try:
+                if value is None:
+                    return lapic.msr_read(msr)
+                lapic.msr_write(msr, value)
+            except ApicFault as e:
+                raise MsrFault(str(e)) from e
+            if msr in (0x830, 0x83F) and len(self.vcpus) > 1:
+                self.vcpus[i].kick()
+            return 0
+        return handle
 
     def _booted(self, _guest_ns: int) -> None:
         self.boot_host_s = time.monotonic() - self.created_at
@@ -456,6 +493,23 @@ class _Locked:
     def acknowledge(self) -> int | None:
         with self._lock:
             return self._lapic.acknowledge()
+
+    @property
+    def nmi_separate(self) -> bool:
+        return self._lapic.nmi_separate
+
+    @nmi_separate.setter
+    def nmi_separate(self, on: bool) -> None:
+        with self._lock:
+            self._lapic.nmi_separate = on
+
+    @property
+    def nmi_pending(self) -> bool:
+        return self._lapic.nmi_pending
+
+    def take_nmi(self) -> bool:
+        with self._lock:
+            return self._lapic.take_nmi()
 
 
 def pci_routes() -> dict[tuple[int, int], int]:

@@ -369,6 +369,7 @@ class Runner:
         stale = [False] * n              # an IPI arrived since the last code flush
         flushed_at = [0] * n
         nxt = 0
+        last = -1
 
         def noop() -> None:
             pass
@@ -395,8 +396,17 @@ class Runner:
                                      "every vCPU halted with interrupts off", rip=self._rip())
                 self._idle(ready)
                 continue
-            i = runnable[0]
-            nxt = (i + 1) % n
+            # a halted vCPU woken by an interrupt (its timer tick, an IPI) runs first, so
+            # that its interrupt is not late by the others' slices (Linux counts jiffies
+            # with them); the round robin order of the rest is kept, and no vCPU is
+            # preferred twice in a row (an interrupt storm cannot starve the others)
+            woken = [k for k in runnable if halted[k] and k != last]
+            if woken:
+                i = woken[0]
+            else:
+                i = runnable[0]
+                nxt = (i + 1) % n
+            last = i
             vcpu = self.vcpus[i]
             self.vcpu = vcpu
             m.current_cpu = i
@@ -411,6 +421,7 @@ class Runner:
                 vcpu.invalidate_code()
             handle = (timers.schedule(m.clock.now_ns() + SMP_SLICE_NS, noop)
                       if len(runnable) > 1 else None)
+            vcpu.set_others_runnable(len(runnable) > 1)
             t = time.perf_counter()
             try:
                 ex = vcpu.run()

@@ -1,6 +1,8 @@
 """Debian's kernel with several vCPUs on emu (`pyhv run --cpus N`): it brings every AP
-up by INIT/SIPI from the MADT, sees N CPUs, runs work on all of them, and powers off and
-reboots through ACPI. One boot in the default run; the rest are slow."""
+up by INIT/SIPI from the MADT, sees N CPUs, runs work on all of them, uses x2APIC, the
+TSC-deadline timer and the TSC clocksource (emu's TSC is constant-rate on virtual time,
+so no `tsc=unstable`), and powers off and reboots through ACPI. One boot in the default
+run; the rest are slow."""
 
 from __future__ import annotations
 
@@ -26,7 +28,11 @@ def pyhv(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[
 BUSY = ("grep -c ^processor /proc/cpuinfo; nproc; "
         "for i in 1 2 3 4; do (n=0; while [ $n -lt 30000 ]; do n=$((n+1)); done; "
         "echo loop$i done) & done; wait; grep '^cpu[0-9]' /proc/stat; "
-        "grep LOC /proc/interrupts")
+        "grep LOC /proc/interrupts; "
+        "echo flags: $(grep -o -w -E 'x2apic|tsc_deadline_timer|constant_tsc' /proc/cpuinfo "
+        "| sort | uniq -c); cat /proc/cmdline; "
+        "echo clocksource: $(cat /sys/devices/system/clocksource/clocksource0/"
+        "current_clocksource); dmesg | grep -i -E 'x2apic|unstable|clocksource: Switched'")
 
 
 def test_four_vcpus_run_four_busy_loops(debian_image: images.LinuxImage) -> None:
@@ -43,6 +49,12 @@ def test_four_vcpus_run_four_busy_loops(debian_image: images.LinuxImage) -> None
     assert sorted(user) == ["0", "1", "2", "3"] and all(user.values()), user
     loc = re.search(r"LOC:\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)", out)
     assert loc and all(int(x) > 0 for x in loc.groups()), out[-1000:]
+    # x2APIC and the TSC: every CPU has the flags, Linux switches its APIC to x2APIC,
+    # runs on the TSC clocksource, and neither workaround nor "unstable" is seen
+    assert "flags: 4 constant_tsc 4 tsc_deadline_timer 4 x2apic" in out, out[-2000:]
+    assert "x2apic enabled" in out and "physical x2apic" in out, out[-2000:]
+    assert "clocksource: tsc" in out, out[-2000:]
+    assert "unstable" not in out and "no_timer_check" not in out, out[-2000:]
     assert "the run ended by poweroff: ACPI S5 through PM1a_CNT" in err
 
 

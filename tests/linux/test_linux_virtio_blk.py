@@ -59,7 +59,7 @@ def info(r: subprocess.CompletedProcess[bytes]) -> str:
 def test_file_system_round_trip(debian_image: images.LinuxImage, tmp_path: Path) -> None:
     """The issue's acceptance test: mke2fs + mount + write, then a second run reads it,
     with a second (raw, read-only) disk as vdb and its serial visible in sysfs, and
-    virtio-rng behind /dev/hwrng."""
+    virtio-rng behind /dev/hwrng; every virtio interrupt is an MSI-X message."""
     disk = new_qcow2(tmp_path / "d.qcow2")
     raw = tmp_path / "ro.raw"
     raw.write_bytes(b"RAWDISK!" + bytes(1 << 20))
@@ -68,11 +68,17 @@ def test_file_system_round_trip(debian_image: images.LinuxImage, tmp_path: Path)
              "echo hello > /mnt/f && umount /mnt && cat /sys/block/vdb/serial && echo && "
              "cat /sys/block/vdb/ro && head -c 8 /dev/vdb && echo && "
              "if dd if=/dev/zero of=/dev/vdb count=1 conv=fsync 2>/dev/null; then echo WROTE;"
-             " else echo REFUSED; fi; head -c 16 /dev/hwrng | wc -c")
+             " else echo REFUSED; fi; head -c 16 /dev/hwrng | wc -c; "
+             "grep virtio /proc/interrupts")
     out = info(r)
     assert r.returncode == 0, out
     lines = [ln.strip() for ln in r.stdout.decode().splitlines()]
+    irqs = [ln for ln in lines if "virtio" in ln]
+    lines = [ln for ln in lines if "virtio" not in ln]
     assert lines[-5:] == ["ro-1", "1", "RAWDISK!", "REFUSED", "16"], out
+    # virtio-pci takes MSI-X vectors (config + each queue of the three devices), none
+    # through the I/O APIC
+    assert len(irqs) >= 6 and all("PCI-MSI" in ln for ln in irqs), irqs
     check_clean(disk)
     assert raw.read_bytes()[:8] == b"RAWDISK!"
     r = pyhv("--disk", str(disk), "--command", "mount /dev/vda /mnt && cat /mnt/f")

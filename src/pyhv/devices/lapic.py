@@ -140,6 +140,9 @@ class LocalApic:
         self.pic = pic
         self.tsc = tsc
         self.tsc_hz = tsc_hz
+        # an engine that takes NMIs through take_nmi() regardless of IF sets this; else
+        # an NMI is served through pending()/acknowledge() as vector 2 (waits for IF)
+        self.nmi_separate = False
         self.ns_per_tick = ns_per_tick
         self.on_init: Callable[[], None] = lambda: None
         self.on_sipi: Callable[[int], None] = lambda _v: None
@@ -215,7 +218,7 @@ class LocalApic:
     # ------------------------------------------------------------------ InterruptSource
 
     def pending(self) -> bool:
-        if self.nmi_pending:
+        if self.nmi_pending and not self.nmi_separate:
             return True
         if self.irr and self.enabled and self.sw_enabled:
             v = self.irr.bit_length() - 1
@@ -225,7 +228,7 @@ class LocalApic:
 
     def acknowledge(self) -> int | None:
         """The vector the CPU takes now (INTA), or None when nothing is left."""
-        if self.nmi_pending:
+        if self.nmi_pending and not self.nmi_separate:
             self.nmi_pending = False
             return 2
         if self.irr and self.enabled and self.sw_enabled:
@@ -237,6 +240,14 @@ class LocalApic:
         if self._extint() and self.pic is not None and self.pic.pending():
             return self.pic.acknowledge()
         return None
+
+    def take_nmi(self) -> bool:
+        """For an engine that delivers NMIs itself, whatever IF (`nmi_separate` set, so
+        pending()/acknowledge() leave them out): True once per NMI received."""
+        if self.nmi_pending:
+            self.nmi_pending = False
+            return True
+        return False
 
     # ------------------------------------------------------------------ messages
 

@@ -73,6 +73,13 @@ class InterruptSource(Protocol):
 
 
 IoHandler = Callable[[int, int, "int | None"], int]
+# handler(msr, value | None for a read) -> the value read, 0 after a write, or None when
+# the MSR is not the handler's (the engine's own MSRs answer); raises MsrFault for #GP(0)
+MsrHandler = Callable[[int, "int | None"], "int | None"]
+
+
+class MsrFault(Exception):
+    """An MSR handler refuses the access: the RDMSR/WRMSR takes #GP(0)."""
 
 
 class EngineVcpu(ABC):
@@ -106,6 +113,26 @@ class EngineVcpu(ABC):
         """The machine has a local APIC for this vCPU (xAPIC MMIO at 0xfee00000): an
         engine whose CPUID can say so truthfully sets CPUID.1:EDX.APIC. Engines that
         cannot route the APIC's accesses keep the bit clear."""
+
+    def attach_msr(self, handler: MsrHandler) -> bool:
+        """Route the local APIC's MSRs (IA32_APIC_BASE, the x2APIC range 0x800-0x8ff,
+        IA32_TSC_DEADLINE) to `handler`. True if the engine can (its CPUID then offers
+        x2APIC and TSC-deadline, with the APIC bit); engines that cannot return False
+        and keep those bits clear."""
+        return False
+
+    def set_cpu_count(self, n: int) -> None:  # noqa: B027
+        """The machine has n vCPUs: an engine whose CPUID shows the topology says so
+        (emu: n cores of one package). Others ignore it."""
+
+    def set_others_runnable(self, others: bool) -> None:  # noqa: B027
+        """Before a slice of a round-robin run: whether another vCPU waits for its turn
+        (emu then ends the slice at a PAUSE, a spin-wait). Others ignore it."""
+
+    def guest_tsc(self) -> tuple[Callable[[], int], int] | None:
+        """(a function reading this vCPU's TSC, its rate in Hz) when the engine defines
+        the guest's TSC itself (a software CPU on virtual time), else None."""
+        return None
 
     def attach_io(self, pio: IoHandler | None, mmio: IoHandler | None) -> None:  # noqa: B027
         """Synchronous I/O handlers, `f(addr, size, value|None) -> int` (None: a read).

@@ -6,7 +6,11 @@ region) and creates `KvmVcpu`s. The interrupt controller stays in user space (th
 `InterruptSource`; when the guest can take an interrupt (KVM's
 ready_for_interrupt_injection with IF=1) it acknowledges it and injects the vector with
 KVM_INTERRUPT, otherwise it asks KVM for an exit as soon as an interrupt window opens.
-HLT therefore exits to pyhv, which waits for the next interrupt.
+HLT therefore exits to pyhv, which waits for the next interrupt. NMIs of the local APIC
+(`take_nmi`) go in with KVM_NMI, whatever IF (KVM blocks NMIs until IRET). With a local
+APIC, IA32_APIC_BASE and the x2APIC MSRs exit to user space (KVM_CAP_X86_USER_SPACE_MSR
+and an MSR filter, `Vm.route_msrs`) and are answered from the model inside `run()`;
+CPUID then offers x2APIC (not TSC-deadline: docs/apic.md).
 
 State conversion: `CpuState` <-> kvm_regs/kvm_sregs/kvm_fpu/MSRs/vcpu events. Segment
 attributes map field for field; FXSAVE bytes are rebuilt from kvm_fpu.
@@ -18,14 +22,15 @@ CPL 3 code runs natively; CPL 0 and 32-bit code go through KVM's instruction emu
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from pyhv.arch.x86.cpustate import GPRS, SEGMENTS, CpuState, DescriptorTable, Segment
-from pyhv.engines.base import Engine, EngineVcpu, InterruptSource
+from pyhv.engines.base import Engine, EngineVcpu, InterruptSource, MsrFault, MsrHandler
 from pyhv.errors import HostError
 from pyhv.exits import Exit
 from pyhv.kvm import Kvm, Vm
 from pyhv.kvm import structs as ks
-from pyhv.kvm.vcpu import IrqWindowOpen, Vcpu
+from pyhv.kvm.vcpu import IrqWindowOpen, MsrAccess, Vcpu
 from pyhv.memory import PAGE_SHIFT, GuestMemory
 
 # MSRs carried in CpuState.msrs (SDM Vol. 4): SYSENTER_CS/ESP/EIP, STAR, LSTAR, CSTAR,
@@ -35,6 +40,10 @@ STATE_MSRS = [0x174, 0x175, 0x176, 0xC0000081, 0xC0000082, 0xC0000083, 0xC000008
 REGS = (*GPRS, "rip", "rflags")
 TSS_ADDR = 0xFFFBD000
 IDENTITY_MAP_ADDR = 0xFFFBC000
+# the local APIC's MSRs pyhv's model answers: IA32_APIC_BASE and the x2APIC range
+# (IA32_TSC_DEADLINE stays KVM's: the model would need the guest's TSC, KVM's own)
+APIC_MSR_RANGES = [(0x1B, 1), (0x800, 0x100)]
+CPUID1_ECX_X2APIC = 1 << 21
 
 
 class KvmVcpu(EngineVcpu):
@@ -45,26 +54,69 @@ class KvmVcpu(EngineVcpu):
         self.interrupt_source: InterruptSource | None = None
         self.injected = 0
         self._cpuid = cpuid or []
+        self.msrs_routed = False              # the engine's VM routes APIC_MSR_RANGES
+        self._take_nmi: Callable[[], bool] | None = None
+        self.nmis = 0
+        self._msr: MsrHandler | None = None
+        self._apic = False
 
     def set_apic_present(self, present: bool) -> None:
         """CPUID.1:EDX.APIC for pyhv's user-space local APIC, reached through MMIO exits
-        at 0xfee00000 (KVM itself keeps IA32_APIC_BASE without an in-kernel APIC). The
-        x2APIC and TSC-deadline bits stay clear: those MSRs would need KVM's in-kernel
-        APIC or user-space MSR exits, which this engine does not use (docs/apic.md)."""
-        entries = [ks.KvmCpuidEntry2.from_buffer_copy(e) for e in self._cpuid]
-        for e in entries:
-            if e.function == 1:
-                e.edx = (e.edx | CPUID1_EDX_APIC) if present else \
-                    (e.edx & ~CPUID1_EDX_APIC & 0xFFFFFFFF)
-        self.v.set_cpuid(entries)
+        at 0xfee00000 (KVM itself keeps IA32_APIC_BASE without an in-kernel APIC).
+        CPUID.1:ECX.x2APIC once `attach_msr` routes the x2APIC MSRs (user-space MSR
+        exits); TSC-deadline stays clear (docs/apic.md)."""
+        self._apic = present
+        self._set_cpuid()
         # KVM derives CPUID.1:EDX.APIC from IA32_APIC_BASE.EN at run time: a machine
         # without a local APIC gets the MSR's disabled state, so the bit stays clear.
         base = APIC_BASE_ON | (APIC_BASE_BSP if self.index == 0 else 0)
         self.v.set_msrs({MSR_APIC_BASE: base if present else 0})
 
+    def _set_cpuid(self) -> None:
+        x2 = self._apic and self._msr is not None
+        entries = [ks.KvmCpuidEntry2.from_buffer_copy(e) for e in self._cpuid]
+        for e in entries:
+            if e.function == 1:
+                e.edx = (e.edx | CPUID1_EDX_APIC) if self._apic else \
+                    (e.edx & ~CPUID1_EDX_APIC & 0xFFFFFFFF)
+                e.ecx = (e.ecx | CPUID1_ECX_X2APIC) if x2 else \
+                    (e.ecx & ~CPUID1_ECX_X2APIC & 0xFFFFFFFF)
+        self.v.set_cpuid(entries)
+
+    def attach_msr(self, handler: MsrHandler) -> bool:
+        """IA32_APIC_BASE and the x2APIC MSRs exit to user space (the VM's MSR filter)
+        and go to `handler`; CPUID then offers x2APIC (not TSC-deadline: docs/apic.md)."""
+        if not self.msrs_routed:
+            return False
+        self._msr = handler
+        self._set_cpuid()
+        return True
+
+    def _answer_msr(self, ex: MsrAccess) -> None:
+        handler = self._msr
+        try:
+            got = None if handler is None else handler(ex.index, ex.value)
+        except MsrFault:
+            self.v.complete_msr(0, True)
+            return
+        # not the APIC's (an MSR KVM does not know either): #GP(0), as KVM itself does
+        self.v.complete_msr(got or 0, got is None)
+
+    def set_interrupt_source(self, source: InterruptSource | None) -> None:
+        """NMIs of a source that separates them (the local APIC, `take_nmi`) go in with
+        KVM_NMI, whatever IF; everything else with KVM_INTERRUPT when IF allows."""
+        self.interrupt_source = source
+        self._take_nmi = None
+        if source is not None and hasattr(source, "take_nmi"):
+            setattr(source, "nmi_separate", True)  # noqa: B010
+            self._take_nmi = getattr(source, "take_nmi")  # noqa: B009
+
     def run(self) -> Exit:
         v = self.v
         while True:
+            if self._take_nmi is not None and self._take_nmi():
+                v.nmi()
+                self.nmis += 1
             src = self.interrupt_source
             if src is not None and src.pending():
                 if v.ready_for_interrupt:
@@ -78,6 +130,9 @@ class KvmVcpu(EngineVcpu):
             else:
                 v.request_interrupt_window(False)
             ex = v.run()
+            if isinstance(ex, MsrAccess):
+                self._answer_msr(ex)
+                continue
             if not isinstance(ex, IrqWindowOpen):
                 return ex
 
@@ -88,6 +143,7 @@ class KvmVcpu(EngineVcpu):
         out: dict[str, int | float] = {f"exit {k.lower()}": n for k, n in
                                        sorted(self.v.exit_counts.items())}
         out["interrupts injected"] = self.injected
+        out["NMIs injected"] = self.nmis
         return out
 
     # ------------------------------------------------------------------ state
@@ -226,12 +282,14 @@ class KvmEngine(Engine):
             self.vm.set_memory(slot, region.gpa, region.size, region.host_addr)
         self.vm.set_tss_addr(TSS_ADDR)
         self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+        self.msrs_routed = self.vm.route_msrs(APIC_MSR_RANGES)
         self.vcpus: list[KvmVcpu] = []
 
     def create_vcpu(self, index: int) -> KvmVcpu:
         v = self.vm.create_vcpu(index)
         v.set_cpuid(self._cpuid)
         kv = KvmVcpu(v, index, self._cpuid)
+        kv.msrs_routed = self.msrs_routed
         kv.set_apic_present(False)            # until the machine gives it one
         self.vcpus.append(kv)
         return kv

@@ -128,8 +128,27 @@ class KvmRunException(ctypes.Structure):
     _fields_ = [("exception", u32), ("error_code", u32)]
 
 
+class KvmRunMsr(ctypes.Structure):
+    """KVM_EXIT_X86_RDMSR / WRMSR (KVM_CAP_X86_USER_SPACE_MSR)."""
+    _fields_ = [("error", u8), ("pad", u8 * 7), ("reason", u32), ("index", u32),
+                ("data", u64)]
+
+
+class KvmEnableCap(ctypes.Structure):
+    _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
+
+
+class KvmMsrFilterRange(ctypes.Structure):
+    _fields_ = [("flags", u32), ("nmsrs", u32), ("base", u32), ("bitmap", ctypes.c_void_p)]
+
+
+class KvmMsrFilter(ctypes.Structure):
+    _fields_ = [("flags", u32), ("ranges", KvmMsrFilterRange * 16)]
+
+
 class KvmRunUnion(ctypes.Union):
     _fields_ = [("io", KvmRunIo), ("mmio", KvmRunMmio), ("internal", KvmRunInternal),
+                ("msr", KvmRunMsr),
                 ("emulation_failure", KvmRunEmulationFailure),
                 ("fail_entry", KvmRunFailEntry), ("system_event", KvmRunSystemEvent),
                 ("ex", KvmRunException), ("hw_exit_reason", u64), ("padding", ctypes.c_char * 256)]
@@ -145,7 +164,7 @@ class KvmRun(ctypes.Structure):
 _SIZES = {KvmRegs: 144, KvmSegment: 24, KvmDtable: 16, KvmSregs: 312, KvmFpu: 416,
           KvmMsrEntry: 16, KvmCpuidEntry2: 40, KvmUserspaceMemoryRegion: 32, KvmDirtyLog: 16,
           KvmIrqLevel: 8, KvmPitConfig: 64, KvmVcpuEvents: 64, KvmTranslation: 24,
-          KvmGuestDebug: 72}
+          KvmGuestDebug: 72, KvmEnableCap: 104, KvmMsrFilterRange: 24, KvmMsrFilter: 392}
 for _t, _n in _SIZES.items():
     if ctypes.sizeof(_t) != _n:  # pragma: no cover - ABI guard
         raise ImportError(f"{_t.__name__} is {ctypes.sizeof(_t)} bytes, KVM expects {_n}")

@@ -40,12 +40,14 @@ from pyhv.kvm.ioctl import ioctl
 EXIT_NAMES = {
     0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 3: "HYPERCALL", 4: "DEBUG", 5: "HLT", 6: "MMIO",
     7: "IRQ_WINDOW_OPEN", 8: "SHUTDOWN", 9: "FAIL_ENTRY", 10: "INTR", 11: "SET_TPR",
-    12: "TPR_ACCESS", 17: "INTERNAL_ERROR", 24: "SYSTEM_EVENT",
+    12: "TPR_ACCESS", 17: "INTERNAL_ERROR", 24: "SYSTEM_EVENT", 29: "X86_RDMSR",
+    30: "X86_WRMSR",
 }
 KVM_EXIT_IO, KVM_EXIT_HLT, KVM_EXIT_MMIO = 2, 5, 6
 KVM_EXIT_IRQ_WINDOW_OPEN, KVM_EXIT_SHUTDOWN, KVM_EXIT_FAIL_ENTRY = 7, 8, 9
 KVM_EXIT_INTR, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SYSTEM_EVENT = 10, 17, 24
 KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT = 0, 1
+KVM_EXIT_X86_RDMSR, KVM_EXIT_X86_WRMSR = 29, 30
 KVM_INTERNAL_ERROR_EMULATION = 1
 INTERNAL_SUBERRORS = {1: "emulation failure", 2: "simultaneous exceptions",
                       3: "delivery event", 4: "unexpected exit reason"}
@@ -53,6 +55,15 @@ SYSTEM_EVENTS = {1: "shutdown", 2: "reset", 3: "crash"}
 KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_HALTED = 0, 3
 
 KICK_SIGNAL = signal.SIGUSR1
+
+
+@dataclass(slots=True)
+class MsrAccess(Exit):
+    """KVM_EXIT_X86_RDMSR/WRMSR of a filtered MSR (`Vm.route_msrs`): `value` is None for
+    a read. The KVM engine answers it with `Vcpu.complete_msr` and runs on; no run loop
+    sees it."""
+    index: int
+    value: int | None
 
 
 @dataclass(slots=True)
@@ -128,6 +139,9 @@ class Vcpu:
             off = s.KvmRun.u.offset + s.KvmRunMmio.data.offset
             return MmioRead(m.phys_addr, self._page[off:off + length])
         self._count(EXIT_NAMES.get(reason, str(reason)))
+        if reason in (KVM_EXIT_X86_RDMSR, KVM_EXIT_X86_WRMSR):
+            m = kr.u.msr
+            return MsrAccess(m.index, int(m.data) if reason == KVM_EXIT_X86_WRMSR else None)
         if reason == KVM_EXIT_HLT:
             return Halt(interrupts_enabled=bool(kr.if_flag))
         if reason == KVM_EXIT_IRQ_WINDOW_OPEN:
@@ -177,6 +191,12 @@ class Vcpu:
             with contextlib.suppress(ProcessLookupError, OSError):
                 signal.pthread_kill(tid, KICK_SIGNAL)
 
+    def complete_msr(self, value: int, fault: bool) -> None:
+        """Answer the MSR exit: the value read (RDMSR), or #GP(0) when `fault`."""
+        m = self.kvm_run.u.msr
+        m.error = 1 if fault else 0
+        m.data = value & 0xFFFFFFFFFFFFFFFF
+
     def request_interrupt_window(self, on: bool) -> None:
         self.kvm_run.request_interrupt_window = 1 if on else 0
 
@@ -184,6 +204,11 @@ class Vcpu:
     def ready_for_interrupt(self) -> bool:
         """KVM can inject an external interrupt now (IF=1, no shadow, none pending)."""
         return bool(self.kvm_run.ready_for_interrupt_injection and self.kvm_run.if_flag)
+
+    def nmi(self) -> None:
+        """KVM_NMI: queue an NMI; KVM delivers it whatever IF and blocks NMIs until the
+        handler's IRET itself."""
+        ioctl(self.fd, io.KVM_NMI)
 
     def interrupt(self, vector: int) -> None:
         """KVM_INTERRUPT: queue an external interrupt (userspace irqchip only)."""

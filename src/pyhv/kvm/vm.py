@@ -16,6 +16,9 @@ from pyhv.kvm.ioctl import ioctl
 from pyhv.kvm.system import Kvm
 from pyhv.kvm.vcpu import Vcpu
 
+KVM_CAP_X86_USER_SPACE_MSR = 188
+MSR_EXIT_REASON_INVAL, MSR_EXIT_REASON_UNKNOWN, MSR_EXIT_REASON_FILTER = 1, 1 << 1, 1 << 2
+
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 
 
@@ -82,6 +85,34 @@ class Vm:
 
     def set_identity_map_addr(self, addr: int) -> None:
         ioctl(self.fd, io.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(addr))
+
+    def route_msrs(self, ranges: list[tuple[int, int]]) -> bool:
+        """RDMSR/WRMSR of the MSRs in `ranges` ((base, count) each) exit to user space
+        (KVM_CAP_X86_USER_SPACE_MSR, reasons FILTER and UNKNOWN, and a filter denying
+        exactly those); every MSR KVM knows stays KVM's. False if this KVM cannot
+        (nothing changed then)."""
+        cap = s.KvmEnableCap(cap=KVM_CAP_X86_USER_SPACE_MSR)
+        # KVM never filters the x2APIC range 0x800-0x8ff (its API documentation); without
+        # an in-kernel APIC an access there fails in KVM, so the "invalid" and "unknown"
+        # exits bring those here, with every other access KVM would refuse (the engine
+        # answers #GP for those, as KVM would)
+        cap.args[0] = MSR_EXIT_REASON_INVAL | MSR_EXIT_REASON_UNKNOWN | \
+            MSR_EXIT_REASON_FILTER
+        flt = s.KvmMsrFilter(flags=0)                       # default: allow
+        keep = []
+        for i, (base, count) in enumerate(ranges):
+            bitmap = (ctypes.c_uint8 * ((count + 7) // 8))()   # all 0: denied -> exit
+            keep.append(bitmap)
+            flt.ranges[i].flags = 3                           # reads and writes
+            flt.ranges[i].nmsrs = count
+            flt.ranges[i].base = base
+            flt.ranges[i].bitmap = ctypes.addressof(bitmap)
+        try:
+            ioctl(self.fd, io.KVM_ENABLE_CAP, cap)
+            ioctl(self.fd, io.KVM_X86_SET_MSR_FILTER, flt)   # KVM copies the bitmaps
+        except OSError:
+            return False
+        return True
 
     def create_vcpu(self, index: int) -> Vcpu:
         fd = ioctl(self.fd, io.KVM_CREATE_VCPU, index)

@@ -44,8 +44,8 @@ typedef unsigned short u16;
 typedef unsigned char u8;
 
 extern char ap_tramp[], ap_tramp_end[];
-extern void isr_0x40(void), isr_0x41(void), isr_0x42(void), isr_0x50(void);
-extern void isr_0x60(void), isr_0x61(void), isr_0xff(void), isr_fault(void);
+extern void isr_0x40(void), isr_0x41(void), isr_0x42(void), isr_0x43(void), isr_0x50(void);
+extern void isr_0x60(void), isr_0x61(void), isr_0xff(void), isr_fault(void), isr_0x02(void);
 
 static volatile u32 counter, aps_started, aps_ready;
 static volatile u32 pings[16], pongs, broadcasts, timer_ticks, pit_ticks, uart_ints;
@@ -99,8 +99,36 @@ static u32 xadd(volatile u32 *p, u32 v)
     return v;
 }
 
+typedef unsigned long long u64;
+static volatile u32 x2;              /* the BSP's APIC is in x2APIC mode */
+static volatile u32 self_ipis;
+static volatile u32 nmis, nmi_depth, nmi_deepest;
+
+static inline u64 rdmsr(u32 msr)
+{
+    u32 lo, hi;
+    __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
+    return (u64)hi << 32 | lo;
+}
+static inline void wrmsr(u32 msr, u64 v)
+{
+    __asm__ volatile("wrmsr" : : "c"(msr), "a"((u32)v), "d"((u32)(v >> 32)) : "memory");
+}
+static inline u64 rdtsc(void)
+{
+    u32 lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return (u64)hi << 32 | lo;
+}
+
 static u32 apic_id(void) { return rd(LAPIC + 0x20) >> 24; }
-static void eoi(void) { wr(LAPIC + 0xb0, 0); }
+static void eoi(void)
+{
+    if (x2 && (rdmsr(0x1b) & (1u << 10)))
+        wrmsr(0x80b, 0);
+    else
+        wr(LAPIC + 0xb0, 0);
+}
 
 static void send_ipi(u32 dest, u32 low)
 {
@@ -118,6 +146,17 @@ void isr_dispatch(int vec)
         return;
     case 0x41: pongs++; break;
     case 0x42: xadd(&broadcasts, 1); break;
+    case 0x43: self_ipis++; break;
+    case 0x02:                       /* NMI: no EOI (it does not go through the ISR) */
+        if (++nmi_depth > nmi_deepest)
+            nmi_deepest = nmi_depth;
+        if (++nmis == 1) {           /* a second NMI now must wait for this IRET */
+            send_ipi(0, 0x400);
+            for (int i = 0; i < 200000; i++)
+                pause();
+        }
+        nmi_depth--;
+        return;
     case 0x50: timer_ticks++; break;
     case 0x60: pit_ticks++; break;
     case 0x61:
@@ -141,9 +180,11 @@ static void setup_idt(void)
 {
     for (int v = 0; v < 32; v++)
         set_gate(v, isr_fault);
+    set_gate(2, isr_0x02);
     set_gate(0x40, isr_0x40);
     set_gate(0x41, isr_0x41);
     set_gate(0x42, isr_0x42);
+    set_gate(0x43, isr_0x43);
     set_gate(0x50, isr_0x50);
     set_gate(0x60, isr_0x60);
     set_gate(0x61, isr_0x61);
@@ -240,6 +281,79 @@ static u32 acpi_poweroff(void)
     for (u32 i = 0; i < SPIN; i++)
         pause();
     return fail("still running after S5");
+}
+
+/* TSC-deadline mode: LVT timer mode 2; the interrupt comes once the TSC reaches the
+ * deadline (never before); a deadline of 0 disarms, one in the past fires at once. */
+static u32 tsc_deadline(void)
+{
+    timer_ticks = 0;
+    wr(LAPIC + 0x320, 0x40050);
+    u64 t0 = rdtsc();
+    wrmsr(0x6e0, t0 + 2000000);
+    while (timer_ticks < 1)
+        __asm__ volatile("sti; hlt; cli");
+    u64 t1 = rdtsc();
+    u32 first = timer_ticks;
+    if (rdmsr(0x6e0) != 0) return fail("TSC_DEADLINE not cleared after it fired");
+    wrmsr(0x6e0, 1);                 /* in the past: at once */
+    while (timer_ticks < 2)
+        __asm__ volatile("sti; hlt; cli");
+    wrmsr(0x6e0, rdtsc() + 1000000);
+    wrmsr(0x6e0, 0);                 /* disarmed: no third interrupt */
+    for (int i = 0; i < 3000000; i++)
+        pause();
+    wr(LAPIC + 0x320, 0x10050);
+    puts("tsc-deadline: ");
+    putdec(first);
+    puts(" after the deadline, past 1, disarmed ");
+    putdec(timer_ticks - 2);
+    putc('\n');
+    if (t1 - t0 < 2000000 || first != 1 || timer_ticks != 2) return fail("tsc-deadline");
+    return 0;
+}
+
+/* x2APIC on the BSP: enable through IA32_APIC_BASE, then the ID, a ping to every AP
+ * through the 64-bit ICR (the APs answer through their xAPIC page), a SELF IPI, EOI
+ * and the timer (one-shot) through MSRs. */
+static u32 x2apic(u32 pings_before)
+{
+    u64 base = rdmsr(0x1b);
+    wrmsr(0x1b, base | (1u << 10));
+    x2 = 1;
+    u32 id = (u32)rdmsr(0x802);
+    u32 ldr = (u32)rdmsr(0x80d);
+    __asm__ volatile("sti");
+    u32 sent = pings_before, got = 0;
+    for (u32 ap = 1; ap < ncpus; ap++) {
+        wrmsr(0x830, (u64)ap << 32 | 0x40);
+        sent++;
+        if (!wait_for(&pongs, sent)) return fail("no x2APIC pong");
+        got++;
+    }
+    wrmsr(0x83f, 0x43);              /* SELF IPI */
+    if (!wait_for(&self_ipis, 1)) return fail("no SELF IPI");
+    __asm__ volatile("cli");
+    timer_ticks = 0;
+    wrmsr(0x83e, 0xb);
+    wrmsr(0x832, 0x50);              /* one-shot */
+    wrmsr(0x838, 100000);
+    while (timer_ticks < 1)
+        __asm__ volatile("sti; hlt; cli");
+    wrmsr(0x832, 0x10050);
+    puts("x2apic: id ");
+    putdec(id);
+    puts(", ldr ");
+    puthex(ldr);
+    puts(", pings ");
+    putdec(got);
+    puts(", self-ipi ");
+    putdec(self_ipis);
+    puts(", timer ");
+    putdec(timer_ticks);
+    putc('\n');
+    if (id != 0 || ldr != 1 || got != ncpus - 1 || self_ipis != 1) return fail("x2apic");
+    return 0;
 }
 
 static u32 cmdline_value(u32 mbi, const char *key, int len)
@@ -341,6 +455,18 @@ u32 smp_main(u32 mbi)
     putc('\n');
     if (got != sent || pongs != sent) return fail("ipi counts");
 
+    /* (e) NMI to self (physical destination = own ID) with IF=0: taken at once; the
+     * handler sends a second one, which waits for its IRET (NMI blocking) */
+    __asm__ volatile("cli");
+    send_ipi(0, 0x400);
+    if (!wait_for(&nmis, 2)) return fail("NMI with IF=0");
+    puts("nmi: ");
+    putdec(nmis);
+    puts(" taken with IF=0, deepest nesting ");
+    putdec(nmi_deepest);
+    putc('\n');
+    if (nmi_deepest != 1) return fail("nested NMI");
+
     /* (c) APIC timer: one-shot, periodic; TSC-deadline if CPUID offers it */
     wr(LAPIC + 0x3e0, 0xb);          /* divide by 1 */
     wr(LAPIC + 0x320, 0x50);         /* one-shot, vector 0x50 */
@@ -365,6 +491,16 @@ u32 smp_main(u32 mbi)
     putdec(timer_ticks);
     puts(c & (1u << 24) ? ", tsc-deadline offered\n" : ", tsc-deadline not offered\n");
     if (oneshot != 1) return fail("one-shot");
+    if (c & (1u << 24)) {
+        u32 r = tsc_deadline();
+        if (r) return r;
+    }
+    if (c & (1u << 21)) {
+        u32 r = x2apic(sent);
+        if (r) return r;
+    } else {
+        puts("x2apic: not offered\n");
+    }
 
     /* I/O APIC: the PIT on GSI 2 and the UART on GSI 4, with the 8259 masked */
     outb(0x21, 0xff);

@@ -96,9 +96,11 @@ isr_\vec:
     iretd
     .endm
 
+    ISR 0x02
     ISR 0x40
     ISR 0x41
     ISR 0x42
+    ISR 0x43
     ISR 0x50
     ISR 0x60
     ISR 0x61

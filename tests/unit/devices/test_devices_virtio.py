@@ -88,14 +88,20 @@ def test_pci_identity_and_capabilities(m: TestMachine) -> None:
     assert m.cfg_read(slot, 0) == (0x1040 + 0x3F) << 16 | 0x1AF4
     assert m.cfg_read(slot, 0x08, 1) == 1                    # revision 1: modern
     assert m.cfg_read(slot, 0x2C) == 0x1100 << 16 | 0x1AF4
-    caps, at = {}, m.cfg_read(slot, 0x34, 1)
+    caps, at, msix = {}, m.cfg_read(slot, 0x34, 1), []
     while at:
+        if m.cfg_read(slot, at, 1) == 0x11:          # MSI-X: table size N-1, BAR 1
+            msix.append((m.cfg_read(slot, at + 2, 2), m.cfg_read(slot, at + 4),
+                         m.cfg_read(slot, at + 8)))
+            at = m.cfg_read(slot, at + 1, 1)
+            continue
         assert m.cfg_read(slot, at, 1) == 0x09
         cfg_type = m.cfg_read(slot, at + 3, 1)
         caps[cfg_type] = (m.cfg_read(slot, at + 4, 1), m.cfg_read(slot, at + 8),
                           m.cfg_read(slot, at + 12), m.cfg_read(slot, at + 2, 1))
         at = m.cfg_read(slot, at + 1, 1)
     assert set(caps) == {1, 2, 3, 4, 5}
+    assert msix == [(len(fn.queues), 0 | 1, 0x800 | 1)]    # queues + config, disabled
     assert caps[2][3] == caps[5][3] == 20
     assert all(c[3] == 16 for t, c in caps.items() if t not in (2, 5))
     bar_size = 0x4000

@@ -48,11 +48,15 @@ DEVICE_NEEDS_RESET (0x40) and raises a configuration interrupt; from then on no 
 is served until the driver resets the device. Notifications for queues that do not
 exist, or are not enabled, are counted and ignored.
 
-Interrupts go through one replaceable callable, `self.interrupt(isr_bit, msix_vector)`:
-the INTx version sets the ISR bit and raises the function's INTx line. MSI-X (another
-issue) replaces it with one that sends the vector's message; the vectors the driver
-writes (config_msix_vector, queue_msix_vector) are already stored for it. Without an
-MSI-X capability the vectors read back as written (NO_VECTOR, 0xffff, at reset).
+Interrupts go through `self.interrupt(isr_bit, msix_vector)`. With MSI-X disabled (the
+reset state) that sets the ISR bit and raises the function's INTx line. MSI-X
+(devices/pci/msix.py): one vector per queue plus one for configuration changes, the
+table at offset 0 and the PBA at 0x800 of BAR 1 (4 KiB), as QEMU's virtio-pci lays them
+out; once the driver enables it, an interrupt is the message of the vector the driver
+chose (config_msix_vector, queue_msix_vector), and NO_VECTOR (0xffff) means no
+interrupt, neither ISR nor INTx (virtio 1.1, 4.1.4.3 / 4.1.5.1.2). A vector number the
+function does not have reads back as NO_VECTOR (the spec's "could not be allocated",
+as QEMU does). The messages go to the machine's APIC bus (`attach_msi`).
 
 Threading: run-loop thread only, except `VirtioContext.post`.
 """
@@ -65,6 +69,7 @@ from typing import Any
 from pyhv.devices.deferred import DeferredCalls
 from pyhv.devices.pci import config as C
 from pyhv.devices.pci.function import PciFunction
+from pyhv.devices.pci.msix import MsiSink, Msix
 from pyhv.devices.state import Reader, check_version
 from pyhv.devices.virtio.device import VirtioContext, VirtioDevice
 from pyhv.devices.virtio.queue import Chain, QueueError, Virtqueue
@@ -90,6 +95,7 @@ ISR_CONFIG = 2
 NO_VECTOR = 0xFFFF
 
 BAR_SIZE = 0x4000
+MSIX_BAR, MSIX_BAR_SIZE = 1, 0x1000
 COMMON, ISR, DEVICE_CFG, NOTIFY = 0x0000, 0x1000, 0x2000, 0x3000
 REGION = 0x1000
 NOTIFY_MULTIPLIER = 4
@@ -199,7 +205,7 @@ class VirtioPciFunction(PciFunction):
         self.deferred = deferred
         self.queues = [Virtqueue(i, n, memory) for i, n in enumerate(device.queue_sizes)]
         self.device_features = device.features | TRANSPORT_FEATURES
-        self.interrupt: Callable[[int, int], None] = self._intx_interrupt
+        self.interrupt: Callable[[int, int], None] = self._interrupt
         self.epoch = 0
         self.ignored_notifies = 0
         self.failures: list[str] = []          # reasons for NEEDS_RESET (last few)
@@ -219,7 +225,13 @@ class VirtioPciFunction(PciFunction):
         self._window = self.config.add_capability(
             C.CAP_ID_VENDOR, bytes([20, CFG_PCI, 0, 0, 0, 0]) + bytes(12),
             wmask=bytes([0, 0, 0xFF, 0, 0, 0]) + b"\xff" * 12)
+        self.msix = Msix(self.config, len(self.queues) + 1, MSIX_BAR)
+        self.add_bar(MSIX_BAR, MSIX_BAR_SIZE, self.msix, name=f"{device.name} MSI-X")
         self._reset_state()
+
+    def attach_msi(self, sink: MsiSink) -> None:
+        """Where MSI-X messages go (the machine's APIC bus)."""
+        self.msix.sink = sink
 
     def _reset_state(self) -> None:
         self.status = 0
@@ -291,7 +303,7 @@ class VirtioPciFunction(PciFunction):
                 self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) \
                     | (v << shift)
         elif name == "msix_config":
-            self.msix_config = v
+            self.msix_config = self._vector(v)
         elif name == "status":
             self._set_status(v)
         elif name == "qselect":
@@ -301,7 +313,7 @@ class VirtioPciFunction(PciFunction):
             if q is None:
                 return
             if name == "qmsix":
-                q.msix_vector = v
+                q.msix_vector = self._vector(v)
             elif q.enabled:
                 return                       # a live queue's layout is fixed
             elif name == "qsize":
@@ -373,7 +385,16 @@ class VirtioPciFunction(PciFunction):
         if self.status & S_DRIVER_OK:
             self.interrupt(ISR_CONFIG, self.msix_config)
 
-    # ------------------------------------------------------------------ INTx
+    # ------------------------------------------------------------------ interrupts
+
+    def _vector(self, v: int) -> int:
+        return v if v < self.msix.n else NO_VECTOR
+
+    def _interrupt(self, isr_bit: int, vector: int) -> None:
+        if not self.msix.enabled:
+            self._intx_interrupt(isr_bit, vector)
+        elif vector != NO_VECTOR:
+            self.msix.signal(vector)
 
     def _intx_interrupt(self, isr_bit: int, _vector: int) -> None:
         self.isr |= isr_bit
@@ -408,6 +429,11 @@ class VirtioPciFunction(PciFunction):
 
     def config_write(self, offset: int, size: int, value: int) -> None:
         super().config_write(offset, size, value)
+        cap = self.msix.cap
+        if offset < cap + 4 and offset + size > cap + 2:
+            self.msix.control_written()
+            if self.msix.enabled:
+                self.set_intx(False)
         if self._touches_data(offset, size) and (acc := self._window_access()) is not None:
             off, length = acc
             self._bar.write(off, length, self.config.get(self._window + 16, length))

@@ -4,7 +4,8 @@ Importing this module never fails: without unicorn, `IMPORT_ERROR` holds the rea
 `unicorn`/`x86` are None, so the CLI and the KVM engine keep working.
 
 pyhv's native code is loaded first (built with gcc on first use, cached): libunicorn then
-binds its per-block TB-start helper to pyhv's block counter (native/__init__.py). Code
+binds its per-block TB-start helper to pyhv's block counter (native/__init__.py), and its
+RDTSC/RDMSR/WRMSR/IRET helpers to pyhv's (native/cpuhooks.py). Code
 that needs unicorn imports it from here, so that this order holds; where unicorn was
 imported before, the engine counts blocks with the slower block hook instead.
 """
@@ -15,6 +16,7 @@ import sys
 from typing import Any
 
 from pyhv.engines.emu import native as _native
+from pyhv.engines.emu.native import cpuhooks as _cpuhooks
 
 unicorn: Any
 x86: Any
@@ -29,6 +31,7 @@ try:
 
     unicorn, x86, IMPORT_ERROR = _unicorn, _x86, None
     _native.bind_original(unicorn)
+    _cpuhooks.bind(unicorn)
 except Exception as e:  # noqa: BLE001 - any import failure disables the engine
     unicorn, x86 = None, None
     IMPORT_ERROR = f"{type(e).__name__}: {e}"

@@ -49,15 +49,16 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from pyhv.arch.x86.cpuid import APIC, DEFAULT_MODEL, CpuModel
+from pyhv.arch.x86.cpuid import APIC, DEFAULT_MODEL, INVARIANT_TSC, TSC_DEADLINE, X2APIC, CpuModel
 from pyhv.arch.x86.cpustate import CpuState
-from pyhv.engines.base import EngineVcpu, InterruptSource
+from pyhv.engines.base import EngineVcpu, InterruptSource, MsrHandler
 from pyhv.engines.emu import cpu as C
 from pyhv.engines.emu import layout as L
 from pyhv.engines.emu import native
 from pyhv.engines.emu._uc import unicorn, x86
 from pyhv.engines.emu.deliver import ERROR_CODE_VECTORS, Event, Kind, TripleFault, deliver
 from pyhv.engines.emu.mmu import BadPhysical, Mmu, PageFault
+from pyhv.engines.emu.native import cpuhooks
 from pyhv.engines.emu.syscall import Undefined, syscall, sysenter
 from pyhv.exits import Exit, Halt, InternalError, Interrupted, IoOut, MmioWrite, Shutdown
 
@@ -136,6 +137,14 @@ class EmuVcpu(EngineVcpu):
         if fill is not None:
             self._add_tlb_hook(fill)
         self._add_hooks()
+        self._apic_present = False
+        self._msr_cb: Any = None
+        self._take_nmi: Callable[[], bool] | None = None
+        self._nmi_blocked = False
+        self.cpu: cpuhooks.Cpu | None = None
+        self.cpu_helpers = "host TSC (no native code)"
+        if self.native:
+            self._start_cpu_helpers()
         C.set_state(uc, self.blob, CpuState())
 
     # ------------------------------------------------------------------ setup
@@ -175,6 +184,24 @@ class EmuVcpu(EngineVcpu):
         self._add_native_hook(addr)
         if usable:
             self.counting = "block hook (the TB-start helper's vCPU table is full)"
+
+    def _start_cpu_helpers(self) -> None:
+        """RDTSC on the virtual clock, the APIC's MSRs and IRET through pyhv
+        (native/cpuhelpers.c), where the scratch check passed."""
+        usable, self.cpu_helpers = cpuhooks.available()
+        if not usable:
+            return
+        cpu = cpuhooks.Cpu()
+        cpu.ctl = ctypes.addressof(self.ctl)
+        cpu.ns_per_block = self.ns_per_block
+        if not cpuhooks.register(self.uc._uch.value, cpu):
+            self.cpu_helpers = "host TSC (the helpers' vCPU table is full)"
+            return
+        self.cpu = cpu
+        self._cpu_unregister = weakref.finalize(self, cpuhooks.register,
+                                                self.uc._uch.value, None)
+        self.model = dataclasses.replace(self.model, ext7_edx=self.model.ext7_edx
+                                         | INVARIANT_TSC)
 
     def _add_native_hook(self, addr: int) -> None:
         uclib = unicorn.unicorn_py3.unicorn.uclib
@@ -253,12 +280,58 @@ class EmuVcpu(EngineVcpu):
             self.counters["code flushes"] = self.counters.get("code flushes", 0) + 1
 
     def set_apic_present(self, present: bool) -> None:
-        """CPUID.1:EDX.APIC follows the machine. Only the xAPIC (MMIO) exists here:
-        unicorn 2.1.4 cannot hook RDMSR/WRMSR (UC_HOOK_INSN refuses them), so the x2APIC
-        MSRs and IA32_TSC_DEADLINE are unreachable and their CPUID bits stay clear."""
-        edx = self.model.features_edx
-        edx = edx | APIC if present else edx & ~APIC
-        self.model = dataclasses.replace(self.model, features_edx=edx)
+        """CPUID.1:EDX.APIC follows the machine; x2APIC and TSC-deadline (ECX) also need
+        the APIC's MSRs routed (`attach_msr`: unicorn 2.1.4 executes RDMSR/WRMSR itself,
+        so only pyhv's interposed helpers reach them)."""
+        self._apic_present = present
+        self._update_cpuid()
+
+    def _update_cpuid(self) -> None:
+        edx, ecx = self.model.features_edx, self.model.features_ecx
+        edx = edx | APIC if self._apic_present else edx & ~APIC
+        msrs = self._apic_present and self._msr_cb is not None
+        ecx = ecx | X2APIC | TSC_DEADLINE if msrs else ecx & ~(X2APIC | TSC_DEADLINE)
+        self.model = dataclasses.replace(self.model, features_edx=edx, features_ecx=ecx,
+                                         kvm_leaves=msrs)
+
+    def set_cpu_count(self, n: int) -> None:
+        """n cores of one package in CPUID."""
+        self.model = dataclasses.replace(self.model, cores=max(1, n))
+
+    def set_others_runnable(self, others: bool) -> None:
+        """With another vCPU waiting, PAUSE ends the slice (cpuhelpers.c); alone, a
+        spin-wait just runs (yielding to nobody would cost a slice switch per PAUSE)."""
+        if self.cpu is not None:
+            self.cpu.yield_on_pause = 1 if others else 0
+
+    def attach_msr(self, handler: MsrHandler) -> bool:
+        """The APIC's MSRs go to `handler` (in the interposed RDMSR/WRMSR helpers), with
+        the clock synchronised first (a TSC-deadline write sets a timer from now)."""
+        cpu = self.cpu
+        if cpu is None:
+            return False
+
+        def on_msr(msr: int, value: int | None) -> int | None:
+            if value is None:
+                self.counters["msr reads"] = self.counters.get("msr reads", 0) + 1
+            else:
+                self.counters["msr writes"] = self.counters.get("msr writes", 0) + 1
+            self._sync_clock()
+            got = handler(msr, value)
+            self._after_io()
+            return got
+
+        self._msr_cb = cpuhooks.make_callback(on_msr)
+        cpu.msr_cb = ctypes.cast(self._msr_cb, ctypes.c_void_p).value
+        cpu.route_apic = 1
+        self._update_cpuid()
+        return True
+
+    def guest_tsc(self) -> tuple[Callable[[], int], int] | None:
+        cpu = self.cpu
+        if cpu is None:
+            return None
+        return (lambda: cpu.tsc(self.ctl.blocks)), cpuhooks.TSC_HZ
 
     def attach_clock(self, clock: VirtualClock, timers: TimerQueue) -> None:
         """Advance `clock` with guest progress; return Interrupted at timers' deadlines."""
@@ -320,6 +393,7 @@ class EmuVcpu(EngineVcpu):
                 return Halt(interrupts_enabled=bool(self._rflags() & IF_FLAG))
             ctl.reason = native.STOP_NONE
             ctl.arm(self._budget())
+            self._stamp_tsc()
             err = self._emu_start()
             ctl.run_first = 0
             self._sync_clock()
@@ -331,6 +405,11 @@ class EmuVcpu(EngineVcpu):
             reason = ctl.reason
             ctl.reason = native.STOP_NONE
             if reason == native.STOP_BUDGET:
+                if self._exits:
+                    continue
+                return Interrupted()
+            if reason == native.STOP_YIELD:
+                self.counters["pause yields"] = self.counters.get("pause yields", 0) + 1
                 if self._exits:
                     continue
                 return Interrupted()
@@ -428,11 +507,65 @@ class EmuVcpu(EngineVcpu):
             ns = (blocks - self._clock_blocks) * self.ns_per_block
             self._clock.advance(ns + (self.ns_per_io if io else 0))
         self._clock_blocks = blocks
+        self._stamp_tsc()
+
+    def _stamp_tsc(self) -> None:
+        """The guest TSC restarts from the clock's now (other vCPUs and idle skips move
+        the shared clock between this vCPU's slices)."""
+        cpu = self.cpu
+        if cpu is not None:
+            cpu.tsc_ns = self._clock.now_ns() if self._clock is not None else \
+                self.ctl.blocks * self.ns_per_block
+            cpu.tsc_blocks = self.ctl.blocks
 
     # -- interrupts
+    def set_interrupt_source(self, source: InterruptSource | None) -> None:
+        """With the interposed IRET helper, NMIs are taken whatever IF and blocked until
+        the handler's IRET (`_inject_nmi`); a source that separates them (the local APIC:
+        `nmi_separate`, `take_nmi`) is told so. Otherwise they wait for IF as interrupts."""
+        self.interrupt_source = source
+        self._take_nmi = None
+        if self.cpu is not None and source is not None and hasattr(source, "take_nmi"):
+            setattr(source, "nmi_separate", True)  # noqa: B010 - a LocalApic
+            self._take_nmi = getattr(source, "take_nmi")  # noqa: B009
+
+    def _inject_nmi(self) -> bool:
+        """Deliver a pending NMI, whatever IF, unless NMIs are blocked (an NMI handler
+        has not yet executed IRET, SDM 6.7.1); the instruction after MOV SS/STI runs
+        first. True when one was delivered (or its delivery arranged): no other
+        interrupt is injected now."""
+        cpu = self.cpu
+        assert cpu is not None and self._take_nmi is not None
+        if self._nmi_blocked:
+            if not cpu.iret_seen:
+                if getattr(self.interrupt_source, "nmi_pending", False):
+                    cpu.nmi_window = 1          # stop at the IRET, deliver it then
+                return False
+            self._nmi_blocked = False
+        cpu.nmi_window = 0
+        if not getattr(self.interrupt_source, "nmi_pending", False):
+            return False
+        v = self.view.load()
+        if v.shadow and not self._halted:
+            # MOV SS / STI shadow: the shadowed instruction first; the block it starts
+            # runs, and the kick stops the vCPU at the next block start, then back here
+            self.ctl.run_first = 1
+            self.ctl.kick = 1
+            return True
+        if not self._take_nmi():
+            return False
+        self._nmi_blocked = True
+        cpu.iret_seen = 0
+        self._halted = False
+        self.counters["nmis"] = self.counters.get("nmis", 0) + 1
+        self._deliver(Event(2, Kind.EXTERNAL, None, v.rip))
+        return True
+
     def _inject(self) -> None:
         src = self.interrupt_source
         ctl = self.ctl
+        if self._take_nmi is not None and self._inject_nmi():
+            return
         if self._pending_vector is None and (src is None or not src.pending()):
             ctl.irq_window = 0
             return
@@ -576,12 +709,20 @@ class EmuVcpu(EngineVcpu):
         return 1
 
     def _after_io(self) -> None:
-        """A device may have raised an interrupt or armed an earlier timer."""
+        """A device may have raised an interrupt or an NMI, or armed an earlier timer."""
         src = self.interrupt_source
         ctl = self.ctl
         if src is not None and src.pending():
             ctl.irq_window = 1
             ctl.force_slow()
+        if self._take_nmi is not None and getattr(src, "nmi_pending", False):
+            cpu = self.cpu
+            assert cpu is not None
+            if self._nmi_blocked and not cpu.iret_seen:
+                cpu.nmi_window = 1              # taken after the handler's IRET
+            elif ctl.reason == native.STOP_NONE:
+                ctl.reason = native.STOP_PYTHON  # stop at the next block: deliver it
+                ctl.force_slow()
         if self._timers is not None:
             end = ctl.blocks + self._budget()
             if end < ctl.end:
@@ -672,6 +813,9 @@ class EmuVcpu(EngineVcpu):
         out["native block hook"] = 1 if self.native else 0
         out["blocks counted in unicorn's TB-start helper"] = 1 if self.tb_counter else 0
         out["per-access exit checks"] = 0 if self.exit_checks.endswith(" off") else 1
+        if self.cpu is not None:
+            out["RDTSC (virtual TSC)"] = self.cpu.rdtsc
+            out["MSR accesses through pyhv"] = self.cpu.msrs
         out["time in emu_start (s)"] = round(self.t_emu, 6)
         out["time outside emu_start (s)"] = round(max(0.0, self.t_run - self.t_emu), 6)
         for vec, n in sorted(self.vectors.items()):
@@ -683,4 +827,6 @@ class EmuVcpu(EngineVcpu):
         self._final = InternalError("emu: the vCPU is closed")
         if self._unregister is not None:
             self._unregister()
+        if self.cpu is not None:
+            self._cpu_unregister()
         self.uc = None

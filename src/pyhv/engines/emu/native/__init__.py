@@ -4,9 +4,10 @@ Design: `blockhook.c` (block counting and stops at block starts, and the paging-
 fill; no headers, no link dependency) is compiled into a shared object and cached under
 `$XDG_CACHE_HOME/pyhv/` (default `~/.cache/pyhv/`) by the hash of its source, so an edit
 rebuilds it and concurrent builders never see a half-written file (write + rename).
-`load()` returns the block hook's address, or None with the reason when there is no
-compiler or the build fails; the engine then falls back to instruction-count slices
-(correct, about 2.5x slower; docs/host.md).
+`cpuhelpers.c` (RDTSC, RDMSR, WRMSR and IRET reaching pyhv: native/cpuhooks.py) is
+compiled into the same object. `load()` returns the block hook's address, or None with
+the reason when there is no compiler or the build fails; the engine then falls back to
+instruction-count slices (correct, about 2.5x slower; docs/host.md).
 
 Load order matters: `pyhv.engines.emu._uc` calls `load()` *before* it imports unicorn, and
 the object is loaded with RTLD_GLOBAL, so libunicorn's references to its TB-start helper
@@ -40,12 +41,14 @@ from pathlib import Path
 from typing import Any
 
 SOURCE = Path(__file__).with_name("blockhook.c")
+SOURCES = (SOURCE, Path(__file__).with_name("cpuhelpers.c"))
 
 STOP_NONE = 0
 STOP_BUDGET = 1
 STOP_KICK = 2
 STOP_IRQ_WINDOW = 3
 STOP_PYTHON = 4          # a Python hook asked for the stop (exit queued, shutdown...)
+STOP_YIELD = 5           # PAUSE with several vCPUs (cpuhelpers.c): the slice ends
 
 
 class Ctl(ctypes.Structure):
@@ -120,7 +123,7 @@ def cache_dir() -> Path:
 
 
 def _build(out: Path) -> str | None:
-    """Compile SOURCE into `out`; None on success, else the reason."""
+    """Compile SOURCES into `out`; None on success, else the reason."""
     cc = shutil.which(os.environ.get("CC", "gcc")) or shutil.which("cc")
     if cc is None:
         return "no C compiler (gcc) found"
@@ -128,7 +131,8 @@ def _build(out: Path) -> str | None:
     fd, tmp = tempfile.mkstemp(prefix=out.name, suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
+        proc = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", tmp,
+                               *(str(src) for src in SOURCES)],
                               capture_output=True, text=True, timeout=60, check=False)
         if proc.returncode != 0:
             return f"{cc} failed: {proc.stderr.strip()[:200]}"
@@ -147,7 +151,7 @@ def load() -> tuple[int | None, str]:
     if os.environ.get("PYHV_EMU_NATIVE", "1") == "0":
         _cache = (None, "native hook disabled by PYHV_EMU_NATIVE=0")
         return _cache
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES)).hexdigest()[:16]
     path = cache_dir() / f"emu-blockhook-{digest}.so"
     try:
         if not path.exists():
