@@ -35,6 +35,7 @@ from collections.abc import Callable
 
 from pyhv.devices.apicbus import FIXED, LOWEST, NMI, Message
 from pyhv.devices.pci import config as C
+from pyhv.devices.state import Reader
 
 ENTRY = 16
 PBA_OFFSET = 0x800
@@ -98,6 +99,25 @@ class Msix:
         for v in range(self.n):
             self.table[v * ENTRY + 12] = 1
         self.pending = 0
+
+    def save_state(self) -> dict[str, object]:
+        """The vector table and the pending bits (the control bits live in the
+        function's configuration space, saved with it)."""
+        return {"table": bytes(self.table).hex(), "pending": self.pending}
+
+    def read_state(self, r: Reader) -> tuple[bytes, int]:
+        """Check a record of `save_state` (the caller's Reader checks for extra keys)."""
+        table = r.hex("table", length=len(self.table))
+        for v in range(self.n):
+            ent = table[v * ENTRY:(v + 1) * ENTRY]
+            if ent[0] & 3 or int.from_bytes(ent[12:16], "little") & ~1:
+                raise r.fail("table", f"entry {v} has reserved bits set")
+        pending = r.int("pending", 0, (1 << self.n) - 1)
+        r.done()
+        return table, pending
+
+    def take_state(self, fields: tuple[bytes, int]) -> None:
+        self.table[:], self.pending = fields
 
     def control_written(self) -> None:
         """After a configuration write that may have changed enable / function mask."""

@@ -462,7 +462,8 @@ class VirtioPciFunction(PciFunction):
                        "driver_features": self.driver_features, "active": self.active,
                        "queues": [q.save_state() for q in self.queues],
                        "device_version": self.device.state_version,
-                       "device": self.device.save_device()}
+                       "device": self.device.save_device(),
+                       "msix": self.msix.save_state()}
         return d
 
     def load_state(self, record: Mapping[str, Any], version: int) -> None:
@@ -485,6 +486,7 @@ class VirtioPciFunction(PciFunction):
         check_version(f"{self.name} device", v.int("device_version", 1, 1 << 31),
                       self.device.state_version)
         take_device = self.device.read_device(v.sub("device"), self.memory)
+        msix = self.msix.read_state(v.sub("msix"))
         v.done()
         pci = self.read_pci_fields(r)
         r.done()
@@ -496,6 +498,7 @@ class VirtioPciFunction(PciFunction):
         self.driver_features, self.active = features, active
         for q, qf in zip(self.queues, queues, strict=True):
             q.take_state(qf)
+        self.msix.take_state(msix)
         take_device()
         if active:
             self.device.resume(_Context(self, self.epoch))
