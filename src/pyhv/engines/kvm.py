@@ -168,6 +168,7 @@ class KvmVcpu(EngineVcpu):
         ev = v.get_events()
         st.pending_interrupt = ev.int_nr if ev.int_injected else None
         st.interrupt_shadow = ev.int_shadow
+        st.nmi_blocked = bool(ev.nmi_masked)
         return st
 
     def set_state(self, st: CpuState) -> None:
@@ -196,6 +197,7 @@ class KvmVcpu(EngineVcpu):
         ev.int_injected = 1 if st.pending_interrupt is not None else 0
         ev.int_nr = st.pending_interrupt or 0
         ev.int_shadow = st.interrupt_shadow
+        ev.nmi_masked = int(st.nmi_blocked)
         ev.flags = 0
         v.set_events(ev)
 

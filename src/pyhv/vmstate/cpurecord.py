@@ -64,6 +64,7 @@ def cpu_from_record(record: object, what: str = "vcpu") -> tuple[CpuState, bool]
     st.pending_interrupt = r.opt_int("pending_interrupt", 0, 0xFF)
     st.interrupt_shadow = r.int("interrupt_shadow", 0, 3)
     st.halted = r.bool("halted")
+    st.nmi_blocked = r.bool("nmi_blocked")
     r.done()
     if st.rflags & ~0x3F7FD7 or not st.rflags & 2:
         raise StateError(f"{what}.state: rflags {st.rflags:#x} has reserved bits wrong")

@@ -146,6 +146,7 @@ class CpuState:
     pending_interrupt: int | None = None   # vector accepted but not yet delivered
     interrupt_shadow: int = 0        # STI/MOV SS blocking
     halted: bool = False             # the vCPU is in HLT waiting for an interrupt
+    nmi_blocked: bool = False        # an NMI handler runs: NMIs wait for its IRET
 
     # ------------------------------------------------------------------ queries
 

@@ -348,12 +348,18 @@ class EmuVcpu(EngineVcpu):
         st = C.get_state(self.uc, self.blob)
         st.pending_interrupt = self._pending_vector
         st.halted = self._halted
+        st.nmi_blocked = self._nmi_blocked and not (self.cpu is not None and
+                                                    self.cpu.iret_seen)
         return st
 
     def set_state(self, state: CpuState) -> None:
         C.set_state(self.uc, self.blob, state)
         self._pending_vector = state.pending_interrupt
         self._halted = state.halted
+        self._nmi_blocked = state.nmi_blocked
+        if self.cpu is not None:
+            self.cpu.iret_seen = 0
+            self.cpu.nmi_window = 0
         self._final = None
         self._exits.clear()
 
