@@ -277,6 +277,25 @@ def test_kick_after_close_is_harmless(tmp_path: Path, engine: str) -> None:
     r.vcpu.kick()
 
 
+def test_a_late_kick_cannot_kill_the_process_at_exit() -> None:
+    """The KVM engine's kick is SIGUSR1, whose default action kills the process. Python
+    puts its handlers back to SIG_DFL as it finalizes, so a kick sent to a vCPU thread
+    that a loaded host had not scheduled yet was delivered then and killed a finished
+    `pyhv run` (status -10). From the last atexit hook (run after pyhv's, before
+    Python's reset) SIGUSR1 must be ignored, which also drops a pending kick."""
+    import subprocess
+    import sys
+    code = ("import atexit, signal\n"
+            "atexit.register(lambda: print('at exit ignored',\n"
+            "                              signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN))\n"
+            "from pyhv.kvm.vcpu import install_kick_handler\n"
+            "install_kick_handler()\n"
+            "print('running', callable(signal.getsignal(signal.SIGUSR1)))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert (p.returncode, p.stdout) == (0, "running True\nat exit ignored True\n"), p
+
+
 # ---------------------------------------------------------------------- crash reports
 
 @pytest.mark.parametrize("engine", engines(("emu", "kvm", "trap")))
