@@ -12,8 +12,10 @@ can never wake, so it ends the run (status 0: how a bare-metal guest, or Linux's
 
 Time: on a hardware engine guest time is host time, and a ticker thread kicks the vCPU
 when a timer falls due. On a software engine the vCPU stops itself at deadlines; when the
-guest idles, the loop skips its virtual clock to the next deadline, but never past the
-host's elapsed time, so an idle guest sleeps instead of spinning through its timers.
+guest idles, its virtual clock runs at the host's rate until the next deadline, never
+faster (not even to catch up a guest that lags the host), so an idle guest sleeps instead
+of spinning through its timers, and a guest's timeout of T gives a host-side peer (passt,
+another VM) at least T of host time to answer.
 
 Exit statuses of `pyhv run` (pyhv's own are even, the guest's debug-exit odd):
 
@@ -601,6 +603,14 @@ class Runner:
         wake_up = ready or m.interrupt_pending
         timers = m.timers
         t_start = time.perf_counter()
+        # a software engine's guest time while idle runs at the host's rate, never faster
+        # (QEMU's icount with sleep=on): from this idle's start it may reach
+        # guest0 + host time since then. Skipping at once to the next deadline (catching
+        # up a guest that lags the host) let a guest's timeouts (udhcpc's 1 s, ARP's, ping's
+        # wait for a reply) expire before a host-side peer (passt, another VM) had any time
+        # to answer: on a loaded host the answer then came "too late".
+        idle_host0 = time.monotonic()
+        idle_guest0 = m.clock.now_ns()
         try:
             while True:
                 # cleared before the devices are polled, never after: a device thread that
@@ -618,16 +628,14 @@ class Runner:
                 now = m.clock.now_ns()
                 if self.virtual:
                     assert isinstance(m.clock, VirtualClock)
-                    # the host's time since the run began, on the guest's time line: a
-                    # restored or migrated guest starts at its saved time, not at 0
-                    host_ns = self._guest0_ns + int((time.monotonic() - self._t0) * 1e9)
+                    host_ns = idle_guest0 + int((time.monotonic() - idle_host0) * 1e9)
                     if nxt is None:
                         self.wake.wait(IDLE_SLICE_S)
                     elif nxt <= host_ns:
-                        m.clock.skip_to(nxt)       # behind the host's time: catch up now
+                        m.clock.skip_to(nxt)       # the host's time reached it: fire it
                     else:
-                        if nxt > now:
-                            m.clock.skip_to(max(now, min(nxt, host_ns)))
+                        if host_ns > now:
+                            m.clock.skip_to(host_ns)
                         self.wake.wait(min((nxt - host_ns) / 1e9, IDLE_SLICE_S))
                 else:
                     wait = IDLE_SLICE_S if nxt is None else (nxt - now) / 1e9

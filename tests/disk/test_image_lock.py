@@ -7,7 +7,6 @@ import errno
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -141,16 +140,19 @@ def test_guest_disk_lock_bytes_as_qemu_system(qemu: Any, tmp_path: Path) -> None
     RawImage.create(str(p), 1 << 20)
     proc = subprocess.Popen(
         ["qemu-system-x86_64", "-S", "-display", "none", "-nodefaults", "-machine",
-         "pc,accel=tcg", "-drive", f"file={p},format=raw,if=virtio"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         "pc,accel=tcg", "-drive", f"file={p},format=raw,if=virtio", "-qmp", "stdio"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
-        theirs, last = [], [-1]
-        for _ in range(400):  # until QEMU's locks are there and settled (two equal polls)
-            theirs = lock_bytes(p)
-            if (theirs and theirs == last) or proc.poll() is not None:
-                break
-            last = theirs
-            time.sleep(0.05)
+        # QEMU takes its locks in steps (the drive's open, then the virtio-blk device's
+        # permissions at realize): the answer to a QMP command comes from the main loop,
+        # which runs only once the machine is built, so the locks read after it are final.
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b'{"execute": "qmp_capabilities"}\n'
+                         b'{"execute": "query-status", "id": "built"}\n')
+        proc.stdin.flush()
+        while b'"built"' not in (line := proc.stdout.readline()):
+            assert line, "qemu-system-x86_64 ended before its monitor answered"
+        theirs = lock_bytes(p)
     finally:
         proc.kill()
         proc.wait(timeout=30)

@@ -17,6 +17,11 @@ import pytest
 from guestbuild import GuestBuilder, engine_unavailable, run_pyhv, run_pyhv_raw
 from test_machine_guests import PvmFailure, emulation_failure, expect_pvm_failure, host_is_pvm
 
+# QEMU's TCG runs this guest CPU-bound (every PAUSE of its 3,000,000-iteration waits ends
+# a translation block): 4-7 s alone, 35 s for 4 CPUs on a third of a core. The bound is
+# the subprocess's own; pytest's default 120 s used to end the test first under load.
+QEMU_TIMEOUT = 300
+
 
 def expected(n: int, x2apic: bool = True, tsc_deadline: bool | None = None) -> str:
     """The guest's lines; x2apic / tsc_deadline: what CPUID offers (pyhv's emu: both;
@@ -90,6 +95,7 @@ def test_smp_guest_on_kvm(guests: GuestBuilder, cpus: int) -> None:
 
 
 @pytest.mark.qemu
+@pytest.mark.timeout(QEMU_TIMEOUT + 30)
 @pytest.mark.parametrize("cpus", [1, 4])
 def test_smp_guest_on_qemu_tcg_gives_the_same_results(guests: GuestBuilder, cpus: int
                                                       ) -> None:
@@ -101,7 +107,8 @@ def test_smp_guest_on_qemu_tcg_gives_the_same_results(guests: GuestBuilder, cpus
             "-M", "pc", "-m", "128", "-display", "none", "-serial", "stdio", "-no-reboot",
             "-kernel", str(guests("smp")), "-append", "x",
             "-device", "isa-debug-exit,iobase=0xf4,iosize=1"]
-    p = subprocess.run(argv, capture_output=True, timeout=300, stdin=subprocess.DEVNULL)
+    p = subprocess.run(argv, capture_output=True, timeout=QEMU_TIMEOUT,
+                       stdin=subprocess.DEVNULL)
     out = p.stdout.decode("latin-1").replace("\r", "")
     lines = out[out.index("cpus: "):] if "cpus: " in out else out
     assert p.returncode == 0, (p.returncode, out[-2000:], p.stderr[-2000:])

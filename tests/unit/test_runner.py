@@ -277,6 +277,25 @@ def test_kick_after_close_is_harmless(tmp_path: Path, engine: str) -> None:
     r.vcpu.kick()
 
 
+def test_a_late_kick_cannot_kill_the_process_at_exit() -> None:
+    """The KVM engine's kick is SIGUSR1, whose default action kills the process. Python
+    puts its handlers back to SIG_DFL as it finalizes, so a kick sent to a vCPU thread
+    that a loaded host had not scheduled yet was delivered then and killed a finished
+    `pyhv run` (status -10). From the last atexit hook (run after pyhv's, before
+    Python's reset) SIGUSR1 must be ignored, which also drops a pending kick."""
+    import subprocess
+    import sys
+    code = ("import atexit, signal\n"
+            "atexit.register(lambda: print('at exit ignored',\n"
+            "                              signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN))\n"
+            "from pyhv.kvm.vcpu import install_kick_handler\n"
+            "install_kick_handler()\n"
+            "print('running', callable(signal.getsignal(signal.SIGUSR1)))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    assert (p.returncode, p.stdout) == (0, "running True\nat exit ignored True\n"), p
+
+
 # ---------------------------------------------------------------------- crash reports
 
 @pytest.mark.parametrize("engine", engines(("emu", "kvm", "trap")))
@@ -304,3 +323,58 @@ def test_crash_bytes_are_those_at_the_reported_rip(tmp_path: Path, engine: str) 
         m.close()
     assert res is not None and res.rip == 0x7C04
     assert res.insn[:3] == b"\x0f\x0b\xcc", res
+
+
+class _HostTime:
+    """A host clock that moves only when the run loop waits (then by exactly the wait):
+    how much host time an idle guest's timer took, without reading the wall clock."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def monotonic(self) -> float:
+        return self.t
+
+    # the runner's wake event: nothing sets it, each wait lasts its whole timeout
+    def wait(self, timeout: float | None = None) -> bool:
+        self.t += timeout or 0.0
+        return False
+
+    def clear(self) -> None:
+        pass
+
+    def set(self) -> None:
+        pass
+
+    def is_set(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("engine", engines(("emu",)))
+def test_idle_guest_time_never_runs_ahead_of_the_host(tmp_path: Path, engine: str,
+                                                     monkeypatch: pytest.MonkeyPatch
+                                                     ) -> None:
+    """A guest that lags the host (a slow boot on a loaded host: 100 s of host time, no
+    guest time yet) waits 1 s of guest time, e.g. for a DHCP offer from passt: that
+    second is a second of host time too, not skipped at once "to catch up" (which let
+    udhcpc's, ARP's and ping's timeouts run out before the host-side peer could answer)."""
+    import pyhv.runner as runner_mod
+    host = _HostTime()
+    m = machine(tmp_path, b"\xf4", engine)
+    try:
+        r = Runner(m, timeout=20)
+        assert r.virtual
+        monkeypatch.setattr(runner_mod.time, "monotonic", host.monotonic)
+        r._t0, r._guest0_ns = host.t - 100.0, m.clock.now_ns()   # the run began 100 s ago
+        r.wake = host  # type: ignore[assignment]
+        t0_guest, t0_host = m.clock.now_ns(), host.t
+        fired: list[tuple[int, float]] = []
+        m.timers.schedule(t0_guest + 10**9, lambda: fired.append((m.clock.now_ns(), host.t)))
+        r._idle(ready=lambda: bool(fired))
+        monkeypatch.undo()
+        assert len(fired) == 1
+        guest_at, host_at = fired[0]
+        assert guest_at - t0_guest == 10**9
+        assert host_at - t0_host >= 1.0        # the peer had its second
+    finally:
+        m.close()

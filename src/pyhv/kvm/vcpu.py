@@ -9,10 +9,18 @@ Kicking: `kick()` (any thread) sets `immediate_exit` and sends SIGUSR1 to the th
 inside KVM_RUN, so KVM_RUN returns EINTR at once or the next KVM_RUN does; `run()` then
 returns `Interrupted`. KVM finishes a pending I/O completion before it honours
 immediate_exit, so no guest I/O is lost by a kick.
+
+SIGUSR1's disposition is checked when the signal is delivered, not when it is sent: a
+kick sent to a vCPU thread that the host does not schedule before the process exits is
+delivered late. Python's finalization puts every signal it handles back to SIG_DFL, whose
+action for SIGUSR1 is to kill the process; so an atexit hook (run before that) sets the
+kick signal to SIG_IGN, which also discards a kick still pending. A loaded host killed
+`pyhv run --engine kvm --cpus 4` with SIGUSR1 that way at the end of a finished run.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import mmap
@@ -80,7 +88,14 @@ def install_kick_handler() -> None:
     global _kick_installed
     if not _kick_installed and threading.current_thread() is threading.main_thread():
         signal.signal(KICK_SIGNAL, lambda _sig, _frame: None)
+        atexit.register(_ignore_kicks_at_exit)
         _kick_installed = True
+
+
+def _ignore_kicks_at_exit() -> None:
+    """At interpreter exit (before Python resets its handlers to SIG_DFL): a late or
+    pending kick is ignored instead of killing the process."""
+    signal.signal(KICK_SIGNAL, signal.SIG_IGN)
 
 
 class Vcpu:

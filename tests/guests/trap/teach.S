@@ -82,6 +82,7 @@ start:
     /* the PIT through the PIC: TICKS interrupts, sleeping in between */
     call pic_init
     call pit_init
+    mov byte ptr [rip + tick_once], 1   /* one tick per HLT, however late the host */
 3:  PV_SAFE_HALT                  /* sti; hlt */
     PV_CLI
     cmp qword ptr [rip + ticks], TICKS
