@@ -10,7 +10,9 @@ time.monotonic() at which the run loop started the guest, from a thread, as soon
 has.
 
 Invariants: nothing runs before the whole stream (pages, then state) arrived intact:
-any failure (the source gave up, a cut, a corrupt record, a refused header or state) is
+the disks (shared storage, the same paths) are opened, locked, only when STATE arrived
+(pyhv.disk.handover: the source released them just before sending it). Any failure
+(the source gave up, a cut, a corrupt record, a refused header or state) is
 a MigrationError and the machine never runs (the caller closes it). The source keeps
 its VM until the "running" answer; if that answer cannot be sent (the source died
 after the switch-over) this side runs on regardless.
@@ -26,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pyhv.disk import handover
 from pyhv.errors import PyhvError
 from pyhv.migration import header, uri
 from pyhv.migration.pages import PageReader, apply_record
@@ -136,6 +139,7 @@ class Incoming:
                 obj = decode_json(kind, payload, ch.peer)
                 try:
                     state = VmState.from_json(obj.get("vmstate"))
+                    handover.take(machine)       # the source has released its disks
                     apply(machine, state)
                 except PyhvError as e:
                     raise MigrationError(f"the VM's state does not apply here: {e}") \

@@ -20,6 +20,12 @@ wait_parked, resume, stop). The steps:
    clock, CLOCK_MONOTONIC, so downtime = t_first - t_pause across the two processes);
 5. only then the source's run ends (StopRequest "migrated", status 0).
 
+Shared storage (pyhv.disk.handover): after the capture (the disks quiesced) the source
+flushes and closes its images, releasing their locks, and only then sends STATE; the
+destination opens them when STATE arrives. A failure after that takes them back before
+the guest resumes; when they cannot be taken back (the destination has them) the source
+stops instead of resuming: two writers on one image would corrupt it.
+
 Invariants: until the destination's "running" arrives, every failure (connection cut,
 destination gone, a refusal, a corrupt answer, cancel) turns dirty tracking off and
 resumes the guest where it was paused: the source VM keeps running and loses nothing.
@@ -43,6 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pyhv.disk import handover
 from pyhv.errors import PyhvError
 from pyhv.machine import StopRequest
 from pyhv.memory import PAGE_SIZE
@@ -172,6 +179,7 @@ class OutgoingMigration:
         tracker = tracker_for(self.m)
         ch: Channel | None = None
         paused = False
+        released = False
         throttle = Throttle(self.runner)
         try:
             ch = Channel(uri.connect(self.opts.uri, CONNECT_TIMEOUT_S), self.opts.uri)
@@ -228,6 +236,8 @@ class OutgoingMigration:
             self._log(rnd + 1, meter, 0.0, None)
             t_pages = time.monotonic()
             state = capture(self.m)
+            handover.release(self.m)          # flushed, unlocked: the destination opens it
+            released = True
             t_state = time.monotonic()
             ch.send_json(STATE, {"vmstate": state.to_json(), "t_pause": t_pause,
                                  "t_state": t_state, "rounds": rnd + 1})
@@ -270,7 +280,23 @@ class OutgoingMigration:
                 with contextlib.suppress(PyhvError, NotImplementedError):
                     tracker.close()
             if paused and self._p["status"] != "completed":
-                self.runner.resume()
+                self._resume(released)
+
+    def _resume(self, released: bool) -> None:
+        """Back to running after a failed migration: the disks first (shared storage).
+        An image this side cannot take again is held by the destination, which then
+        runs the guest: this side must not, and its run ends."""
+        if released:
+            try:
+                handover.take(self.m)
+            except PyhvError as e:
+                msg = (f"the migration failed after the switch-over and the disks cannot "
+                       f"be taken back ({e}): the destination may run the VM; this side "
+                       "stops")
+                self._set(error=msg)
+                self.runner.stop(StopRequest("migration-failed", 1, msg))
+                return
+        self.runner.resume()
 
     def _log(self, rnd: int, meter: Meter, dirty_rate: float,
              expected_ms: float | None) -> None:

@@ -111,10 +111,11 @@ class VirtioBlk(VirtioDevice):
     pci_class = 0x010000           # mass storage (as QEMU's virtio-blk-pci)
     queue_sizes = (QUEUE_SIZE,)
 
-    def __init__(self, disk: BlockDevice, *, serial: str = "", name: str = "virtio-blk"
-                 ) -> None:
+    def __init__(self, disk: BlockDevice, *, serial: str = "", name: str = "virtio-blk",
+                 reopen: Callable[[], BlockDevice] | None = None) -> None:
         super().__init__()
         self.disk = disk
+        self.reopen = reopen            # opens the image again (pyhv.disk.handover)
         self.name = name
         self.serial = serial.encode()[:ID_BYTES]
         self.read_only = disk.read_only
