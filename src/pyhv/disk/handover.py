@@ -1,4 +1,6 @@
-"""Handing a guest's disk over from one pyhv process to another (live migration).
+"""Handing a guest's disk over from one pyhv process to another (live migration): the
+block layer's half (the stand-in, `peek`); the machine's half, `release` and `take`, is
+pyhv.migration.handover.
 
 QEMU's semantics for shared storage (the same image path on both hosts): the destination
 opens the image only when it takes the VM over, and the source writes nothing after the
@@ -6,9 +8,10 @@ switch-over. pyhv holds its images with QEMU-compatible locks (pyhv.disk.lock), 
 sides cannot hold one image read-write at once; the handover is explicit:
 
 - the source, paused, with its disks quiesced (vmstate.capture: in-flight requests
-  finished), calls `release(machine)`: each virtio-blk's image is flushed and closed
-  (its lock released) and replaced by a `Released` stand-in of the same path and size,
-  on which any I/O is an ImageError (the guest is paused: nothing reaches it);
+  finished), calls `release(machine)` (pyhv.migration.handover): each virtio-blk's
+  image is flushed and closed (its lock released) and replaced by a `Released`
+  stand-in of the same path and size, on which any I/O is an ImageError (the guest is
+  paused: nothing reaches it);
 - the destination builds its virtio-blk devices on `Released` stand-ins (`peek`: the
   size read with a shared, read-only open that takes no write lock, QEMU's `-U`), and
   calls `take(machine)` once the source's final state has arrived: each image is opened
@@ -24,17 +27,7 @@ if one fails, closes those it opened (all-or-nothing) before raising.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-from pyhv.disk.blockdev import BlockDevice
 from pyhv.errors import ImageError
-
-if TYPE_CHECKING:
-    from pyhv.devices.virtio.blk import VirtioBlk
-    from pyhv.machine import Machine
-
-Opener = Callable[[], BlockDevice]
 
 
 class Released:
@@ -82,48 +75,3 @@ def peek(path: str, fmt: str | None, read_only: bool) -> Released:
     finally:
         img.close()
 
-
-def blk_devices(machine: Machine) -> list[VirtioBlk]:
-    from pyhv.devices.virtio.blk import VirtioBlk
-    from pyhv.devices.virtio.transport import VirtioPciFunction
-    return [fn.device for fn in machine.pci_functions
-            if isinstance(fn, VirtioPciFunction) and isinstance(fn.device, VirtioBlk)]
-
-
-def release(machine: Machine) -> None:
-    """Flush and close every disk of a paused, quiesced machine (the source's side)."""
-    for dev in blk_devices(machine):
-        disk = dev.disk
-        if isinstance(disk, Released):
-            continue
-        path = str(getattr(disk, "path", dev.name))
-        stand_in = Released(path, disk.size, disk.read_only)
-        try:
-            if not disk.read_only:
-                disk.flush()
-        finally:
-            disk.close()
-            dev.disk = stand_in
-
-
-def take(machine: Machine) -> None:
-    """Open every released disk again, locked (all or none); ImageError if one fails."""
-    opened: list[tuple[VirtioBlk, Released]] = []
-    try:
-        for dev in blk_devices(machine):
-            stand_in = dev.disk
-            if not isinstance(stand_in, Released):
-                continue
-            if dev.reopen is None:
-                raise ImageError(f"{dev.name}: pyhv does not know how to open its image")
-            img = dev.reopen()
-            opened.append((dev, stand_in))
-            dev.disk = img
-            if img.size != stand_in.size:
-                raise ImageError(f"{dev.name}: {stand_in.path} is now {img.size} bytes, "
-                                 f"the guest knows {stand_in.size}")
-    except BaseException:
-        for dev, stand_in in opened:
-            dev.disk.close()
-            dev.disk = stand_in
-        raise
