@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-auto-converge", action="store_true",
                    help="do not slow the guest's vCPUs when it dirties RAM faster than "
                         "the link carries it")
+    p.add_argument("--copy-storage", action="store_true",
+                   help="mirror the disks over the same connection to the destination's "
+                        "own images of the same sizes (docs/migration.md)")
     p.add_argument("--json", action="store_true", help="print the final report as JSON")
 
 
@@ -54,6 +57,8 @@ def main(args: argparse.Namespace) -> int:
         body["max_rounds"] = args.max_rounds
     if args.no_auto_converge:
         body["auto_converge"] = False
+    if args.copy_storage:
+        body["copy_storage"] = True
     call(sock, "PUT", "/migrate", body)
     deadline = time.monotonic() + LIMIT_S
     p: dict[str, object] = {}

@@ -336,7 +336,9 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
                                            if w.split("=", 1)[0] not in keys)])
         cmdline = " ".join([cmdline, *(w for w in root_words if w not in cmdline.split())])
     # after the image: --image debian's root disk comes first (vda)
-    pci_devices = [make_function(d, i) for i, d in enumerate(disks)]
+    # a migration's destination opens its disks when it takes the VM over
+    pci_devices = [make_function(d, i, held=args.incoming is None)
+                   for i, d in enumerate(disks)]
     pci_info: list[dict[str, object]] = [
         {"kind": "disk", "path": os.path.abspath(d.path), "format": d.format,
          "read_only": d.read_only, "serial": d.serial} for d in disks]

@@ -81,16 +81,25 @@ def parse_disk(text: str) -> DiskSpec:
     return DiskSpec(path, fmt, ro, serial)
 
 
-def make_function(spec: DiskSpec, index: int
+def make_function(spec: DiskSpec, index: int, *, held: bool = True
                   ) -> Callable[[GuestMemory, DeferredCalls], PciFunction]:
-    """A factory for MachineConfig.pci_devices: opens the image, builds the device."""
+    """A factory for MachineConfig.pci_devices: opens the image, builds the device.
+    held=False (a migration's destination): the image is only sized now and opened
+    when the VM is taken over (pyhv.disk.handover)."""
     def make(memory: GuestMemory, deferred: DeferredCalls) -> PciFunction:
         from pyhv.devices.virtio.blk import VirtioBlk
         from pyhv.devices.virtio.transport import VirtioPciFunction
+        from pyhv.disk.blockdev import BlockDevice
+        from pyhv.disk.handover import peek
         from pyhv.disk.open import open_image
-        disk = open_image(spec.path, spec.format, read_only=spec.read_only, guest=True)
+
+        def reopen() -> BlockDevice:
+            return open_image(spec.path, spec.format, read_only=spec.read_only, guest=True)
+        disk: BlockDevice = reopen() if held else peek(spec.path, spec.format,
+                                                       spec.read_only)
         try:
-            dev = VirtioBlk(disk, serial=spec.serial, name=f"virtio-blk{index}")
+            dev = VirtioBlk(disk, serial=spec.serial, name=f"virtio-blk{index}",
+                            reopen=reopen)
             return VirtioPciFunction(dev, memory, deferred)
         except BaseException:
             disk.close()

@@ -10,7 +10,11 @@ time.monotonic() at which the run loop started the guest, from a thread, as soon
 has.
 
 Invariants: nothing runs before the whole stream (pages, then state) arrived intact:
-any failure (the source gave up, a cut, a corrupt record, a refused header or state) is
+with --copy-storage (the header says "storage": "copy") this side's own images are
+opened at once and the DISK records written into them (pyhv.migration.storage);
+otherwise the disks (shared storage, the same paths) are opened, locked, only when STATE arrived
+(pyhv.disk.handover: the source released them just before sending it). Any failure
+(the source gave up, a cut, a corrupt record, a refused header or state) is
 a MigrationError and the machine never runs (the caller closes it). The source keeps
 its VM until the "running" answer; if that answer cannot be sent (the source died
 after the switch-over) this side runs on regardless.
@@ -26,11 +30,12 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pyhv.errors import PyhvError
-from pyhv.migration import header, uri
+from pyhv.errors import ImageError, PyhvError
+from pyhv.migration import handover, header, storage, uri
 from pyhv.migration.pages import PageReader, apply_record
 from pyhv.migration.stream import (
     ABORT,
+    DISK,
     HELLO,
     NAMES,
     PAGES,
@@ -59,6 +64,7 @@ class Session:
     t_pause: float = 0.0
     t_received: float = 0.0      # the STATE record read
     t_applied: float = 0.0       # the state applied
+    disk_chunks: int = 0         # DISK records written (--copy-storage)
     stats: dict[str, Any] = field(default_factory=dict)
 
     def announce(self, runner: Runner) -> threading.Thread:
@@ -115,8 +121,18 @@ class Incoming:
         assert machine.memory is not None
         _, hello = ch.recv_json((HELLO,))
         why = header.check(header.describe(machine), hello)
+        copy = hello.get("storage") == "copy"
+        if why is None and copy:
+            why = storage.check_target(machine, hello.get("disks"))
         if why is not None:
             raise MigrationError(f"refused at the header: {why}")
+        devs = handover.blk_devices(machine)
+        if copy:                                 # its own images: written from now on
+            try:
+                handover.take(machine)
+            except PyhvError as e:
+                raise MigrationError(f"--copy-storage: cannot open this side's disk: "
+                                     f"{e}") from None
         ch.send_json(REPLY, {"ok": True})
         s = Session(ch)
         reader = PageReader(machine.memory)
@@ -124,6 +140,13 @@ class Incoming:
             kind, payload = ch.recv()
             if kind == PAGES:
                 s.pages += apply_record(reader, payload)
+            elif kind == DISK and copy:
+                try:
+                    storage.write_record(devs, payload)
+                except (ImageError, OSError) as e:
+                    raise MigrationError(f"--copy-storage: writing this side's disk "
+                                         f"failed: {e}") from None
+                s.disk_chunks += 1
             elif kind == ROUND:
                 s.rounds += 1
                 obj = decode_json(kind, payload, ch.peer)
@@ -136,6 +159,7 @@ class Incoming:
                 obj = decode_json(kind, payload, ch.peer)
                 try:
                     state = VmState.from_json(obj.get("vmstate"))
+                    handover.take(machine)       # the source has released its disks
                     apply(machine, state)
                 except PyhvError as e:
                     raise MigrationError(f"the VM's state does not apply here: {e}") \

@@ -88,4 +88,8 @@ def final_lines(p: dict[str, Any]) -> list[str]:
     ] + ([
         "switch-over   " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}"
                                      for k, v in p["switchover_ms"].items()) + " (ms)"]
-        if p.get("switchover_ms") else [])
+        if p.get("switchover_ms") else []) + ([
+        f"disk copied   {int(p.get('disk_chunks') or 0):,} chunks, "
+        f"{int(p.get('disk_bytes') or 0) / MiB:.1f} MiB of data, "
+        f"{int(p.get('disk_again') or 0):,} sent again (written during the copy)"]
+        if p.get("storage") == "copy" else [])

@@ -20,6 +20,16 @@ wait_parked, resume, stop). The steps:
    clock, CLOCK_MONOTONIC, so downtime = t_first - t_pause across the two processes);
 5. only then the source's run ends (StopRequest "migrated", status 0).
 
+--copy-storage (pyhv.migration.storage): the disks are copied before round 1 of RAM
+with block-layer dirty tracking on, what the guest wrote is sent again after each round
+and, inside the pause, after the capture; the source's images are not released (the
+destination has its own). Shared storage (pyhv.disk.handover): after the capture (the
+disks quiesced) the source flushes and closes its images, releasing their locks, and
+only then sends STATE; the destination opens them when STATE arrives. A failure after
+that takes them back before the guest resumes; when they cannot be taken back (the
+destination has them) the source stops instead of resuming: two writers on one image
+would corrupt it.
+
 Invariants: until the destination's "running" arrives, every failure (connection cut,
 destination gone, a refusal, a corrupt answer, cancel) turns dirty tracking off and
 resumes the guest where it was paused: the source VM keeps running and loses nothing.
@@ -46,12 +56,13 @@ from typing import TYPE_CHECKING, Any
 from pyhv.errors import PyhvError
 from pyhv.machine import StopRequest
 from pyhv.memory import PAGE_SIZE
-from pyhv.migration import header, uri
+from pyhv.migration import handover, header, storage, uri
 from pyhv.migration.bandwidth import MB, Limiter, Meter
 from pyhv.migration.dirty import tracker_for
 from pyhv.migration.pages import PageReader
 from pyhv.migration.stream import (
     ABORT,
+    DISK,
     HELLO,
     PAGES,
     REPLY,
@@ -84,11 +95,13 @@ class Options:
     bandwidth_mbps: float | None = None      # 10^6 bytes per second; None: no limit
     max_rounds: int = DEFAULT_MAX_ROUNDS
     auto_converge: bool = True
+    copy_storage: bool = False               # mirror the disks over the connection
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> Options:
         """The control API's PUT /migrate body; MigrationError naming a bad field."""
-        known = {"uri", "max_downtime_ms", "bandwidth_mbps", "max_rounds", "auto_converge"}
+        known = {"uri", "max_downtime_ms", "bandwidth_mbps", "max_rounds", "auto_converge",
+                 "copy_storage"}
         extra = sorted(set(body) - known)
         if extra:
             raise MigrationError(f"unknown field(s) in the body: {', '.join(extra)}")
@@ -109,11 +122,12 @@ class Options:
             if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= 1000:
                 raise MigrationError("max_rounds must be an integer from 1 to 1000")
             opts.max_rounds = rounds
-        ac = body.get("auto_converge")
-        if ac is not None:
-            if not isinstance(ac, bool):
-                raise MigrationError("auto_converge must be true or false")
-            opts.auto_converge = ac
+        for name in ("auto_converge", "copy_storage"):
+            flag = body.get(name)
+            if flag is not None:
+                if not isinstance(flag, bool):
+                    raise MigrationError(f"{name} must be true or false")
+                setattr(opts, name, flag)
         return opts
 
 
@@ -133,6 +147,8 @@ class OutgoingMigration:
             "bandwidth_bps": 0.0, "dirty_rate_pps": 0.0, "expected_downtime_ms": None,
             "max_downtime_ms": options.max_downtime_ms, "throttle": 0.0,
             "downtime_ms": None, "total_s": None, "error": None, "history": [],
+            "storage": "copy" if options.copy_storage else "shared",
+            "disk_chunks": 0, "disk_bytes": 0, "disk_again": 0,
         }
         self._t0 = time.monotonic()
         self._sent: Callable[[int, bytes], None] | None = None
@@ -172,17 +188,28 @@ class OutgoingMigration:
         tracker = tracker_for(self.m)
         ch: Channel | None = None
         paused = False
+        released = False
         throttle = Throttle(self.runner)
+        mirror = storage.Mirror(self.m) if self.opts.copy_storage else None
         try:
             ch = Channel(uri.connect(self.opts.uri, CONNECT_TIMEOUT_S), self.opts.uri)
             ch.sock.settimeout(IO_TIMEOUT_S)
-            ch.send_json(HELLO, header.describe(self.m))
+            hello = header.describe(self.m)
+            if mirror is not None:
+                hello["storage"] = "copy"
+                hello["disks"] = storage.sizes(self.m)
+            ch.send_json(HELLO, hello)
             _, reply = ch.recv_json((REPLY,))
             if not reply.get("ok"):
                 raise MigrationError(f"the destination refused: {reply.get('error')}")
             reader = PageReader(self.m.memory)
             limiter = Limiter(None if self.opts.bandwidth_mbps is None
                               else self.opts.bandwidth_mbps * MB)
+            if mirror is not None:                # the disks first, the guest running
+                mirror.start()
+                self._set(status="storage")
+                mirror.bulk(self._disk_sender(ch, mirror, limiter), self._check_running)
+                self._set(status="active")
             tracker.start()
             self._sent = tracker.sent
             pfns = reader.frames()
@@ -190,6 +217,8 @@ class OutgoingMigration:
             bandwidth = 0.0
             while True:
                 rnd += 1
+                if mirror is not None:            # what the guest wrote meanwhile
+                    mirror.dirty(self._disk_sender(ch, mirror, limiter), self._check_running)
                 meter = self._send_round(ch, reader, limiter, rnd, pfns)
                 bandwidth = meter.rate()
                 t_dirty = time.monotonic()
@@ -228,6 +257,12 @@ class OutgoingMigration:
             self._log(rnd + 1, meter, 0.0, None)
             t_pages = time.monotonic()
             state = capture(self.m)
+            if mirror is not None:                # the disks quiesced: the last chunks
+                mirror.dirty(self._disk_sender(ch, mirror, Limiter(None)),
+                             self._check_running)
+            else:
+                handover.release(self.m)          # flushed, unlocked: the destination opens it
+                released = True
             t_state = time.monotonic()
             ch.send_json(STATE, {"vmstate": state.to_json(), "t_pause": t_pause,
                                  "t_state": t_state, "rounds": rnd + 1})
@@ -266,11 +301,41 @@ class OutgoingMigration:
             throttle.stop()
             if ch is not None:
                 ch.close()
+            if mirror is not None:
+                mirror.stop()
             if self.m.engine is not None:
                 with contextlib.suppress(PyhvError, NotImplementedError):
                     tracker.close()
             if paused and self._p["status"] != "completed":
-                self.runner.resume()
+                self._resume(released)
+
+    def _disk_sender(self, ch: Channel, mirror: storage.Mirror,
+                     limiter: Limiter) -> Callable[[bytes], None]:
+        def send(payload: bytes) -> None:
+            size = ch.send(DISK, payload)
+            limiter.throttle(size)
+            with self._lock:
+                self._p["disk_chunks"] = mirror.chunks + 1
+                self._p["disk_bytes"] = mirror.bytes
+                self._p["disk_again"] = mirror.again
+                self._p["bytes"] = ch.sent
+        return send
+
+    def _resume(self, released: bool) -> None:
+        """Back to running after a failed migration: the disks first (shared storage).
+        An image this side cannot take again is held by the destination, which then
+        runs the guest: this side must not, and its run ends."""
+        if released:
+            try:
+                handover.take(self.m)
+            except PyhvError as e:
+                msg = (f"the migration failed after the switch-over and the disks cannot "
+                       f"be taken back ({e}): the destination may run the VM; this side "
+                       "stops")
+                self._set(error=msg)
+                self.runner.stop(StopRequest("migration-failed", 1, msg))
+                return
+        self.runner.resume()
 
     def _log(self, rnd: int, meter: Meter, dirty_rate: float,
              expected_ms: float | None) -> None:

@@ -6,7 +6,8 @@ Design: both directions of a migration connection are a sequence of records
     | payload
 
 (little-endian). JSON records (HELLO, REPLY, ROUND, STATE, ABORT) carry a UTF-8 JSON
-object; PAGES carries guest pages (pyhv.migration.pages). A `Channel` wraps a connected
+object; PAGES carries guest pages (pyhv.migration.pages), DISK a disk chunk
+(pyhv.migration.storage). A `Channel` wraps a connected
 socket: `send(type, payload)` and `recv()` -> (type, payload), `send_json` / `recv_json`.
 
 Invariants: a record is accepted only whole and with both checksums right: a short read
@@ -38,8 +39,10 @@ PAGES = 3     # source -> destination: a batch of RAM pages (pyhv.migration.page
 ROUND = 4     # source -> destination: a round ended {"round": n, "pages": n}
 STATE = 5     # source -> destination: the VmState and the switch-over's timestamps
 ABORT = 6     # source -> destination: the source gave up {"error": str}
+DISK = 7      # source -> destination: a chunk of a disk (--copy-storage,
+              # pyhv.migration.storage)
 NAMES = {HELLO: "HELLO", REPLY: "REPLY", PAGES: "PAGES", ROUND: "ROUND", STATE: "STATE",
-         ABORT: "ABORT"}
+         ABORT: "ABORT", DISK: "DISK"}
 
 
 class MigrationError(PyhvError):

@@ -44,7 +44,7 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pyhv.devices.state import Reader
 from pyhv.devices.virtio.device import VirtioContext, VirtioDevice
@@ -52,6 +52,8 @@ from pyhv.devices.virtio.queue import Chain, read_buffers
 from pyhv.disk.blockdev import BlockDevice
 from pyhv.errors import GuestMemoryError, ImageError, StateError
 from pyhv.memory import GuestMemory
+
+_T = TypeVar("_T")
 
 SECTOR = 512
 QUEUE_SIZE = 256
@@ -111,10 +113,11 @@ class VirtioBlk(VirtioDevice):
     pci_class = 0x010000           # mass storage (as QEMU's virtio-blk-pci)
     queue_sizes = (QUEUE_SIZE,)
 
-    def __init__(self, disk: BlockDevice, *, serial: str = "", name: str = "virtio-blk"
-                 ) -> None:
+    def __init__(self, disk: BlockDevice, *, serial: str = "", name: str = "virtio-blk",
+                 reopen: Callable[[], BlockDevice] | None = None) -> None:
         super().__init__()
         self.disk = disk
+        self.reopen = reopen            # opens the image again (pyhv.disk.handover)
         self.name = name
         self.serial = serial.encode()[:ID_BYTES]
         self.read_only = disk.read_only
@@ -190,6 +193,30 @@ class VirtioBlk(VirtioDevice):
                 self.disk.flush()
         finally:
             self.disk.close()
+
+    def call(self, fn: Callable[[], _T]) -> _T:
+        """Run `fn` on the I/O thread, in order with the guest's requests, and return
+        its result (live migration reads and tracks the disk this way: the image is
+        only ever used from that thread)."""
+        if self._closed:
+            raise ImageError(f"{self.name}: the device is closed")
+        box: list[tuple[bool, object]] = []
+        done = threading.Event()
+
+        def job() -> None:
+            try:
+                box.append((True, fn()))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                box.append((False, e))
+            finally:
+                done.set()
+        self._work.put(job)
+        done.wait()
+        ok, value = box[0]
+        if not ok:
+            assert isinstance(value, BaseException)
+            raise value
+        return value  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ the I/O thread
 
