@@ -345,6 +345,7 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
         pci_info.append({"kind": "rng"})
     if args.balloon:
         pci_devices.append(_balloon_function)
+        pci_info.append({"kind": "balloon"})
     if net.kind != "none":
         pci_devices.append(make_nic(net, mac))
         pci_info.append({"kind": "net", "net": args.net, "mac": mac.hex()})
