@@ -1,7 +1,9 @@
 """`pyhv run --restore DIR`: the machine a snapshot describes, checked before it is built.
 
-The snapshot (pyhv.snapshot) is opened and checked in full first: its manifest (format,
-fields), every file's size and checksum, the state against the manifest. Then the
+The snapshot (pyhv.snapshot) is opened and checked first: its manifest (format,
+fields), every file's size and checksum, the state against the manifest; the RAM file
+by its quick check (size and sparse map, snapshot/ramfile.py) unless `--verify` asks for
+the full content hash (`pyhv snapshot-verify DIR` does that check alone). Then the
 machine is configured from it: the vCPU count and RAM size of the snapshot (refused if
 this host has less RAM), its engine unless `--engine` names another (the cross-engine
 case: the engine's `set_state` refuses a CPU mode it cannot run), its engine options
@@ -59,7 +61,7 @@ def restore_config(args: argparse.Namespace
     snapdir = args.restore
     if not snapdir.is_dir():
         raise ConfigError(f"--restore {snapdir}: not a directory")
-    manifest, state = open_snapshot(snapdir)
+    manifest, state = open_snapshot(snapdir, ram="full" if args.verify else "quick")
     check_memory(manifest.mem_size)
     engine = resolve_engine(manifest.engine if args.engine == "auto" else args.engine)
     options = manifest.machine.get("engine_options", {})

@@ -203,6 +203,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "snapshot-create) exactly where it was: its RAM is mapped from "
                         "the snapshot copy-on-write; --engine may name another engine "
                         "that can run the saved CPU mode (docs/snapshots.md)")
+    p.add_argument("--verify", action="store_true",
+                   help="with --restore: hash the whole RAM file first (by default a "
+                        "quick check of its size and sparse map; docs/snapshots.md)")
     p.add_argument("--snapshot-dir", type=Path, default=None, metavar="DIR",
                    help="where this VM's snapshots go (default: $PYHV_SNAPSHOT_DIR/VM, "
                         "else ~/.local/share/pyhv/snapshots/VM; VM: the --name, or the "
@@ -278,6 +281,8 @@ def _start_control(args: argparse.Namespace, stack: contextlib.ExitStack
 
 def _main(args: argparse.Namespace, overlays: list[Overlay],
           stack: contextlib.ExitStack) -> int:
+    if args.verify and args.restore is None:
+        raise ConfigError("--verify checks a snapshot: it goes with --restore DIR")
     if args.restore is not None:
         from pyhv.cmd_restore import restore_config
         config, prepare, snapshot, restored_pci = restore_config(args)

@@ -7,9 +7,10 @@
     revert_snapshot(machine, store, name)        the machine is paused by the caller:
         check everything (manifest, checksums, device set, vCPUs, RAM size), then copy
         the RAM in, revert the disks, apply the state; the caller resumes it
-    open_snapshot(dir)                           for `pyhv run --restore DIR`: the
+    open_snapshot(dir, ram=...)                  for `pyhv run --restore DIR`: the
         manifest, the files' checksums and the state, all checked, before any machine
-        is built; the RAM is then mapped from the file (MachineConfig.restore_ram) and
+        is built (the RAM file by its quick check unless --verify: ramfile.py);
+        the RAM is then mapped from the file (MachineConfig.restore_ram) and
         restore_machine(machine, manifest, state) puts the disks back and applies it
     Disks: each read-write qcow2 disk gets an internal snapshot of the same name
         (snapshot/disks.py); a read-write raw disk makes create refuse the machine
@@ -112,10 +113,11 @@ def create_snapshot(machine: Machine, store: SnapshotStore, name: str, *, vm: st
     return Created(m, final, time.monotonic() - t0, stored)
 
 
-def open_snapshot(snapdir: Path, *, verify_ram: bool = True) -> tuple[Manifest, VmState]:
-    """The manifest and state of the snapshot in `snapdir`, every file checked."""
+def open_snapshot(snapdir: Path, *, ram: str = "full") -> tuple[Manifest, VmState]:
+    """The manifest and state of the snapshot in `snapdir`, every file checked (the RAM
+    file as `ram` says: "full", "quick" or "size"; manifest.check_files)."""
     m = load_manifest(snapdir)
-    check_files(snapdir, m, ram=verify_ram)
+    check_files(snapdir, m, ram=ram)
     state = VmState.from_json(read_json(snapdir / VMSTATE, "the VM state"))
     if state.n_cpus != m.cpus or state.mem_size != m.mem_size or \
             sorted(state.device_names()) != sorted(m.devices):
