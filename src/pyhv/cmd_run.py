@@ -257,6 +257,14 @@ def main(args: argparse.Namespace) -> int:
                 overlay.close()
 
 
+def _snapshot_dir(args: argparse.Namespace) -> Path | None:
+    """The VM's snapshot directory, if it has a control API (else None)."""
+    if args.name is None and args.api_sock is None:
+        return None
+    from pyhv.snapshot import SnapshotStore
+    return SnapshotStore.for_vm(args.name or Path(args.api_sock).stem, args.snapshot_dir).dir
+
+
 def _start_control(args: argparse.Namespace, stack: contextlib.ExitStack
                    ) -> VmControl | None:
     """--name / --api-sock: claim the name, serve the control API until the run ends."""
@@ -320,7 +328,7 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
         from pyhv import images
         root_words: tuple[str, ...] = ()
         if args.image == "debian":
-            img, root_words, vda = _debian_root_disk(overlays)
+            img, root_words, vda = _debian_root_disk(overlays, _snapshot_dir(args))
             disks.insert(0, parse_disk(vda))
         else:
             img = images.ensure_linux_image(quiet=False)
@@ -342,9 +350,12 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
         cmdline = " ".join([cmdline, *(w for w in root_words if w not in cmdline.split())])
     # after the image: --image debian's root disk comes first (vda)
     pci_devices = [make_function(d, i) for i, d in enumerate(disks)]
+    throwaway = {os.path.abspath(o.path) for o in overlays}
     pci_info: list[dict[str, object]] = [
         {"kind": "disk", "path": os.path.abspath(d.path), "format": d.format,
-         "read_only": d.read_only, "serial": d.serial} for d in disks]
+         "read_only": d.read_only, "serial": d.serial,
+         **({"throwaway": True} if os.path.abspath(d.path) in throwaway else {})}
+        for d in disks]
     if args.rng:
         pci_devices.append(_rng_function)
         pci_info.append({"kind": "rng"})
@@ -498,14 +509,16 @@ def _tee(pump: OutputPump, csock: ConsoleSocket) -> Callable[[bytes], None]:
     return sink
 
 
-def _debian_root_disk(overlays: list[Overlay]
+def _debian_root_disk(overlays: list[Overlay], directory: Path | None = None
                       ) -> tuple[images.LinuxImage, tuple[str, ...], str]:
     """--image debian: the cached Debian disk (built on first use) behind a throwaway
     overlay, to be the first virtio-blk disk (/dev/vda). Returns the kernel image that
-    boots it, the command-line words it needs and the overlay's --disk option."""
+    boots it, the command-line words it needs and the overlay's --disk option. A VM
+    with a control API gets the overlay in its snapshot directory (`directory`), where
+    a snapshot can keep it (pyhv.overlay)."""
     from pyhv import debian
     disk = debian.ensure_debian_disk(quiet=False)
-    overlay = Overlay(disk.disk_path)
+    overlay = Overlay(disk.disk_path, directory)
     overlays.append(overlay)
     return disk.linux, disk.cmdline_words, disk_option(overlay.path)
 

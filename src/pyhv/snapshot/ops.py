@@ -42,6 +42,7 @@ from pyhv.snapshot.disks import (
     check_disks,
     check_disks_savable,
     delete_disk_snapshots,
+    keep_throwaway,
     snapshot_disks,
 )
 from pyhv.snapshot.manifest import (
@@ -85,15 +86,18 @@ def create_snapshot(machine: Machine, store: SnapshotStore, name: str, *, vm: st
     state = capture(machine)
     tmp = store.partial(name)
     disks: list[dict[str, Any]] | None = None
+    unkeep: Callable[[], None] | None = None
     try:
         (tmp / VMSTATE).write_text(json.dumps(state.to_json()))
         digest = write_ram(machine.memory, tmp / RAM, progress)
+        info, unkeep = keep_throwaway(machine, dict(machine_info or {}), tmp,
+                                      store.path(name))
         disks = snapshot_disks(machine, name)
         m = Manifest(name=name, vm=vm, parent=parent, engine=state.engine,
                      cpus=state.n_cpus, mem_size=state.mem_size,
                      devices=state.device_names(),
                      created=datetime.now(UTC).isoformat(timespec="milliseconds"),
-                     machine=dict(machine_info or {}), disks=disks,
+                     machine=info, disks=disks,
                      pyhv_version=pyhv.__version__,
                      files={VMSTATE: file_entry(tmp / VMSTATE),
                             RAM: file_entry(tmp / RAM, digest)})
@@ -109,6 +113,8 @@ def create_snapshot(machine: Machine, store: SnapshotStore, name: str, *, vm: st
         shutil.rmtree(tmp, ignore_errors=True)
         if disks is not None:
             delete_disk_snapshots(machine, disks)
+        if unkeep is not None:
+            unkeep()
         raise
     return Created(m, final, time.monotonic() - t0, stored)
 
