@@ -334,7 +334,12 @@ class EmuVcpu(EngineVcpu):
         cpu = self.cpu
         if cpu is None:
             return None
-        return (lambda: cpu.tsc(self.ctl.blocks)), cpuhooks.TSC_HZ
+        def now() -> int:
+            # after set_state and before the next run, the TSC is the state's (guest
+            # time does not move in between): a restored TSC-deadline converts with it
+            pending = self._pending_tsc
+            return pending if pending is not None else cpu.tsc(self.ctl.blocks)
+        return now, cpuhooks.TSC_HZ
 
     def attach_clock(self, clock: VirtualClock, timers: TimerQueue) -> None:
         """Advance `clock` with guest progress; return Interrupted at timers' deadlines."""
