@@ -20,11 +20,14 @@ takes the disk's internal snapshot), and idle there. Then, per size, the medians
                     without a disk)
     pyhv restore    `pyhv run --restore`'s path in a fresh process, timed inside it from
                     the first snapshot check to the moment the run loop starts the vCPU
-                    (every check including the RAM checksum; the RAM mapped from the
-                    file copy-on-write), and the same without the RAM checksum (the
-                    lazy mapping alone); Python's start-up is not in it; and that again
-                    in a process that has built one machine before (pyhv's and
-                    unicorn's code loaded, as a VMM serving a restore request is)
+                    (every check including the full RAM checksum, `--verify`; the
+                    RAM mapped from the file copy-on-write), and the same with the
+                    default quick RAM check (size + sparse map, what `pyhv run
+                    --restore` does); Python's start-up is not in it; and that again
+                    in a process that has built one machine before and imported the
+                    disk code (pyhv's and unicorn's code loaded, as a VMM serving a
+                    restore request is; this host sets PYTHONDONTWRITEBYTECODE, so a
+                    cold import compiles the modules)
 
 Ratios are pyhv / QEMU (below 1: pyhv faster). Every process and wait has a timeout.
 These machines are shared and noisy (docs/host.md): quote ratios from one run.
@@ -106,11 +109,11 @@ def pyhv_side(mib: int, runs: int, work: Path, with_disk: bool = True) -> dict[s
         res["revert"] = statistics.median(reverts)
         res["stored_mib"] = statistics.median(stored)
         snapdir = work / "snaps" / name / "s0"
-        probes = ((("restore", True, False), ("restore_noverify", False, False),
-                   ("restore_warm", False, True)) if with_disk else
-                  (("restore_warm", False, True),))
-        for key, verify, warm in probes:
-            times = [restore_probe(snapdir, verify, env, warm) for _ in range(runs)]
+        probes = ((("restore", "full", False), ("restore_noverify", "quick", False),
+                   ("restore_warm", "quick", True)) if with_disk else
+                  (("restore_warm", "quick", True),))
+        for key, ram, warm in probes:
+            times = [restore_probe(snapdir, ram, env, warm) for _ in range(runs)]
             res[key] = statistics.median(times)
     finally:
         if proc.poll() is None:
@@ -119,7 +122,7 @@ def pyhv_side(mib: int, runs: int, work: Path, with_disk: bool = True) -> dict[s
     return res
 
 
-def restore_probe(snapdir: Path, verify: bool, env: dict[str, str], warm: bool = False
+def restore_probe(snapdir: Path, ram: str, env: dict[str, str], warm: bool = False
                   ) -> float:
     """Seconds from the first check of `snapdir` to the vCPU's start, in a new process
     (warm: after one throwaway machine was built, so pyhv's and unicorn's code is
@@ -141,8 +144,10 @@ if {warm!r}:   # a VMM process whose code is loaded: build and drop one machine 
         return LoadedGuest("warm", boot.real_mode(0, 0x7C00), "warm-up")
     Machine(MachineConfig(engine="emu", mem_size=4 << 20, setup=setup),
             lambda b: None).close()
+    import pyhv.disk.open, pyhv.disk.qcow2.check, pyhv.disk.qcow2.snapshot
+    import pyhv.disk.qcow2.rewrite, pyhv.disk.qcow2.create
 t0 = time.perf_counter()
-m, state = open_snapshot(snapdir, verify_ram={verify!r})
+m, state = open_snapshot(snapdir, ram={ram!r})
 cfg = MachineConfig(mem_size=m.mem_size, n_cpus=m.cpus, engine=m.engine,
                     restore_ram=snapdir / RAM, pci_devices=pci_devices(m.machine.get("pci", [])))
 machine = Machine(cfg, lambda b: None)
@@ -249,8 +254,8 @@ def main() -> int:
         for what, pv, qv in (
                 ("create (savevm)", p["create"], q.get("create")),
                 ("revert a running VM (loadvm)", p["revert"], q.get("restore")),
-                ("restore-to-running, checked", p["restore"], q.get("restore")),
-                ("restore-to-running, no RAM hash", p["restore_noverify"], q.get("restore")),
+                ("restore-to-running, --verify", p["restore"], q.get("restore")),
+                ("restore-to-running (quick check)", p["restore_noverify"], q.get("restore")),
                 ("  the same, code already loaded", p["restore_warm"], q.get("restore")),
                 ("(pyhv, no disk) create", n["create"], None),
                 ("(pyhv, no disk) restore, code loaded", n["restore_warm"], None)):

@@ -44,6 +44,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "snapshot-list": ("pyhv.cmd_snapshot", "list a VM's snapshots (the tree)"),
     "snapshot-revert": ("pyhv.cmd_snapshot", "put a running VM back to a snapshot"),
     "snapshot-delete": ("pyhv.cmd_snapshot", "delete one of a VM's snapshots"),
+    "snapshot-verify": ("pyhv.cmd_snapshot_verify", "check a snapshot directory in full"),
 }
 
 

@@ -1,7 +1,9 @@
 """`pyhv run --restore DIR`: the machine a snapshot describes, checked before it is built.
 
-The snapshot (pyhv.snapshot) is opened and checked in full first: its manifest (format,
-fields), every file's size and checksum, the state against the manifest. Then the
+The snapshot (pyhv.snapshot) is opened and checked first: its manifest (format,
+fields), every file's size and checksum, the state against the manifest; the RAM file
+by its quick check (size and sparse map, snapshot/ramfile.py) unless `--verify` asks for
+the full content hash (`pyhv snapshot-verify DIR` does that check alone). Then the
 machine is configured from it: the vCPU count and RAM size of the snapshot (refused if
 this host has less RAM), its engine unless `--engine` names another (the cross-engine
 case: the engine's `set_state` refuses a CPU mode it cannot run), its engine options
@@ -13,7 +15,7 @@ nothing has run.
 
 The snapshot's virtio devices are built again from its manifest (`machine.pci`): its
 disks by path, format, read-only flag and serial, put back to their qcow2 internal
-snapshots before the state is applied (snapshot/disks.py); rng; the NIC with the MAC
+snapshots before the state is applied (snapshot/disks.py); rng; the balloon; the NIC with the MAC
 its driver knows, on a new back end of the same spec.
 
 Options that describe a new guest (--kernel, --image, --initrd, --append, --command,
@@ -59,7 +61,7 @@ def restore_config(args: argparse.Namespace
     snapdir = args.restore
     if not snapdir.is_dir():
         raise ConfigError(f"--restore {snapdir}: not a directory")
-    manifest, state = open_snapshot(snapdir)
+    manifest, state = open_snapshot(snapdir, ram="full" if args.verify else "quick")
     check_memory(manifest.mem_size)
     engine = resolve_engine(manifest.engine if args.engine == "auto" else args.engine)
     options = manifest.machine.get("engine_options", {})
@@ -80,7 +82,7 @@ def restore_config(args: argparse.Namespace
 
 def pci_devices(info: object) -> list[Callable[[GuestMemory, DeferredCalls], PciFunction]]:
     """The virtio devices a manifest's `machine.pci` names, in order (their slots):
-    disks (path, format, read_only, serial), rng, net (the back end spec and the MAC the
+    disks (path, format, read_only, serial), rng, balloon, net (the back end spec and the MAC the
     guest's driver knows). Anything else is a StateError."""
     from pyhv.diskspec import DiskSpec, make_function
     if not isinstance(info, list):
@@ -101,12 +103,15 @@ def pci_devices(info: object) -> list[Callable[[GuestMemory, DeferredCalls], Pci
         elif kind == "rng":
             from pyhv.cmd_run import _rng_function
             out.append(_rng_function)
+        elif kind == "balloon":
+            from pyhv.cmd_run import _balloon_function
+            out.append(_balloon_function)
         elif kind == "net":
             from pyhv.net.spec import parse_net
             from pyhv.nic import make_nic
             net = parse_net(r.str("net", 4096))
             out.append(make_nic(net, r.hex("mac", length=6)))
         else:
-            raise r.fail("kind", f"= {kind!r} is not disk, rng or net")
+            raise r.fail("kind", f"= {kind!r} is not disk, rng, balloon or net")
         r.done()
     return out

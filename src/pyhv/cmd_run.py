@@ -203,6 +203,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "snapshot-create) exactly where it was: its RAM is mapped from "
                         "the snapshot copy-on-write; --engine may name another engine "
                         "that can run the saved CPU mode (docs/snapshots.md)")
+    p.add_argument("--verify", action="store_true",
+                   help="with --restore: hash the whole RAM file first (by default a "
+                        "quick check of its size and sparse map; docs/snapshots.md)")
     p.add_argument("--snapshot-dir", type=Path, default=None, metavar="DIR",
                    help="where this VM's snapshots go (default: $PYHV_SNAPSHOT_DIR/VM, "
                         "else ~/.local/share/pyhv/snapshots/VM; VM: the --name, or the "
@@ -254,6 +257,14 @@ def main(args: argparse.Namespace) -> int:
                 overlay.close()
 
 
+def _snapshot_dir(args: argparse.Namespace) -> Path | None:
+    """The VM's snapshot directory, if it has a control API (else None)."""
+    if args.name is None and args.api_sock is None:
+        return None
+    from pyhv.snapshot import SnapshotStore
+    return SnapshotStore.for_vm(args.name or Path(args.api_sock).stem, args.snapshot_dir).dir
+
+
 def _start_control(args: argparse.Namespace, stack: contextlib.ExitStack
                    ) -> VmControl | None:
     """--name / --api-sock: claim the name, serve the control API until the run ends."""
@@ -278,6 +289,8 @@ def _start_control(args: argparse.Namespace, stack: contextlib.ExitStack
 
 def _main(args: argparse.Namespace, overlays: list[Overlay],
           stack: contextlib.ExitStack) -> int:
+    if args.verify and args.restore is None:
+        raise ConfigError("--verify checks a snapshot: it goes with --restore DIR")
     if args.restore is not None:
         from pyhv.cmd_restore import restore_config
         config, prepare, snapshot, restored_pci = restore_config(args)
@@ -315,7 +328,7 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
         from pyhv import images
         root_words: tuple[str, ...] = ()
         if args.image == "debian":
-            img, root_words, vda = _debian_root_disk(overlays)
+            img, root_words, vda = _debian_root_disk(overlays, _snapshot_dir(args))
             disks.insert(0, parse_disk(vda))
         else:
             img = images.ensure_linux_image(quiet=False)
@@ -339,14 +352,18 @@ def _main(args: argparse.Namespace, overlays: list[Overlay],
     # a migration's destination opens its disks when it takes the VM over
     pci_devices = [make_function(d, i, held=args.incoming is None)
                    for i, d in enumerate(disks)]
+    throwaway = {os.path.abspath(o.path) for o in overlays}
     pci_info: list[dict[str, object]] = [
         {"kind": "disk", "path": os.path.abspath(d.path), "format": d.format,
-         "read_only": d.read_only, "serial": d.serial} for d in disks]
+         "read_only": d.read_only, "serial": d.serial,
+         **({"throwaway": True} if os.path.abspath(d.path) in throwaway else {})}
+        for d in disks]
     if args.rng:
         pci_devices.append(_rng_function)
         pci_info.append({"kind": "rng"})
     if args.balloon:
         pci_devices.append(_balloon_function)
+        pci_info.append({"kind": "balloon"})
     if net.kind != "none":
         pci_devices.append(make_nic(net, mac))
         pci_info.append({"kind": "net", "net": args.net, "mac": mac.hex()})
@@ -494,14 +511,16 @@ def _tee(pump: OutputPump, csock: ConsoleSocket) -> Callable[[bytes], None]:
     return sink
 
 
-def _debian_root_disk(overlays: list[Overlay]
+def _debian_root_disk(overlays: list[Overlay], directory: Path | None = None
                       ) -> tuple[images.LinuxImage, tuple[str, ...], str]:
     """--image debian: the cached Debian disk (built on first use) behind a throwaway
     overlay, to be the first virtio-blk disk (/dev/vda). Returns the kernel image that
-    boots it, the command-line words it needs and the overlay's --disk option."""
+    boots it, the command-line words it needs and the overlay's --disk option. A VM
+    with a control API gets the overlay in its snapshot directory (`directory`), where
+    a snapshot can keep it (pyhv.overlay)."""
     from pyhv import debian
     disk = debian.ensure_debian_disk(quiet=False)
-    overlay = Overlay(disk.disk_path)
+    overlay = Overlay(disk.disk_path, directory)
     overlays.append(overlay)
     return disk.linux, disk.cmdline_words, disk_option(overlay.path)
 

@@ -9,12 +9,20 @@ when the run ends (QEMU's `-snapshot`). The base is opened read-only through the
 with QEMU's shared read locks, so any number of runs can share it while nothing writes
 it.
 
+Snapshots (`pyhv snapshot-create` of a VM started with `--image debian` and a control
+API): the overlay is then created in the VM's snapshot directory (a hidden
+`.pyhv-overlay-PID-*` directory there, swept by the next snapshot-create of that VM if
+its run died without removing it), so that a snapshot can keep it with a hard link on
+the same filesystem (snapshot/disks.py `keep_throwaway`): the run's end removes only
+the overlay's own name, a snapshot's link stays.
+
 Invariants: the base is named by its absolute path (the overlay lives elsewhere);
 `Overlay.close()` is idempotent and removes only what `create_overlay` made.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,7 +35,7 @@ from pyhv.errors import ImageError
 class Overlay:
     """An overlay file in its own temporary directory; close() removes both."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, directory: Path | None = None) -> None:
         base = base.resolve()
         try:
             img = Qcow2Image(str(base), read_only=True)
@@ -37,7 +45,12 @@ class Overlay:
             size = img.size
         finally:
             img.close()
-        self._dir: Path | None = Path(tempfile.mkdtemp(prefix="pyhv-overlay-"))
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._dir: Path | None = Path(tempfile.mkdtemp(
+            prefix=f".pyhv-overlay-{os.getpid()}-" if directory is not None
+            else "pyhv-overlay-",
+            dir=directory))
         self.path = self._dir / "overlay.qcow2"
         try:
             create(str(self.path), size, backing_file=str(base), backing_format="qcow2")

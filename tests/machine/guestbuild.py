@@ -53,6 +53,7 @@ KINDS: dict[str, str] = {
     "bigbss": "multiboot",
     "smp": "c32",
     "counter": "multiboot",
+    "tsc": "multiboot",
     "echo": "multiboot",
     "dirtier": "multiboot",
     "counter64": "elf64",

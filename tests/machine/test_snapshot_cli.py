@@ -205,3 +205,21 @@ def test_restore_on_another_engine(snapshot: Path, env: dict[str, str]) -> None:
     r = restore(env, snapshot, "--engine", "kvm")
     assert r.returncode == 124, r.stderr
     assert offset_in_count(r.stdout.encode()) > len(counting(3))
+
+
+def test_snapshot_verify_and_restore_verify_hash_the_whole_ram(
+        snapshot: Path, env: dict[str, str], tmp_path: Path) -> None:
+    """The full check alone (`pyhv snapshot-verify DIR`) and before a restore
+    (`--restore DIR --verify`): a byte changed inside a RAM data page is refused by both
+    (the default quick check does not see it: test_snapshot_ops), nothing runs."""
+    ok = pyhv(env, "snapshot-verify", str(snapshot))
+    assert ok.returncode == 0 and "every file matches its checksum" in ok.stdout, ok.stderr
+    damaged = tmp_path / "copy"
+    shutil.copytree(snapshot, damaged)
+    flip_ram_byte(damaged)
+    for r in (pyhv(env, "snapshot-verify", str(damaged)),
+              restore(env, damaged, "--verify")):
+        assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stderr)
+        assert r.stderr.startswith("pyhv: ") and "does not match its checksum" in r.stderr
+    r = pyhv(env, "run", "--verify", "--kernel", str(snapshot / "x"))
+    assert r.returncode == 2 and "goes with --restore" in r.stderr

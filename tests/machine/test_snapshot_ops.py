@@ -157,3 +157,85 @@ def test_a_foreign_device_set_is_refused_before_the_machine_changes(
     vms.append(target)
     with pytest.raises(StateError, match="device set differs.*rtc.*floppy"):
         apply(target.machine, state)
+
+
+def _punch_hole(snapdir: Path) -> None:
+    """Zero the first data page at or above 1 MiB by making it a hole (truncate to it,
+    then write back what followed)."""
+    fd = os.open(snapdir / RAM, os.O_RDWR)
+    try:
+        at = os.lseek(fd, 0x100000, os.SEEK_DATA)
+        size = os.fstat(fd).st_size
+        rest = os.pread(fd, size - at - 4096, at + 4096)
+        os.ftruncate(fd, at)
+        os.ftruncate(fd, size)
+        os.pwrite(fd, rest, at + 4096)
+    finally:
+        os.close(fd)
+
+
+def _write_into_hole(snapdir: Path) -> None:
+    fd = os.open(snapdir / RAM, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        hole = os.lseek(fd, 0, os.SEEK_HOLE)
+        assert hole < size, "the copy has no hole"
+        os.pwrite(fd, b"\x01", hole)
+    finally:
+        os.close(fd)
+
+
+def _densify(snapdir: Path) -> None:
+    """A copy that filled the holes (same content): the quick check cannot vouch for
+    it and falls back to the full hash, which accepts it."""
+    data = (snapdir / RAM).read_bytes()
+    (snapdir / RAM).unlink()
+    (snapdir / RAM).write_bytes(data)
+
+
+def _sparse_copytree(src: Path, dst: Path) -> None:
+    """copytree fills the RAM file's holes; copy it again with its zero pages holes."""
+    import shutil
+    shutil.copytree(src, dst)
+    data = (src / RAM).read_bytes()
+    (dst / RAM).unlink()
+    fd = os.open(dst / RAM, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, len(data))
+        zero = bytes(4096)
+        for off in range(0, len(data), 4096):
+            if data[off:off + 4096] != zero:
+                os.pwrite(fd, data[off:off + 4096], off)
+    finally:
+        os.close(fd)
+
+
+def test_the_quick_ram_check_and_its_limit(counter: Path, vms: list[LiveVm],
+                                           tmp_path: Path) -> None:
+    """`--restore`'s default check: size + sparse map. It refuses a truncated file, a
+    zeroed (hole-punched) page, data written into a hole; it accepts a copy with the
+    holes filled (falling back to the full hash) and an older manifest without the
+    quick digest (full hash). Its documented limit: a byte changed inside a data page
+    passes it; the full check (--verify, snapshot-verify) refuses it."""
+    orig = _copy_snapshot(tmp_path, counter, vms)
+    open_snapshot(orig, ram="quick")
+    cases: list[tuple[Callable[[Path], None], str | None, str | None]] = [
+        (lambda d: os.truncate(d / RAM, MEM - 4096), "bytes, the manifest", None),
+        (_punch_hole, "does not match its checksum", None),
+        (_write_into_hole, "does not match its checksum", None),
+        (_densify, None, None),
+        (lambda d: rewrite_json(d, MANIFEST, lambda m: m["files"][RAM].pop(
+            "sha256_extents")), None, None),
+        (flip_ram_byte, None, "does not match its checksum"),
+    ]
+    for i, (damage, quick_words, full_words) in enumerate(cases):
+        d = tmp_path / f"c{i}"
+        _sparse_copytree(orig, d)
+        open_snapshot(d, ram="quick")
+        damage(d)
+        for mode, words in (("quick", quick_words), ("full", full_words or quick_words)):
+            if words is None:
+                open_snapshot(d, ram=mode)
+            else:
+                with pytest.raises(StateError, match=words):
+                    open_snapshot(d, ram=mode)

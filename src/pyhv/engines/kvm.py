@@ -24,6 +24,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
+from pyhv.arch.x86 import msr
 from pyhv.arch.x86.cpustate import GPRS, SEGMENTS, CpuState, DescriptorTable, Segment
 from pyhv.engines.base import Engine, EngineVcpu, InterruptSource, MsrFault, MsrHandler
 from pyhv.errors import HostError
@@ -38,6 +39,7 @@ from pyhv.memory import PAGE_SHIFT, GuestMemory
 STATE_MSRS = [0x174, 0x175, 0x176, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084,
               0xC0000102, 0xC0000103, 0x277, 0x10]
 REGS = (*GPRS, "rip", "rflags")
+TSC_SLACK = 1 << 32            # cycles between writing IA32_TSC and reading it back
 TSS_ADDR = 0xFFFBD000
 IDENTITY_MAP_ADDR = 0xFFFBC000
 # the local APIC's MSRs pyhv's model answers: IA32_APIC_BASE and the x2APIC range
@@ -53,6 +55,8 @@ class KvmVcpu(EngineVcpu):
         self.index = index
         self.interrupt_source: InterruptSource | None = None
         self.injected = 0
+        self.refused_msrs: list[int] = []    # MSRs a set_state could not write (KVM)
+        self.tsc_unset: tuple[int, int] | None = None   # set_state's IA32_TSC not taken
         self._cpuid = cpuid or []
         self.msrs_routed = False              # the engine's VM routes APIC_MSR_RANGES
         self._take_nmi: Callable[[], bool] | None = None
@@ -171,6 +175,32 @@ class KvmVcpu(EngineVcpu):
         st.nmi_blocked = bool(ev.nmi_masked)
         return st
 
+    def _set_msrs(self, msrs: dict[int, int]) -> None:
+        """KVM_SET_MSRS stops at the first MSR it refuses and says how many it took:
+        go on past a refused one (each written alone), so one MSR this KVM does not
+        take (another engine's value of it) cannot silently drop those after it, such
+        as IA32_TSC; a refused IA32_TSC is a HostError (the guest's TSC would jump)."""
+        items = list(msrs.items())
+        while items:
+            done = self.v.set_msrs(dict(items))
+            if done < len(items) and items[done][0] == msr.TSC:
+                raise HostError(f"kvm: KVM_SET_MSRS refused IA32_TSC = "
+                                f"{items[done][1]:#x}")
+            self.refused_msrs.extend(i for i, _ in items[done:done + 1])
+            items = items[done + 1:]
+
+    def _check_tsc(self, wanted: int | None) -> None:
+        """Read IA32_TSC back: on a host where KVM keeps the guest's TSC the host's
+        (KVM-PVM here: KVM_SET_MSRS takes the write and changes nothing, docs/host.md),
+        `tsc_unset` records (wanted, got) so the caller can say that the guest's TSC
+        jumps (a cross-engine restore from emu's virtual TSC); None when it took."""
+        self.tsc_unset = None
+        if wanted is None:
+            return
+        got = self.v.get_msrs([msr.TSC])[msr.TSC]
+        if abs(got - wanted) > TSC_SLACK:
+            self.tsc_unset = (wanted, got)
+
     def set_state(self, st: CpuState) -> None:
         v = self.v
         r = ks.KvmRegs()
@@ -190,7 +220,8 @@ class KvmVcpu(EngineVcpu):
         v.set_sregs(sr)
         v.set_regs(r)
         if st.msrs:
-            v.set_msrs(st.msrs)
+            self._set_msrs(st.msrs)
+            self._check_tsc(st.msrs.get(msr.TSC))
         if st.fxsave is not None:
             v.set_fpu(_fxsave_to_fpu(st.fxsave))
         ev = v.get_events()

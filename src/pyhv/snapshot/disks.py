@@ -13,6 +13,16 @@ internal snapshot's name, or null). Revert and restore check first that the mach
 disks are those (same files, same count) and that every internal snapshot is there, then
 apply them (`snapshot_apply`: the image's active tables become the snapshot's).
 
+Throwaway disks (`pyhv run --image debian`'s overlay, removed when the run ends: its
+entry in the machine's `pci` list says `"throwaway": true`): create keeps it, as a hard
+link `diskN.qcow2` in the snapshot's own directory (N: the disk's index), before it
+takes the internal snapshot; the manifest (its `disks` and `machine.pci`) names that
+link, and the open image is renamed to it, so revert, later snapshots and
+`--restore` find the file after the run. The overlay lives on the snapshot directory's
+filesystem (pyhv.overlay), so the link cannot cross filesystems. Several snapshots of
+one run link the same file (each with its internal snapshot); deleting one removes
+only its link.
+
 Invariants: a failed create deletes the internal snapshots it made; nothing here reads
 or writes guest RAM.
 """
@@ -21,6 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyhv.devices.virtio.blk import VirtioBlk
@@ -87,6 +99,51 @@ def snapshot_disks(machine: Machine, name: str) -> list[dict[str, Any]]:
                 dev.disk.snapshot_delete(name)   # type: ignore[attr-defined]
         raise
     return out
+
+
+def keep_throwaway(machine: Machine, machine_info: dict[str, Any], tmp: Path,
+                   final: Path) -> tuple[dict[str, Any], Callable[[], None]]:
+    """Hard-link each throwaway disk into `tmp` (to become `final`) and name it by its
+    final path in the open image and in a copy of `machine_info`; returns that copy and
+    what undoes the renaming (for a create that fails)."""
+    pci = machine_info.get("pci")
+    if not isinstance(pci, list) or not any(
+            isinstance(e, dict) and e.get("throwaway") for e in pci):
+        return machine_info, lambda: None
+    devs = blk_devices(machine)
+    renamed: list[tuple[Any, str]] = []
+
+    def undo() -> None:
+        for disk, old in renamed:
+            disk.path = old
+    out: list[Any] = []
+    index = 0
+    try:
+        for e in pci:
+            if not isinstance(e, dict) or e.get("kind") != "disk":
+                out.append(e)
+                continue
+            i, index = index, index + 1
+            if not e.get("throwaway"):
+                out.append(e)
+                continue
+            if i >= len(devs) or not _same(str(e.get("path")), _path(devs[i])):
+                raise StateError(f"throwaway disk {i} ({e.get('path')}) is not this VM's")
+            link = f"disk{i}.qcow2"
+            try:
+                os.link(str(e["path"]), tmp / link)
+            except OSError as err:
+                raise StateError(f"cannot keep the throwaway disk {e['path']} in the "
+                                 f"snapshot ({err.strerror})") from None
+            disk = devs[i].disk
+            renamed.append((disk, disk.path))        # type: ignore[attr-defined]
+            disk.path = str(final / link)            # type: ignore[attr-defined]
+            out.append({k: v for k, v in e.items() if k != "throwaway"}
+                       | {"path": str(final / link)})
+    except BaseException:
+        undo()
+        raise
+    return {**machine_info, "pci": out}, undo
 
 
 def check_disks(machine: Machine, entries: list[dict[str, Any]], what: str) -> None:

@@ -10,7 +10,9 @@ after: the tree), `created` (UTC, ISO 8601), `engine`, `cpus`, `mem_size`, `devi
 (the device record names: the device set), `machine` (what `pyhv run --restore` needs
 to rebuild the machine: strict_io, engine options, the virtio devices), `disks` (each
 disk's image, format and the internal snapshot of the same name), and `files`: for each
-file its size and SHA-256 (ram.img: the content checksum of ramfile.py).
+file its size and SHA-256 (ram.img: the content checksum of ramfile.py, and
+`sha256_extents`, the quick check's digest of its size and data extents; a manifest
+without it, from an older pyhv, gets the full check).
 
 Checks (`Manifest.from_json`, `check_files`): every field's type and range, a known
 format, file names limited to the three above, sizes and checksums matching: a damaged
@@ -31,7 +33,7 @@ from typing import Any
 
 from pyhv.devices.state import MAX_NS, Reader, check_version
 from pyhv.errors import StateError
-from pyhv.snapshot.ramfile import ram_checksum
+from pyhv.snapshot.ramfile import extent_digest, ram_checksum
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -107,6 +109,12 @@ class Manifest:
             if not re.fullmatch(r"[0-9a-f]{64}", digest):
                 raise StateError(f"manifest: files.{name}.{key} is not a SHA-256")
             entry[key] = digest
+            if name == RAM and f.has("sha256_extents"):
+                quick = f.str("sha256_extents", 64)
+                if not re.fullmatch(r"[0-9a-f]{64}", quick):
+                    raise StateError(f"manifest: files.{name}.sha256_extents is not a "
+                                     "SHA-256")
+                entry["sha256_extents"] = quick
             f.done()
             m.files[name] = entry
         files.done()
@@ -117,7 +125,8 @@ class Manifest:
 def file_entry(path: Path, ram_digest: str | None = None) -> dict[str, Any]:
     size = path.stat().st_size
     if ram_digest is not None:
-        return {"size": size, "sha256_pages": ram_digest}
+        return {"size": size, "sha256_pages": ram_digest,
+                "sha256_extents": extent_digest(path)}
     return {"size": size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
@@ -139,9 +148,13 @@ def load_manifest(snapdir: Path) -> Manifest:
     return Manifest.from_json(read_json(snapdir / MANIFEST, "the manifest"))
 
 
-def check_files(snapdir: Path, m: Manifest, *, ram: bool = True) -> None:
+def check_files(snapdir: Path, m: Manifest, *, ram: str = "full") -> None:
     """StateError unless every file is there with the size and checksum the manifest
-    gives (ram=False skips hashing the RAM file: its size is still checked)."""
+    gives. `ram`: "full" hashes the RAM file's content; "quick" compares the digest of
+    its size and data extents, falling back to the full hash when they differ or the
+    manifest has none (ramfile.py: what each catches); "size" checks its size only."""
+    if ram not in ("full", "quick", "size"):
+        raise ValueError(f"check_files: ram={ram!r}")
     for name in FILES:
         path = snapdir / name
         want = m.files[name]
@@ -153,7 +166,10 @@ def check_files(snapdir: Path, m: Manifest, *, ram: bool = True) -> None:
             raise StateError(f"snapshot {snapdir}: {name} is {size} bytes, the manifest "
                              f"says {want['size']} (damaged)")
         if name == RAM:
-            if ram and ram_checksum(path) != want["sha256_pages"]:
+            if ram == "size" or (ram == "quick" and "sha256_extents" in want
+                                 and extent_digest(path) == want["sha256_extents"]):
+                continue
+            if ram_checksum(path) != want["sha256_pages"]:
                 raise StateError(f"snapshot {snapdir}: {name} does not match its "
                                  "checksum (damaged)")
         elif hashlib.sha256(path.read_bytes()).hexdigest() != want["sha256"]:

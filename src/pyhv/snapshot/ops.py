@@ -7,9 +7,10 @@
     revert_snapshot(machine, store, name)        the machine is paused by the caller:
         check everything (manifest, checksums, device set, vCPUs, RAM size), then copy
         the RAM in, revert the disks, apply the state; the caller resumes it
-    open_snapshot(dir)                           for `pyhv run --restore DIR`: the
+    open_snapshot(dir, ram=...)                  for `pyhv run --restore DIR`: the
         manifest, the files' checksums and the state, all checked, before any machine
-        is built; the RAM is then mapped from the file (MachineConfig.restore_ram) and
+        is built (the RAM file by its quick check unless --verify: ramfile.py);
+        the RAM is then mapped from the file (MachineConfig.restore_ram) and
         restore_machine(machine, manifest, state) puts the disks back and applies it
     Disks: each read-write qcow2 disk gets an internal snapshot of the same name
         (snapshot/disks.py); a read-write raw disk makes create refuse the machine
@@ -41,6 +42,7 @@ from pyhv.snapshot.disks import (
     check_disks,
     check_disks_savable,
     delete_disk_snapshots,
+    keep_throwaway,
     snapshot_disks,
 )
 from pyhv.snapshot.manifest import (
@@ -84,15 +86,18 @@ def create_snapshot(machine: Machine, store: SnapshotStore, name: str, *, vm: st
     state = capture(machine)
     tmp = store.partial(name)
     disks: list[dict[str, Any]] | None = None
+    unkeep: Callable[[], None] | None = None
     try:
         (tmp / VMSTATE).write_text(json.dumps(state.to_json()))
         digest = write_ram(machine.memory, tmp / RAM, progress)
+        info, unkeep = keep_throwaway(machine, dict(machine_info or {}), tmp,
+                                      store.path(name))
         disks = snapshot_disks(machine, name)
         m = Manifest(name=name, vm=vm, parent=parent, engine=state.engine,
                      cpus=state.n_cpus, mem_size=state.mem_size,
                      devices=state.device_names(),
                      created=datetime.now(UTC).isoformat(timespec="milliseconds"),
-                     machine=dict(machine_info or {}), disks=disks,
+                     machine=info, disks=disks,
                      pyhv_version=pyhv.__version__,
                      files={VMSTATE: file_entry(tmp / VMSTATE),
                             RAM: file_entry(tmp / RAM, digest)})
@@ -108,14 +113,17 @@ def create_snapshot(machine: Machine, store: SnapshotStore, name: str, *, vm: st
         shutil.rmtree(tmp, ignore_errors=True)
         if disks is not None:
             delete_disk_snapshots(machine, disks)
+        if unkeep is not None:
+            unkeep()
         raise
     return Created(m, final, time.monotonic() - t0, stored)
 
 
-def open_snapshot(snapdir: Path, *, verify_ram: bool = True) -> tuple[Manifest, VmState]:
-    """The manifest and state of the snapshot in `snapdir`, every file checked."""
+def open_snapshot(snapdir: Path, *, ram: str = "full") -> tuple[Manifest, VmState]:
+    """The manifest and state of the snapshot in `snapdir`, every file checked (the RAM
+    file as `ram` says: "full", "quick" or "size"; manifest.check_files)."""
     m = load_manifest(snapdir)
-    check_files(snapdir, m, ram=verify_ram)
+    check_files(snapdir, m, ram=ram)
     state = VmState.from_json(read_json(snapdir / VMSTATE, "the VM state"))
     if state.n_cpus != m.cpus or state.mem_size != m.mem_size or \
             sorted(state.device_names()) != sorted(m.devices):

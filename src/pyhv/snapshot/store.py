@@ -107,14 +107,18 @@ class SnapshotStore:
         return gone
 
     def sweep(self) -> None:
-        """Remove `.NAME.partial-PID` directories whose writer is gone."""
+        """Remove `.NAME.partial-PID` directories whose writer is gone, and
+        `.pyhv-overlay-PID-*` ones (pyhv.overlay) whose run is gone."""
         if not self.dir.is_dir():
             return
         for entry in self.dir.iterdir():
+            pid = ""
             if entry.name.startswith(".") and ".partial-" in entry.name:
                 pid = entry.name.rsplit("-", 1)[-1]
-                if pid.isdigit() and not _alive(int(pid)):
-                    shutil.rmtree(entry, ignore_errors=True)
+            elif entry.name.startswith(".pyhv-overlay-"):
+                pid = entry.name.split("-")[2]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
 
 
 def _rewrite_manifest(snapdir: Path, m: Manifest) -> None:

@@ -23,6 +23,15 @@ can touch host memory outside guest RAM (GuestMemory bounds-checks). The inflate
 (`held`) is the device's record of the frames the guest says it gave up; `actual` is
 the driver's claim, reported as is.
 
+State record (`save_device`/`read_device`, pyhv.devices.state through the transport):
+target and actual (the configuration space), the held frames as sorted runs
+[first frame, count] (at most MAX_RUNS runs, each inside guest RAM: a hostile record
+cannot make the list unbounded or name host memory), the counters, the last statistics
+(at most MAX_STATS entries) and the head of the statistics buffer the device keeps (so
+`request_stats` after a restore returns it to the driver, as it would have). The held
+pages need no RAM of their own: they read as zeros in the saved RAM, as the guest
+expects of them.
+
 Threading: `set_target` and `request_stats` may be called from any thread; they post
 to the run-loop thread (`post` given at construction: machine.deferred.post).
 """
@@ -33,7 +42,9 @@ import mmap
 import struct
 import threading
 from collections.abc import Callable
+from typing import Any
 
+from pyhv.devices.state import U32, Reader
 from pyhv.devices.virtio.device import VirtioContext, VirtioDevice
 from pyhv.devices.virtio.queue import read_buffers
 from pyhv.errors import GuestMemoryError
@@ -48,6 +59,8 @@ STAT_NAMES = {0: "swap_in", 1: "swap_out", 2: "major_faults", 3: "minor_faults",
               4: "free_memory", 5: "total_memory", 6: "available_memory",
               7: "disk_caches", 8: "hugetlb_allocations", 9: "hugetlb_failures"}
 _STAT = struct.Struct("<HQ")
+MAX_STATS = 64                 # entries of one statistics buffer (as _take_stats reads)
+MAX_RUNS = 1 << 16             # runs of held frames in a record
 
 
 class VirtioBalloon(VirtioDevice):
@@ -188,3 +201,58 @@ class VirtioBalloon(VirtioDevice):
         self.ctx = None
         self._stats_head = None
         self.config[4:8] = bytes(4)
+
+    # ------------------------------------------------------------------ state record
+
+    def save_device(self) -> dict[str, Any]:
+        with self._lock:
+            stats = dict(self.guest_stats)
+        return {"target": self.target_pages, "actual": self.actual_pages,
+                "held": _runs(self.held), "inflated": self.inflated,
+                "deflated": self.deflated, "bad_frames": self.bad_frames,
+                "stats": stats, "stats_updates": self.stats_updates,
+                "stats_head": self._stats_head}
+
+    def read_device(self, r: Reader, memory: GuestMemory) -> Callable[[], None]:
+        target, actual = r.int("target", 0, U32), r.int("actual", 0, U32)
+        raw = r.subs_list("held", max_len=MAX_RUNS)
+        held: set[int] = set()
+        for i, run in enumerate(raw):
+            if not (isinstance(run, list) and len(run) == 2
+                    and all(type(x) is int for x in run) and run[0] >= 0 and run[1] > 0
+                    and memory.contains(run[0] * PAGE, run[1] * PAGE)):
+                raise r.fail("held", f"[{i}] is not a [frame, count] run inside guest RAM")
+            held.update(range(run[0], run[0] + run[1]))
+        counters = {k: r.int(k) for k in ("inflated", "deflated", "bad_frames",
+                                           "stats_updates")}
+        sr = r.sub("stats")
+        names = sr.keys()
+        if len(names) > MAX_STATS:
+            raise r.fail("stats", f"has more than {MAX_STATS} entries")
+        stats = {str(k): sr.int(k) for k in names}
+        sr.done()
+        head = r.opt_int("stats_head", 0, QUEUE_SIZE - 1)
+        r.done()
+
+        def take() -> None:
+            self.config[0:4] = target.to_bytes(4, "little")
+            self.config[4:8] = actual.to_bytes(4, "little")
+            self.held = held
+            self.inflated, self.deflated = counters["inflated"], counters["deflated"]
+            self.bad_frames = counters["bad_frames"]
+            self.stats_updates = counters["stats_updates"]
+            with self._lock:
+                self.guest_stats = stats
+            self._stats_head = head
+        return take
+
+
+def _runs(frames: set[int]) -> list[list[int]]:
+    """Sorted [first, count] runs of `frames`."""
+    out: list[list[int]] = []
+    for f in sorted(frames):
+        if out and out[-1][0] + out[-1][1] == f:
+            out[-1][1] += 1
+        else:
+            out.append([f, 1])
+    return out

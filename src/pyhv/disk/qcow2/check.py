@@ -19,6 +19,7 @@ refcount structure and COPIED flags, committed by one header write.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -127,6 +128,26 @@ def expected_counts(img: Qcow2Image, res: CheckResult) -> Counts:
     return counts
 
 
+def _differing(img: Qcow2Image, counts: Counts, blocks: list[int]) -> Iterator[int]:
+    """The clusters of `blocks` to compare one by one; a block whose stored counts
+    equal the expected ones as a whole (the common case) yields only -(its highest
+    cluster with a count + 1), or nothing if it has none (one list comparison instead
+    of a Python call per cluster: the check before a snapshot is applied is on
+    `pyhv run --restore`'s path)."""
+    per = img.refs.per_block
+    for bi in blocks:
+        lo, hi = bi * per, (bi + 1) * per
+        blk = img.refs.block(bi)
+        part = counts.a[lo:hi]
+        exp = part.tolist() + [0] * (per - len(part))
+        if blk is not None and blk == exp:
+            used = part.tobytes().rstrip(b"\0")      # 8 bytes a count
+            if used:
+                yield -(lo + (len(used) - 1) // 8) - 1
+            continue
+        yield from range(lo, hi)
+
+
 def check(img: Qcow2Image, repair: str | None = None) -> CheckResult:
     """Check `img`; with repair "leaks" or "all", fix what was found (image opened rw)."""
     res = CheckResult()
@@ -138,7 +159,10 @@ def check(img: Qcow2Image, repair: str | None = None) -> CheckResult:
     blocks.update(ci // per for ci in range(len(counts)) if counts.a[ci])
     file_clusters = -(-img.f.size // cs)
     highest = 0
-    for ci in (c for bi in sorted(blocks) for c in range(bi * per, (bi + 1) * per)):
+    for ci in _differing(img, counts, sorted(blocks)):
+        if ci < 0:                  # a block that matched as a whole: its highest count
+            highest = max(highest, -ci - 1)
+            continue
         exp = counts.get(ci)
         got = img.refs.get(ci)
         if got:

@@ -41,6 +41,7 @@ policy (pyhv.runner: internal error, status 70).
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import dataclasses
 import time
@@ -49,6 +50,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from pyhv.arch.x86 import msr
 from pyhv.arch.x86.cpuid import APIC, DEFAULT_MODEL, INVARIANT_TSC, TSC_DEADLINE, X2APIC, CpuModel
 from pyhv.arch.x86.cpustate import CpuState
 from pyhv.engines.base import EngineVcpu, InterruptSource, MsrHandler
@@ -142,6 +144,7 @@ class EmuVcpu(EngineVcpu):
         self._take_nmi: Callable[[], bool] | None = None
         self._nmi_blocked = False
         self.cpu: cpuhooks.Cpu | None = None
+        self._pending_tsc: int | None = None     # IA32_TSC to take at the next run
         self.cpu_helpers = "host TSC (no native code)"
         if self.native:
             self._start_cpu_helpers()
@@ -331,7 +334,12 @@ class EmuVcpu(EngineVcpu):
         cpu = self.cpu
         if cpu is None:
             return None
-        return (lambda: cpu.tsc(self.ctl.blocks)), cpuhooks.TSC_HZ
+        def now() -> int:
+            # after set_state and before the next run, the TSC is the state's (guest
+            # time does not move in between): a restored TSC-deadline converts with it
+            pending = self._pending_tsc
+            return pending if pending is not None else cpu.tsc(self.ctl.blocks)
+        return now, cpuhooks.TSC_HZ
 
     def attach_clock(self, clock: VirtualClock, timers: TimerQueue) -> None:
         """Advance `clock` with guest progress; return Interrupted at timers' deadlines."""
@@ -345,14 +353,29 @@ class EmuVcpu(EngineVcpu):
     # ------------------------------------------------------------------ state
 
     def get_state(self) -> CpuState:
+        """The vCPU's state; IA32_TSC in `msrs` is the guest's TSC (with the native
+        helpers: the virtual clock's TSC, not unicorn's own register, which follows the
+        host's TSC)."""
         st = C.get_state(self.uc, self.blob)
         st.pending_interrupt = self._pending_vector
         st.halted = self._halted
         st.nmi_blocked = self._nmi_blocked and not (self.cpu is not None and
                                                     self.cpu.iret_seen)
+        cpu = self.cpu
+        if cpu is not None:
+            st.msrs[msr.TSC] = (self._pending_tsc if self._pending_tsc is not None
+                                else cpu.tsc(self.ctl.blocks))
         return st
 
     def set_state(self, state: CpuState) -> None:
+        """With the native helpers, IA32_TSC is not written to unicorn: the guest TSC
+        is set to it when the vCPU next runs (`_stamp_tsc`), on the clock as restored
+        by then (vmstate.apply restores the clock after the vCPUs), so it continues
+        from the saved value."""
+        if self.cpu is not None and msr.TSC in state.msrs:
+            self._pending_tsc = state.msrs[msr.TSC]
+            state = copy.copy(state)
+            state.msrs = {k: v for k, v in state.msrs.items() if k != msr.TSC}
         C.set_state(self.uc, self.blob, state)
         self._pending_vector = state.pending_interrupt
         self._halted = state.halted
@@ -523,6 +546,9 @@ class EmuVcpu(EngineVcpu):
             cpu.tsc_ns = self._clock.now_ns() if self._clock is not None else \
                 self.ctl.blocks * self.ns_per_block
             cpu.tsc_blocks = self.ctl.blocks
+            if self._pending_tsc is not None:          # set_state's IA32_TSC
+                cpu.tsc_offset = self._pending_tsc - cpu.tsc_ns
+                self._pending_tsc = None
 
     # -- interrupts
     def set_interrupt_source(self, source: InterruptSource | None) -> None:
