@@ -22,6 +22,8 @@ serves by tests/host/test_openapi.py; docs/host-daemon.md the prose):
                                          another daemon (pyhv.hostd.mover)
     POST   /v1/incoming                  the destination's side: define + --incoming
     DELETE /v1/incoming/{name}           abort it: the half-made VM is removed
+    GET    /v1/loads?window=S            each running VM's measured CPU use and memory,
+                                         the host's capacities (pyhv host plan)
     GET    /v1/events                    the event log (?vm=NAME&since=ID&limit=N)
     WS     /v1/vms/{name}/console        the serial console: binary frames both ways
 
@@ -185,6 +187,10 @@ def build_app(manager: Manager, token: str) -> FastAPI:
     @api.get("/v1/host", response_model=HostStats, responses=ERRORS, tags=["host"])
     def host() -> HostStats:
         return manager.host_stats()
+
+    @api.get("/v1/loads", responses=ERRORS, tags=["host"])
+    def loads(window: Annotated[float, Query(gt=0, le=60)] = 5.0) -> dict[str, Any]:
+        return manager.loads(window)
 
     @api.get("/v1/vms", response_model=VmList, responses=ERRORS, tags=["vms"])
     def list_vms() -> VmList:

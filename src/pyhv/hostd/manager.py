@@ -91,6 +91,16 @@ def meminfo() -> dict[str, int]:
     return out
 
 
+def proc_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of the process `pid` (all its threads), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def describe_exit(rc: int | None, expected: str | None) -> tuple[str, str]:
     """(state, text) for a VM process that ended with `rc` (None: not our child)."""
     if expected == "destroy":
@@ -458,6 +468,12 @@ class Manager:
             with contextlib.suppress(Exception):
                 self.inv.undefine(name)
             raise
+        try:
+            self.cpu.place(d, proc.pid)
+        except PyhvError as e:
+            self._drop_incoming(name, proc, f"cannot place it in its cgroup: {e}")
+            raise HostError(500, f"the destination VM {name!r} did not start: cannot "
+                                 f"place it in its cgroup: {e}") from None
         uri = None
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline and proc.poll() is None:
@@ -602,6 +618,27 @@ class Manager:
                     self._ended(vm, None)
 
     # ------------------------------------------------------------------ host
+
+    def loads(self, window_s: float) -> dict[str, Any]:
+        """Each running VM's CPU use over `window_s` (percent of one host CPU: its
+        process's user + system time, every thread, from /proc/PID/stat, over the
+        window's wall time) and memory, with the host's capacities: what `pyhv host
+        plan` packs."""
+        vms = [v for v in self.inv.all() if v.state == "running" and v.pid]
+        t0 = time.monotonic()
+        before = {v.name: proc_cpu_s(v.pid) for v in vms if v.pid}
+        time.sleep(window_s)
+        elapsed = time.monotonic() - t0
+        out = []
+        for v in vms:
+            assert v.pid is not None
+            a, b = before.get(v.name), proc_cpu_s(v.pid)
+            out.append({"name": v.name, "vcpus": v.definition.vcpus,
+                        "memory_mib": v.definition.memory_mib,
+                        "cpu_pct": None if a is None or b is None
+                        else round(100 * max(0.0, b - a) / elapsed, 3)})
+        return {"window_s": round(elapsed, 3), "cpu_capacity_pct": self.cpu.host.capacity,
+                "memory_capacity_mib": self.memory_capacity // MIB, "vms": out}
 
     def host_stats(self) -> HostStats:
         mi = meminfo()
