@@ -174,7 +174,11 @@ def build_app(manager: Manager, token: str) -> FastAPI:
 
     @app.exception_handler(sqlite3.Error)
     async def inventory_error(_r: Request, e: sqlite3.Error) -> JSONResponse:
-        return JSONResponse({"detail": f"the inventory could not be written: {e}"},
+        # nothing was changed: the transaction rolled back, and a VM process spawned
+        # for the operation was killed first (Manager._record_or_kill)
+        return JSONResponse({"detail": f"the inventory could not be written: {e} (is "
+                                       f"the file system of {manager.state.path} full? "
+                                       "nothing was changed)"},
                             status_code=507)
 
     @app.exception_handler(Exception)

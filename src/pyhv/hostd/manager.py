@@ -41,10 +41,12 @@ limit. A VM's group is removed when it ends.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -280,14 +282,11 @@ class Manager:
                 raise HostError(409, f"a process (pid {held}) still holds the name "
                                      f"{name!r}")
             vmproc.clean_stale(self.state, name)
-            try:
-                proc = vmproc.spawn(self.state, d)
-            except OSError as e:
-                raise HostError(500, f"cannot start the VM process: {e}") from None
-            self._busy.add(name)
+            proc = self._spawn(d, ())
             self._expect.pop(name, None)
-            self.inv.set_state(name, "starting", pid=proc.pid, kind="starting",
-                               message=f"starting (pid {proc.pid})", started=True)
+            self._record_or_kill(name, proc, "starting", kind="starting",
+                                 message=f"starting (pid {proc.pid})")
+            self._busy.add(name)
         try:
             why: str | None
             try:
@@ -297,9 +296,9 @@ class Manager:
             except PyhvError as e:
                 why = f"cannot place it in its cgroup: {e}"
             if why is None:
+                self._record_or_kill(name, proc, "running", kind="started",
+                                     message=f"started (pid {proc.pid})")
                 self._children[name] = proc
-                self.inv.set_state(name, "running", pid=proc.pid, expect_pid=proc.pid,
-                                   kind="started", message=f"started (pid {proc.pid})")
                 return self.get(name)
             vmproc.kill_group(proc.pid)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -315,6 +314,41 @@ class Manager:
         finally:
             with self._lock:
                 self._busy.discard(name)
+
+    def _spawn(self, d: VmDefinition, extra: tuple[str, ...]) -> subprocess.Popen[bytes]:
+        try:
+            return vmproc.spawn(self.state, d, extra)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise HostError(507, f"cannot start {d.name!r}: its log files cannot be "
+                                     f"created in {self.state.vms}: {e.strerror} (free "
+                                     "space there)") from None
+            raise HostError(500, f"cannot start the VM process: {e}") from None
+
+    def _record_or_kill(self, name: str, proc: subprocess.Popen[bytes], state: str, *,
+                        kind: str, message: str) -> None:
+        """Record that `proc` runs `name` (state starting or running); when the
+        inventory cannot be written (a full disk: sqlite3.Error, answered 507) the
+        process is killed and reaped first, so no VM runs that the inventory does not
+        know of, and the error goes on."""
+        try:
+            self.inv.set_state(name, state, pid=proc.pid, kind=kind, message=message,
+                               started=state == "starting",
+                               expect_pid=proc.pid if state == "running" else None)
+        except sqlite3.Error:
+            vmproc.kill_group(proc.pid)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=DESTROY_GRACE_S)
+            vmproc.clean_stale(self.state, name)
+            with contextlib.suppress(PyhvError):
+                self.cpu.remove(name)
+            with contextlib.suppress(sqlite3.Error):     # space may have come back
+                self.inv.set_state(name, "stopped", expect_pid=proc.pid,
+                                   kind="start-failed", message="start failed: the "
+                                   "inventory could not be written",
+                                   last_exit="start failed: the inventory could not be "
+                                             "written")
+            raise
 
     def _wait_ready(self, name: str, proc: subprocess.Popen[bytes]) -> str | None:
         """None once the VM answers on its control API and its console socket exists;
@@ -455,16 +489,11 @@ class Manager:
                 except ConfigError as e:
                     raise HostError(409, str(e)) from None
                 vmproc.clean_stale(self.state, name)
-                try:
-                    proc = vmproc.spawn(self.state, d,
-                                        ("--incoming", f"tcp:{listen_host}:0"))
-                except OSError as e:
-                    raise HostError(500, f"cannot start the VM process: {e}") from None
+                proc = self._spawn(d, ("--incoming", f"tcp:{listen_host}:0"))
+                self._record_or_kill(name, proc, "starting", kind="incoming",
+                                     message=f"waiting for a migration (pid {proc.pid})")
                 self._busy.add(name)
-                self.inv.set_state(name, "starting", pid=proc.pid, kind="incoming",
-                                   message=f"waiting for a migration (pid {proc.pid})",
-                                   started=True)
-        except HostError:
+        except (HostError, sqlite3.Error):
             with contextlib.suppress(Exception):
                 self.inv.undefine(name)
             raise
