@@ -34,7 +34,8 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     made: list[Daemon] = []
 
     def _make(*extra: str) -> Daemon:
-        d = Daemon(tmp_path / "s", *extra)
+        # a second daemon (migration between two hosts) gets its own state directory
+        d = Daemon(tmp_path / ("s" if not made else f"s{len(made)}"), *extra)
         made.append(d)
         return d.start()
 

@@ -103,6 +103,12 @@ def test_web_console_in_chromium(daemon: Callable[..., Daemon], guests: GuestBui
         assert b.eval("document.querySelector('#cpugraph-web1 polyline')"
                       ".getAttribute('points').split(' ').length") >= 2
     assert b.eval("window.pyhvGraphs.mem.committed.at(-1)") == 16
+    b.click("#snapshot-web1")
+    b.wait("document.getElementById('notice').textContent.includes('created')",
+           "the snapshot button's answer")
+    snaps = d.ok("GET", "/v1/vms/web1/snapshots")["snapshots"]
+    assert len(snaps) == 1 and snaps[0]["name"].startswith("web-")
+    assert snaps[0]["name"] in b.eval("document.getElementById('notice').textContent")
     b.click("#pause-web1")
     b.wait("document.getElementById('state-web1')?.textContent === 'paused'", "paused")
     assert d.vm("web1")["state"] == "paused"

@@ -14,6 +14,16 @@ serves by tests/host/test_openapi.py; docs/host-daemon.md the prose):
     POST   /v1/vms/{name}/pause|resume
     GET    /v1/vms/{name}/stats          the VM's own statistics (its control API)
     GET    /v1/vms/{name}/sched          its CPU settings and its cgroup's values
+    GET    /v1/vms/{name}/snapshots      the VM's snapshots (its control API)
+    POST   /v1/vms/{name}/snapshots      create one {"name": S} (201)
+    POST   /v1/vms/{name}/snapshots/{s}/revert   revert to it
+    DELETE /v1/vms/{name}/snapshots/{s}  delete it
+    POST   /v1/vms/{name}/migrate        {"to": URL, "token": T, ...}: live migration to
+                                         another daemon (pyhv.hostd.mover)
+    POST   /v1/incoming                  the destination's side: define + --incoming
+    DELETE /v1/incoming/{name}           abort it: the half-made VM is removed
+    GET    /v1/loads?window=S            each running VM's measured CPU use and memory,
+                                         the host's capacities (pyhv host plan)
     GET    /v1/events                    the event log (?vm=NAME&since=ID&limit=N)
     WS     /v1/vms/{name}/console        the serial console: binary frames both ways
 
@@ -49,7 +59,17 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pyhv import __version__
 from pyhv.hostd import webui
 from pyhv.hostd.manager import HostError, Manager
-from pyhv.hostd.models import EventList, HostStats, Problem, Vm, VmDefinition, VmList
+from pyhv.hostd.models import (
+    EventList,
+    HostStats,
+    IncomingRequest,
+    MigrateRequest,
+    Problem,
+    SnapshotRequest,
+    Vm,
+    VmDefinition,
+    VmList,
+)
 
 API_TITLE = "pyhv host daemon"
 CONSOLE_PROTOCOL = "pyhv.console"
@@ -154,7 +174,11 @@ def build_app(manager: Manager, token: str) -> FastAPI:
 
     @app.exception_handler(sqlite3.Error)
     async def inventory_error(_r: Request, e: sqlite3.Error) -> JSONResponse:
-        return JSONResponse({"detail": f"the inventory could not be written: {e}"},
+        # nothing was changed: the transaction rolled back, and a VM process spawned
+        # for the operation was killed first (Manager._record_or_kill)
+        return JSONResponse({"detail": f"the inventory could not be written: {e} (is "
+                                       f"the file system of {manager.state.path} full? "
+                                       "nothing was changed)"},
                             status_code=507)
 
     @app.exception_handler(Exception)
@@ -167,6 +191,10 @@ def build_app(manager: Manager, token: str) -> FastAPI:
     @api.get("/v1/host", response_model=HostStats, responses=ERRORS, tags=["host"])
     def host() -> HostStats:
         return manager.host_stats()
+
+    @api.get("/v1/loads", responses=ERRORS, tags=["host"])
+    def loads(window: Annotated[float, Query(gt=0, le=60)] = 5.0) -> dict[str, Any]:
+        return manager.loads(window)
 
     @api.get("/v1/vms", response_model=VmList, responses=ERRORS, tags=["vms"])
     def list_vms() -> VmList:
@@ -221,6 +249,43 @@ def build_app(manager: Manager, token: str) -> FastAPI:
     @api.get("/v1/vms/{name}/sched", responses=ERRORS, tags=["vms"])
     def sched_info(name: str) -> dict[str, Any]:
         return manager.sched_info(name)
+
+    @api.get("/v1/vms/{name}/snapshots", responses=ERRORS, tags=["snapshots"])
+    def snapshots(name: str) -> dict[str, Any]:
+        return manager.snapshots(name)
+
+    @api.post("/v1/vms/{name}/snapshots", status_code=201, responses=ERRORS,
+              tags=["snapshots"])
+    def snapshot_create(name: str, body: SnapshotRequest) -> dict[str, Any]:
+        return manager.snapshot(name, "create", body.name)
+
+    @api.post("/v1/vms/{name}/snapshots/{snap}/revert", responses=ERRORS,
+              tags=["snapshots"])
+    def snapshot_revert(name: str, snap: str) -> dict[str, Any]:
+        return manager.snapshot(name, "revert", snap)
+
+    @api.delete("/v1/vms/{name}/snapshots/{snap}", responses=ERRORS, tags=["snapshots"])
+    def snapshot_delete(name: str, snap: str) -> dict[str, Any]:
+        return manager.snapshot(name, "delete", snap)
+
+    @api.post("/v1/vms/{name}/migrate", responses={
+        **ERRORS, 502: {"model": Problem, "description": "the destination daemon "
+                                                         "could not be reached"}},
+        tags=["migration"])
+    def migrate(name: str, body: MigrateRequest) -> dict[str, Any]:
+        return manager.migrate(name, body.to.rstrip("/"), body.token, body.options())
+
+    @api.post("/v1/incoming", responses={
+        **ERRORS, 422: {"model": Problem, "description": "a definition this host "
+                                                         "cannot take"}},
+        tags=["migration"])
+    def incoming(body: IncomingRequest) -> dict[str, Any]:
+        return manager.incoming(body.definition, body.listen_host)
+
+    @api.delete("/v1/incoming/{name}", status_code=204, responses=ERRORS,
+                tags=["migration"])
+    def abort_incoming(name: str) -> None:
+        manager.abort_incoming(name)
 
     @api.get("/v1/events", response_model=EventList, responses=ERRORS, tags=["events"])
     def events(vm: str | None = None, since: Annotated[int, Query(ge=0)] = 0,

@@ -3,6 +3,8 @@
     pyhv host serve [--state-dir DIR] [--listen HOST:PORT|none] [--socket PATH]
                     [--memory-capacity SIZE]
     pyhv host openapi            (the document docs/api/host.openapi.json holds)
+    pyhv host plan --host SPEC ... [--window S] [--target PCT] [--json] [--apply]
+                                 (consolidation: pyhv.hostd.cmd_plan)
 
 The daemon runs in the foreground (a service manager or `&` puts it in the background);
 SIGTERM or Ctrl-C ends it, and the VMs it started keep running.
@@ -36,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--memory-capacity", default=None, metavar="SIZE",
                    help="the memory VMs are admitted against (default: the host's RAM)")
     sub.add_parser("openapi", help="print the API's OpenAPI document (JSON)")
+    from pyhv.hostd import cmd_plan
+    cmd_plan.add_arguments(sub.add_parser(
+        "plan", help="measure the VMs of one or more daemons and propose (--apply: carry "
+                     "out) a consolidated placement"))
 
 
 def openapi_document() -> str:
@@ -54,6 +60,9 @@ def openapi_document() -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.host_verb == "plan":
+        from pyhv.hostd import cmd_plan
+        return cmd_plan.main(args)
     if args.host_verb == "openapi":
         print(openapi_document(), end="")
         return 0

@@ -4,6 +4,9 @@
     start NAME   shutdown NAME   destroy NAME   suspend NAME   resume NAME
     list [--all] [--json]    dominfo NAME [--json]    schedinfo NAME [--json]
     console NAME             events [--vm NAME] [--json]    nodeinfo [--json]
+    snapshot-create NAME SNAP   snapshot-list NAME [--json]
+    snapshot-revert NAME SNAP   snapshot-delete NAME SNAP
+    migrate NAME --to http://HOST:PORT [--to-token-file FILE] [--max-downtime MS]
 
 Each verb finds the daemon through --state-dir (its daemon.json, api.sock and token),
 or --socket / --url with --token-file (pyhv.hostd.client). Errors are the daemon's one
@@ -31,7 +34,8 @@ from pyhv.hostd.client import Client, DaemonError
 from pyhv.units import parse_size
 
 VERBS = ("define", "undefine", "start", "shutdown", "destroy", "suspend", "resume", "list",
-         "dominfo", "schedinfo", "console", "events", "nodeinfo")
+         "dominfo", "schedinfo", "console", "events", "nodeinfo", "snapshot-create",
+         "snapshot-list", "snapshot-revert", "snapshot-delete", "migrate")
 ESCAPE = 0x1D
 
 
@@ -57,11 +61,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "dominfo": "a VM's definition and state", "schedinfo": "a VM's CPU settings",
         "console": "attach to the VM's serial console (Ctrl-] leaves)",
         "events": "the daemon's event log", "nodeinfo": "the host's statistics",
+        "snapshot-create": "snapshot a running VM", "snapshot-list": "a VM's snapshots",
+        "snapshot-revert": "put a VM back to a snapshot",
+        "snapshot-delete": "delete a snapshot",
+        "migrate": "live-migrate a running VM to another pyhv host daemon",
     }
     for verb in VERBS:
         v = sub.add_parser(verb, help=helps[verb], description=helps[verb])
         _connection_options(v)
-        if verb in ("list", "dominfo", "schedinfo", "events", "nodeinfo"):
+        if verb in ("list", "dominfo", "schedinfo", "events", "nodeinfo", "snapshot-list",
+                    "migrate"):
             v.add_argument("--json", action="store_true", help="print JSON")
         if verb == "list":
             v.add_argument("--all", action="store_true", help="stopped VMs too")
@@ -72,6 +81,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             _define_options(v)
         elif verb != "nodeinfo":
             v.add_argument("name", metavar="NAME")
+        if verb in ("snapshot-create", "snapshot-revert", "snapshot-delete"):
+            v.add_argument("snapshot", metavar="SNAP")
+        elif verb == "migrate":
+            v.add_argument("--to", required=True, metavar="http://HOST:PORT",
+                           help="the destination daemon (its TCP address)")
+            v.add_argument("--to-token-file", type=Path, default=None, metavar="FILE",
+                           help="the destination's token (default: this daemon's token, "
+                                "as when both share a state directory's token)")
+            v.add_argument("--max-downtime", type=float, default=None, metavar="MS")
+            v.add_argument("--bandwidth", type=float, default=None, metavar="MBPS")
 
 
 def _define_options(v: argparse.ArgumentParser) -> None:
@@ -208,6 +227,55 @@ def main(args: argparse.Namespace) -> int:
                 print(f"{k + ':':<22} {v}")
     elif verb == "console":
         return console(client, args.name)
+    elif verb.startswith("snapshot-"):
+        return _snapshot(client, verb, args)
+    elif verb == "migrate":
+        return _migrate(client, args)
+    return 0
+
+
+def _snapshot(client: Client, verb: str, args: argparse.Namespace) -> int:
+    base = f"/v1/vms/{args.name}/snapshots"
+    if verb == "snapshot-list":
+        snaps = client.call("GET", base)
+        if args.json:
+            print(json.dumps(snaps, indent=2))
+        else:
+            items = snaps.get("snapshots", []) if isinstance(snaps, dict) else snaps
+            print(f"{'Name':<24} {'Parent':<24} {'Created':<20} Current")
+            for sn in items:
+                when = time.strftime("%Y-%m-%d %H:%M:%S",
+                                     time.localtime(float(sn.get("created") or 0)))
+                print(f"{sn['name']:<24} {sn.get('parent') or '-':<24} {when:<20} "
+                      f"{'yes' if sn.get('current') else ''}")
+        return 0
+    if verb == "snapshot-create":
+        client.call("POST", base, {"name": args.snapshot}, timeout=180)
+        print(f"Domain snapshot {args.snapshot} created")
+    elif verb == "snapshot-revert":
+        client.call("POST", f"{base}/{args.snapshot}/revert", timeout=180)
+        print(f"Domain '{args.name}' reverted to snapshot {args.snapshot}")
+    else:
+        client.call("DELETE", f"{base}/{args.snapshot}", timeout=180)
+        print(f"Domain snapshot {args.snapshot} deleted")
+    return 0
+
+
+def _migrate(client: Client, args: argparse.Namespace) -> int:
+    from pyhv.hostd.statedir import read_token
+    token = read_token(args.to_token_file) if args.to_token_file else client.token
+    body: dict[str, Any] = {"to": args.to, "token": token}
+    if args.max_downtime is not None:
+        body["max_downtime_ms"] = args.max_downtime
+    if args.bandwidth is not None:
+        body["bandwidth_mbps"] = args.bandwidth
+    report = client.call("POST", f"/v1/vms/{args.name}/migrate", body, timeout=360)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"Domain '{args.name}' migrated to {args.to} (downtime "
+              f"{report.get('downtime_ms')} ms, {report.get('rounds')} rounds, "
+              f"{report.get('bytes')} bytes)")
     return 0
 
 

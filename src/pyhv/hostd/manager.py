@@ -41,9 +41,12 @@ limit. A VM's group is removed when it ends.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -59,6 +62,8 @@ from pyhv.hostd.statedir import StateDir
 from pyhv.vmclient import VmError
 
 START_TIMEOUT_S = 120.0
+SNAPSHOT_TIMEOUT_S = 120.0
+MIGRATE_TIMEOUT_S = 300.0
 DESTROY_GRACE_S = 10.0
 MONITOR_PERIOD_S = 0.25
 MIB = 1 << 20
@@ -88,10 +93,22 @@ def meminfo() -> dict[str, int]:
     return out
 
 
+def proc_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of the process `pid` (all its threads), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def describe_exit(rc: int | None, expected: str | None) -> tuple[str, str]:
     """(state, text) for a VM process that ended with `rc` (None: not our child)."""
     if expected == "destroy":
         return "stopped", "destroyed"
+    if expected == "migrate":
+        return "stopped", "migrated away"
     if rc is None:
         how = "shut down" if expected == "shutdown" else "ended"
         return "stopped", f"{how} (the VM was adopted: its exit status is unknown)"
@@ -122,6 +139,7 @@ class Manager:
         self._busy: set[str] = set()
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._expect: dict[str, str] = {}
+        self._incoming: dict[str, subprocess.Popen[bytes]] = {}   # migrations in
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
         self.cpu = cpu.CpuPlacer(state.path)
@@ -264,14 +282,11 @@ class Manager:
                 raise HostError(409, f"a process (pid {held}) still holds the name "
                                      f"{name!r}")
             vmproc.clean_stale(self.state, name)
-            try:
-                proc = vmproc.spawn(self.state, d)
-            except OSError as e:
-                raise HostError(500, f"cannot start the VM process: {e}") from None
-            self._busy.add(name)
+            proc = self._spawn(d, ())
             self._expect.pop(name, None)
-            self.inv.set_state(name, "starting", pid=proc.pid, kind="starting",
-                               message=f"starting (pid {proc.pid})", started=True)
+            self._record_or_kill(name, proc, "starting", kind="starting",
+                                 message=f"starting (pid {proc.pid})")
+            self._busy.add(name)
         try:
             why: str | None
             try:
@@ -281,9 +296,9 @@ class Manager:
             except PyhvError as e:
                 why = f"cannot place it in its cgroup: {e}"
             if why is None:
+                self._record_or_kill(name, proc, "running", kind="started",
+                                     message=f"started (pid {proc.pid})")
                 self._children[name] = proc
-                self.inv.set_state(name, "running", pid=proc.pid, expect_pid=proc.pid,
-                                   kind="started", message=f"started (pid {proc.pid})")
                 return self.get(name)
             vmproc.kill_group(proc.pid)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -299,6 +314,41 @@ class Manager:
         finally:
             with self._lock:
                 self._busy.discard(name)
+
+    def _spawn(self, d: VmDefinition, extra: tuple[str, ...]) -> subprocess.Popen[bytes]:
+        try:
+            return vmproc.spawn(self.state, d, extra)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise HostError(507, f"cannot start {d.name!r}: its log files cannot be "
+                                     f"created in {self.state.vms}: {e.strerror} (free "
+                                     "space there)") from None
+            raise HostError(500, f"cannot start the VM process: {e}") from None
+
+    def _record_or_kill(self, name: str, proc: subprocess.Popen[bytes], state: str, *,
+                        kind: str, message: str) -> None:
+        """Record that `proc` runs `name` (state starting or running); when the
+        inventory cannot be written (a full disk: sqlite3.Error, answered 507) the
+        process is killed and reaped first, so no VM runs that the inventory does not
+        know of, and the error goes on."""
+        try:
+            self.inv.set_state(name, state, pid=proc.pid, kind=kind, message=message,
+                               started=state == "starting",
+                               expect_pid=proc.pid if state == "running" else None)
+        except sqlite3.Error:
+            vmproc.kill_group(proc.pid)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=DESTROY_GRACE_S)
+            vmproc.clean_stale(self.state, name)
+            with contextlib.suppress(PyhvError):
+                self.cpu.remove(name)
+            with contextlib.suppress(sqlite3.Error):     # space may have come back
+                self.inv.set_state(name, "stopped", expect_pid=proc.pid,
+                                   kind="start-failed", message="start failed: the "
+                                   "inventory could not be written",
+                                   last_exit="start failed: the inventory could not be "
+                                             "written")
+            raise
 
     def _wait_ready(self, name: str, proc: subprocess.Popen[bytes]) -> str | None:
         """None once the VM answers on its control API and its console socket exists;
@@ -395,6 +445,159 @@ class Manager:
         """The VM's CPU settings, and its cgroup as the kernel reports it."""
         return self.cpu.info(self.get(name).definition)
 
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshots(self, name: str) -> dict[str, Any]:
+        vm = self.get(name)
+        if vm.state not in ("running", "paused"):
+            raise HostError(409, f"the VM {name!r} is {vm.state}: its snapshots are "
+                                 "listed by its running process")
+        return self._control(name, "GET", "/snapshots")
+
+    def snapshot(self, name: str, op: str, snap: str) -> dict[str, Any]:
+        """create, revert or delete the snapshot `snap` through the VM's control API."""
+        self._claim_live(name, f"{op} a snapshot of")
+        try:
+            try:
+                out = vmproc.control(self.state, name, "PUT", f"/snapshot/{op}",
+                                     {"name": snap}, timeout=SNAPSHOT_TIMEOUT_S)
+            except VmError as e:
+                raise HostError(409, f"the VM {name!r} refused: {e}") from None
+            self.inv.event(name, f"snapshot-{op}", f"snapshot {snap!r}: {op}")
+            return out
+        finally:
+            self._release(name)
+
+    # ------------------------------------------------------------------ migration
+
+    def incoming(self, d: VmDefinition, listen_host: str) -> dict[str, Any]:
+        """Destination side: define `d`, start it waiting for a migration on
+        tcp:LISTEN_HOST:0 and answer the URI it listens on. A thread (`_await_incoming`)
+        then marks it running once the migrated VM runs here, or removes it (process,
+        definition) when the migration fails, is aborted or times out."""
+        self.define(d)
+        name = d.name
+        try:
+            with self._lock:
+                committed, _ = self._committed()
+                if committed + d.memory_mib * MIB > self.memory_capacity:
+                    raise HostError(409, f"{name!r} ({d.memory_mib} MiB) does not fit: "
+                                         f"{committed // MIB} MiB of "
+                                         f"{self.memory_capacity // MIB} MiB are committed")
+                try:
+                    self.cpu.admit(self._running_defs(), d)
+                except ConfigError as e:
+                    raise HostError(409, str(e)) from None
+                vmproc.clean_stale(self.state, name)
+                proc = self._spawn(d, ("--incoming", f"tcp:{listen_host}:0"))
+                self._record_or_kill(name, proc, "starting", kind="incoming",
+                                     message=f"waiting for a migration (pid {proc.pid})")
+                self._busy.add(name)
+        except (HostError, sqlite3.Error):
+            with contextlib.suppress(Exception):
+                self.inv.undefine(name)
+            raise
+        try:
+            self.cpu.place(d, proc.pid)
+        except PyhvError as e:
+            self._drop_incoming(name, proc, f"cannot place it in its cgroup: {e}")
+            raise HostError(500, f"the destination VM {name!r} did not start: cannot "
+                                 f"place it in its cgroup: {e}") from None
+        uri = None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline and proc.poll() is None:
+            m = re.search(r"waiting for a migration on (tcp:\S+)",
+                          vmproc.err_tail(self.state, name, lines=20))
+            if m:
+                uri = m.group(1)
+                break
+            time.sleep(0.05)
+        if uri is None:
+            why = vmproc.err_tail(self.state, name) or "it did not listen"
+            self._drop_incoming(name, proc, f"the destination VM did not start: {why}")
+            raise HostError(500, f"the destination VM {name!r} did not start: {why}")
+        self._incoming[name] = proc
+        threading.Thread(target=self._await_incoming, args=(name, proc),
+                         name=f"incoming-{name}", daemon=True).start()
+        return {"name": name, "uri": uri}
+
+    def _await_incoming(self, name: str, proc: subprocess.Popen[bytes]) -> None:
+        deadline = time.monotonic() + MIGRATE_TIMEOUT_S
+        while time.monotonic() < deadline and proc.poll() is None \
+                and name in self._incoming:
+            if "the VM runs here now" in vmproc.err_tail(self.state, name, lines=20) and \
+                    vmproc.probe(self.state, name, timeout=2.0):
+                with self._lock:
+                    self._incoming.pop(name, None)
+                    self._children[name] = proc
+                    self.inv.set_state(name, "running", pid=proc.pid,
+                                       expect_pid=proc.pid, kind="migrated-in",
+                                       message=f"the migrated VM runs here (pid "
+                                               f"{proc.pid})")
+                    self._busy.discard(name)
+                self._reweigh()
+                return
+            time.sleep(0.05)
+        tail = vmproc.err_tail(self.state, name)
+        why = ("aborted by the source" if name not in self._incoming else
+               f"pyhv run ended with status {proc.returncode}" if proc.poll() is not None
+               else f"no migration within {MIGRATE_TIMEOUT_S:g} s")
+        self._drop_incoming(name, proc, why + (f": {tail}" if tail else ""))
+
+    def _drop_incoming(self, name: str, proc: subprocess.Popen[bytes], why: str) -> None:
+        """Remove a half-made incoming VM: its process, its files, its definition."""
+        vmproc.kill_group(proc.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=DESTROY_GRACE_S)
+        vmproc.clean_stale(self.state, name)
+        with contextlib.suppress(PyhvError):
+            self.cpu.remove(name)
+        with self._lock:
+            self._incoming.pop(name, None)
+            self.inv.event(name, "incoming-failed", f"the migration in failed: {why}")
+            self.inv.set_state(name, "stopped", expect_pid=proc.pid, kind="stopped",
+                               message="removed", last_exit=why)
+            self.inv.undefine(name)
+            self._busy.discard(name)
+        for suffix in ("log", "err", "console"):
+            with contextlib.suppress(FileNotFoundError):
+                self.state.vm_path(name, suffix).unlink()
+
+    def abort_incoming(self, name: str) -> None:
+        """The source gave up: end the waiting destination VM; returns once removed."""
+        with self._lock:
+            proc = self._incoming.pop(name, None)
+        if proc is None:
+            raise HostError(404, f"no incoming migration of a VM named {name!r}")
+        vmproc.kill_group(proc.pid)
+        deadline = time.monotonic() + DESTROY_GRACE_S * 2
+        while time.monotonic() < deadline and self.inv.get(name) is not None:
+            time.sleep(0.05)
+
+    def migrate(self, name: str, to: str, token: str,
+                options: dict[str, Any]) -> dict[str, Any]:
+        """Source side (pyhv.hostd.mover does the talking to the destination)."""
+        from pyhv.hostd import mover
+        vm = self._claim_live(name, "migrate")
+        try:
+            self._expect[name] = "migrate"
+            try:
+                report = mover.migrate(self, vm, to, token, options)
+            except BaseException:
+                self._expect.pop(name, None)
+                raise
+            proc = self._children.get(name)
+            if proc is not None and proc.pid != vm.pid:
+                proc = None
+            vmproc.wait_gone(self.state, name, proc, DESTROY_GRACE_S)
+            self._ended(vm, proc.poll() if proc is not None else None)
+            text = f"migrated to {to}"
+            self.inv.set_state(name, "stopped", kind="migrated", message=text,
+                               last_exit=text)
+            return report
+        finally:
+            self._release(name)
+
     def console_path(self, name: str) -> Path:
         vm = self.get(name)
         if vm.state not in ("running", "paused"):
@@ -444,6 +647,27 @@ class Manager:
                     self._ended(vm, None)
 
     # ------------------------------------------------------------------ host
+
+    def loads(self, window_s: float) -> dict[str, Any]:
+        """Each running VM's CPU use over `window_s` (percent of one host CPU: its
+        process's user + system time, every thread, from /proc/PID/stat, over the
+        window's wall time) and memory, with the host's capacities: what `pyhv host
+        plan` packs."""
+        vms = [v for v in self.inv.all() if v.state == "running" and v.pid]
+        t0 = time.monotonic()
+        before = {v.name: proc_cpu_s(v.pid) for v in vms if v.pid}
+        time.sleep(window_s)
+        elapsed = time.monotonic() - t0
+        out = []
+        for v in vms:
+            assert v.pid is not None
+            a, b = before.get(v.name), proc_cpu_s(v.pid)
+            out.append({"name": v.name, "vcpus": v.definition.vcpus,
+                        "memory_mib": v.definition.memory_mib,
+                        "cpu_pct": None if a is None or b is None
+                        else round(100 * max(0.0, b - a) / elapsed, 3)})
+        return {"window_s": round(elapsed, 3), "cpu_capacity_pct": self.cpu.host.capacity,
+                "memory_capacity_mib": self.memory_capacity // MIB, "vms": out}
 
     def host_stats(self) -> HostStats:
         mi = meminfo()

@@ -141,3 +141,37 @@ class HostStats(BaseModel):
 
 class Problem(BaseModel):
     detail: str
+
+
+class SnapshotRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME_PATTERN, description="the snapshot's name")
+
+
+class MigrateRequest(BaseModel):
+    """Move a running VM to another pyhv host daemon (its URL and token)."""
+
+    model_config = ConfigDict(extra="forbid")
+    to: str = Field(pattern=r"^http://[^/\s]+(:\d+)?/?$", description="the destination "
+                    "daemon's TCP address, http://HOST:PORT (HOST is also where the "
+                    "migration stream goes)")
+    token: str = Field(min_length=1, max_length=512, description="the destination "
+                       "daemon's API token")
+    max_downtime_ms: float | None = Field(None, gt=0, le=3.6e6)
+    bandwidth_mbps: float | None = Field(None, gt=0, le=1e6)
+    max_rounds: int | None = Field(None, ge=1, le=10000)
+    auto_converge: bool | None = None
+
+    def options(self) -> dict[str, object]:
+        """The VM control API's PUT /migrate fields (without uri) that were given."""
+        return {k: v for k, v in self.model_dump().items()
+                if k not in ("to", "token") and v is not None}
+
+
+class IncomingRequest(BaseModel):
+    """Destination side of a migration between daemons (sent by the source daemon)."""
+
+    model_config = ConfigDict(extra="forbid")
+    definition: VmDefinition
+    listen_host: str = Field("127.0.0.1", pattern=r"^[A-Za-z0-9.:_-]{1,253}$",
+                             description="the address to receive the migration on")

@@ -34,9 +34,9 @@ from pyhv.vmclient import VmError, call
 PROBE_TIMEOUT_S = 5.0
 
 
-def argv(state: StateDir, d: VmDefinition) -> list[str]:
+def argv(state: StateDir, d: VmDefinition, extra: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, "-m", "pyhv", "run", *d.run_args(), *pin_args(d), "--name", d.name,
-            "--console-sock", str(state.vm_path(d.name, "console"))]
+            "--console-sock", str(state.vm_path(d.name, "console")), *extra]
 
 
 def clean_stale(state: StateDir, name: str) -> None:
@@ -46,11 +46,15 @@ def clean_stale(state: StateDir, name: str) -> None:
         state.vm_path(name, "console").unlink()
 
 
-def spawn(state: StateDir, d: VmDefinition) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYHV_RUN_DIR": str(state.vms)}
+def spawn(state: StateDir, d: VmDefinition, extra: tuple[str, ...] = ()
+          ) -> subprocess.Popen[bytes]:
+    """`extra`: more `pyhv run` options (`--incoming tcp:HOST:0` for a migration in).
+    The VM's snapshots go to DIR/snapshots/NAME (PYHV_SNAPSHOT_DIR)."""
+    env = {**os.environ, "PYHV_RUN_DIR": str(state.vms),
+           "PYHV_SNAPSHOT_DIR": str(state.path / "snapshots")}
     with open(state.vm_path(d.name, "log"), "wb") as out, \
             open(state.vm_path(d.name, "err"), "wb") as err:
-        return subprocess.Popen(argv(state, d), stdin=subprocess.DEVNULL, stdout=out,
+        return subprocess.Popen(argv(state, d, extra), stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=err, env=env, start_new_session=True,
                                 close_fds=True)
 
