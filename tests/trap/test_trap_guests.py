@@ -281,3 +281,38 @@ def test_paging_stats(trap_guest: Callable[[str], Path], engine: str) -> None:
                 "trap: shadow kvm resyncs", "trap: shadow pages peak",
                 "trap: trap shadow fill", "trap: trap pt write", "trap: trap reflect #PF"):
         assert key in r.stderr, f"{key!r} missing" + r.explain()
+
+
+def test_a_kick_right_after_sti_keeps_the_hlt_in_its_shadow(
+        trap_guest: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """STI's shadow covers the HLT of "sti; hlt" even when a kick (a loaded host's
+    ticker, input) ends KVM_RUN before the HLT ran: the interrupt then due is taken at
+    the HLT's wake-up, after it, not before it. Here every emulated STI is followed by
+    such a kick with a PIT tick already due. teach's tick handler returns with IF=0, so
+    an interrupt taken before the HLT left it halted with interrupts off (status 0)."""
+    if unavailable("trap"):
+        pytest.skip(unavailable("trap") or "")
+    import time
+
+    from pyhv.engines.trap.emulate import Emulator
+    from pyhv.machine import Machine, MachineConfig
+    from pyhv.runner import Runner
+    out = bytearray()
+    m = Machine(MachineConfig(kernel=trap_guest("teach"), engine="trap", mem_size=16 << 20),
+                out.extend)
+    kv = m.vcpu.kv  # type: ignore[union-attr]
+    emulate = Emulator.emulate
+
+    def emulate_then_kick(self: Emulator, *args: object) -> object:
+        o = emulate(self, *args)  # type: ignore[arg-type]
+        if o.kind == "sti":
+            time.sleep(0.03)                 # the ~100 Hz PIT's next tick is now due
+            kv.kvm_run.immediate_exit = 1    # and a kick lands before the HLT runs
+        return o
+    monkeypatch.setattr(Emulator, "emulate", emulate_then_kick)
+    r = Runner(m, timeout=60)
+    try:
+        res = r.run()
+    finally:
+        m.close()
+    assert (res.status, out.decode()) == (67, TEACH), res

@@ -173,7 +173,8 @@ class TrapVcpu(EngineVcpu):
                 if out is not None:
                     return out
                 continue
-            self.v.sti_shadow = False
+            if not (isinstance(ex, Interrupted) and self._hlt_still_shadowed()):
+                self.v.sti_shadow = False
             self.trap_stats.exits[type(ex).__name__] += 1
             if isinstance(ex, Interrupted):
                 if self.parked is not None and not self.area.is_stub(kv.get_regs().rip):
@@ -185,6 +186,22 @@ class TrapVcpu(EngineVcpu):
             if isinstance(ex, Shutdown):
                 return Shutdown(f"triple fault of the real CPU ({ex.reason})", ex.rip)
             return ex
+
+    def _hlt_still_shadowed(self) -> bool:
+        """After STI, a kick (Interrupted) can end KVM_RUN before the guest ran the
+        instruction in STI's shadow. When that instruction is the HLT of "sti; hlt" (which
+        always traps here, so an Interrupted exit at it means it has not run) the shadow
+        holds: an interrupt taken now would return to the HLT and sleep past the wake-up
+        the guest was waiting for (with a handler that returns with IF=0: a halt with
+        interrupts off). Any other instruction may have run, so the shadow ends."""
+        if not self.v.sti_shadow:
+            return False
+        rip = self.kv.get_regs().rip
+        if self.parked is not None and self.area.is_stub(rip):
+            # still in the monitor's return path (the usual case: a kick makes KVM_RUN
+            # return before anything ran): the guest resumes at its frame's RIP
+            rip = struct.unpack_from("<Q", self.area.view, MON.frame_offset(self.parked))[0]
+        return guestmem.fetch(self.view, rip, 1) == b"\xf4"
 
     def _left_stub(self) -> None:
         if self.parked is not None:
