@@ -84,15 +84,19 @@ def test_the_tsc_continues_across_a_restore(guests: GuestBuilder, vms: list[Live
     host_ns = int((time.monotonic() - paused) * 1e9)
     dst.stop()
     after = values(dst.output())
-    assert before == sorted(before) and after == sorted(after)
+    assert before == sorted(before)
     if unset is not None:
         # this host's KVM keeps the guest's TSC the host's (KVM-PVM: docs/host.md): the
         # kvm engine said so when the state was applied; the guest reads the host's TSC
         assert dst_engine == "kvm" and src_engine != "kvm", unset
         step = max(b - a for a, b in zip(before, before[1:], strict=False))
         assert 0 <= unset[0] - before[-1] < 4 * step, (hex(before[-1]), hex(unset[0]))
-        assert abs(after[0] - unset[1]) < 10 * host_ns + (1 << 32)
+        # the first line may be the one in flight at the pause (read on emu)
+        rest = after[1:] if abs(after[0] - unset[0]) < abs(after[0] - unset[1]) else after
+        assert rest and rest == sorted(rest), [hex(v) for v in after]
+        assert abs(rest[0] - unset[1]) < 10 * host_ns + (1 << 32)
         return
+    assert after == sorted(after)
     assert after[0] > before[-1], (hex(before[-1]), hex(after[0]))
     # how far the first value after may be ahead of the last before: the line in flight
     # at the pause (a few steps of the guest's loop) plus, on kvm, whose TSC runs with
