@@ -90,6 +90,33 @@ def test_usage_counts_the_groups_cpu_time(fs: CgroupFs) -> None:
         g.remove()
 
 
+def test_a_placed_process_never_runs_in_its_group_without_its_limit(
+        fs: CgroupFs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The group's limit is written before the process joins it: pyhv run's process
+    was seen in its group with no quota yet (cpu.cfs_quota_us -1) on a loaded host."""
+    from pyhv.sched.cgroup import CpuCgroup
+    seen: list[dict[str, str]] = []
+    add = CpuCgroup.add
+
+    def add_and_look(self: CpuCgroup, pid: int) -> None:
+        seen.append(self.values())
+        add(self, pid)
+    monkeypatch.setattr(CpuCgroup, "add", add_and_look)
+    a = subprocess.Popen(["sleep", "30"])
+    try:
+        pa = Placement.open(VmCpu("a", 1, CpuSettings(limit=30)), pid=a.pid, fs=fs)
+        quota = [v["cpu.cfs_quota_us"] if fs.version == 1 else v["cpu.max"].split()[0]
+                 for v in seen]
+        assert quota == ["30000"]
+        assert pa.group.procs() == [a.pid]
+        a.kill()
+        a.wait(timeout=10)
+        pa.close()
+    finally:
+        a.kill()
+        a.wait(timeout=10)
+
+
 def test_placement_admits_rebalances_and_cleans_up(fs: CgroupFs, tmp_path: Path) -> None:
     """Two processes placed as VMs: a reservation raises the reserved VM's weight,
     a second reservation that does not fit is refused and leaves nothing behind, and

@@ -109,10 +109,12 @@ class Placement:
             entry = d / f"{vm.name}.json"
             try:
                 group.create()
-                group.add(os.getpid() if pid is None else pid)
                 entry.write_text(json.dumps({"name": vm.name, "vcpus": vm.vcpus,
                                              "cpu": vm.settings.to_json()}))
                 ws = _rebalance(fs, parent, [*members, vm], host)
+                # last: the process never runs in its group without the group's weight
+                # and limit (one who sees it there sees them too)
+                group.add(os.getpid() if pid is None else pid)
             except BaseException:
                 entry.unlink(missing_ok=True)
                 with contextlib.suppress(HostError):
