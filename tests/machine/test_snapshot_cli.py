@@ -112,9 +112,16 @@ def test_create_list_revert_delete_and_restore(
     pyhv(env, "destroy", "c1")
     assert proc.wait(timeout=30) == 0
     source = out.read_bytes()
-    # the revert to s1 shows as the count going back once, then counting on
-    backs = [(a, b) for a, b in zip(re.findall(rb"count (\d+)\n", source),
-                                    re.findall(rb"count (\d+)\n", source)[1:], strict=False)
+    # the revert to s1 shows as the count going back once, then counting on. A revert
+    # that lands while the guest is half-way through a line joins that half to the rest
+    # of the line the snapshot was in (the console simply goes on), so at most one
+    # line at the boundary may be such a join: it breaks the sequence on both sides.
+    counts = re.findall(rb"count (\d+)\n", source)
+    irregular = [i for i in range(len(counts) - 1)
+                 if int(counts[i + 1]) != int(counts[i]) + 1]
+    if len(irregular) == 2 and irregular[1] == irregular[0] + 1:
+        del counts[irregular[1]]                       # the joined boundary line
+    backs = [(a, b) for a, b in zip(counts, counts[1:], strict=False)
              if int(b) != int(a) + 1]
     assert len(backs) == 1 and int(backs[0][1]) < int(backs[0][0]), backs
 
