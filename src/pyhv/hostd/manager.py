@@ -247,6 +247,19 @@ class Manager:
 
     # ------------------------------------------------------------------ lifecycle
 
+    def _admit(self, d: VmDefinition, refusal: str) -> None:
+        """Admission control for running `d` here (the caller holds the lock): 409 when
+        its memory would pass the host's capacity (`refusal`, then what is committed) or
+        when the CPU reservations would not fit."""
+        committed, _ = self._committed()
+        if committed + d.memory_mib * MIB > self.memory_capacity:
+            raise HostError(409, f"{refusal}: {committed // MIB} MiB of "
+                                 f"{self.memory_capacity // MIB} MiB are committed")
+        try:
+            self.cpu.admit(self._running_defs(), d)
+        except ConfigError as e:
+            raise HostError(409, str(e)) from None
+
     def _committed(self) -> tuple[int, int]:
         mem = cpus = 0
         for vm in self.inv.all():
@@ -263,17 +276,8 @@ class Manager:
                                      + (" (an operation is in progress)"
                                         if name in self._busy else ""))
             d = vm.definition
-            committed, _ = self._committed()
-            need = d.memory_mib * MIB
-            if committed + need > self.memory_capacity:
-                raise HostError(409, f"starting {name!r} ({d.memory_mib} MiB) would pass "
-                                     f"the host's memory capacity: "
-                                     f"{committed // MIB} MiB of "
-                                     f"{self.memory_capacity // MIB} MiB are committed")
-            try:
-                self.cpu.admit(self._running_defs(), d)
-            except ConfigError as e:
-                raise HostError(409, str(e)) from None
+            self._admit(d, f"starting {name!r} ({d.memory_mib} MiB) would pass the "
+                           "host's memory capacity")
             if cpu.wants_cgroup(d) and self.cpu.fs is None:
                 raise HostError(409, f"{name!r} has CPU settings, but the CPU controller "
                                      f"is {self.cpu.describe()}")
@@ -479,15 +483,7 @@ class Manager:
         name = d.name
         try:
             with self._lock:
-                committed, _ = self._committed()
-                if committed + d.memory_mib * MIB > self.memory_capacity:
-                    raise HostError(409, f"{name!r} ({d.memory_mib} MiB) does not fit: "
-                                         f"{committed // MIB} MiB of "
-                                         f"{self.memory_capacity // MIB} MiB are committed")
-                try:
-                    self.cpu.admit(self._running_defs(), d)
-                except ConfigError as e:
-                    raise HostError(409, str(e)) from None
+                self._admit(d, f"{name!r} ({d.memory_mib} MiB) does not fit")
                 vmproc.clean_stale(self.state, name)
                 proc = self._spawn(d, ("--incoming", f"tcp:{listen_host}:0"))
                 self._record_or_kill(name, proc, "starting", kind="incoming",
