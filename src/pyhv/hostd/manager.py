@@ -304,12 +304,7 @@ class Manager:
                                      message=f"started (pid {proc.pid})")
                 self._children[name] = proc
                 return self.get(name)
-            vmproc.kill_group(proc.pid)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=DESTROY_GRACE_S)
-            vmproc.clean_stale(self.state, name)
-            with contextlib.suppress(PyhvError):
-                self.cpu.remove(name)
+            self._reap(name, proc)
             self.inv.set_state(name, "stopped", expect_pid=proc.pid, kind="start-failed",
                                message=f"start failed: {why}", last_exit=f"start failed: "
                                                                          f"{why}")
@@ -329,6 +324,17 @@ class Manager:
                                      "space there)") from None
             raise HostError(500, f"cannot start the VM process: {e}") from None
 
+    def _reap(self, name: str, proc: subprocess.Popen[bytes]) -> None:
+        """End a VM process that must not live on (its process group killed, waited
+        for up to DESTROY_GRACE_S), then remove what it leaves: a stale name claim and
+        socket, its CPU cgroup (errors there ignored)."""
+        vmproc.kill_group(proc.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=DESTROY_GRACE_S)
+        vmproc.clean_stale(self.state, name)
+        with contextlib.suppress(PyhvError):
+            self.cpu.remove(name)
+
     def _record_or_kill(self, name: str, proc: subprocess.Popen[bytes], state: str, *,
                         kind: str, message: str) -> None:
         """Record that `proc` runs `name` (state starting or running); when the
@@ -340,12 +346,7 @@ class Manager:
                                started=state == "starting",
                                expect_pid=proc.pid if state == "running" else None)
         except sqlite3.Error:
-            vmproc.kill_group(proc.pid)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=DESTROY_GRACE_S)
-            vmproc.clean_stale(self.state, name)
-            with contextlib.suppress(PyhvError):
-                self.cpu.remove(name)
+            self._reap(name, proc)
             with contextlib.suppress(sqlite3.Error):     # space may have come back
                 self.inv.set_state(name, "stopped", expect_pid=proc.pid,
                                    kind="start-failed", message="start failed: the "
@@ -542,12 +543,7 @@ class Manager:
 
     def _drop_incoming(self, name: str, proc: subprocess.Popen[bytes], why: str) -> None:
         """Remove a half-made incoming VM: its process, its files, its definition."""
-        vmproc.kill_group(proc.pid)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=DESTROY_GRACE_S)
-        vmproc.clean_stale(self.state, name)
-        with contextlib.suppress(PyhvError):
-            self.cpu.remove(name)
+        self._reap(name, proc)
         with self._lock:
             self._incoming.pop(name, None)
             self.inv.event(name, "incoming-failed", f"the migration in failed: {why}")
