@@ -3,8 +3,8 @@ per-operation cost on a log scale (the engines differ by up to five orders of
 magnitude), written as PNG and SVG with matplotlib's non-interactive Agg backend.
 
 Invariants: only measured (positive) costs are drawn; a missing or failed pair is a gap
-labelled in the legend's title, never a zero-height bar. matplotlib is imported here
-only, so the rest of pyhv does not pay for it.
+labelled in the legend's title, never a zero-height bar. The figure and its files come
+from pyhv.chartfile, which imports matplotlib only when a chart is drawn.
 """
 
 from __future__ import annotations
@@ -13,17 +13,13 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
+from pyhv import chartfile
 from pyhv.benchmodes import LOOPS, Results
 
 
 def write_chart(res: Results, engines: Sequence[str], stem: Path, title: str) -> list[Path]:
     """Write `stem`.png and `stem`.svg; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(11, 6))
+    fig, ax = chartfile.figure((11, 6))
     width = 0.8 / max(1, len(engines))
     for i, e in enumerate(engines):
         xs, ys = [], []
@@ -45,8 +41,4 @@ def write_chart(res: Results, engines: Sequence[str], stem: Path, title: str) ->
     ax.legend(title="engine (a gap: cannot run)", fontsize=8, title_fontsize=8)
     ax.grid(axis="y", which="major", alpha=0.3)
     fig.tight_layout()
-    out = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    for p in out:
-        fig.savefig(p, dpi=120)
-    plt.close(fig)
-    return out
+    return chartfile.save(fig, stem)

@@ -19,12 +19,12 @@ client and removes the socket file; a client that disconnects is forgotten.
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from pyhv import privatesock
 from pyhv.errors import ConfigError
 from pyhv.outflow import OutputPump
 
@@ -40,9 +40,7 @@ class _Client:
 class ConsoleSocket:
     def __init__(self, path: Path) -> None:
         self.path = path
-        if len(os.fsencode(path)) >= 108:
-            raise ConfigError(f"the console socket path {path} is too long for a UNIX "
-                              "socket (at most 107 bytes)")
+        privatesock.check_length(path, "console socket")
         if path.exists() or path.is_symlink():
             raise ConfigError(f"--console-sock {path}: the path exists")
         self.on_input: Callable[[bytes], None] | None = None
@@ -50,17 +48,9 @@ class ConsoleSocket:
         self._lock = threading.Lock()
         self._closed = False
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            self._listener.bind(str(path))
-            os.chmod(path, 0o600)
-            self._listener.listen(MAX_CLIENTS)
-        except OSError as e:
-            self._listener.close()
-            raise ConfigError(f"cannot create the console socket {path}: "
-                              f"{e.strerror or e}") from None
-        finally:
-            os.umask(old)
+        listener = self._listener
+        privatesock.bind(path, "console socket", lambda: listener.bind(str(path)),
+                         lambda: listener.listen(MAX_CLIENTS), listener.close)
         self._thread = threading.Thread(target=self._accept, name="pyhv-console-accept",
                                         daemon=True)
         self._thread.start()

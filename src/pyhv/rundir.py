@@ -25,6 +25,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyhv import pidlock
 from pyhv.errors import ConfigError
 
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
@@ -95,17 +96,11 @@ def claim(name: str, d: Path | None = None) -> Claim:
     d = d or run_dir()
     lock = d / (name + LOCK_SUFFIX)
     sock = d / (name + SOCK_SUFFIX)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        os.close(fd)
-        raise ConfigError(f"a VM named {name!r} is already running"
-                          f"{f' (pid {pid})' if pid else ''}; choose another --name"
-                          ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        fd = pidlock.take(lock, os.O_NOFOLLOW)
+    except pidlock.LockHeld as e:
+        raise ConfigError(f"a VM named {name!r} is already running{e.by}; choose another "
+                          "--name") from None
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()                     # a stale socket: its VM died without cleaning up
     return Claim(name, sock, lock, fd)

@@ -3,26 +3,22 @@ share of the scenario's work as the guests counted it; for a VM judged by CPU, a
 a hatched bar of the CPU its guest's counter says it got), a line at the expected value, a
 cross at the CPU the guest's counter says it got and a circle at the host's accounting
 (cpuacct), both in % of one CPU, written as PNG and SVG with matplotlib's
-non-interactive Agg backend. matplotlib is imported here only."""
+non-interactive Agg backend (pyhv.chartfile; matplotlib is imported only to draw)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
+from pyhv import chartfile
 from pyhv.benchsched import SCENARIOS, Results
 
 
 def write_chart(res: Results, scenarios: Sequence[str], stem: Path, title: str
                 ) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     shown = [sc for sc in SCENARIOS if (sc.key in scenarios or sc.key == "solo")
              and all((sc.key, vm.name) in res.samples for vm in sc.vms)]
-    fig, ax = plt.subplots(figsize=(11, 5.5))
+    fig, ax = chartfile.figure((11, 5.5))
     colors = {"A": "tab:blue", "B": "tab:orange", "C": "tab:green"}
     width = 0.25
     labelled: set[str] = set()
@@ -60,8 +56,4 @@ def write_chart(res: Results, scenarios: Sequence[str], stem: Path, title: str
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    out = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    for p in out:
-        fig.savefig(p, dpi=120)
-    plt.close(fig)
-    return out
+    return chartfile.save(fig, stem)

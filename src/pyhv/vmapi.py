@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socketserver
 import threading
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
+from pyhv import privatesock
 from pyhv.errors import ConfigError
 from pyhv.vmcontrol import ControlError, VmControl
 
@@ -191,25 +191,13 @@ class ApiServer:
 
     def __init__(self, path: Path, control: VmControl) -> None:
         self.path = path
-        if len(os.fsencode(path)) >= 108:
-            raise ConfigError(f"the API socket path {path} is too long for a UNIX socket "
-                              "(at most 107 bytes)")
+        privatesock.check_length(path, "API socket")
         if path.exists() or path.is_symlink():
             raise ConfigError(f"--api-sock {path}: the path exists (remove it, or use "
                               "--name, which cleans up stale sockets)")
-        old = os.umask(0o177)
-        try:
-            self._server = _Server(str(path), _RequestHandler, bind_and_activate=False)
-            try:
-                self._server.server_bind()
-                os.chmod(path, 0o600)
-                self._server.server_activate()
-            except OSError as e:
-                self._server.server_close()
-                raise ConfigError(f"cannot create the API socket {path}: "
-                                  f"{e.strerror or e}") from None
-        finally:
-            os.umask(old)
+        self._server = _Server(str(path), _RequestHandler, bind_and_activate=False)
+        privatesock.bind(path, "API socket", self._server.server_bind,
+                         self._server.server_activate, self._server.server_close)
         self._server.control = control
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         kwargs={"poll_interval": 0.2},

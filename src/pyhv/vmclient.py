@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
 from pyhv.errors import PyhvError
+from pyhv.unixhttp import UnixHTTPConnection
 
 TIMEOUT_S = 15.0     # the longest operation, pause, waits up to 10 s for a safe point
 
@@ -22,25 +22,9 @@ class VmError(PyhvError):
     pass
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        try:
-            s.connect(str(self._path))
-        except OSError:
-            s.close()
-            raise
-        self.sock = s
-
-
 def call(sock: Path, method: str, path: str, body: dict[str, Any] | None = None,
          timeout: float = TIMEOUT_S) -> dict[str, Any]:
-    conn = _UnixConnection(sock, timeout)
+    conn = UnixHTTPConnection(sock, timeout)
     try:
         data = None if body is None else json.dumps(body).encode()
         headers = {} if data is None else {"Content-Type": "application/json"}

@@ -21,18 +21,16 @@ Every subprocess has a timeout; waits are bounded (migrationkit).
 from __future__ import annotations
 
 import json
-import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from diskguest import counts, disk_linux_image, the_log
 from guestbuild import engine_unavailable
 from migrationkit import PYHV, PyhvProc, destination, migrate, source
 
 from pyhv import images
-from pyhv.errors import HostError
 from pyhv.vmclient import call
 
 pytestmark = pytest.mark.slow
@@ -51,33 +49,13 @@ def loop(writes: int) -> str:
 
 @pytest.fixture(scope="module")
 def linux_image() -> images.LinuxImage:
-    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        pytest.skip("needs Debian's apt-get and dpkg-deb to fetch the guest kernel")
-    if shutil.which("qemu-img") is None or shutil.which("debugfs") is None:
-        pytest.skip("needs qemu-img and debugfs (e2fsprogs)")
-    try:
-        return images.fetch_linux(quiet=True)
-    except HostError as e:
-        pytest.skip(f"cannot fetch Debian's kernel here: {e}")
-
-
-def counts(text: bytes) -> list[int]:
-    return [int(x) for x in re.findall(rb"count (\d+)\r?\n", text)]
+    return disk_linux_image()
 
 
 def qcow2(path: Path, size: str = "32M") -> Path:
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), size],
                    check=True, timeout=30)
     return path
-
-
-def the_log(disk: Path, tmp_path: Path) -> list[int]:
-    raw = tmp_path / f"{disk.stem}.raw"
-    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(disk), str(raw)],
-                   check=True, timeout=60)
-    r = subprocess.run(["debugfs", "-R", "cat /log", str(raw)], capture_output=True,
-                       check=True, timeout=60)
-    return [int(x) for x in r.stdout.split()]
 
 
 def check_clean(disk: Path) -> None:

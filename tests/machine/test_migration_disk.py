@@ -17,17 +17,15 @@ Every subprocess has a timeout; waits are bounded (migrationkit).
 
 from __future__ import annotations
 
-import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from diskguest import counts, disk_linux_image, the_log
 from guestbuild import engine_unavailable
 from migrationkit import PyhvProc, destination, migrate, source
 
 from pyhv import images
-from pyhv.errors import HostError
 
 EMU = engine_unavailable("emu")
 LOOP = ("mke2fs -q /dev/vda && mkdir -p /mnt && mount /dev/vda /mnt && "
@@ -37,29 +35,7 @@ LOOP = ("mke2fs -q /dev/vda && mkdir -p /mnt && mount /dev/vda /mnt && "
 
 @pytest.fixture(scope="module")
 def linux_image() -> images.LinuxImage:
-    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        pytest.skip("needs Debian's apt-get and dpkg-deb to fetch the guest kernel")
-    if shutil.which("qemu-img") is None or shutil.which("debugfs") is None:
-        pytest.skip("needs qemu-img and debugfs (e2fsprogs)")
-    try:
-        return images.fetch_linux(quiet=True)
-    except HostError as e:
-        pytest.skip(f"cannot fetch Debian's kernel here: {e}")
-
-
-def counts(text: bytes) -> list[int]:
-    return [int(x) for x in re.findall(rb"count (\d+)\r?\n", text)]
-
-
-def the_log(disk: Path, tmp_path: Path) -> list[int]:
-    """The guest's /log, read from the image (qemu-img convert, then e2fsprogs' debugfs:
-    the guest was killed with the file system mounted, its data synced)."""
-    raw = tmp_path / "disk.raw"
-    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(disk), str(raw)],
-                   check=True, timeout=60)
-    r = subprocess.run(["debugfs", "-R", "cat /log", str(raw)], capture_output=True,
-                       check=True, timeout=60)
-    return [int(x) for x in r.stdout.split()]
+    return disk_linux_image()
 
 
 def qemu_img_check(disk: Path) -> subprocess.CompletedProcess[str]:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from pyhv.errors import PyhvError
 from pyhv.hostd.statedir import StateDir, read_token
+from pyhv.unixhttp import UnixHTTPConnection
 
 TIMEOUT_S = 120.0
 
@@ -26,22 +26,6 @@ class DaemonError(PyhvError):
     def __init__(self, message: str, status: int = 0) -> None:
         super().__init__(message)
         self.status = status
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        try:
-            s.connect(self.path)
-        except OSError:
-            s.close()
-            raise
-        self.sock = s
 
 
 class Client:
@@ -78,7 +62,7 @@ class Client:
         if self.url is not None:
             return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
         assert self.socket_path is not None
-        return _UnixConnection(str(self.socket_path), timeout)
+        return UnixHTTPConnection(self.socket_path, timeout)
 
     def call(self, method: str, path: str, body: object = None,
              timeout: float = TIMEOUT_S) -> Any:

@@ -247,6 +247,19 @@ class Manager:
 
     # ------------------------------------------------------------------ lifecycle
 
+    def _admit(self, d: VmDefinition, refusal: str) -> None:
+        """Admission control for running `d` here (the caller holds the lock): 409 when
+        its memory would pass the host's capacity (`refusal`, then what is committed) or
+        when the CPU reservations would not fit."""
+        committed, _ = self._committed()
+        if committed + d.memory_mib * MIB > self.memory_capacity:
+            raise HostError(409, f"{refusal}: {committed // MIB} MiB of "
+                                 f"{self.memory_capacity // MIB} MiB are committed")
+        try:
+            self.cpu.admit(self._running_defs(), d)
+        except ConfigError as e:
+            raise HostError(409, str(e)) from None
+
     def _committed(self) -> tuple[int, int]:
         mem = cpus = 0
         for vm in self.inv.all():
@@ -263,17 +276,8 @@ class Manager:
                                      + (" (an operation is in progress)"
                                         if name in self._busy else ""))
             d = vm.definition
-            committed, _ = self._committed()
-            need = d.memory_mib * MIB
-            if committed + need > self.memory_capacity:
-                raise HostError(409, f"starting {name!r} ({d.memory_mib} MiB) would pass "
-                                     f"the host's memory capacity: "
-                                     f"{committed // MIB} MiB of "
-                                     f"{self.memory_capacity // MIB} MiB are committed")
-            try:
-                self.cpu.admit(self._running_defs(), d)
-            except ConfigError as e:
-                raise HostError(409, str(e)) from None
+            self._admit(d, f"starting {name!r} ({d.memory_mib} MiB) would pass the "
+                           "host's memory capacity")
             if cpu.wants_cgroup(d) and self.cpu.fs is None:
                 raise HostError(409, f"{name!r} has CPU settings, but the CPU controller "
                                      f"is {self.cpu.describe()}")
@@ -300,12 +304,7 @@ class Manager:
                                      message=f"started (pid {proc.pid})")
                 self._children[name] = proc
                 return self.get(name)
-            vmproc.kill_group(proc.pid)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=DESTROY_GRACE_S)
-            vmproc.clean_stale(self.state, name)
-            with contextlib.suppress(PyhvError):
-                self.cpu.remove(name)
+            self._reap(name, proc)
             self.inv.set_state(name, "stopped", expect_pid=proc.pid, kind="start-failed",
                                message=f"start failed: {why}", last_exit=f"start failed: "
                                                                          f"{why}")
@@ -325,6 +324,17 @@ class Manager:
                                      "space there)") from None
             raise HostError(500, f"cannot start the VM process: {e}") from None
 
+    def _reap(self, name: str, proc: subprocess.Popen[bytes]) -> None:
+        """End a VM process that must not live on (its process group killed, waited
+        for up to DESTROY_GRACE_S), then remove what it leaves: a stale name claim and
+        socket, its CPU cgroup (errors there ignored)."""
+        vmproc.kill_group(proc.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=DESTROY_GRACE_S)
+        vmproc.clean_stale(self.state, name)
+        with contextlib.suppress(PyhvError):
+            self.cpu.remove(name)
+
     def _record_or_kill(self, name: str, proc: subprocess.Popen[bytes], state: str, *,
                         kind: str, message: str) -> None:
         """Record that `proc` runs `name` (state starting or running); when the
@@ -336,12 +346,7 @@ class Manager:
                                started=state == "starting",
                                expect_pid=proc.pid if state == "running" else None)
         except sqlite3.Error:
-            vmproc.kill_group(proc.pid)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=DESTROY_GRACE_S)
-            vmproc.clean_stale(self.state, name)
-            with contextlib.suppress(PyhvError):
-                self.cpu.remove(name)
+            self._reap(name, proc)
             with contextlib.suppress(sqlite3.Error):     # space may have come back
                 self.inv.set_state(name, "stopped", expect_pid=proc.pid,
                                    kind="start-failed", message="start failed: the "
@@ -479,15 +484,7 @@ class Manager:
         name = d.name
         try:
             with self._lock:
-                committed, _ = self._committed()
-                if committed + d.memory_mib * MIB > self.memory_capacity:
-                    raise HostError(409, f"{name!r} ({d.memory_mib} MiB) does not fit: "
-                                         f"{committed // MIB} MiB of "
-                                         f"{self.memory_capacity // MIB} MiB are committed")
-                try:
-                    self.cpu.admit(self._running_defs(), d)
-                except ConfigError as e:
-                    raise HostError(409, str(e)) from None
+                self._admit(d, f"{name!r} ({d.memory_mib} MiB) does not fit")
                 vmproc.clean_stale(self.state, name)
                 proc = self._spawn(d, ("--incoming", f"tcp:{listen_host}:0"))
                 self._record_or_kill(name, proc, "starting", kind="incoming",
@@ -546,12 +543,7 @@ class Manager:
 
     def _drop_incoming(self, name: str, proc: subprocess.Popen[bytes], why: str) -> None:
         """Remove a half-made incoming VM: its process, its files, its definition."""
-        vmproc.kill_group(proc.pid)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=DESTROY_GRACE_S)
-        vmproc.clean_stale(self.state, name)
-        with contextlib.suppress(PyhvError):
-            self.cpu.remove(name)
+        self._reap(name, proc)
         with self._lock:
             self._incoming.pop(name, None)
             self.inv.event(name, "incoming-failed", f"the migration in failed: {why}")

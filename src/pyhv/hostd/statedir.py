@@ -22,12 +22,12 @@ other permission bits is refused, not used); a VM's paths fit a UNIX socket addr
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import secrets
 import stat
 from pathlib import Path
 
+from pyhv import pidlock
 from pyhv.errors import ConfigError
 
 TOKEN_BYTES = 32
@@ -99,18 +99,11 @@ class StateDir:
 
     def lock(self) -> int:
         """Take the daemon lock (kept until the process ends); refuse a second daemon."""
-        fd = os.open(self.path / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                     0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise ConfigError(f"a pyhv host daemon already serves {self.path}"
-                              f"{f' (pid {pid})' if pid else ''}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return fd
+            return pidlock.take(self.path / "daemon.lock")
+        except pidlock.LockHeld as e:
+            raise ConfigError(f"a pyhv host daemon already serves {self.path}{e.by}"
+                              ) from None
 
     def token(self, create: bool = False) -> str:
         """The API token: read from the token file (made, 0600, when `create`)."""

@@ -53,6 +53,27 @@ def _mounts(path: Path = Path("/proc/self/mounts")) -> list[tuple[str, str, set[
     return out
 
 
+def _read_mounts(mounts: Path) -> list[tuple[str, str, set[str]]]:
+    """The cgroup mounts; CgroupUnavailable if `mounts` cannot be read."""
+    try:
+        return _mounts(mounts)
+    except OSError as e:
+        raise CgroupUnavailable(f"cannot read {mounts}: {e.strerror}") from e
+
+
+def _v2_mount(ms: list[tuple[str, str, set[str]]], controller: str) -> str | None:
+    """The first cgroup2 mount whose cgroup.controllers offers `controller`, or None."""
+    for kind, where, _opts in ms:
+        if kind == "cgroup2":
+            try:
+                ctrls = (Path(where) / "cgroup.controllers").read_text().split()
+            except OSError:
+                continue
+            if controller in ctrls:
+                return where
+    return None
+
+
 def _own_path(controller: str | None) -> str:
     """This process's cgroup in a v1 hierarchy (`controller`) or in v2 (None)."""
     with contextlib.suppress(OSError):
@@ -88,20 +109,9 @@ class CgroupFs:
 
 def detect(mounts: Path = Path("/proc/self/mounts")) -> CgroupFs:
     """The host's CPU controller (see the docstring); CgroupUnavailable if none usable."""
-    try:
-        ms = _mounts(mounts)
-    except OSError as e:
-        raise CgroupUnavailable(f"cannot read {mounts}: {e.strerror}") from e
-    fs: CgroupFs | None = None
-    for kind, where, _opts in ms:
-        if kind == "cgroup2":
-            try:
-                ctrls = (Path(where) / "cgroup.controllers").read_text().split()
-            except OSError:
-                continue
-            if "cpu" in ctrls:
-                fs = CgroupFs(2, _base(where, None), None)
-                break
+    ms = _read_mounts(mounts)
+    v2 = _v2_mount(ms, "cpu")
+    fs = None if v2 is None else CgroupFs(2, _base(v2, None), None)
     if fs is None:
         cpu = next((w for k, w, o in ms if k == "cgroup" and "cpu" in o), None)
         acct = next((w for k, w, o in ms if k == "cgroup" and "cpuacct" in o), None)

@@ -25,7 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyhv.errors import ConfigError, HostError
-from pyhv.sched.cgroup import CgroupUnavailable, _base, _mounts, _read, _write
+from pyhv.sched.cgroup import (
+    CgroupUnavailable,
+    _base,
+    _read,
+    _read_mounts,
+    _v2_mount,
+    _write,
+)
 
 MIN_LIMIT = 32 << 20
 
@@ -37,19 +44,9 @@ class MemoryFs:
 
 
 def detect_memory(mounts: Path = Path("/proc/self/mounts")) -> MemoryFs:
-    try:
-        ms = _mounts(mounts)
-    except OSError as e:
-        raise CgroupUnavailable(f"cannot read {mounts}: {e.strerror}") from e
-    fs: MemoryFs | None = None
-    for kind, where, _ in ms:
-        if kind == "cgroup2":
-            try:
-                if "memory" in (Path(where) / "cgroup.controllers").read_text().split():
-                    fs = MemoryFs(2, _base(where, None))
-                    break
-            except OSError:
-                continue
+    ms = _read_mounts(mounts)
+    v2 = _v2_mount(ms, "memory")
+    fs = None if v2 is None else MemoryFs(2, _base(v2, None))
     if fs is None:
         mem = next((w for k, w, o in ms if k == "cgroup" and "memory" in o), None)
         if mem is None:

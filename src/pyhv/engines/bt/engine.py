@@ -62,7 +62,6 @@ from typing import TextIO
 
 import iced_x86 as ix
 
-from pyhv.arch.x86 import gdt
 from pyhv.arch.x86.cpustate import CpuState
 from pyhv.engines.base import EngineOption
 from pyhv.engines.bt import area as A
@@ -75,7 +74,7 @@ from pyhv.engines.bt.translate import ADD, FLAGS, RESTORE, Block, Loc, Site
 from pyhv.engines.trap import descriptors, guestmem
 from pyhv.engines.trap import monitor as MON
 from pyhv.engines.trap.context import Held
-from pyhv.engines.trap.engine import TrapEngine, TrapVcpu, _load
+from pyhv.engines.trap.engine import TrapEngine, TrapVcpu
 from pyhv.engines.trap.guestmem import GuestFault, canonical
 from pyhv.engines.trap.paging import PF_I, PF_U, PF_W
 from pyhv.engines.trap.reflect import DF, GP, PF, UD, Event, Kind, TripleFault, deliver, name
@@ -606,10 +605,7 @@ class BtVcpu(TrapVcpu):
         sr = self.kv.get_sregs()
         sr.cr3 = USER_CR3 if user else MON.SHADOW_CR3
         if not parked:                            # a parked guest gets them from the frame
-            for reg, sel in (("cs", self.real_cs), ("ss", self.real_ss)):
-                seg = gdt.decode(sel, self.area.shadow_descriptor(sel))
-                seg.selector = sel
-                _load(getattr(sr, reg), seg)
+            self._put_real_segments(sr)
         self.kv.set_sregs(sr)
         self.loaded = (self.real_cs, self.real_ss)
         self.bt_count["user mode switches"] += 1

@@ -389,12 +389,17 @@ class TrapVcpu(EngineVcpu):
 
     def _load_real_segments(self) -> None:
         sr = self.kv.get_sregs()
+        self._put_real_segments(sr)
+        self.kv.set_sregs(sr)
+        self.loaded = (self.real_cs, self.real_ss)
+
+    def _put_real_segments(self, sr: ks.KvmSregs) -> None:
+        """Fill `sr`'s CS and SS from the shadow GDT's descriptors for the real selectors
+        (the caller sets the sregs and `loaded`)."""
         for reg, sel in (("cs", self.real_cs), ("ss", self.real_ss)):
             seg = gdt.decode(sel, self.area.shadow_descriptor(sel))
             seg.selector = sel
             _load(getattr(sr, reg), seg)
-        self.kv.set_sregs(sr)
-        self.loaded = (self.real_cs, self.real_ss)
 
     def _reload_shadow(self) -> None:
         self.area.mirror_gdt(descriptors.shadow_image(self.view, self.v.gdt))
