@@ -20,6 +20,7 @@ def test_snapshot_bench_prints_its_ratios() -> None:
                        timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     for what in ("create (savevm)", "revert a running VM (loadvm)",
-                 "restore-to-running, checked", "the same, code already loaded"):
+                 "restore-to-running, --verify", "restore-to-running (quick check)",
+                 "the same, code already loaded"):
         line = next(ln for ln in r.stdout.splitlines() if what in ln)
         assert line.rstrip().endswith("x"), line        # a pyhv/QEMU ratio
