@@ -12,4 +12,23 @@
 #define PIT_CMD     0x43
 #define PIT_COUNT   11932         /* 1193182 Hz / 11932 = 100.0 Hz */
 #define N_GATES     48
+
+#ifdef __ASSEMBLER__
+/* Set U/S on the entries that map 0..2 MiB (PML4[0], PDPT[0], PD[0]), each a load and
+   a MOV store (what shadow paging emulates), then reload CR3: user mode may run there.
+   Clobbers rax, rcx, rdx. */
+.macro user_low_2mib
+    mov rax, cr3
+    mov ecx, 3
+1:  and rax, ~0xfff
+    mov rdx, [rax]
+    or rdx, 4
+    mov [rax], rdx
+    mov rax, rdx
+    dec ecx
+    jnz 1b
+    mov rax, cr3
+    mov cr3, rax
+.endm
+#endif
 #endif

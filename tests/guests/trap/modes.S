@@ -136,17 +136,7 @@ usys:
     mov [rip + tss + 4], rax      /* RSP0 */
     mov ax, 0x28
     ltr ax
-    mov rax, cr3                  /* U/S on PML4[0], PDPT[0], PD[0] (0..2 MiB), */
-    mov ecx, 3                    /* each a load and a MOV store (what shadow */
-1:  and rax, ~0xfff               /* paging emulates) */
-    mov rdx, [rax]
-    or rdx, 4
-    mov [rax], rdx
-    mov rax, rdx
-    dec ecx
-    jnz 1b
-    mov rax, cr3
-    mov cr3, rax
+    user_low_2mib
     lea rax, [rip + usys_handler]
     mov ecx, 0x2e
     call set_gate
