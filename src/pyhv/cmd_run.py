@@ -454,7 +454,6 @@ def _cpu_scheduling(args: argparse.Namespace, stack: contextlib.ExitStack
                      parse_percent(args.cpu_reservation, "--cpu-reservation")),
         limit=None if args.cpu_limit is None else parse_percent(args.cpu_limit, "--cpu-limit"),
         pin=sched.parse_pin(args.pin, args.cpus))
-    import os
     vm = sched.VmCpu(args.name or f"run-{os.getpid()}", args.cpus, settings)
     host = sched.HostCpus.detect()
     pinned = settings.pinned_cpus()
@@ -481,8 +480,6 @@ def _memory_limit(args: argparse.Namespace, mem: int, stack: contextlib.ExitStac
     """--mem-limit: this process in its own memory cgroup for the run (removed after)."""
     if args.mem_limit is None:
         return
-    import os
-
     from pyhv.sched import CgroupUnavailable
     from pyhv.sched.memcg import MemCgroup, check_limit, detect_memory
     from pyhv.sched.placement import default_parent
